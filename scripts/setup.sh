@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install the project with its test tools.
+#   torch: the CPU wheel 2.13.0 by default (on the project's dev/CI machines it lies on local disk).
+#   On a GPU machine: TORCH_SPEC="torch==2.13.0" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#   bash scripts/setup.sh   (or any CUDA build of torch >= 2.4 already in the venv: it is kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
+fi
+"${pip[@]}" -e '.[dev]'
+# Only its BPE vocabulary file is used (offline CLIP tokenizers); --no-deps keeps torchvision out,
+# which would break `import diffusers` beside the CPU torch wheel.
+"${pip[@]}" --no-deps "open-clip-torch==3.3.0"
+.venv/bin/python -c "import unziplora, torch; print('unziplora ready; torch', torch.__version__)"

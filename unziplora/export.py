@@ -1,0 +1,197 @@
+"""A fit's files (SPEC section 7), written atomically, and `load_fit` to read them back.
+
+DIR/
+  content_lora.safetensors        diffusers/peft format: StableDiffusionXLPipeline.load_lora_weights
+  style_lora.safetensors
+  content_lora_kohya.safetensors  kohya format with ss_* / modelspec.* metadata: ComfyUI, A1111
+  style_lora_kohya.safetensors
+  mergers.safetensors             per-column mergers "<layer>.content" / "<layer>.style" (combined mode)
+  masks.safetensors               per-column binary masks, same keys
+  fit.json                        settings, prompts, final losses, mask stats, timings, versions
+  config.yaml                     the exact settings: `unziplora fit --config DIR/config.yaml` redoes the fit
+Each LoRA has its binary mask folded into lora_B's rows; mergers stay separate (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import FitConfig
+from .errors import InputError
+from .layers import UnZipLoRA
+from .roles import KINDS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FILES = {kind: f"{kind}_lora.safetensors" for kind in KINDS}
+KOHYA_FILES = {kind: f"{kind}_lora_kohya.safetensors" for kind in KINDS}
+
+
+@torch.no_grad()
+def adapter_tensors(adapter: UnZipLoRA, save_precision: str = "fp16") -> dict[str, dict[str, torch.Tensor]]:
+    """Plain CPU tensors of a trained adapter: per-kind peft-format LoRA state dicts, mergers, masks."""
+    dtype = DTYPES[save_precision]
+    out = {kind: {} for kind in KINDS} | {"mergers": {}, "masks": {}}
+    for name, layer in adapter.named_layers():
+        cols = layer.columns()
+        for i, kind in enumerate(KINDS):
+            A, B = layer.factors(kind)
+            mask = adapter.gates.masks[i, cols]
+            out[kind][f"{name}.lora_A.weight"] = A.detach().to("cpu", dtype).contiguous()
+            out[kind][f"{name}.lora_B.weight"] = (B * mask[:, None]).to("cpu", dtype).contiguous()
+            out["mergers"][f"{name}.{kind}"] = adapter.gates.mergers[i, cols].detach().float().cpu().contiguous()
+            out["masks"][f"{name}.{kind}"] = mask.float().cpu().contiguous()
+    return out
+
+
+# ---- kohya format ----
+
+def kohya_module_name(name: str, layers_per_block: int = 2) -> str:
+    """diffusers UNet module name -> kohya SDXL key stem (original SGM block numbering).
+
+    down_blocks.i.attentions.j -> input_blocks.{1 + i*(L+1) + j}.1; mid_block.attentions.0 -> middle_block.1;
+    up_blocks.i.attentions.j -> output_blocks.{i*(L+1) + j}.1, with L = layers_per_block.
+    """
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        block, rest = f"input_blocks.{1 + int(parts[1]) * (layers_per_block + 1) + int(parts[3])}.1", parts[4:]
+    elif parts[0] == "up_blocks":
+        block, rest = f"output_blocks.{int(parts[1]) * (layers_per_block + 1) + int(parts[3])}.1", parts[4:]
+    elif parts[0] == "mid_block":
+        block, rest = "middle_block.1", parts[3:]
+    else:
+        raise ValueError(f"no kohya name for {name}")
+    return "lora_unet_" + ".".join([block, *rest]).replace(".", "_")
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], rank: int, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state_dict.items():
+        name, factor = key.rsplit(".lora_", 1)
+        stem = kohya_module_name(name, layers_per_block)
+        out[f"{stem}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor
+        out[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=tensor.dtype)  # alpha = rank: scale 1
+    return out
+
+
+def kohya_metadata(kind: str, config: FitConfig, record: dict) -> dict[str, str]:
+    prompts = record["prompts"]
+    res = config.resolution
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(float(config.rank)),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_sd_model_name": record["base_model"],
+        "ss_output_name": f"unziplora_{kind}",
+        "ss_resolution": f"({res}, {res})",
+        "ss_steps": str(config.steps),
+        "ss_max_train_steps": str(config.steps),
+        "ss_learning_rate": str(config.lr),
+        "ss_seed": str(config.seed),
+        "ss_num_train_images": "1",
+        "ss_training_comment": f"UnZipLoRA {kind} LoRA; {kind} prompt: {prompts[kind]}",
+        "ss_tag_frequency": json.dumps({kind: {config.content if kind == 'content' else config.style: 1}}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": f"UnZipLoRA {kind}: {config.content if kind == 'content' else config.style}",
+        "modelspec.description": f"{kind} LoRA decomposed by UnZipLoRA from one image "
+                                 f"({prompts['combined']})",
+        "modelspec.trigger_phrase": config.content if kind == "content" else config.style,
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+# ---- writing and reading a fit directory ----
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"output directory {out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a directory")
+
+
+def write_fit(result, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write every file into a temporary sibling directory, then move it into place in one rename."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config, record, tensors = result.config, result.record, result.tensors
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        layers_per_block = record.get("layers_per_block", 2)
+        for kind in KINDS:
+            StableDiffusionXLPipeline.save_lora_weights(staging, unet_lora_layers=tensors[kind],
+                                                        weight_name=FILES[kind])
+            save_file(to_kohya(tensors[kind], config.rank, layers_per_block), staging / KOHYA_FILES[kind],
+                      metadata=kohya_metadata(kind, config, record))
+        save_file(tensors["mergers"], staging / "mergers.safetensors")
+        save_file(tensors["masks"], staging / "masks.safetensors")
+        config.save(staging / "config.yaml")
+        (staging / "fit.json").write_text(json.dumps(record, indent=2))
+        _make_readable(staging)
+        if out.exists():  # --overwrite: move the old fit aside first, delete it only once the new one is in
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; a finished fit gets the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+@dataclass
+class FitArtifacts:
+    """A fit directory read back."""
+
+    path: Path
+    config: FitConfig
+    record: dict
+
+    def lora_file(self, kind: str, kohya: bool = False) -> Path:
+        return self.path / (KOHYA_FILES if kohya else FILES)[kind]
+
+    def lora_state_dict(self, kind: str) -> dict[str, torch.Tensor]:
+        """The peft-format state dict (module name -> lora_A/lora_B), without diffusers' "unet." prefix."""
+        return {k.removeprefix("unet."): v for k, v in load_file(self.lora_file(kind)).items()}
+
+    def mergers(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "mergers.safetensors")
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "masks.safetensors")
+
+
+def load_fit(path: str | Path) -> FitArtifacts:
+    path = Path(path)
+    record_file = path / "fit.json"
+    if not record_file.is_file():
+        raise InputError(f"{path} is not a fit directory (no fit.json)")
+    record = json.loads(record_file.read_text())
+    return FitArtifacts(path=path, config=FitConfig.from_dict(record["settings"]), record=record)

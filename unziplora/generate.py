@@ -1,0 +1,95 @@
+"""Images from fits (SPEC section 8): content only, style only, both combined, or recombined across fits.
+
+- one LoRA alone: loaded from its diffusers file with `load_lora_weights`, exactly as a user would;
+- both, mode "routed" (faithful): the three-prompt routing of training, with masks and mergers;
+- both, mode "direct": both diffusers adapters at weight 1 under one prompt (the portable approximation).
+The content and the style may come from different fits (recombination). The base model is left as found.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .config import Prompts
+from .errors import InputError
+from .export import FILES, FitArtifacts
+from .layers import UnZipLoRA
+from .models import BaseModel
+from .roles import KINDS
+
+MODES = ("routed", "direct")
+
+
+def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) -> Prompts:
+    """The training prompts, recombined: content trigger and class from one fit, style from the other."""
+    c = (content or style).config
+    s = (style or content).config
+    return c.replace(style=s.style, prompt=None, style_prompt=None, content_prompt=c.content_prompt).prompts()
+
+
+def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
+             prompt: str | None = None, mode: str = "routed", negative_prompt: str = "", steps: int = 50,
+             guidance: float = 5.0, seed: int = 0, resolution: int | None = None,
+             num_images: int = 1) -> list[Image.Image]:
+    if content is None and style is None:
+        raise InputError("give a content fit, a style fit, or both")
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    prompts = default_prompts(content, style)
+    if content is not None and style is not None:
+        prompt = prompt or prompts.combined
+    elif content is not None:
+        prompt = prompt or prompts.content
+    else:
+        prompt = prompt or prompts.style
+    size = resolution or (content or style).config.resolution or base.default_resolution
+    pipe = base.pipeline()
+    call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                negative_prompt=negative_prompt, num_images_per_prompt=num_images,
+                generator=torch.Generator().manual_seed(seed))
+    if content is not None and style is not None and mode == "routed":
+        return _routed(base, pipe, content, style, prompts._replace(combined=prompt), call)
+    fits = {"content": content, "style": style}
+    loaded = [kind for kind in KINDS if fits[kind] is not None]
+    try:
+        for kind in loaded:
+            pipe.load_lora_weights(str(fits[kind].path), weight_name=FILES[kind], adapter_name=kind)
+        pipe.set_adapters(loaded, [1.0] * len(loaded))
+        return pipe(prompt, **call).images
+    finally:
+        pipe.unload_lora_weights()
+
+
+def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts) -> UnZipLoRA:
+    """An UnZipLoRA holding the content half of one fit and the style half of another."""
+    if content.config.rank != style.config.rank:
+        raise InputError(f"routed recombination needs equal ranks ({content.config.rank} vs {style.config.rank}); "
+                         "use mode='direct'")
+    adapter = UnZipLoRA(base.unet, content.config.rank, content.config.role_table or base.role_table,
+                        init="zeros").to(base.device)
+    with torch.no_grad():
+        for i, (kind, fit) in enumerate(zip(KINDS, (content, style))):
+            state, mergers, masks = fit.lora_state_dict(kind), fit.mergers(), fit.masks()
+            for name, layer in adapter.named_layers():
+                r, cols = layer.rank, layer.columns()
+                layer.lora_A[i * r:(i + 1) * r] = state[f"{name}.lora_A.weight"]
+                layer.lora_B[:, i] = state[f"{name}.lora_B.weight"]
+                adapter.gates.mergers[i, cols] = mergers[f"{name}.{kind}"]
+                adapter.gates.masks[i, cols] = masks[f"{name}.{kind}"]
+    return adapter
+
+
+def _routed(base, pipe, content, style, prompts: Prompts, call: dict) -> list[Image.Image]:
+    n, neg = call.pop("num_images_per_prompt"), call.pop("negative_prompt")
+    embeds = {}
+    for name, text in prompts._asdict().items():
+        pos, negative, pooled, neg_pooled = pipe.encode_prompt(
+            text, negative_prompt=neg, device=base.device, num_images_per_prompt=n, do_classifier_free_guidance=True)
+        embeds[name] = (pos, negative, pooled, neg_pooled)
+    pos, negative, pooled, neg_pooled = embeds["combined"]
+    # the pipeline batches [negative, positive]; the LoRAs' own prompts must line up with that
+    routing = {f"{kind}_states": torch.cat([embeds[kind][1], embeds[kind][0]]) for kind in KINDS}
+    with load_adapter(base, content, style):
+        return pipe(prompt_embeds=pos, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=neg_pooled, cross_attention_kwargs=routing, **call).images

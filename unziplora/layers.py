@@ -1,0 +1,215 @@
+"""The dual LoRA: a content LoRA and a style LoRA on one frozen linear, gated per output column.
+
+    y = W0 x + (m_c * M_c) . B_c A_c x_c + (m_s * M_s) . B_s A_s x_s        (SPEC sections 3-4)
+
+x_c = x_s = x everywhere except attn2.to_k / attn2.to_v, where the content and style prompts are routed
+in by `PromptRoutingProcessor`. Where both LoRAs see the same input they run as ONE rank-2r LoRA
+(`[A_c; A_s] x`, then `[B_c g_c | B_s g_s]`), so a step costs about what a single LoRA's step costs.
+Dense delta-W is never built in the forward pass.
+
+All mergers m and masks M of all layers live in two flat tensors owned by `ColumnGates`, so the
+orthogonality loss, the merger clamp and the overlap-only merger gradient are one tensor op each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from .roles import KINDS, Role, role_for
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ROUTED = ("attn2.to_k", "attn2.to_v")  # where the three prompts are separated
+
+
+class ColumnGates(nn.Module):
+    """Per-output-column mergers (learned, in [0,1]) and binary masks of every adapted layer.
+
+    Row 0 is the content LoRA, row 1 the style LoRA; layer i owns columns [offset_i, offset_i + n_i).
+    """
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        total = sum(sizes)
+        self.mergers = nn.Parameter(torch.ones(2, total))
+        self.register_buffer("masks", torch.zeros(2, total))
+        # Per-column weight 1 / (layers * columns of its layer): the loss is a mean of per-layer means.
+        weights = torch.cat([torch.full((n,), 1.0 / (n * len(sizes))) for n in sizes])
+        self.register_buffer("layer_mean_weights", weights)
+        self.masks_enabled = True
+
+    def gates(self) -> torch.Tensor:
+        """m * M while masks are on; m alone during a recalibration step (masks off)."""
+        return self.mergers * self.masks if self.masks_enabled else self.mergers
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """mean over layers of mean_j |m_c M_c m_s M_s| (gradient reaches only the mergers)."""
+        gated = self.mergers * self.masks
+        return ((gated[0] * gated[1]).abs() * self.layer_mean_weights).sum()
+
+    def overlap(self) -> torch.Tensor:
+        return self.masks[0] * self.masks[1]
+
+    @torch.no_grad()
+    def keep_overlap_grad(self) -> None:
+        """Mergers learn only where both LoRAs hold the column (SPEC section 4)."""
+        if self.mergers.grad is not None:
+            self.mergers.grad.mul_(self.overlap())
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.mergers.clamp_(0.0, 1.0)
+
+
+class DualLoRALinear(nn.Module):
+    """A frozen linear plus a content and a style LoRA of rank r, each gated per output column.
+
+    Parameters are stacked: `lora_A` is (2r, in) = [A_c; A_s]; `lora_B` is (out, 2, r) = [B_c, B_s].
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, role: Role, routed: bool, gates: ColumnGates,
+                 offset: int, init: str = "reference", generator: torch.Generator | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.role, self.routed, self.offset = rank, role, routed, offset
+        self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        self._gates = [gates]  # a list: shared, not a registered submodule of every layer
+        self.lora_A = nn.Parameter(torch.empty(2 * rank, self.in_features, device=base_layer.weight.device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, 2, rank, device=base_layer.weight.device))
+        self.reset_parameters(init, generator)
+        self.route: tuple[torch.Tensor, torch.Tensor] | None = None  # set per call by the processor
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str, generator: torch.Generator | None) -> None:
+        if init == "reference":  # both factors ~ N(0, (1/r)^2): each LoRA slightly non-zero at step 0
+            self.lora_A.copy_(torch.randn(self.lora_A.shape, generator=generator) / self.rank)
+            self.lora_B.copy_(torch.randn(self.lora_B.shape, generator=generator) / self.rank)
+        elif init == "zeros":  # the usual LoRA init: A random, B zero, so the start equals the base
+            bound = 1.0 / self.in_features ** 0.5
+            self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
+            self.lora_B.zero_()
+        else:
+            raise ValueError(f"unknown init {init!r}; use 'reference' or 'zeros'")
+
+    def column_gates(self) -> torch.Tensor:
+        """(out, 2, 1): this layer's slice of the gates, shaped to scale B's rows."""
+        return self._gates[0].gates()[:, self.offset:self.offset + self.out_features].t().unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        gated_B = self.lora_B * self.column_gates()  # (out, 2, r)
+        dtype = self.lora_A.dtype
+        if self.route is None:
+            delta = F.linear(F.linear(x.to(dtype), self.lora_A), gated_B.reshape(self.out_features, -1))
+        else:
+            content_x, style_x = (t.to(dtype) for t in self.route)
+            r = self.rank
+            delta = F.linear(F.linear(content_x, self.lora_A[:r]), gated_B[:, 0]) + \
+                F.linear(F.linear(style_x, self.lora_A[r:]), gated_B[:, 1])
+        return out + delta.to(out.dtype)
+
+    # ---- views used by recalibration and export ----
+    def factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_k, B_k) of one LoRA: A (r, in), B (out, r)."""
+        i = KINDS.index(kind)
+        return self.lora_A[i * self.rank:(i + 1) * self.rank], self.lora_B[:, i]
+
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.out_features)
+
+
+class PromptRoutingProcessor(AttnProcessor2_0):
+    """diffusers' SDPA attention, plus: hands the content and style prompt states to routed to_k/to_v.
+
+    They arrive as `cross_attention_kwargs` (content_states=..., style_states=...), which diffusers passes
+    through every block, gradient checkpointing included. Without them both LoRAs see the usual input.
+    """
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, content_states=None, style_states=None, **kwargs):
+        routed = [m for m in (attn.to_k, attn.to_v) if isinstance(m, DualLoRALinear) and m.routed]
+        if content_states is not None and routed:
+            for module in routed:
+                module.route = (content_states, style_states)
+        try:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        finally:
+            for module in routed:
+                module.route = None
+
+
+class UnZipLoRA(nn.Module):
+    """The content + style LoRA pair of one fit, attached to (and detachable from) a UNet."""
+
+    def __init__(self, unet: nn.Module, rank: int = 64, role_table="sdxl", init: str = "reference",
+                 seed: int = 0):
+        super().__init__()
+        targets = []  # (attention name, attention module, target name, base linear)
+        for name, module in unet.named_modules():
+            if isinstance(module, Attention) and ".transformer_blocks." in name:
+                for target in TARGETS:
+                    targets.append((name, module, target, module.get_submodule(target)))
+        if not targets:
+            raise ValueError("this UNet has no transformer-block attention to adapt")
+        self.gates = ColumnGates([base.out_features for *_, base in targets])
+        generator = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleDict()
+        self._slots = []  # where each layer goes when attached
+        offset = 0
+        for attn_name, attn, target, base in targets:
+            full_name = f"{attn_name}.{target}"
+            layer = DualLoRALinear(base, rank, role_for(full_name, role_table),
+                                   routed=full_name.endswith(ROUTED), gates=self.gates, offset=offset,
+                                   init=init, generator=generator)
+            offset += base.out_features
+            self.layers[full_name.replace(".", "__")] = layer
+            self._slots.append((full_name, attn, target, base))
+        with torch.no_grad():  # the full LoRA of a dedicated block uses every column from the start
+            for layer in self.layers.values():
+                for i, kind in enumerate(KINDS):
+                    if layer.role.is_full(kind):
+                        self.gates.masks[i, layer.columns()] = 1.0
+        self._unet = [unet]
+        self._saved_processors = None
+
+    def named_layers(self):
+        for (full_name, *_), layer in zip(self._slots, self.layers.values()):
+            yield full_name, layer
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def attach(self) -> "UnZipLoRA":
+        unet = self._unet[0]
+        self._saved_processors = unet.attn_processors
+        for (_, attn, target, _), layer in zip(self._slots, self.layers.values()):
+            _set_child(attn, target, layer)
+        unet.set_attn_processor(PromptRoutingProcessor())
+        return self
+
+    def detach(self) -> None:
+        """Put the UNet back exactly as it was: original linears and attention processors."""
+        unet = self._unet[0]
+        for _, attn, target, base in self._slots:
+            _set_child(attn, target, base)
+        if self._saved_processors is not None:
+            unet.set_attn_processor(self._saved_processors)
+            self._saved_processors = None
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def _set_child(parent: nn.Module, dotted: str, child: nn.Module) -> None:
+    *path, last = dotted.split(".")
+    for part in path:
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    if last.isdigit():
+        parent[int(last)] = child
+    else:
+        setattr(parent, last, child)

@@ -1,0 +1,229 @@
+"""Base models: a real diffusers SDXL (directory or hub id) or one built offline from a config.
+
+Presets built offline (random weights, no download):
+- ``tiny``: SDXL's block layout and module names at toy width; the default for tests and CPU runs.
+- ``sdxl-random``: the full published SDXL-base architecture, for real-size speed and memory checks.
+Both get real CLIP tokenizers built from the BPE vocabulary shipped in the ``open-clip-torch`` wheel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .errors import BaseModelError
+
+PRESETS = ("tiny", "sdxl-random")
+
+# SDXL-base's noise schedule (scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", clip_sample=False,
+)
+
+_SDXL_BLOCKS = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2, use_linear_projection=True, addition_embed_type="text_time",
+    in_channels=4, out_channels=4,
+)
+
+# Each preset: UNet, VAE and the two text encoders' configs, plus the training resolution it suits.
+_PRESET_CONFIGS = {
+    "tiny": dict(
+        resolution=64,
+        unet=dict(_SDXL_BLOCKS, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 1),
+                  attention_head_dim=(2, 4, 4), cross_attention_dim=64, norm_num_groups=8,
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8),
+        vae=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
+        text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          hidden_act="quick_gelu"),
+        text_encoder_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            hidden_act="gelu", projection_dim=32),
+    ),
+    # Published SDXL-base 1.0 component configs (unet/vae/text_encoder*/config.json).
+    "sdxl-random": dict(
+        resolution=1024,
+        unet=dict(_SDXL_BLOCKS, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                  attention_head_dim=(5, 10, 20), cross_attention_dim=2048, norm_num_groups=32,
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                 sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          hidden_act="quick_gelu", projection_dim=768),
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+    ),
+}
+
+
+@dataclass
+class BaseModel:
+    """The frozen SDXL components a fit needs, loaded once and reused across fits."""
+
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler: DDPMScheduler
+    default_resolution: int = 1024
+    role_table: str = "sdxl"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline(self):
+        """A `StableDiffusionXLPipeline` sharing these very modules (no copy), with an Euler sampler."""
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+            scheduler=EulerDiscreteScheduler.from_config(self.scheduler.config),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU always (half precision on CPU is slow and lossy); as asked on an accelerator."""
+    if device.type == "cpu" or precision == "fp32":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def load_base_model(spec: str = "tiny", *, device: str | torch.device = "auto", precision: str = "bf16",
+                    seed: int = 0) -> BaseModel:
+    """Load `spec`: a preset name (built offline), a local diffusers SDXL directory, or a hub id."""
+    dev = pick_device(device) if isinstance(device, str) else device
+    dtype = pick_dtype(precision, dev)
+    if spec in PRESETS:
+        base = build_preset(spec, seed=seed, dtype=dtype)
+    else:
+        base = _load_pretrained(spec, dtype)
+    for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+        module.requires_grad_(False).eval()
+    # The VAE runs once per fit; fp32 avoids SDXL-VAE's known fp16 overflow.
+    base.vae.to(dev, torch.float32)
+    base.unet.to(dev)
+    base.text_encoder.to(dev)
+    base.text_encoder_2.to(dev)
+    return base
+
+
+def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> BaseModel:
+    cfg = _PRESET_CONFIGS[name]
+    torch.manual_seed(seed)  # the random weights are part of the preset: same seed, same model
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build big presets directly in their dtype (halves peak memory)
+    try:
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+            **cfg["vae"],
+        )
+        te1 = CLIPTextModel(_clip_config(cfg["text_encoder"]))
+        te2 = CLIPTextModelWithProjection(_clip_config(cfg["text_encoder_2"]))
+    finally:
+        torch.set_default_dtype(previous)
+    tok1, tok2 = clip_tokenizers()
+    return BaseModel(name=name, unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                     tokenizer_2=tok2, scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+                     default_resolution=cfg["resolution"], role_table="sdxl")
+
+
+def _clip_config(overrides: dict) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                          eos_token_id=49407, pad_token_id=49407, **overrides)
+
+
+def _load_pretrained(spec: str, dtype: torch.dtype) -> BaseModel:
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise BaseModelError(f"{spec} is not a diffusers pipeline directory (no model_index.json)")
+        cls_name = json.loads(index.read_text()).get("_class_name", "")
+        if cls_name != "StableDiffusionXLPipeline":
+            raise BaseModelError(f"{spec} holds a {cls_name or 'unknown'} pipeline, not StableDiffusionXLPipeline")
+    elif os.sep in spec or spec.startswith("."):
+        raise BaseModelError(f"base model directory {spec} does not exist")
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(path) if path.exists() else spec, torch_dtype=dtype)
+    except Exception as exc:  # hub errors, missing files, broken configs: say which model
+        raise BaseModelError(f"cannot load SDXL base model {spec!r}: {exc}") from exc
+    if pipe.unet.config.addition_embed_type != "text_time" or pipe.text_encoder_2 is None:
+        raise BaseModelError(f"{spec} does not have the SDXL UNet/text-encoder layout")
+    return BaseModel(name=spec, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                     text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
+                     scheduler=DDPMScheduler.from_config(pipe.scheduler.config), default_resolution=1024)
+
+
+# ---- tokenizers from open-clip's BPE file ----
+
+def _bpe_vocab_path() -> Path:
+    # Located through package metadata, not `import open_clip` (which would import torchvision).
+    try:
+        dist = metadata.distribution("open_clip_torch")
+    except metadata.PackageNotFoundError as exc:
+        raise BaseModelError("the offline CLIP tokenizer needs the open-clip-torch wheel: "
+                             "pip install --no-deps open-clip-torch") from exc
+    return Path(dist.locate_file("open_clip/bpe_simple_vocab_16e6.txt.gz"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table, in CLIP's vocabulary order:
+    printable bytes first (as themselves), then the rest mapped to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    lines = gzip.open(_bpe_vocab_path(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]  # line 0: version header
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's two tokenizers: same BPE; the second pads with "!" like OpenCLIP's."""
+    vocab, merges = _clip_vocab()
+    tok1 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    tok2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token="!")
+    return tok1, tok2
