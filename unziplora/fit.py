@@ -86,10 +86,11 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
 def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tensor, config: FitConfig, *,
           progress: bool = True, on_step: StepCallback | None = None) -> list[dict]:
     unet, gates = base.unet, adapter.gates
+    device, dtype = base.device, base.dtype  # read once: diffusers walks every parameter to answer
     rng = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
     size = config.resolution // base.vae_scale_factor
     time_ids = torch.tensor([[config.resolution, config.resolution, 0, 0, config.resolution, config.resolution]],
-                            device=base.device, dtype=base.dtype)
+                            device=device, dtype=dtype)
     unet_kwargs = dict(
         encoder_hidden_states=embeds["combined"],
         added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids},
@@ -112,10 +113,10 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
             calibrating = step in calibration_steps
             gates.masks_enabled = not calibrating  # a recalibration step trains unmasked, mergers frozen
             x0 = _random_crop(latents, size, rng)
-            noise = torch.randn(x0.shape, generator=rng).to(base.device, base.dtype)
+            noise = torch.randn(x0.shape, generator=rng).to(device, dtype)
             timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=rng)
-            noisy = base.scheduler.add_noise(x0, noise, timestep).to(base.dtype)
-            pred = unet(noisy, timestep.to(base.device), **unet_kwargs).sample
+            noisy = base.scheduler.add_noise(x0, noise, timestep).to(dtype)
+            pred = unet(noisy, timestep.to(device), **unet_kwargs).sample
             mse = F.mse_loss(pred.float(), noise.float())
             ortho = gates.orthogonality_loss()
             loss = mse + config.ortho_lambda * ortho

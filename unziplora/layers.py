@@ -32,6 +32,7 @@ class ColumnGates(nn.Module):
 
     def __init__(self, sizes: list[int]):
         super().__init__()
+        self.sizes = list(sizes)
         total = sum(sizes)
         self.mergers = nn.Parameter(torch.ones(2, total))
         self.register_buffer("masks", torch.zeros(2, total))
@@ -39,10 +40,25 @@ class ColumnGates(nn.Module):
         weights = torch.cat([torch.full((n,), 1.0 / (n * len(sizes))) for n in sizes])
         self.register_buffer("layer_mean_weights", weights)
         self.masks_enabled = True
+        self._per_layer = None  # the gates split per layer, computed once per UNet forward pass
 
     def gates(self) -> torch.Tensor:
         """m * M while masks are on; m alone during a recalibration step (masks off)."""
         return self.mergers * self.masks if self.masks_enabled else self.mergers
+
+    def begin_pass(self, *_) -> None:
+        """Compute every layer's gates in one op and one split (whose backward is one concatenation),
+        instead of a multiply and a full-size slice gradient in each of hundreds of layers."""
+        self._per_layer = self.gates().t().split(self.sizes)
+
+    def end_pass(self, *_) -> None:
+        self._per_layer = None
+
+    def layer_gates(self, index: int, columns: slice) -> torch.Tensor:
+        """(out, 2): one layer's gates, from the pass cache or (outside a UNet pass) computed directly."""
+        if self._per_layer is not None:
+            return self._per_layer[index]
+        return self.gates()[:, columns].t()
 
     def orthogonality_loss(self) -> torch.Tensor:
         """mean over layers of mean_j |m_c M_c m_s M_s| (gradient reaches only the mergers)."""
@@ -70,10 +86,10 @@ class DualLoRALinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int, role: Role, routed: bool, gates: ColumnGates,
-                 offset: int, init: str = "reference", generator: torch.Generator | None = None):
+                 index: int, offset: int, init: str = "reference", generator: torch.Generator | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.rank, self.role, self.routed, self.offset = rank, role, routed, offset
+        self.rank, self.role, self.routed, self.index, self.offset = rank, role, routed, index, offset
         self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         self._gates = [gates]  # a list: shared, not a registered submodule of every layer
         self.lora_A = nn.Parameter(torch.empty(2 * rank, self.in_features, device=base_layer.weight.device))
@@ -95,7 +111,7 @@ class DualLoRALinear(nn.Module):
 
     def column_gates(self) -> torch.Tensor:
         """(out, 2, 1): this layer's slice of the gates, shaped to scale B's rows."""
-        return self._gates[0].gates()[:, self.offset:self.offset + self.out_features].t().unsqueeze(-1)
+        return self._gates[0].layer_gates(self.index, self.columns()).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -158,11 +174,11 @@ class UnZipLoRA(nn.Module):
         self.layers = nn.ModuleDict()
         self._slots = []  # where each layer goes when attached
         offset = 0
-        for attn_name, attn, target, base in targets:
+        for index, (attn_name, attn, target, base) in enumerate(targets):
             full_name = f"{attn_name}.{target}"
             layer = DualLoRALinear(base, rank, role_for(full_name, role_table),
-                                   routed=full_name.endswith(ROUTED), gates=self.gates, offset=offset,
-                                   init=init, generator=generator)
+                                   routed=full_name.endswith(ROUTED), gates=self.gates, index=index,
+                                   offset=offset, init=init, generator=generator)
             offset += base.out_features
             self.layers[full_name.replace(".", "__")] = layer
             self._slots.append((full_name, attn, target, base))
@@ -173,6 +189,7 @@ class UnZipLoRA(nn.Module):
                         self.gates.masks[i, layer.columns()] = 1.0
         self._unet = [unet]
         self._saved_processors = None
+        self._hooks = []
 
     def named_layers(self):
         for (full_name, *_), layer in zip(self._slots, self.layers.values()):
@@ -187,6 +204,8 @@ class UnZipLoRA(nn.Module):
         for (_, attn, target, _), layer in zip(self._slots, self.layers.values()):
             _set_child(attn, target, layer)
         unet.set_attn_processor(PromptRoutingProcessor())
+        self._hooks = [unet.register_forward_pre_hook(self.gates.begin_pass),
+                       unet.register_forward_hook(self.gates.end_pass)]
         return self
 
     def detach(self) -> None:
@@ -197,6 +216,10 @@ class UnZipLoRA(nn.Module):
         if self._saved_processors is not None:
             unet.set_attn_processor(self._saved_processors)
             self._saved_processors = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.gates.end_pass()
 
     def __enter__(self):
         return self.attach()
