@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
+from fit_speed import step_durations
 from unziplora.config import FitConfig
 from unziplora.fit import encode_image, encode_prompts, train
 from unziplora.images import load_image
@@ -37,8 +38,7 @@ def unziplora_step_times(base, embeds, latents, config) -> list[float]:
     adapter = UnZipLoRA(base.unet, config.rank, config.role_table, seed=config.seed)
     train(base, adapter, embeds, latents, config, progress=False,
           on_step=lambda step, _: stamps.append((step, time.perf_counter())))
-    calibration = set(config.calibration_steps)
-    return [t1 - t0 for (_, t0), (s1, t1) in zip(stamps, stamps[1:]) if s1 not in calibration]
+    return step_durations(stamps, set(config.calibration_steps))[0]
 
 
 def plain_lora_step_times(base, embeds, latents, config, target_names) -> list[float]:

@@ -60,3 +60,25 @@ def make_states(tiny_base):
         g = torch.Generator().manual_seed(seed)
         return torch.randn(batch, tokens, tiny_base.unet.config.cross_attention_dim, generator=g)
     return make
+
+
+@pytest.fixture
+def small_adapter():
+    """`small_adapter(rank=3, seed=0)`: an UnZipLoRA on a toy module holding one diffusers Attention under
+    a `transformer_blocks` path (to_q 10->12, to_k/to_v 6->12, to_out.0 12->10: unequal widths), every
+    block "shared". Returns the adapter; nothing to attach for calling its layers directly."""
+    from diffusers.models.attention_processor import Attention
+    from torch import nn
+
+    from unziplora.layers import UnZipLoRA
+
+    def make(rank=3, seed=0, **kwargs):
+        torch.manual_seed(seed)
+        block = nn.Module()
+        block.attn2 = Attention(query_dim=10, cross_attention_dim=6, heads=3, dim_head=4, bias=True)
+        root = nn.Module()
+        root.transformer_blocks = nn.ModuleList([block])
+        holder = nn.Module()
+        holder.blocks = nn.ModuleList([root])
+        return UnZipLoRA(holder, rank=rank, role_table=[(r".*", "shared")], seed=seed, **kwargs)
+    return make

@@ -181,7 +181,7 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> BaseModel:
     elif os.sep in spec or spec.startswith("."):
         raise BaseModelError(f"base model directory {spec} does not exist")
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(path) if path.exists() else spec, torch_dtype=dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(path) if path.exists() else spec, dtype=dtype)
     except Exception as exc:  # hub errors, missing files, broken configs: say which model
         raise BaseModelError(f"cannot load SDXL base model {spec!r}: {exc}") from exc
     if pipe.unet.config.addition_embed_type != "text_time" or pipe.text_encoder_2 is None:

@@ -1,0 +1,147 @@
+"""The command line, settings files, prompts and bad input: clear errors, nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from unziplora import BaseModelError, FitConfig, InputError, fit, load_base_model, load_fit
+from unziplora.cli import main
+
+
+def test_prompts_are_derived_from_trigger_and_style():
+    p = FitConfig(content="sks dog", style="watercolor painting").prompts()
+    assert p == ("A sks dog in watercolor painting style", "A sks dog", "A dog in watercolor painting style")
+    p = FitConfig(content="sks", style="ink", class_word="cat", prompt="x", content_prompt="y").prompts()
+    assert p == ("x", "y", "A cat in ink style")
+
+
+@pytest.mark.parametrize("bad", [dict(content=" "), dict(style=""), dict(steps=0), dict(rank=-1),
+                                 dict(column_ratio=0.5), dict(precision="fp8"), dict(init="ones"),
+                                 dict(recalibrations=10, steps=5)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(InputError):
+        FitConfig(**{"content": "sks dog", "style": "ink", **bad})
+
+
+def test_calibration_schedule():
+    assert FitConfig(content="a b", style="c").calibration_steps == [0, 200, 400]
+    assert FitConfig(content="a b", style="c", steps=10, recalibrations=2).calibration_steps == [0, 5]
+
+
+def test_cli_fit_with_yaml_then_toml_and_config_reproduces(sample_image, tmp_path, capsys):
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump({"content": "sks dog", "style": "ink wash", "steps": 3,
+                                                       "rank": 2, "save_precision": "fp32"}))
+    assert main(["fit", str(sample_image), "--config", str(tmp_path / "fit.yaml"), "--seed", "5",
+                 "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["out"] == str(tmp_path / "a") and summary["mse"] > 0
+    first = load_fit(tmp_path / "a")
+    assert first.config.seed == 5 and first.config.steps == 3 and first.config.resolution == 64  # flag + file
+    # the written config.yaml repeats the fit exactly
+    assert main(["fit", str(sample_image), "--config", str(tmp_path / "a" / "config.yaml"),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    second = load_fit(tmp_path / "b")
+    for kind in ("content", "style"):
+        a, b = first.lora_state_dict(kind), second.lora_state_dict(kind)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    (tmp_path / "fit.toml").write_text('content = "sks dog"\nstyle = "ink"\nsteps = 3\nrank = 2\n')
+    assert main(["fit", str(sample_image), "--config", str(tmp_path / "fit.toml"), "--out",
+                 str(tmp_path / "c"), "--quiet"]) == 0
+
+
+def test_cli_errors_are_clear_and_write_nothing(sample_image, tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing.png"), "--content", "sks dog", "--style", "ink",
+                 "--out", str(tmp_path / "o"), "--steps", "3"]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert main(["fit", str(sample_image), "--content", "  ", "--style", "ink", "--out", str(tmp_path / "o")]) == 2
+    assert "content text is empty" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("colour: red\n")
+    assert main(["fit", str(sample_image), "--config", str(tmp_path / "bad.yaml"), "--content", "a b",
+                 "--style", "c", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown settings ['colour']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match="--style"):
+        main(["fit", str(sample_image), "--content", "sks dog", "--out", str(tmp_path / "o")])
+
+
+def test_cli_generate_writes_pngs(tiny_base, sample_image, tmp_path):
+    fit(sample_image, FitConfig(content="sks dog", style="ink", steps=3, rank=2), base=tiny_base,
+        out_dir=tmp_path / "f", progress=False)
+    assert main(["generate", str(tmp_path / "f"), "--out", str(tmp_path / "g" / "both.png"), "--steps", "2",
+                 "--num-images", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "g" / "both_0.png").is_file() and (tmp_path / "g" / "both_1.png").is_file()
+    assert main(["generate", "--style-from", str(tmp_path / "f"), "--prompt", "a cat in ink style",
+                 "--out", str(tmp_path / "g" / "s.png"), "--steps", "2", "--device", "cpu"]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "g" / "s.png").size == (64, 64)
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "unziplora.cli", "fit", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--column-ratio" in out.stdout and "--gradient-checkpointing" in out.stdout
+
+
+def test_long_prompt_is_truncated_with_warning(tiny_base, sample_image):
+    long_style = " ".join(["watercolor"] * 90)
+    with pytest.warns(UserWarning, match="truncated"):
+        fit(sample_image, FitConfig(content="sks dog", style=long_style, steps=3, rank=2), base=tiny_base,
+            progress=False)
+
+
+def test_resolution_must_fit_the_unet(tiny_base, sample_image):
+    with pytest.raises(InputError, match="multiple of 32"):
+        fit(sample_image, FitConfig(content="sks dog", style="ink", steps=3, resolution=48), base=tiny_base,
+            progress=False)
+
+
+def test_small_image_is_upscaled_with_warning(tiny_base, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (20, 30), (10, 200, 30)).save(tmp_path / "small.png")
+    with pytest.warns(UserWarning, match="upscal"):
+        fit(tmp_path / "small.png", FitConfig(content="sks dog", style="ink", steps=3, rank=2), base=tiny_base,
+            progress=False)
+
+
+def test_corrupt_image_fails_before_training(tiny_base, tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(InputError):
+        fit(tmp_path / "x.png", FitConfig(content="sks dog", style="ink", steps=3), base=tiny_base,
+            out_dir=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_model_that_is_not_sdxl_is_refused(tmp_path):
+    with pytest.raises(BaseModelError, match="does not exist"):
+        load_base_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BaseModelError, match="no model_index.json"):
+        load_base_model(str(tmp_path / "empty"))
+    (tmp_path / "sd15").mkdir()
+    (tmp_path / "sd15" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(BaseModelError, match="not StableDiffusionXLPipeline"):
+        load_base_model(str(tmp_path / "sd15"))
+
+
+def test_real_sdxl_directory_loads_through_from_pretrained(tiny_base, tmp_path):
+    """The real-model path: a diffusers SDXL directory (here the tiny one, saved) loads and fits."""
+    tiny_base.pipeline().save_pretrained(tmp_path / "sdxl")
+    base = load_base_model(str(tmp_path / "sdxl"), device="cpu")
+    assert base.name == str(tmp_path / "sdxl") and base.default_resolution == 1024
+    for a, b in zip(base.unet.parameters(), tiny_base.unet.parameters()):
+        assert torch.equal(a, b)
+    ids = base.tokenizer("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    with pytest.raises(BaseModelError, match="cannot load"):
+        (tmp_path / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"broken")
+        load_base_model(str(tmp_path / "sdxl"), device="cpu")
+
+
+def test_tiny_tokenizers_match_clip():
+    base = load_base_model("tiny", device="cpu")
+    assert base.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    padded = base.tokenizer_2("a cat", padding="max_length").input_ids
+    assert len(padded) == 77 and padded[4] == 0  # SDXL's second tokenizer pads with "!"
