@@ -97,9 +97,12 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
         cross_attention_kwargs={"content_states": embeds["content"], "style_states": embeds["style"]},
     )
     optimizer = torch.optim.AdamW(
-        [{"params": adapter.lora_parameters(), "lr": config.lr},
-         {"params": [gates.mergers], "lr": config.merger_lr}],
-        betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+        [{"params": adapter.lora_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+         # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
+         {"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
+        betas=(0.9, 0.999), eps=1e-8)
+    # fp16 activations underflow in the backward pass without loss scaling (bf16 and fp32 need none)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     trainable = adapter.lora_parameters() + [gates.mergers]
     calibration_steps = set(config.calibration_steps)
     checkpointing_before = unet.is_gradient_checkpointing
@@ -123,14 +126,16 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
             if not math.isfinite(loss.item()):
                 raise FitDivergedError(step, loss.item())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # true gradients for the cone scores and the clip
             if calibrating:
                 recalibrate(adapter, config.column_ratio)
                 gates.mergers.grad = None  # frozen for this step
             else:
                 gates.keep_overlap_grad()
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             gates.clamp_()
             gates.masks_enabled = True
             metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}

@@ -48,16 +48,21 @@ class ColumnGates(nn.Module):
 
     def begin_pass(self, *_) -> None:
         """Compute every layer's gates in one op and one split (whose backward is one concatenation),
-        instead of a multiply and a full-size slice gradient in each of hundreds of layers."""
-        self._per_layer = self.gates().t().split(self.sizes)
+        instead of a multiply and a full-size slice gradient in each of hundreds of layers. Runs before
+        each UNet forward; the result stays valid until a merger or mask changes, so gradient
+        checkpointing recomputes the layers with the very same tensors."""
+        self._per_layer = (self._state(), self.gates().t().split(self.sizes))
 
     def end_pass(self, *_) -> None:
         self._per_layer = None
 
+    def _state(self) -> tuple:
+        return self.mergers._version, self.masks._version, self.masks_enabled, torch.is_grad_enabled()
+
     def layer_gates(self, index: int, columns: slice) -> torch.Tensor:
         """(out, 2): one layer's gates, from the pass cache or (outside a UNet pass) computed directly."""
-        if self._per_layer is not None:
-            return self._per_layer[index]
+        if self._per_layer is not None and self._per_layer[0] == self._state():
+            return self._per_layer[1][index]
         return self.gates()[:, columns].t()
 
     def orthogonality_loss(self) -> torch.Tensor:
@@ -204,8 +209,7 @@ class UnZipLoRA(nn.Module):
         for (_, attn, target, _), layer in zip(self._slots, self.layers.values()):
             _set_child(attn, target, layer)
         unet.set_attn_processor(PromptRoutingProcessor())
-        self._hooks = [unet.register_forward_pre_hook(self.gates.begin_pass),
-                       unet.register_forward_hook(self.gates.end_pass)]
+        self._hooks = [unet.register_forward_pre_hook(self.gates.begin_pass)]
         return self
 
     def detach(self) -> None:
