@@ -132,7 +132,9 @@ def load_base_model(spec: str = "tiny", *, device: str | torch.device = "auto", 
     for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
         module.requires_grad_(False).eval()
     # The VAE runs once per fit; fp32 avoids SDXL-VAE's known fp16 overflow.
-    base.vae.to(dev, torch.float32)
+    if base.vae.dtype != torch.float32:
+        base.vae.to(dtype=torch.float32)
+    base.vae.to(dev)
     base.unet.to(dev)
     base.text_encoder.to(dev)
     base.text_encoder_2.to(dev)
