@@ -40,9 +40,8 @@ FIT_FLAGS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     _quiet_libraries()
     try:
         return args.run(args)
@@ -54,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unziplora", description="Decompose one image into a content LoRA "
                                      "and a style LoRA for SDXL (UnZipLoRA).")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    add_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
+    return parser
 
+
+def add_commands(sub) -> None:
+    """Add `fit` and `generate` to a subparsers object (the `unziplora` command adds dataset commands)."""
     p = sub.add_parser("fit", help="train the content and style LoRAs of one image")
     p.add_argument("image", help="the stylized image")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
@@ -87,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", default="bf16")
     g.set_defaults(run=_generate)
-    return parser
 
 
 def _fit(args) -> int:

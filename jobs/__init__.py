@@ -1,0 +1,1 @@
+"""Entry points: `python -m jobs.decompose ...` (for `ray job submit`) and the `unziplora` command."""

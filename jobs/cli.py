@@ -1,0 +1,29 @@
+"""The `unziplora` command: the single-image commands of unziplora.cli plus the dataset-scale ones."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unziplora import cli as single_image
+
+from . import decompose
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unziplora", description="Decompose stylized images into content "
+                                     "and style LoRAs for SDXL (UnZipLoRA), one image or a whole collection.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    single_image.add_commands(sub)
+    d = sub.add_parser("decompose", help="a folder or bucket of images -> a LoRA library (Ray)")
+    decompose.add_arguments(d)
+    d.set_defaults(run=decompose.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return single_image.main(argv, build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

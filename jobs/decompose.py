@@ -1,0 +1,63 @@
+"""Decompose a folder or bucket of images into a library of content and style LoRAs.
+
+    ray job submit --working-dir . -- python -m jobs.decompose --input s3://bucket/images/ --output s3://bucket/library/
+    unziplora decompose --input DIR_OR_URL --output DIR_OR_URL          # starts a local Ray if none is given
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.job import run_job
+from pipeline.worker import EXECUTORS, JobSpec
+
+# fit settings a job may set for every image (the prompt table may override steps/seed/rank/resolution)
+FIT_SETTINGS = {"base_model": str, "steps": int, "rank": int, "resolution": int, "seed": int, "lr": float,
+                "merger_lr": float, "column_ratio": float, "recalibrations": int, "ortho_lambda": float,
+                "precision": str, "save_precision": str}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="folder or URL (s3://, gs://, file://, path) of images")
+    p.add_argument("--output", required=True, help="folder or URL of the LoRA library (created)")
+    p.add_argument("--prompts", help="CSV/Parquet prompt table (default: prompts.csv|parquet in --input)")
+    p.add_argument("--default-content", help="content trigger for images without a prompt row")
+    p.add_argument("--default-style", help="style description for images without a prompt row")
+    p.add_argument("--executor", choices=EXECUTORS, default="actor-pool",
+                   help="actor-pool (Ray Data, default) or train (Ray Train TorchTrainer)")
+    p.add_argument("--workers", type=int, default=1, help="fit workers (one base model each)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-attempts", type=int, default=3, help="give up on an image after this many crashes")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
+    p.add_argument("--storage-options", type=json.loads, default={},
+                   help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    p.add_argument("--quiet", action="store_true")
+    for name, kind in FIT_SETTINGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="fit setting for every image")
+
+
+def run(args: argparse.Namespace) -> int:
+    fit_settings = {k: getattr(args, k) for k in FIT_SETTINGS if getattr(args, k) is not None}
+    job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
+                  default_style=args.default_style, fit=fit_settings, executor=args.executor,
+                  workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                  max_attempts=args.max_attempts, storage_options=args.storage_options)
+    report = run_job(job, address=args.address, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
+    for failure in report["failures"]:
+        print(f"failed: {failure['source_uri']}: {failure['error'].splitlines()[0]}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.decompose", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

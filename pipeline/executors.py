@@ -1,0 +1,89 @@
+"""Two ways to drive the same FitWorker over a Ray Dataset of small item rows (URLs + prompts).
+
+- actor pool (default): Ray Data `map_batches` with a pool of FitWorker actors, one row per batch and at
+  most one task in flight per actor, so an idle worker pulls the next image; a crashed actor is restarted
+  and only its item is retried (Ray Data's defaults for actors: max_restarts=-1, max_task_retries=-1).
+- Ray Train: a TorchTrainer whose workers each consume a streaming shard. Train V2's traps, handled:
+  the default DataConfig splits with equal=True and DROPS rows, so we split with equal=False; report() is a
+  barrier, so every worker calls it exactly once, at the end; a worker failure restarts the whole group,
+  which re-streams from row 0 - finished items are skipped through their markers; max_failures is set
+  (its default, 0, would end the job at the first crash).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+
+import ray
+from tqdm.auto import tqdm
+
+from .worker import FitWorker, JobSpec
+
+
+def item_dataset(items: list[dict]):
+    """One row per block: rows are handed out one by one, never batched behind a slow fit."""
+    return ray.data.from_items(items, override_num_blocks=len(items))
+
+
+def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> None:
+    fitted = item_dataset(items).map_batches(
+        FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=job.workers, max_tasks_in_flight_per_actor=1),
+        num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)
+    counts = Counter()
+    with tqdm(total=len(items), desc="images", unit="img", disable=not progress) as bar:
+        for row in fitted.iter_rows():  # streams: results arrive as fits finish
+            counts[row["this_run"]] += 1
+            bar.update()
+            bar.set_postfix(fit=counts["fit"], reused=counts["reused"], failed=counts["failed"])
+
+
+def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_path: str | None = None) -> None:
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    class UnevenSplit(DataConfig):
+        """Like DataConfig, but splits with equal=False: every row is fitted, none dropped."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            splits = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False,
+                                                             locality_hints=worker_node_ids)):
+                    splits[i][name] = split
+            return splits
+
+    resources = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"job": job.to_dict()},
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        datasets={"items": item_dataset(items)},
+        dataset_config=UnevenSplit(),
+        run_config=RunConfig(
+            name=f"unziplora-{job.run_id}",
+            storage_path=storage_path or tempfile.mkdtemp(prefix="unziplora-train-"),
+            # each restart makes progress (finished items are skipped, crashing ones are counted and given
+            # up on after max_attempts), so this bound is only against crashes outside any item
+            failure_config=FailureConfig(max_failures=job.max_attempts * len(items) + 1),
+        ),
+    )
+    trainer.fit()
+
+
+def _train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    worker = FitWorker(config["job"], device=ray.train.torch.get_device())
+    shard = ray.train.get_dataset_shard("items")
+    done = 0
+    for batch in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+        worker(batch)
+        done += 1
+    ray.train.report({"items": done})  # a barrier: exactly once per worker
+
+
+EXECUTORS = {"actor-pool": run_actor_pool, "train": run_train}

@@ -1,0 +1,138 @@
+"""A decomposition job from start to end: list inputs, run the fits on Ray, write the manifest and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+from unziplora.errors import InputError
+
+from .executors import EXECUTORS, item_dataset
+from .manifest import failed_row, loads_json, write_manifest
+from .source import build_items
+from .storage import Store, url_key
+from .worker import JobSpec, plain_row, identify_row
+
+
+def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:
+    """Run `job` on the Ray cluster at `address` (or $RAY_ADDRESS, or a new local one); return the report."""
+    if job.executor not in EXECUTORS:
+        raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
+    job.run_id = job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    items = build_items(job.input, job.prompts, default_content=job.default_content,
+                        default_style=job.default_style, storage_options=job.storage_options)
+    if not items:
+        raise InputError(f"no images found under {job.input}")
+    store = Store(job.output, job.storage_options)
+    _init_ray(address, job)
+    if job.gpus_per_worker is None:
+        import ray
+
+        job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    plan = plan_items(job, items, store)
+    if progress:
+        print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
+              f"{len(plan.duplicates)} duplicates, {plan.unfit} failed before fitting", file=sys.stderr)
+    start = time.perf_counter()
+    if plan.to_fit:
+        EXECUTORS[job.executor](job, plan.to_fit, progress)
+    wall = time.perf_counter() - start
+
+    rows = collect_rows(store, items, plan)
+    parts = write_manifest(store, rows, job.run_id)
+    report = summarize(job, rows, wall, parts)
+    store.write_json(report, "reports", f"{job.run_id}.json")
+    return report
+
+
+@dataclass
+class Plan:
+    item_ids: dict[str, str | None]  # source URL -> item id (None: unreadable or no prompts)
+    to_fit: list[dict]
+    duplicates: dict[str, str]  # source URL -> the URL of the same item that represents it
+    complete: int = 0
+    unfit: int = 0
+
+
+def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
+    """Identify every item in a streaming Ray Data pass (bytes are hashed where they are read; only small
+    rows come back), then keep for fitting only the first of each item that is not complete yet.
+    Items that cannot be fitted get their failed row now; complete ones keep their row."""
+    identified = item_dataset(items).map(identify_row, fn_kwargs={"job": job.to_dict()}, num_cpus=0.25)
+    rows = sorted((plain_row(r) for r in identified.iter_rows()), key=lambda r: r["source_uri"])
+    markers = store.cat_many([f"items/{r['item_id']}/_SUCCESS" for r in rows if r["item_id"]])
+    plan = Plan(item_ids={}, to_fit=[], duplicates={})
+    first: dict[str, str] = {}
+    for row in rows:
+        uri, item_id = row["source_uri"], row["item_id"]
+        plan.item_ids[uri] = item_id
+        if row["error"]:
+            plan.unfit += 1
+            store.write_json(failed_row(row, row["error"], image_sha256=row["image_sha256"]),
+                             "sources", url_key(uri) + ".json")
+        elif item_id in first:
+            plan.duplicates[uri] = first[item_id]
+        else:
+            first[item_id] = uri
+            done = markers.get(f"items/{item_id}/_SUCCESS")
+            if done:
+                plan.complete += 1
+                store.write_json(json.loads(done) | {"source_uri": uri}, "sources", url_key(uri) + ".json")
+            else:
+                plan.to_fit.append({k: v or "" for k, v in row.items() if k in items[0]})
+    return plan
+
+
+def collect_rows(store: Store, items: list[dict], plan: Plan) -> list[dict]:
+    """The row of every input; an input no worker finished is a failed row, never a missing one."""
+    keys = {item["source_uri"]: f"sources/{url_key(item['source_uri'])}.json" for item in items}
+    found = store.cat_many(list(keys.values()))
+    rows = {}
+    for item in items:
+        uri = item["source_uri"]
+        row = loads_json(found[keys[uri]])
+        if row is None or row.get("item_id") != plan.item_ids.get(uri):  # none, or left from other bytes
+            row = failed_row(item, "not processed: the worker was lost and the executor gave up",
+                             item_id=plan.item_ids.get(uri))
+        rows[uri] = row
+    for uri, owner in plan.duplicates.items():
+        rows[uri] = rows[owner] | {"source_uri": uri, "status": "skipped",
+                                   "error": f"duplicate of {owner} (same image bytes and settings)"}
+    return list(rows.values())
+
+
+def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -> dict:
+    """Counts, fits per hour and executor efficiency (summed fit time / (wall x workers)) of this run."""
+    # the files of these were made by this run (a group restart's re-stream only reuses them)
+    fitted = [r for r in rows if r["status"] == "ok" and r.get("run_id") == job.run_id]
+    fit_time = sum(r["total_s"] or 0 for r in fitted)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    return {
+        "run_id": job.run_id, "executor": job.executor, "workers": job.workers, "inputs": len(rows),
+        **statuses, "fits_this_run": len(fitted),
+        "redone_fits": sum(max(0, (r["attempts"] or 1) - 1) for r in fitted),
+        "wall_s": round(wall_s, 2), "fit_s": round(fit_time, 2),
+        "efficiency": round(fit_time / (wall_s * job.workers), 3) if wall_s > 0 else None,
+        "fits_per_hour": round(3600 * len(fitted) / wall_s, 1) if wall_s > 0 else None,
+        "manifest": parts, "output": job.output,
+        "failures": [{"source_uri": r["source_uri"], "error": (r["error"] or "")[:300]}
+                     for r in rows if r["status"] == "failed"],
+    }
+
+
+def _init_ray(address: str | None, job: JobSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local Ray on a small machine: declare more logical CPUs than cores, so that fit workers holding
+    # their CPUs never starve Ray Data's own read/split tasks (which would hang the job).
+    cpus = max(os.cpu_count() or 1, int(job.workers * job.cpus_per_worker) + 2)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
