@@ -39,23 +39,21 @@ class Store:
         return json.loads(self.read_bytes(*parts))
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Write via a temporary key in the same folder, then move into place."""
-        final = self.path(*parts)
-        folder, name = final.rsplit("/", 1)
-        self.fs.makedirs(folder, exist_ok=True)
-        temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.pipe_file(temporary, data)
-        self.fs.mv(temporary, final)
+        self._put(lambda temporary: self.fs.pipe_file(temporary, data), parts)
 
     def write_json(self, value, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
     def upload_file(self, local_path: str, *parts: str) -> None:
+        self._put(lambda temporary: self.fs.put_file(local_path, temporary), parts)
+
+    def _put(self, write, parts: tuple[str, ...]) -> None:
+        """Write via a temporary key in the same folder, then move it into place."""
         final = self.path(*parts)
         folder, name = final.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
         temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.put_file(local_path, temporary)
+        write(temporary)
         self.fs.mv(temporary, final)
 
     def cat_many(self, paths: list[str]) -> dict[str, bytes | None]:
