@@ -20,7 +20,7 @@ import ray
 from PIL import Image
 
 from pipeline.job import run_job
-from pipeline.worker import JobSpec
+from pipeline.spec import JobSpec
 
 
 def make_dataset(folder: Path, n: int, min_steps: int, max_steps: int) -> None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from unziplora.config import FitConfig
-from unziplora.fit import fit, peak_memory_mb
+from unziplora.training import fit, peak_memory_mb
 from unziplora.models import load_base_model
 
 

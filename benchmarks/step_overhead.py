@@ -24,7 +24,7 @@ from peft import LoraConfig
 
 from fit_speed import step_durations
 from unziplora.config import FitConfig
-from unziplora.fit import encode_image, encode_prompts, train
+from unziplora.training import encode_image, encode_prompts, train
 from unziplora.images import load_image
 from unziplora.layers import UnZipLoRA
 from unziplora.models import load_base_model

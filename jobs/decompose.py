@@ -11,7 +11,7 @@ import json
 import sys
 
 from pipeline.job import run_job
-from pipeline.worker import EXECUTORS, JobSpec
+from pipeline.spec import EXECUTORS, JobSpec
 
 # fit settings a job may set for every image (the prompt table may override steps/seed/rank/resolution)
 FIT_SETTINGS = {"base_model": str, "steps": int, "rank": int, "resolution": int, "seed": int, "lr": float,

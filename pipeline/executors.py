@@ -18,7 +18,8 @@ from collections import Counter
 import ray
 from tqdm.auto import tqdm
 
-from .worker import FitWorker, JobSpec
+from .spec import JobSpec
+from .worker import FitWorker
 
 
 def item_dataset(items: list[dict]):

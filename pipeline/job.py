@@ -15,7 +15,8 @@ from .executors import EXECUTORS, item_dataset
 from .manifest import failed_row, loads_json, write_manifest
 from .source import build_items
 from .storage import Store, url_key
-from .worker import JobSpec, plain_row, identify_row
+from .identify import identify_row, plain_row
+from .spec import JobSpec
 
 
 def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:

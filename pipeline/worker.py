@@ -8,7 +8,6 @@ crash of the process escapes, and the executor retries the item on a fresh worke
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -16,44 +15,16 @@ import socket
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from unziplora import FitConfig, UnZipLoRAError, fit, load_base_model
 
+from .identify import identify, item_config, plain_row
 from .manifest import SCHEMA_VERSION, empty_row, failed_row
-from .storage import Store, open_url, sha256_hex, url_key
-
-EXECUTORS = ("actor-pool", "train")
-
-
-@dataclass
-class JobSpec:
-    """Everything a worker needs; plain data so Ray can ship it to every worker."""
-
-    input: str
-    output: str
-    prompts: str | None = None
-    default_content: str | None = None
-    default_style: str | None = None
-    fit: dict = field(default_factory=dict)  # FitConfig settings shared by every item (steps, base_model, ...)
-    executor: str = "actor-pool"
-    workers: int = 1
-    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_worker: float = 1.0
-    max_attempts: int = 3  # a source whose fit was started this often without finishing is failed
-    storage_options: dict = field(default_factory=dict)
-    run_id: str = ""
-    # Fault injection, for tests and benchmarks: kill the worker process when it starts an item whose URL
-    # contains one of these strings (on the first attempt only, or on every attempt).
-    crash_once_on: list[str] = field(default_factory=list)
-    crash_always_on: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
+from .spec import JobSpec
+from .storage import Store, sha256_hex, url_key
 
 class FitWorker:
     """Callable for Ray Data's map_batches (one row per batch), and a plain per-item worker for Ray Train."""
@@ -83,8 +54,8 @@ class FitWorker:
     def _process(self, item: dict) -> dict:
         identity, data = identify(item, self.job)
         if identity["error"]:
-            return failed_row(item, identity["error"], this_run="failed", **_ids(identity))
-        item_id, known = identity["item_id"], _ids(identity)
+            return failed_row(item, identity["error"], this_run="failed", **ids_of(identity))
+        item_id, known = identity["item_id"], ids_of(identity)
         if self.store.exists("items", item_id, "_SUCCESS"):  # e.g. fitted before a Train group restart
             done = self.store.read_json("items", item_id, "_SUCCESS")
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
@@ -143,42 +114,6 @@ class FitWorker:
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
 
 
-def item_config(item: dict, job: JobSpec) -> FitConfig:
-    """The job's fit settings, the item's prompts, then the item's overrides from the prompt table."""
-    prompts = {k: item.get(k) for k in ("content", "style", "class_word", "prompt", "content_prompt",
-                                       "style_prompt") if item.get(k)}
-    return FitConfig.from_dict({**job.fit, **prompts, **json.loads(item.get("overrides") or "{}")})
-
-
-def identify(item: dict, job: JobSpec) -> tuple[dict, bytes | None]:
-    """The item's id (hash of its image bytes + hash of its settings), or why it cannot be fitted."""
-    out = {"item_id": None, "image_sha256": None, "settings_sha256": None, "error": item.get("prompt_error")}
-    if out["error"]:
-        return out, None
-    try:
-        data = open_url(item["source_uri"], job.storage_options)
-    except Exception as exc:  # missing, permissions, network: the item fails, the job goes on
-        return out | {"error": f"cannot read {item['source_uri']}: {exc}"}, None
-    try:
-        config = item_config(item, job)
-    except UnZipLoRAError as exc:
-        return out | {"error": str(exc)}, None
-    image_sha = sha256_hex(data)
-    settings_sha = sha256_hex(json.dumps(config.to_dict(), sort_keys=True).encode())
-    item_id = sha256_hex(f"{image_sha}:{settings_sha}".encode())[:24]
-    return out | {"item_id": item_id, "image_sha256": image_sha, "settings_sha256": settings_sha}, data
-
-
-def identify_row(item: dict, job: dict) -> dict:
-    """Ray Data `map` form of `identify`: the item row plus its id columns ("" for none)."""
-    identity, _ = identify(plain_row(item), JobSpec(**job))
-    return dict(item) | {k: v or "" for k, v in identity.items()}
-
-
-def _ids(identity: dict) -> dict:
-    return {k: identity[k] for k in ("item_id", "image_sha256", "settings_sha256")}
-
-
 def _assigned_device() -> torch.device:
     """The GPU Ray assigned to this actor (Ray restricts CUDA_VISIBLE_DEVICES to it), else the CPU."""
     import ray
@@ -186,12 +121,6 @@ def _assigned_device() -> torch.device:
     if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
-
-
-def plain_row(item: dict) -> dict:
-    """numpy scalars from a Ray batch -> Python values; "" (no value) -> None."""
-    values = {k: (v.item() if hasattr(v, "item") else v) for k, v in item.items()}
-    return {k: (None if v == "" else v) for k, v in values.items()}
 
 
 def code_version() -> str:

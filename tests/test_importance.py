@@ -5,7 +5,7 @@ import torch
 from unziplora import importance
 from unziplora.config import FitConfig
 from unziplora.errors import FitDivergedError
-from unziplora.fit import fit
+from unziplora.training import fit
 from unziplora.importance import CONE_THRESHOLD, cone_scores, recalibrate, top_k_columns
 from unziplora.layers import DualLoRALinear, PromptRoutingProcessor, UnZipLoRA
 from unziplora.roles import KINDS, role_for

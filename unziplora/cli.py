@@ -93,7 +93,7 @@ def add_commands(sub) -> None:
 
 
 def _fit(args) -> int:
-    from .fit import fit
+    from .training import fit
 
     if args.threads:
         import torch

@@ -1,0 +1,34 @@
+"""The job's settings: plain data, shipped by Ray to every task and worker."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+EXECUTORS = ("actor-pool", "train")
+
+
+@dataclass
+class JobSpec:
+    """Everything a worker needs; plain data so Ray can ship it to every worker."""
+
+    input: str
+    output: str
+    prompts: str | None = None
+    default_content: str | None = None
+    default_style: str | None = None
+    fit: dict = field(default_factory=dict)  # FitConfig settings shared by every item (steps, base_model, ...)
+    executor: str = "actor-pool"
+    workers: int = 1
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    max_attempts: int = 3  # a source whose fit was started this often without finishing is failed
+    storage_options: dict = field(default_factory=dict)
+    run_id: str = ""
+    # Fault injection, for tests and benchmarks: kill the worker process when it starts an item whose URL
+    # contains one of these strings (on the first attempt only, or on every attempt).
+    crash_once_on: list[str] = field(default_factory=list)
+    crash_always_on: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
