@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     """Run `job` on the Ray cluster at `address` (or $RAY_ADDRESS, or a new local one); return the report."""
     if job.executor not in EXECUTORS:
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
-    job.run_id = job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    # a copy with this run's id: the caller's spec can be run again and gets a new one
+    job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
     items = build_items(job.input, job.prompts, default_content=job.default_content,
                         default_style=job.default_style, storage_options=job.storage_options)
     if not items:
