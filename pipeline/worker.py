@@ -21,7 +21,7 @@ import torch
 
 from unziplora import FitConfig, UnZipLoRAError, fit, load_base_model
 
-from .identify import identify, item_config, plain_row
+from .identify import identify, ids_of, item_config, plain_row
 from .manifest import SCHEMA_VERSION, empty_row, failed_row
 from .spec import JobSpec
 from .storage import Store, sha256_hex, url_key
