@@ -59,10 +59,13 @@ class FitWorker:
         if self.store.exists("items", item_id, "_SUCCESS"):  # e.g. fitted before a Train group restart
             done = self.store.read_json("items", item_id, "_SUCCESS")
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
-        attempts = self._count_attempt(item_id, item["source_uri"])
-        if attempts > self.job.max_attempts:
+        counts = self._attempts(item_id)
+        if counts["started"] - counts["finished"] >= self.job.max_attempts:  # started, never came back
             return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
-                              "each time it fitted this image", attempts=attempts - 1, this_run="failed", **known)
+                              "each time it fitted this image", attempts=counts["started"], this_run="failed",
+                              **known)
+        attempts = counts["started"] + 1
+        self._save_attempts(item_id, item["source_uri"], counts | {"started": attempts})  # before: a crash counts
         self._maybe_crash(item["source_uri"], attempts)
         try:
             row = self._fit(item, data, item_config(item, self.job), attempts, known)
@@ -71,7 +74,10 @@ class FitWorker:
                 torch.cuda.empty_cache()
             error = str(exc) if isinstance(exc, UnZipLoRAError) else \
                 f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            return failed_row(item, error, attempts=attempts, this_run="failed", worker=self.name, **known)
+            row = failed_row(item, error, attempts=attempts, worker=self.name, **known)
+        self._save_attempts(item_id, item["source_uri"], {"started": attempts, "finished": counts["finished"] + 1})
+        if row["status"] == "failed":
+            return row | {"this_run": "failed"}
         self.store.write_json(row, "items", item_id, "_SUCCESS")  # last: the item now counts as complete
         return row | {"this_run": "fit"}
 
@@ -102,11 +108,14 @@ class FitWorker:
             "run_id": self.job.run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def _count_attempt(self, item_id: str, uri: str) -> int:
-        key = ("attempts", item_id + ".json")  # per item: a replaced (fixed) file starts from zero
-        attempts = self.store.read_json(*key)["attempts"] + 1 if self.store.exists(*key) else 1
-        self.store.write_json({"source_uri": uri, "attempts": attempts}, *key)
-        return attempts
+    def _attempts(self, item_id: str) -> dict:
+        """How often a fit of this item was started, and how often it came back (ok or a handled error).
+        Per item, so a replaced (fixed) file starts from zero."""
+        key = ("attempts", item_id + ".json")
+        return self.store.read_json(*key) if self.store.exists(*key) else {"started": 0, "finished": 0}
+
+    def _save_attempts(self, item_id: str, uri: str, counts: dict) -> None:
+        self.store.write_json({"source_uri": uri, **counts}, "attempts", item_id + ".json")
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
         if any(s in uri for s in self.job.crash_always_on) or \
