@@ -26,6 +26,7 @@ from .manifest import SCHEMA_VERSION, empty_row, failed_row
 from .spec import JobSpec
 from .storage import Store, sha256_hex, url_key
 
+
 class FitWorker:
     """Callable for Ray Data's map_batches (one row per batch), and a plain per-item worker for Ray Train."""
 

@@ -55,7 +55,8 @@ class FitConfig:
     def validate(self) -> None:
         for name in ("content", "style"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise InputError(f"the {name} text is empty: give e.g. --content 'sks dog' --style 'watercolor painting'")
+                raise InputError(f"the {name} text is empty: give e.g. "
+                                 "--content 'sks dog' --style 'watercolor painting'")
         positive = ("steps", "rank", "recalibrations", "lr", "merger_lr")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -123,7 +124,8 @@ def read_settings_file(path: str | Path) -> dict:
     try:
         values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from exc
+        kind = "TOML" if path.suffix == ".toml" else "YAML"
+        raise InputError(f"config file {path} is not valid {kind}: {exc}") from exc
     if not isinstance(values, dict):
         raise InputError(f"config file {path} must hold a mapping of settings")
     return values
