@@ -17,7 +17,7 @@ import pytest
 from pipeline.job import JobSpec, run_job
 from pipeline.manifest import SCHEMA, read_manifest
 from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, assert_lora_loads, by_name, check_artifacts, check_rows,
-                               environ, local_ray, make_dataset, write_local)
+                               environ, local_ray, make_dataset, png_bytes, write_local)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -173,6 +173,28 @@ def test_poison_image_is_given_up(s3, ray_cluster, dataset, s3_input):
     assert all(named[n]["attempts"] == 1 for n in dataset.names("ok") if n != poison)
     assert report["ok"] == len(dataset.names("ok")) - 1 and report["failed"] == len(dataset.names("failed")) + 1
     assert any(f["source_uri"].endswith(poison) and "gave up" in f["error"] for f in report["failures"])
+
+
+@pytest.mark.xfail(strict=True, reason="known open bug of the Train executor: a group restart charges the image "
+                   "a healthy worker had in flight as a crash (see the issue-3 note); fix, then remove this mark")
+def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_path):
+    """Train, 2 workers, 2 images: `b_poison` kills its worker at once, every time; `a_slow` (a valid image,
+    150 steps) is in flight on the other worker whenever that happens, and Train then restarts the whole
+    worker group. The poison image must be given up; the valid one must be fitted, not given up with it."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a_slow.png").write_bytes(png_bytes(1, 64, 64))
+    (tmp_path / "in" / "b_poison.png").write_bytes(png_bytes(2, 64, 64))
+    (tmp_path / "in" / "prompts.csv").write_text(
+        "image,content,style,steps\na_slow.png,sks a,style a,150\nb_poison.png,sks b,style b,4\n")
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), executor="train",
+                  workers=2, crash_always_on=["b_poison"], max_attempts=2)
+    run_job(job, progress=False)
+    named = by_name(read_manifest(job.output).to_pylist())
+    assert named["b_poison.png"]["status"] == "failed" and "gave up" in named["b_poison.png"]["error"]
+    # Open bug (pipeline/worker.py FitWorker._process + executors.run_train): every group restart leaves a_slow
+    # "started" and never "finished", exactly like a crash of its own, so after max_attempts restarts it is
+    # given up. Fix idea: charge only the rank whose process died (from Train's failure report).
+    assert named["a_slow.png"]["status"] == "ok", named["a_slow.png"]["error"]
 
 
 def test_local_folders_and_cli(ray_cluster, tmp_path, capsys):
