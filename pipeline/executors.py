@@ -19,6 +19,7 @@ import ray
 from tqdm.auto import tqdm
 
 from .spec import JobSpec
+from .storage import Store
 from .worker import FitWorker
 
 
@@ -41,7 +42,7 @@ def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> No
 
 
 def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_path: str | None = None) -> None:
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
 
     class UnevenSplit(DataConfig):
@@ -54,6 +55,21 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
                                                              locality_hints=worker_node_ids)):
                     splits[i][name] = split
             return splits
+
+    class ChargeCrashedRanks(UserCallback):
+        """Runs in the Train controller: when workers fail, charge a crash to the item each failed rank held
+        (the other ranks' items were only interrupted by the group restart)."""
+
+        def after_exception(self, run_context, worker_exceptions):
+            store = Store(job.output, job.storage_options)
+            for rank in worker_exceptions:
+                key = inflight_key(job, rank)
+                held = store.read_json(*key) if store.exists(*key) else {}
+                if held.get("item_id"):
+                    path = ("attempts", held["item_id"] + ".json")
+                    counts = store.read_json(*path) if store.exists(*path) else {"started": 1, "finished": 0}
+                    store.write_json(counts | {"crashed": counts.get("crashed", 0) + 1}, *path)
+                    store.write_json({"item_id": None}, *key)
 
     resources = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
     trainer = TorchTrainer(
@@ -69,6 +85,7 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
             # each restart makes progress (finished items are skipped, crashing ones are counted and given
             # up on after max_attempts), so this bound is only against crashes outside any item
             failure_config=FailureConfig(max_failures=job.max_attempts * len(items) + 1),
+            callbacks=[ChargeCrashedRanks()],
         ),
     )
     trainer.fit()
@@ -79,12 +96,17 @@ def _train_loop(config: dict) -> None:
     import ray.train.torch
 
     worker = FitWorker(config["job"], device=ray.train.torch.get_device())
+    worker.inflight = inflight_key(worker.job, ray.train.get_context().get_world_rank())
     shard = ray.train.get_dataset_shard("items")
     done = 0
     for batch in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
         worker(batch)
         done += 1
     ray.train.report({"items": done})  # a barrier: exactly once per worker
+
+
+def inflight_key(job: JobSpec, rank: int) -> tuple[str, str, str]:
+    return "inflight", job.run_id, f"rank-{rank}.json"
 
 
 EXECUTORS = {"actor-pool": run_actor_pool, "train": run_train}

@@ -39,6 +39,7 @@ class FitWorker:
         self.base = load_base_model(self.job.fit.get("base_model", "tiny"), device=self.device,
                                     precision=self.job.fit.get("precision", "bf16"))
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+        self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its item
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data batch (dict of columns) in, manifest rows out, with a `this_run` column."""
@@ -61,12 +62,14 @@ class FitWorker:
             done = self.store.read_json("items", item_id, "_SUCCESS")
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
         counts = self._attempts(item_id)
-        if counts["started"] - counts["finished"] >= self.job.max_attempts:  # started, never came back
+        if crashes(counts, self.job.executor) >= self.job.max_attempts:
             return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
                               "each time it fitted this image", attempts=counts["started"], this_run="failed",
                               **known)
         attempts = counts["started"] + 1
         self._save_attempts(item_id, item["source_uri"], counts | {"started": attempts})  # before: a crash counts
+        if self.inflight is not None:  # Train: which item this rank holds, should its process die
+            self.store.write_json({"item_id": item_id, "source_uri": item["source_uri"]}, *self.inflight)
         self._maybe_crash(item["source_uri"], attempts)
         try:
             row = self._fit(item, data, item_config(item, self.job), attempts, known)
@@ -76,7 +79,9 @@ class FitWorker:
             error = str(exc) if isinstance(exc, UnZipLoRAError) else \
                 f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
             row = failed_row(item, error, attempts=attempts, worker=self.name, **known)
-        self._save_attempts(item_id, item["source_uri"], {"started": attempts, "finished": counts["finished"] + 1})
+        self._save_attempts(item_id, item["source_uri"], self._attempts(item_id) | {"finished": counts["finished"] + 1})
+        if self.inflight is not None:
+            self.store.write_json({"item_id": None}, *self.inflight)
         if row["status"] == "failed":
             return row | {"this_run": "failed"}
         self.store.write_json(row, "items", item_id, "_SUCCESS")  # last: the item now counts as complete
@@ -116,12 +121,21 @@ class FitWorker:
         return self.store.read_json(*key) if self.store.exists(*key) else {"started": 0, "finished": 0}
 
     def _save_attempts(self, item_id: str, uri: str, counts: dict) -> None:
-        self.store.write_json({"source_uri": uri, **counts}, "attempts", item_id + ".json")
+        self.store.write_json(counts | {"source_uri": uri}, "attempts", item_id + ".json")
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
         if any(s in uri for s in self.job.crash_always_on) or \
                 (attempts == 1 and any(s in uri for s in self.job.crash_once_on)):
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
+
+
+def crashes(counts: dict, executor: str) -> int:
+    """How often a fit of this item killed its worker. In an actor pool a dead actor took only its own item,
+    so every fit started and never finished is one. Train restarts the whole group when one worker dies, so
+    there only the crashes charged to the dead rank's item (`charge_crashed_ranks`) count."""
+    if executor == "train":
+        return counts.get("crashed", 0)
+    return counts["started"] - counts["finished"]
 
 
 def _assigned_device() -> torch.device:

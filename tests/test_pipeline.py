@@ -175,8 +175,6 @@ def test_poison_image_is_given_up(s3, ray_cluster, dataset, s3_input):
     assert any(f["source_uri"].endswith(poison) and "gave up" in f["error"] for f in report["failures"])
 
 
-@pytest.mark.xfail(strict=True, reason="known open bug of the Train executor: a group restart charges the image "
-                   "a healthy worker had in flight as a crash (see the issue-3 note); fix, then remove this mark")
 def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_path):
     """Train, 2 workers, 2 images: `b_poison` kills its worker at once, every time; `a_slow` (a valid image,
     150 steps) is in flight on the other worker whenever that happens, and Train then restarts the whole
@@ -191,9 +189,7 @@ def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_
     run_job(job, progress=False)
     named = by_name(read_manifest(job.output).to_pylist())
     assert named["b_poison.png"]["status"] == "failed" and "gave up" in named["b_poison.png"]["error"]
-    # Open bug (pipeline/worker.py FitWorker._process + executors.run_train): every group restart leaves a_slow
-    # "started" and never "finished", exactly like a crash of its own, so after max_attempts restarts it is
-    # given up. Fix idea: charge only the rank whose process died (from Train's failure report).
+    # every group restart leaves a_slow "started" and never "finished"; only the dead rank's item is charged
     assert named["a_slow.png"]["status"] == "ok", named["a_slow.png"]["error"]
 
 
