@@ -76,8 +76,9 @@ class FitWorker:
         except Exception as exc:  # NaN, bad image, out of memory ...: a failed row, never a dead job
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            error = str(exc) if isinstance(exc, UnZipLoRAError) else \
-                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            # the fit reads the image from memory: name the source in the message
+            error = f"{item['source_uri']}: {exc}" if isinstance(exc, UnZipLoRAError) else \
+                f"{item['source_uri']}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
             row = failed_row(item, error, attempts=attempts, worker=self.name, **known)
         self._save_attempts(item_id, item["source_uri"], self._attempts(item_id) | {"finished": counts["finished"] + 1})
         if self.inflight is not None:
