@@ -18,6 +18,7 @@ from collections import Counter
 import ray
 from tqdm.auto import tqdm
 
+from .manifest import read_attempts, write_attempts
 from .spec import JobSpec
 from .storage import Store
 from .worker import FitWorker
@@ -66,9 +67,8 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
                 key = inflight_key(job, rank)
                 held = store.read_json(*key) if store.exists(*key) else {}
                 if held.get("item_id"):
-                    path = ("attempts", held["item_id"] + ".json")
-                    counts = store.read_json(*path) if store.exists(*path) else {"started": 1, "finished": 0}
-                    store.write_json(counts | {"crashed": counts.get("crashed", 0) + 1}, *path)
+                    counts = read_attempts(store, held["item_id"])
+                    write_attempts(store, held["item_id"], counts | {"crashed": counts.get("crashed", 0) + 1})
                     store.write_json({"item_id": None}, *key)
 
     resources = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from unziplora.errors import InputError
 
 from .executors import EXECUTORS, item_dataset
-from .manifest import failed_row, loads_json, write_manifest
-from .source import build_items
-from .storage import Store, url_key
 from .identify import identify_row, plain_row
+from .manifest import failed_row, loads_json, source_key, write_manifest
+from .source import build_items
 from .spec import JobSpec
+from .storage import Store
 
 
 def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:
@@ -75,8 +75,7 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
         plan.item_ids[uri] = item_id
         if row["error"]:
             plan.unfit += 1
-            store.write_json(failed_row(row, row["error"], image_sha256=row["image_sha256"]),
-                             "sources", url_key(uri) + ".json")
+            store.write_json(failed_row(row, row["error"], image_sha256=row["image_sha256"]), *source_key(uri))
         elif item_id in first:
             plan.duplicates[uri] = first[item_id]
         else:
@@ -84,7 +83,7 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
             done = markers.get(f"items/{item_id}/_SUCCESS")
             if done:
                 plan.complete += 1
-                store.write_json(json.loads(done) | {"source_uri": uri}, "sources", url_key(uri) + ".json")
+                store.write_json(json.loads(done) | {"source_uri": uri}, *source_key(uri))
             else:
                 plan.to_fit.append({k: v or "" for k, v in row.items() if k in items[0]})
     return plan
@@ -92,7 +91,7 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
 
 def collect_rows(store: Store, items: list[dict], plan: Plan) -> list[dict]:
     """The row of every input; an input no worker finished is a failed row, never a missing one."""
-    keys = {item["source_uri"]: f"sources/{url_key(item['source_uri'])}.json" for item in items}
+    keys = {item["source_uri"]: "/".join(source_key(item["source_uri"])) for item in items}
     found = store.cat_many(list(keys.values()))
     rows = {}
     for item in items:

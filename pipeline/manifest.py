@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import Store
+from .storage import Store, url_key
 
 SCHEMA_VERSION = 1
 ROWS_PER_PART = 10_000
@@ -72,12 +72,27 @@ def empty_row(source_uri: str) -> dict:
 def failed_row(item: dict, error: str, **known) -> dict:
     row = empty_row(item["source_uri"]) | {"status": "failed", "error": error, "attempts": 0,
                                            "content": item.get("content"), "style": item.get("style"),
-                                           "finished_at": _now()}
+                                           "finished_at": utc_now()}
     return row | known
 
 
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def source_key(uri: str) -> tuple[str, str]:
+    """Where the latest row of one source URL is kept."""
+    return "sources", url_key(uri) + ".json"
+
+
+def read_attempts(store: Store, item_id: str) -> dict:
+    """How often a fit of this item was started, came back (ok or a handled error), and was charged a crash."""
+    key = ("attempts", item_id + ".json")
+    return store.read_json(*key) if store.exists(*key) else {"started": 0, "finished": 0}
+
+
+def write_attempts(store: Store, item_id: str, counts: dict) -> None:
+    store.write_json(counts, "attempts", item_id + ".json")
 
 
 def write_manifest(store: Store, rows: list[dict], run_id: str) -> list[str]:
@@ -94,9 +109,9 @@ def write_manifest(store: Store, rows: list[dict], run_id: str) -> list[str]:
         name = f"part-{run_id}-{n:05d}.parquet"
         store.write_bytes(buffer.getvalue(), "manifest", name)
         written.append(store.url("manifest", name))
-    keep = {store.path("manifest", w.rsplit("/", 1)[-1]) for w in written}
+    names = {w.rsplit("/", 1)[-1] for w in written}
     for path in old:
-        if store.fs._strip_protocol(path) not in keep and path not in keep:
+        if path.rsplit("/", 1)[-1] not in names:
             store.remove(path)
     return written
 

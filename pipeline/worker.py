@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import torch
 from unziplora import FitConfig, UnZipLoRAError, fit, load_base_model
 
 from .identify import identify, ids_of, item_config, plain_row
-from .manifest import SCHEMA_VERSION, empty_row, failed_row
+from .manifest import (SCHEMA_VERSION, empty_row, failed_row, read_attempts, source_key, utc_now,
+                       write_attempts)
 from .spec import JobSpec
-from .storage import Store, sha256_hex, url_key
+from .storage import Store, sha256_hex
 
 
 class FitWorker:
@@ -50,7 +50,7 @@ class FitWorker:
     def process(self, item: dict) -> dict:
         """One input -> its manifest row (also stored under sources/), plus `this_run` (fit|reused|failed)."""
         row = self._process(item)
-        self.store.write_json(row, "sources", url_key(item["source_uri"]) + ".json")
+        self.store.write_json(row, *source_key(item["source_uri"]))
         return row
 
     def _process(self, item: dict) -> dict:
@@ -61,13 +61,14 @@ class FitWorker:
         if self.store.exists("items", item_id, "_SUCCESS"):  # e.g. fitted before a Train group restart
             done = self.store.read_json("items", item_id, "_SUCCESS")
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
-        counts = self._attempts(item_id)
+        counts = read_attempts(self.store, item_id)
         if crashes(counts, self.job.executor) >= self.job.max_attempts:
             return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
                               "each time it fitted this image", attempts=counts["started"], this_run="failed",
                               **known)
         attempts = counts["started"] + 1
-        self._save_attempts(item_id, item["source_uri"], counts | {"started": attempts})  # before: a crash counts
+        # saved before the fit, so a crash counts; per item, so a replaced (fixed) file starts from zero
+        write_attempts(self.store, item_id, counts | {"started": attempts, "source_uri": item["source_uri"]})
         if self.inflight is not None:  # Train: which item this rank holds, should its process die
             self.store.write_json({"item_id": item_id, "source_uri": item["source_uri"]}, *self.inflight)
         self._maybe_crash(item["source_uri"], attempts)
@@ -80,7 +81,8 @@ class FitWorker:
             error = f"{item['source_uri']}: {exc}" if isinstance(exc, UnZipLoRAError) else \
                 f"{item['source_uri']}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
             row = failed_row(item, error, attempts=attempts, worker=self.name, **known)
-        self._save_attempts(item_id, item["source_uri"], self._attempts(item_id) | {"finished": counts["finished"] + 1})
+        # re-read: the Train controller may have charged a crash meanwhile
+        write_attempts(self.store, item_id, read_attempts(self.store, item_id) | {"finished": counts["finished"] + 1})
         if self.inflight is not None:
             self.store.write_json({"item_id": None}, *self.inflight)
         if row["status"] == "failed":
@@ -112,17 +114,8 @@ class FitWorker:
             "final_ortho": record["final"]["ortho"], "mask_stats": json.dumps(record["mask_stats"]),
             "train_s": record["timings"]["train_s"], "total_s": record["timings"]["total_s"],
             "worker": self.name, "base_model": record["base_model"], "code_version": code_version(),
-            "run_id": self.job.run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run_id": self.job.run_id, "finished_at": utc_now(),
         }
-
-    def _attempts(self, item_id: str) -> dict:
-        """How often a fit of this item was started, and how often it came back (ok or a handled error).
-        Per item, so a replaced (fixed) file starts from zero."""
-        key = ("attempts", item_id + ".json")
-        return self.store.read_json(*key) if self.store.exists(*key) else {"started": 0, "finished": 0}
-
-    def _save_attempts(self, item_id: str, uri: str, counts: dict) -> None:
-        self.store.write_json(counts | {"source_uri": uri}, "attempts", item_id + ".json")
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
         if any(s in uri for s in self.job.crash_always_on) or \
