@@ -35,6 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", type=json.loads, default={},
                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     p.add_argument("--quiet", action="store_true")
+    t = p.add_argument_group("MLflow tracking and model registry")
+    t.add_argument("--tracking-uri", help="MLflow tracking/registry URI, e.g. http://mlflow:5000 (default: "
+                   "$MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db for a local --output; none for a "
+                   "remote one)")
+    t.add_argument("--no-tracking", dest="tracking", action="store_false", help="no MLflow runs or registry")
+    t.add_argument("--library", help="registry prefix: models <library>-content, <library>-style "
+                   "(default: the --output folder's name)")
+    t.add_argument("--log-lora-artifacts", action="store_true",
+                   help="also copy the LoRA files into the MLflow runs (default: referenced by URI)")
+    t.add_argument("--preview-steps", type=int, default=8,
+                   help="sampling steps of the content/style preview images of each fit (0: no previews)")
     for name, kind in FIT_SETTINGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="fit setting for every image")
 
@@ -44,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                  max_attempts=args.max_attempts, storage_options=args.storage_options)
+                  max_attempts=args.max_attempts, storage_options=args.storage_options,
+                  tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
+                  log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:

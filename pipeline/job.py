@@ -18,6 +18,7 @@ from .manifest import failed_row, loads_json, source_key, write_manifest
 from .source import build_items
 from .spec import JobSpec
 from .storage import Store
+from .tracking import end_job, start_job
 
 
 def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:
@@ -36,6 +37,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
         import ray
 
         job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    job = start_job(job, store, progress)  # the parent MLflow run, before any worker tracks a fit
     plan = plan_items(job, items, store)
     if progress:
         print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
@@ -48,6 +50,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     rows = collect_rows(store, items, plan)
     parts = write_manifest(store, rows, job.run_id)
     report = summarize(job, rows, wall, parts)
+    report["tracking"] = end_job(job, report)
     store.write_json(report, "reports", f"{job.run_id}.json")
     return report
 
@@ -123,6 +126,7 @@ def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -
         "manifest": parts, "output": job.output,
         "failures": [{"source_uri": r["source_uri"], "error": (r["error"] or "")[:300]}
                      for r in rows if r["status"] == "failed"],
+        "tracking_errors": sum(bool(r.get("tracking_error")) for r in fitted),
     }
 
 

@@ -7,9 +7,11 @@ Layout under the job's --output:
   attempts/<item_id>.json        how many times a fit of that item was started (poison-image guard)
   manifest/part-<run>-<n>.parquet   this file's SCHEMA; pandas, pyarrow, DuckDB read the folder directly
   reports/<run>.json             the run's summary
+  registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
 
-Schema version 1 (`schema_version` column). Item ids are sha256(image bytes) + sha256(settings) mixed:
-the same image with the same settings is the same item, whatever its name.
+Schema version 2 (`schema_version` column; version 2 added the MLflow columns, version-1 parts still read).
+Item ids are sha256(image bytes) + sha256(settings) mixed: the same image with the same settings is the same
+item, whatever its name.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .storage import Store, url_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROWS_PER_PART = 10_000
 STATUSES = ("ok", "failed", "skipped")
 
@@ -61,6 +63,10 @@ SCHEMA = pa.schema([
     ("code_version", pa.string()),
     ("run_id", pa.string()),  # the run that produced the item's files
     ("finished_at", pa.string()),
+    ("mlflow_run_id", pa.string()),  # the fit's nested MLflow run
+    ("content_model_uri", pa.string()),  # models:/<library>-content/<version>
+    ("style_model_uri", pa.string()),
+    ("tracking_error", pa.string()),  # why the fit is not (fully) tracked; `unziplora registry sync` retries
 ])
 FIELDS = SCHEMA.names
 
@@ -119,8 +125,15 @@ def write_manifest(store: Store, rows: list[dict], run_id: str) -> list[str]:
 def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:
     store = Store(url, storage_options)
     parts = [p for p in store.list("manifest") if p.endswith(".parquet")]
-    tables = [pq.read_table(io.BytesIO(store.fs.cat_file(p))) for p in parts]
+    tables = [_upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(p)))) for p in parts]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _upgrade(table: pa.Table) -> pa.Table:
+    """A part written by an older schema version, with the columns added since as nulls."""
+    columns = [table[name] if name in table.column_names else pa.nulls(len(table), SCHEMA.field(name).type)
+               for name in FIELDS]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
 def loads_json(value: bytes | None):

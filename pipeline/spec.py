@@ -25,6 +25,17 @@ class JobSpec:
     max_attempts: int = 3  # a source whose fit was started this often without finishing is failed
     storage_options: dict = field(default_factory=dict)
     run_id: str = ""
+    # MLflow tracking (pipeline/tracking.py): tracking_uri None = the default for --output (SQLite next to a
+    # local library); library = the registry prefix (default: the output folder's name)
+    tracking: bool = True
+    tracking_uri: str | None = None
+    library: str | None = None
+    log_lora_artifacts: bool = False  # also copy the LoRA files into the runs (else referenced by URI)
+    preview_steps: int = 8  # sampling steps of the content-only / style-only preview images; 0: none
+    # set by run_job for the workers
+    mlflow_experiment_id: str = ""
+    mlflow_parent_run_id: str = ""
+    tracking_error: str = ""  # MLflow could not be reached when the job started: fits are not tracked
     # Fault injection, for tests and benchmarks: kill the worker process when it starts an item whose URL
     # contains one of these strings (on the first attempt only, or on every attempt).
     crash_once_on: list[str] = field(default_factory=list)

@@ -1,9 +1,11 @@
 """One per-item fit worker, used by both executors: loads the base model once, then fits image after image.
 
 For each item: read the bytes, derive the item id, return at once if the item is already complete (its
-`_SUCCESS` marker exists), else count the attempt (so a crash counts too), fit, upload the files (temporary
-key -> final key), write the marker, then the source's row. Every error becomes a `failed` row; only a
-crash of the process escapes, and the executor retries the item on a fresh worker.
+`_SUCCESS` marker exists), else count the attempt (so a crash counts too), fit, make the previews, upload the
+files (temporary key -> final key), write the marker, track the fit in MLflow (its run id and registered
+versions go into the row and the marker; a tracking error only into the row's `tracking_error`), then the
+source's row. Every error becomes a `failed` row; only a crash of the process escapes, and the executor
+retries the item on a fresh worker.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from unziplora import FitConfig, UnZipLoRAError, fit, load_base_model
 from .identify import identify, ids_of, item_config, plain_row
 from .manifest import (SCHEMA_VERSION, empty_row, failed_row, read_attempts, source_key, utc_now,
                        write_attempts)
+from .previews import write_previews
 from .spec import JobSpec
 from .storage import Store, sha256_hex
+from .tracking import track_row
 
 
 class FitWorker:
@@ -86,14 +90,27 @@ class FitWorker:
         if self.inflight is not None:
             self.store.write_json({"item_id": None}, *self.inflight)
         if row["status"] == "failed":
-            return row | {"this_run": "failed"}
-        self.store.write_json(row, "items", item_id, "_SUCCESS")  # last: the item now counts as complete
-        return row | {"this_run": "fit"}
+            return self._track(row) | {"this_run": "failed"}
+        self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
+        return self._track(row) | {"this_run": "fit"}
+
+    def _track(self, row: dict) -> dict:
+        """The fit in MLflow, once its files and marker are safe; an error is recorded, never raised."""
+        if not (self.job.tracking and self.job.tracking_uri and row.get("item_id")):  # uri: set by run_job
+            return row
+        row = row | track_row(self.job, row)
+        if row["status"] == "ok":  # the marker is the row: a later run or `sync` finds what is tracked
+            self.store.write_json(row, "items", row["item_id"], "_SUCCESS")
+        return row
 
     def _fit(self, item: dict, data: bytes, config: FitConfig, attempts: int, known: dict) -> dict:
         item_id = known["item_id"]
         with tempfile.TemporaryDirectory(prefix="unziplora-item-") as tmp:
             result = fit(io.BytesIO(data), config, base=self.base, out_dir=Path(tmp) / "fit", progress=False)
+            # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
+            (result.out_dir / "history.json").write_text(json.dumps(result.history))
+            if self.job.preview_steps > 0:
+                write_previews(self.base, result.out_dir, self.job.preview_steps)
             files = {}
             for path in sorted(result.out_dir.iterdir()):
                 self.store.upload_file(str(path), "items", item_id, path.name)

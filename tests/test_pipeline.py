@@ -240,7 +240,7 @@ def test_rerun_keeps_the_real_error_of_an_undecodable_image(ray_cluster, tmp_pat
 
 def test_manifest_parts_of_a_new_run_replace_the_old(tmp_path):
     """No Ray needed: the manifest schema round-trips through Parquet with its version metadata."""
-    from pipeline.manifest import write_manifest
+    from pipeline.manifest import SCHEMA_VERSION, write_manifest
     from pipeline.storage import Store
 
     store = Store(str(tmp_path))
@@ -248,7 +248,7 @@ def test_manifest_parts_of_a_new_run_replace_the_old(tmp_path):
             for i in range(3)]
     parts = write_manifest(store, rows, "r1")
     table = pq.read_table(io.BytesIO(open(parts[0], "rb").read()))
-    assert table.schema.metadata[b"unziplora.manifest.schema_version"] == b"1"
+    assert table.schema.metadata[b"unziplora.manifest.schema_version"] == str(SCHEMA_VERSION).encode()
     assert table.num_rows == 3 and table.schema.equals(SCHEMA, check_metadata=False)
     parts2 = write_manifest(store, rows[:1], "r2")  # a new run replaces the old parts
     assert sorted(p.name for p in (tmp_path / "manifest").iterdir()) == [parts2[0].rsplit("/", 1)[-1]]

@@ -1,0 +1,132 @@
+"""`unziplora registry search|get|sync`: find, fetch and backfill the LoRAs of a library in the MLflow registry.
+
+    unziplora registry search "watercolor" --tracking-uri sqlite:///out/library/mlflow.db
+    unziplora registry get library-style@item-0123456789abcdef --dest lora/ --tracking-uri ...
+    unziplora registry sync out/library                 # runs + versions for rows that lack them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.registry_names import KINDS, item_alias
+from pipeline.sync import sync_library
+from pipeline.tracking import redact
+from unziplora.errors import InputError
+
+SEARCHED_TAGS = ("style", "content", "class_word", "prompt")
+
+
+def add_commands(sub) -> None:
+    registry = sub.add_parser("registry", help="find, fetch and backfill LoRAs in the MLflow model registry")
+    commands = registry.add_subparsers(required=True, metavar="ACTION")
+
+    s = commands.add_parser("search", help="model versions whose style/content/class/prompt contain TEXT")
+    s.add_argument("text")
+    s.add_argument("--library", help="only this library's models")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(run=search)
+
+    g = commands.add_parser("get", help="download a LoRA: NAME@ALIAS, NAME/VERSION, NAME (latest) or models:/...")
+    g.add_argument("spec")
+    g.add_argument("--dest", required=True, help="folder to write the files to")
+    g.set_defaults(run=get)
+
+    y = commands.add_parser("sync", help="backfill runs and registrations of a library from its manifest")
+    y.add_argument("library_uri", help="the library (the --output of decompose)")
+    y.add_argument("--library", help="registry prefix (default: registry.json's, else the folder name)")
+    y.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    y.add_argument("--log-lora-artifacts", action="store_true", help="copy the LoRA files into the runs")
+    y.add_argument("--all", dest="everything", action="store_true",
+                   help="check every ok row, not only those without a run or version (e.g. a new server)")
+    y.set_defaults(run=sync)
+
+    for p in (s, g, y):
+        p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                       help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI; for sync also "
+                       "the library's registry.json, else sqlite:///<library>/mlflow.db)")
+
+
+def _client(args):
+    if not args.tracking_uri:
+        raise InputError("give --tracking-uri (or set MLFLOW_TRACKING_URI), e.g. sqlite:///out/library/mlflow.db")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
+
+
+def search(args: argparse.Namespace) -> int:
+    client = _client(args)
+    text = args.text.replace("'", "")
+    scope = f" AND name LIKE '{args.library}-%'" if args.library else ""
+    found = {}
+    for tag in SEARCHED_TAGS:  # MLflow's filter grammar has no OR: one query per tag
+        for v in client.search_model_versions(f"tags.{tag} ILIKE '%{text}%'{scope}", max_results=args.limit):
+            found[(v.name, int(v.version))] = v
+    for _, v in sorted(found.items())[:args.limit]:
+        # search results carry no aliases; ours is derived from the item id
+        alias = item_alias(v.tags["item_id"]) if v.tags.get("item_id") else None
+        info = {"name": v.name, "version": v.version, "alias": alias,
+                "kind": v.tags.get("kind"), "style": v.tags.get("style"), "content": v.tags.get("content"),
+                "item_id": v.tags.get("item_id"), "source_uri": v.tags.get("source_uri"),
+                "model_uri": f"models:/{v.name}/{v.version}", "lora_uri": v.tags.get("lora_uri")}
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"{v.name}/{v.version}\t@{alias}\tstyle={info['style']!r}\tcontent={info['content']!r}\t"
+                  f"{info['lora_uri']}")
+    if not found:
+        print(f"no LoRA matches {args.text!r}", file=sys.stderr)
+    return 0
+
+
+def resolve(client, spec: str):
+    """NAME@ALIAS, NAME/VERSION, NAME (its latest version) or models:/... -> the model version."""
+    spec = spec.removeprefix("models:/")
+    if "@" in spec:
+        return client.get_model_version_by_alias(*spec.split("@", 1))
+    if "/" in spec:
+        return client.get_model_version(*spec.split("/", 1))
+    versions = client.search_model_versions(f"name = '{spec}'", order_by=["version_number DESC"], max_results=1)
+    if not versions:
+        raise InputError(f"no registered model version named {spec!r}")
+    return versions[0]
+
+
+def get(args: argparse.Namespace) -> int:
+    """The version's LoRA files (diffusers + kohya), fit.json, config.yaml and preview; a version whose source
+    is the item's whole folder in the library yields only its own kind's files."""
+    import mlflow.artifacts
+
+    client = _client(args)
+    version = resolve(client, args.spec)
+    root = client.get_model_version_download_uri(version.name, version.version)
+    kind = version.tags.get("kind")
+    other = [k for k in KINDS if k != kind]
+    names = [Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=root,
+                                                                        tracking_uri=args.tracking_uri)
+             if not a.is_dir]
+    wanted = [n for n in names if not any(n.startswith(f"{k}_") or n == f"preview_{k}.png" for k in other)
+              and (n.endswith((".safetensors", ".png")) or n in ("fit.json", "config.yaml"))
+              and n not in ("mergers.safetensors", "masks.safetensors")]
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{root.rstrip('/')}/{name}", dst_path=str(dest),
+                                            tracking_uri=args.tracking_uri)
+    print(json.dumps({"name": version.name, "version": version.version, "source": redact(version.source),
+                      "files": sorted(str(dest / n) for n in wanted)}, indent=1))
+    return 0
+
+
+def sync(args: argparse.Namespace) -> int:
+    summary = sync_library(args.library_uri, tracking_uri=args.tracking_uri, library=args.library,
+                           storage_options=args.storage_options, log_lora_artifacts=args.log_lora_artifacts,
+                           everything=args.everything)
+    print(json.dumps(summary, indent=1))
+    return 1 if summary["errors"] else 0

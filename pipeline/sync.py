@@ -1,0 +1,85 @@
+"""Backfill a library's MLflow runs and registered LoRAs from its manifest (`unziplora registry sync`).
+
+For every ok item whose row lacks a run or a registered version (MLflow was down during the fit, or the
+library is being registered on a new server): track it as the worker would have, under the parent run of the
+job that fitted it, then write the new columns into the item's marker, its sources' rows and the manifest.
+Idempotent twice over: rows already tracked are skipped, and tracking itself finds existing runs/versions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from unziplora.errors import InputError
+
+from .manifest import read_manifest, source_key, write_manifest
+from .registry_names import library_name
+from .storage import Store
+from .tracking import REGISTRY_FILE, Tracker, default_tracking_uri, describe, is_local, redact, retrying
+
+
+def resolve_uri(output: str, tracking_uri: str | None, recorded: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the one registry.json recorded (unless its password
+    was removed, or it is the SQLite file of a local library, which may have moved), else the default."""
+    if recorded and ("***" in recorded or (recorded.startswith("sqlite:") and is_local(output))):
+        recorded = None
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or recorded or default_tracking_uri(output)
+    if not uri:
+        raise InputError(f"no MLflow tracking URI known for {output}: give --tracking-uri")
+    return uri
+
+
+def needs_tracking(row: dict) -> bool:
+    return row["status"] == "ok" and bool(row["tracking_error"] or not row["mlflow_run_id"]
+                                          or not row["content_model_uri"] or not row["style_model_uri"])
+
+
+def sync_library(output: str, *, tracking_uri: str | None = None, library: str | None = None,
+                 storage_options: dict | None = None, log_lora_artifacts: bool = False,
+                 everything: bool = False) -> dict:
+    """Track every ok item that needs it (all ok items with `everything`); returns counts."""
+    store = Store(output, storage_options)
+    recorded = store.read_json(REGISTRY_FILE) if store.exists(REGISTRY_FILE) else {}
+    uri = resolve_uri(output, tracking_uri, recorded.get("tracking_uri"))
+    library = library or recorded.get("library") or library_name(output)
+    rows = read_manifest(output, storage_options).to_pylist()
+    todo: dict[str, dict] = {}  # item id -> the row of its first ok source
+    for row in rows:
+        if row["status"] == "ok" and (everything or needs_tracking(row)):
+            todo.setdefault(row["item_id"], row)
+    summary = {"tracking_uri": redact(uri), "library": library, "ok_items": len({r["item_id"] for r in rows
+                                                                                if r["status"] == "ok"}),
+               "synced": 0, "errors": 0}
+    if not todo:
+        return summary
+
+    tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts)
+    retrying(tracker.ensure_registered_models)
+    store.write_json(tracker.registry_record(), REGISTRY_FILE)
+    parents: dict[str, str] = {}
+    updates: dict[str, dict] = {}
+    for item_id, row in todo.items():
+        job_run = row["run_id"] or "unknown"
+        try:
+            if job_run not in parents:
+                parents[job_run] = retrying(lambda run=job_run: tracker.job_run(run))
+            updates[item_id] = tracker.track_fit(row, parents[job_run])
+            summary["synced"] += 1
+        except Exception as exc:  # recorded in the row; the next sync tries again
+            updates[item_id] = {"tracking_error": describe(exc)}
+            summary["errors"] += 1
+    for parent in parents.values():  # parents created here have no job to close them
+        if tracker.client.get_run(parent).info.status == "RUNNING":
+            tracker.client.set_terminated(parent, "FINISHED")
+
+    for row in rows:
+        if row["item_id"] in updates:
+            row.update(updates[row["item_id"]])
+            if row["status"] == "ok":
+                store.write_json(row, *source_key(row["source_uri"]))
+    for item_id, update in updates.items():
+        marker = store.read_json("items", item_id, "_SUCCESS")
+        store.write_json(marker | update, "items", item_id, "_SUCCESS")
+    write_manifest(store, rows, "sync-" + time.strftime("%Y%m%dT%H%M%S"))
+    return summary

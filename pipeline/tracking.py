@@ -1,0 +1,384 @@
+"""MLflow tracking and model registry of a LoRA library.
+
+One parent run per job, one nested run per fit (params, per-step metrics, final metrics, fit.json and previews
+as artifacts), and each ok fit's LoRAs registered as versions of `<library>-content` / `<library>-style`
+(names in registry_names). A version's source is the item's folder in the library itself, so no LoRA is
+copied; only where the registry could not read the library (a local library, a remote server) or when
+asked (`log_lora_artifacts`), the LoRA files are logged to the run and the version points there.
+
+Tracking never decides a fit's fate: callers track after the fit's files and marker are safe and turn any
+exception into the row's `tracking_error`; `unziplora registry sync` retries later. Every step is
+idempotent (a fit's run is found by its item-id tag, a version by its item-id tag), so a retry, a second
+sync or a sync after a partial failure creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .registry_names import KINDS, item_alias, library_name, model_name
+from .storage import Store, open_url
+
+TAG = "unziplora."  # prefix of our run tags
+REGISTRY_FILE = "registry.json"
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
+SECRET_WORDS = ("key", "secret", "token", "password", "signature", "credential", "sig", "auth")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where tracking goes, and what may be written there
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def default_tracking_uri(output: str) -> str | None:
+    """$MLFLOW_TRACKING_URI; else SQLite next to a local library; else none (SQLite needs a local disk)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if is_local(output):
+        return "sqlite:///" + str(Path(output.removeprefix("file://")).resolve() / "mlflow.db")
+    return None
+
+
+def redact(uri: str | None) -> str | None:
+    """A URI without its password and without query values that look like credentials (presigned URLs)."""
+    if not uri or "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc and not parts.query:
+        return uri  # nothing to hide (and urlunsplit would drop the empty host of sqlite:////path)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else f"{user}@{host}"
+    query = [(k, "***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
+
+
+def flat_params(values: dict, prefix: str = "") -> dict[str, str]:
+    """Nested settings -> MLflow params (strings; lists as JSON)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= flat_params(value, f"{prefix}{key}.")
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[prefix + key] = text[:6000]  # MLflow's param length limit
+    return out
+
+
+def _bound_http_retries() -> None:
+    # MLflow retries a failed request 7 times with backoff (minutes): a fit should not wait that long for a
+    # server that is down, since `registry sync` catches up later. The user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def retrying(call, attempts: int = 6):
+    """Run `call()`, retrying when SQLite is locked by another worker (several processes share one file).
+    Only safe because everything here is idempotent."""
+    for n in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if n == attempts - 1 or not re.search(r"database is locked|database table is locked|busy", str(exc)):
+                raise
+            time.sleep(0.2 * 2 ** n * (1 + random.random()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tracker
+
+
+class Tracker:
+    """An MLflow client bound to one library: its experiment, its registered models, its runs."""
+
+    def __init__(self, uri: str, library: str, output: str, storage_options: dict | None = None,
+                 experiment_id: str | None = None, log_lora_artifacts: bool = False):
+        _bound_http_retries()
+        from mlflow import MlflowClient
+
+        self.uri, self.library, self.output = uri, library, output
+        self.storage_options = storage_options or {}
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        # a server cannot open files on this machine: then the LoRAs go to the run's artifacts
+        self.copy_loras = log_lora_artifacts or (is_local(output) and uri.startswith(("http:", "https:")))
+        self.experiment_id = experiment_id or retrying(self._experiment)
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.library)
+        if found is not None:
+            return found.experiment_id
+        # with a local store, artifacts live next to the library (else MLflow picks ./mlruns of the cwd)
+        location = None
+        if not self.uri.startswith(("http:", "https:", "databricks")) and is_local(self.output):
+            location = (Path(self.output.removeprefix("file://")).resolve() / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(self.library, artifact_location=location,
+                                                 tags={TAG + "library": redact(self.output)})
+        except Exception:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(self.library).experiment_id
+
+    def ensure_registered_models(self) -> None:
+        for kind in KINDS:
+            name = model_name(self.library, kind)
+            if not self.client.search_registered_models(f"name = '{name}'"):
+                try:
+                    self.client.create_registered_model(name, description=f"{kind} LoRAs of the library "
+                                                        f"{redact(self.output)}; one version per image")
+                except Exception:  # created meanwhile by another process
+                    pass
+
+    def registry_record(self) -> dict:
+        """What `<output>/registry.json` holds: where a library's runs and LoRAs are registered."""
+        return {"format": "unziplora-registry/1", "tracking_uri": redact(self.uri), "library": self.library,
+                "experiment": self.library, "models": {k: model_name(self.library, k) for k in KINDS},
+                "alias": "item-<first 16 hex digits of the item id>"}
+
+    # -- runs ----------------------------------------------------------------------------------------------
+
+    def _find_run(self, tag: str, value: str):
+        """This library's run with this tag value (another library of the same name may share the experiment)."""
+        query = f"tags.`{TAG}{tag}` = '{value}' AND tags.`{TAG}library_uri` = '{redact(self.output)}'"
+        runs = self.client.search_runs([self.experiment_id], query, max_results=5)
+        return runs[0] if runs else None
+
+    def job_run(self, run_id: str, params: dict | None = None) -> str:
+        """The parent run of the job `run_id`: found by its tag, else created (RUNNING until end_job)."""
+        found = self._find_run("job_run_id", run_id)
+        if found is not None:
+            return found.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"job-{run_id}",
+                                     tags={TAG + "kind": "job", TAG + "job_run_id": run_id,
+                                           TAG + "library_uri": redact(self.output)})
+        if params:
+            self.client.log_batch(run.info.run_id, params=_params(flat_params(params)))
+        return run.info.run_id
+
+    def end_job(self, parent_run_id: str, report: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
+        self.client.set_terminated(parent_run_id, "FINISHED")
+
+    def track_fit(self, row: dict, parent_run_id: str | None) -> dict:
+        """One fit's nested run (and for an ok row its registered versions); returns the row's new columns.
+        Idempotent: a run already complete for this item is reused, an incomplete one replaced."""
+        return retrying(lambda: self._track_fit(row, parent_run_id))
+
+    def _track_fit(self, row: dict, parent_run_id: str | None) -> dict:
+        found = self._find_run("item_id", row["item_id"])
+        if found is not None and found.data.tags.get(TAG + "tracked") == row["status"]:
+            run_id = found.info.run_id
+        else:
+            if found is not None:  # a previous attempt stopped half-way: start over
+                self.client.delete_run(found.info.run_id)
+            run_id = self._log_fit_run(row, parent_run_id)
+        out = {"mlflow_run_id": run_id, "tracking_error": None}
+        if row["status"] == "ok":
+            out |= self.register(row, run_id)
+        return out
+
+    def _log_fit_run(self, row: dict, parent_run_id: str | None) -> str:
+        from mlflow.entities import Metric, RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        files = json.loads(row.get("files") or "{}")
+        record = self._read_json(files, "fit.json") or {}
+        tags = {"kind": "fit", "item_id": row["item_id"], "status": row["status"], "worker": row.get("worker"),
+                "job_run_id": row.get("run_id"), "error": scrub(row.get("error") or "")[:4000],
+                "library_uri": redact(self.output)}
+        tags |= {k: redact(row.get(k)) for k in ("source_uri", "output_uri", "content_lora_uri", "style_lora_uri")}
+        tags = {TAG + k: v for k, v in tags.items() if v}
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"fit-{row['item_id'][:12]}", tags=tags)
+        run_id = run.info.run_id
+        params = flat_params(record.get("settings") or {"content": row.get("content"), "style": row.get("style")})
+        params |= flat_params(record.get("prompts") or {}, "prompt.")
+        params |= {"base_model": str(record.get("base_model") or row.get("base_model")),
+                   "code_version": str(row.get("code_version"))}
+        metrics = step_metrics(self._read_json(files, "history.json") or [], run.info.start_time)
+        metrics += [Metric(k, float(v), run.info.start_time, 0) for k, v in final_metrics(row, record).items()]
+        self.client.log_batch(run_id, params=_params(params))
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+        with tempfile.TemporaryDirectory(prefix="unziplora-track-") as tmp:
+            for name in ("fit.json", "config.yaml", "preview_content.png", "preview_style.png"):
+                if name in files:
+                    Path(tmp, name).write_bytes(open_url(files[name]["uri"], self.storage_options))
+            if os.listdir(tmp):
+                self.client.log_artifacts(run_id, tmp)
+            if self.copy_loras and row["status"] == "ok":
+                for kind in KINDS:
+                    folder = Path(tmp, f"{kind}_lora")
+                    folder.mkdir()
+                    for name in (f"{kind}_lora.safetensors", f"{kind}_lora_kohya.safetensors"):
+                        (folder / name).write_bytes(open_url(files[name]["uri"], self.storage_options))
+                    self.client.log_artifacts(run_id, str(folder), f"{kind}_lora")
+        self.client.set_terminated(run_id, "FINISHED" if row["status"] == "ok" else "FAILED")
+        self.client.log_batch(run_id, tags=[RunTag(TAG + "tracked", row["status"])])  # last: the run is complete
+        return run_id
+
+    def _read_json(self, files: dict, name: str):
+        return json.loads(open_url(files[name]["uri"], self.storage_options)) if name in files else None
+
+    # -- registry ------------------------------------------------------------------------------------------
+
+    def register(self, row: dict, run_id: str) -> dict:
+        """The row's content and style LoRAs as model versions (found by the item-id tag, else created),
+        each with the alias `item-<id>`; returns `{kind}_model_uri` columns (version-pinned URIs)."""
+        files = json.loads(row["files"])
+        out = {}
+        for kind in KINDS:
+            name = model_name(self.library, kind)
+            found = self.client.search_model_versions(f"name = '{name}' AND tags.item_id = '{row['item_id']}' "
+                                                      f"AND tags.library_uri = '{redact(self.output)}'")
+            if found:
+                version = found[0]
+            else:
+                source = row["output_uri"]
+                if self.copy_loras:
+                    source = self.client.get_run(run_id).info.artifact_uri + f"/{kind}_lora"
+                lora = files[f"{kind}_lora.safetensors"]
+                tags = {"kind": kind, "item_id": row["item_id"], "source_uri": redact(row["source_uri"]),
+                        "content": row["content"], "trigger": row["content"], "style": row["style"],
+                        "class_word": row["class_word"], "prompt": row[f"prompt_{kind}"],
+                        "prompt_combined": row["prompt_combined"], "lora_file": f"{kind}_lora.safetensors",
+                        "lora_uri": redact(lora["uri"]), "sha256": lora["sha256"], "library_uri": redact(self.output),
+                        "base_model": row["base_model"], "rank": str(row["rank"]), "steps": str(row["steps"])}
+                if f"preview_{kind}.png" in files:
+                    tags["preview_uri"] = redact(files[f"preview_{kind}.png"]["uri"])
+                description = (f"{kind} LoRA ({tags['lora_file']}) of {tags['source_uri']}: content "
+                               f"'{row['content']}', style '{row['style']}'")
+                version = self.client.create_model_version(
+                    name, source, run_id=run_id, description=description, await_creation_for=0,
+                    tags={k: str(v) for k, v in tags.items() if v is not None})
+            self.client.set_registered_model_alias(name, item_alias(row["item_id"]), version.version)
+            out[f"{kind}_model_uri"] = f"models:/{name}/{version.version}"
+        return out
+
+
+def _params(values: dict[str, str]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, v) for k, v in values.items()]
+
+
+def step_metrics(history: list[dict], start_ms: int) -> list:
+    """Per-step loss, mse, orthogonality loss; mask fractions per role at each recalibration step."""
+    from mlflow.entities import Metric
+
+    out = []
+    for step, h in enumerate(history):
+        stamp = start_ms + step  # distinct, ordered timestamps
+        out += [Metric(k, float(h[k]), stamp, step) for k in ("loss", "mse", "ortho") if k in h]
+        for role, stats in (h.get("mask_stats") or {}).items():
+            out += [Metric(f"mask.{role}.{k}", float(stats[k]), stamp, step) for k in ("content", "style", "overlap")]
+    return out
+
+
+def final_metrics(row: dict, record: dict) -> dict[str, float]:
+    final = record.get("final") or {}
+    timings = record.get("timings") or {}
+    out = {f"final_{k}": v for k, v in final.items()}
+    out |= {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+    for role, stats in (record.get("mask_stats") or {}).items():
+        out |= {f"final_mask.{role}.{k}": stats[k] for k in ("content", "style", "overlap")}
+    out["attempts"] = row.get("attempts") or 0
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A job's tracking: start (driver), per fit (workers), end (driver)
+
+
+def tracker_for(job, experiment_id: str | None = None) -> Tracker:
+    return Tracker(job.tracking_uri, job.library or library_name(job.output), job.output, job.storage_options,
+                   experiment_id=experiment_id, log_lora_artifacts=job.log_lora_artifacts)
+
+
+def job_params(job) -> dict:
+    """The job's settings as params: no storage options (credentials), URLs without secrets."""
+    return {"input": redact(job.input), "output": redact(job.output), "prompts": redact(job.prompts),
+            "executor": job.executor, "workers": job.workers, "max_attempts": job.max_attempts,
+            "library": job.library or library_name(job.output), "preview_steps": job.preview_steps,
+            "fit": job.fit}
+
+
+def start_job(job, store: Store, progress: bool = True):
+    """Resolve the tracking URI, open the job's parent run, write registry.json; returns the job with
+    `tracking_uri`, `mlflow_experiment_id`, `mlflow_parent_run_id` set (or `tracking_error` when it failed)."""
+    import dataclasses
+
+    if not job.tracking:
+        return job
+    uri = job.tracking_uri or default_tracking_uri(job.output)
+    if uri is None:
+        if progress:
+            print("tracking off: no MLflow tracking URI for a remote --output (give --tracking-uri or "
+                  "$MLFLOW_TRACKING_URI)", flush=True)
+        return dataclasses.replace(job, tracking=False)
+    job = dataclasses.replace(job, tracking_uri=uri, library=job.library or library_name(job.output))
+    try:
+        tracker = tracker_for(job)
+        retrying(tracker.ensure_registered_models)
+        parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
+        store.write_json(tracker.registry_record(), REGISTRY_FILE)
+    except Exception as exc:
+        if progress:
+            print(f"tracking unavailable ({redact(uri)}): {describe(exc)}; fits go on, "
+                  "`unziplora registry sync` backfills them", flush=True)
+        return dataclasses.replace(job, tracking_error=describe(exc))
+    return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent)
+
+
+def end_job(job, report: dict) -> dict:
+    """Close the parent run with the job's counts; returns the report's `tracking` entry."""
+    if not job.tracking:
+        return {"enabled": False}
+    out = {"enabled": True, "tracking_uri": redact(job.tracking_uri), "library": job.library,
+           "parent_run_id": job.mlflow_parent_run_id or None, "error": job.tracking_error or None}
+    if job.mlflow_parent_run_id:
+        try:
+            retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id, report))
+        except Exception as exc:
+            out["error"] = describe(exc)
+    return out
+
+
+_trackers: dict[tuple, Tracker] = {}
+
+
+def track_row(job, row: dict) -> dict:
+    """The tracking columns of one fit's row (a worker's fit); never raises."""
+    if job.tracking_error:
+        return {"tracking_error": f"not tracked: MLflow was unavailable when the job started: {job.tracking_error}"}
+    try:
+        key = (job.tracking_uri, job.library, job.output, job.mlflow_experiment_id)
+        if key not in _trackers:  # one client per worker process
+            _trackers[key] = tracker_for(job, job.mlflow_experiment_id)
+        return _trackers[key].track_fit(row, job.mlflow_parent_run_id or None)
+    except Exception as exc:
+        return {"tracking_error": describe(exc)}
+
+
+def describe(exc: Exception) -> str:
+    """An exception as text for a row."""
+    return scrub(f"{type(exc).__name__}: {exc}")[:2000]
+
+
+def scrub(text: str) -> str:
+    """Free text (an error message) without the password of any URL in it."""
+    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)

@@ -1,0 +1,306 @@
+"""MLflow tracking and registry of decomposition jobs, against a real `mlflow server` process (SQLite backend,
+artifacts on the moto S3 endpoint) and against the default local SQLite store (no server).
+
+Fits are tiny (4-6 steps, rank 2, 2-step previews): the bookkeeping is under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.job
+from jobs.cli import main as cli_main
+from pipeline.job import JobSpec, run_job
+from pipeline.manifest import SCHEMA, read_manifest
+from pipeline.registry_names import item_alias, model_name, model_uri
+from pipeline.storage import Store
+from pipeline.tracking import TAG, redact
+from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, make_dataset,
+                               sha256_hex, write_local)
+
+pytestmark = pytest.mark.timeout(300)
+
+SECRET = "sEcReT-do-not-log-42"  # an S3 secret key in storage_options: must never reach MLflow
+JOB = {"fit": dict(FIT), "workers": 2, "preview_steps": 2}
+FAST_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class MlflowServer:
+    """`mlflow server` in a child process on 127.0.0.1; stop() and start() again keep port and database."""
+
+    def __init__(self, folder, s3: LocalS3):
+        self.port, self.folder = free_port(), folder
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = os.environ | AWS_ENV | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+        self.args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                     "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts"]
+        self.process = None
+
+    def start(self) -> None:
+        with open(self.folder / "server.log", "ab") as log:  # the child keeps its own handle
+            # its own process group: stop() ends the server's children too (uvicorn, job runners)
+            self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            time.sleep(0.3)
+        raise TimeoutError("mlflow server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with environ(AWS_ENV):
+        server = LocalS3()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3):
+    # the S3 endpoint for MLflow's own S3 client (here: the test's downloads through models:/ URIs)
+    env = AWS_ENV | FAST_FAILURE | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": None}
+    with local_ray(num_cpus=6, env=env) as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    # two images to fit, one that fails in the fit (tracked as a FAILED run), one duplicate
+    data = make_dataset(valid=2, corrupt=True, no_prompt=False, duplicate=True)
+    del data.files["truncated.png"], data.expected["truncated.png"]
+    return data
+
+
+def s3_job(s3, dataset, prefix: str, tracking_uri: str) -> JobSpec:
+    options = s3.storage_options | {"key": "testing", "secret": SECRET}  # moto takes any secret
+    return JobSpec(input=s3.upload(dataset, f"{prefix}-in"), output=f"s3://{s3.bucket}/{prefix}",
+                   storage_options=options, tracking_uri=tracking_uri, **JOB)
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def everything_logged(c, experiment_id: str) -> str:
+    """All params, tags and metric names of every run, and all model version tags, as one text."""
+    runs = c.search_runs([experiment_id])
+    texts = [json.dumps([r.data.params, r.data.tags, sorted(r.data.metrics)]) for r in runs]
+    texts += [json.dumps(v.tags) + (v.description or "") for v in c.search_model_versions("")]
+    return "\n".join(texts)
+
+
+def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dict:
+    """Every ok row: a finished nested run under one parent, with params, step metrics, artifacts, and two
+    registered versions (tags, alias); returns the ok rows by item id."""
+    c = client(uri)
+    experiment = c.get_experiment_by_name(library)
+    ok = {r["item_id"]: r for r in rows if r["status"] == "ok"}
+    assert len(ok) == 2
+    for row in rows:
+        assert row["tracking_error"] is None, row["tracking_error"]
+    for item_id, row in ok.items():
+        run = c.get_run(row["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags[TAG + "item_id"] == item_id
+        assert run.data.tags[TAG + "source_uri"] == row["source_uri"]
+        assert run.data.tags[TAG + "status"] == "ok" and run.data.tags[TAG + "worker"] == row["worker"]
+        parent = c.get_run(run.data.tags["mlflow.parentRunId"])
+        assert parent.data.tags[TAG + "job_run_id"] == row["run_id"]
+        assert run.data.params["steps"] == str(row["steps"]) and run.data.params["content"] == row["content"]
+        assert run.data.params["prompt.style"] == row["prompt_style"] and run.data.params["base_model"] == "tiny"
+        loss = c.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in loss] == list(range(row["steps"]))
+        assert {"mse", "ortho", "final_loss", "train_s", "final_mask.shared.content"} <= set(run.data.metrics)
+        assert any(k.startswith("mask.") for k in run.data.metrics), sorted(run.data.metrics)  # recalibrations
+        artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert {"fit.json", "preview_content.png", "preview_style.png"} <= artifacts, artifacts
+        files = files_of(row)
+        assert {"preview_content.png", "preview_style.png", "history.json"} <= set(files)
+        for kind in ("content", "style"):
+            version = c.get_model_version_by_alias(model_name(library, kind), item_alias(item_id))
+            assert row[f"{kind}_model_uri"] == f"models:/{model_name(library, kind)}/{version.version}"
+            assert version.run_id == run.info.run_id
+            tags = version.tags
+            assert tags["item_id"] == item_id and tags["style"] == row["style"] and tags["content"] == row["content"]
+            assert tags["class_word"] == row["class_word"] and tags["source_uri"] == row["source_uri"]
+            assert tags["sha256"] == files[f"{kind}_lora.safetensors"]["sha256"]
+    failed = [r for r in c.search_runs([experiment.experiment_id], f"tags.`{TAG}status` = 'failed'")]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED" and "garbage" in failed[0].data.tags[TAG + "error"]
+    assert SECRET not in everything_logged(c, experiment.experiment_id)
+    return ok
+
+
+def counts(uri: str) -> tuple[int, int]:
+    c = client(uri)
+    return len(c.search_runs([e.experiment_id for e in c.search_experiments()])), len(c.search_model_versions(""))
+
+
+def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, dataset, tmp_path, capsys):
+    job = s3_job(s3, dataset, "lib-a", mlflow_server.url)
+    report = run_job(job, progress=False)
+    assert report["ok"] == 2 and report["tracking"]["error"] is None and report["tracking_errors"] == 0
+    rows = read_manifest(job.output, job.storage_options).to_pylist()
+    ok = check_tracked(job, mlflow_server.url, rows, "lib-a")
+    parent = client(mlflow_server.url).get_run(report["tracking"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["ok"] == 2
+    assert parent.data.params["input"] == job.input and parent.data.params["fit.rank"] == str(FIT["rank"])
+    registry = json.loads(s3.get(f"{job.output}/registry.json"))
+    assert registry["tracking_uri"] == mlflow_server.url and registry["models"]["style"] == "lib-a-style"
+
+    # the plain MLflow API: one call fetches a registered LoRA (here: the item's folder in the library)
+    import mlflow.artifacts
+
+    item_id, row = sorted(ok.items())[0]
+    with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
+        got = mlflow.artifacts.download_artifacts(model_uri("lib-a", "style", item_id),
+                                                  dst_path=str(tmp_path / "plain"))
+        lora = (Path(got) / "style_lora.safetensors").read_bytes()
+        assert sha256_hex(lora) == files_of(row)["style_lora.safetensors"]["sha256"]
+
+        # `unziplora registry search` finds by style text (case-insensitive), `get` fetches one kind's files
+        capsys.readouterr()
+        assert cli_main(["registry", "search", row["style"].upper(), "--tracking-uri", mlflow_server.url]) == 0
+        out = capsys.readouterr().out
+        assert "lib-a-style/" in out and f"@{item_alias(item_id)}" in out and out.count("\n") == 2, out
+        dest = tmp_path / "got"
+        assert cli_main(["registry", "get", f"lib-a-content@{item_alias(item_id)}", "--dest", str(dest),
+                         "--tracking-uri", mlflow_server.url]) == 0
+    got_files = sorted(p.name for p in dest.iterdir())
+    assert got_files == ["config.yaml", "content_lora.safetensors", "content_lora_kohya.safetensors", "fit.json",
+                         "preview_content.png"], got_files
+    assert sha256_hex((dest / "content_lora.safetensors").read_bytes()) == \
+        files_of(row)["content_lora.safetensors"]["sha256"]
+
+    # a re-run fits nothing and registers nothing new
+    before = counts(mlflow_server.url)
+    report = run_job(job, progress=False)
+    assert report["fits_this_run"] == 0 and counts(mlflow_server.url)[1] == before[1]
+    assert counts(mlflow_server.url)[0] == before[0] + 1  # only the new job's parent run
+
+
+def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dataset, monkeypatch):
+    job = s3_job(s3, dataset, "lib-b", mlflow_server.url)
+    started = pipeline.job.start_job
+
+    def start_then_stop(*args, **kwargs):  # the parent run exists, then the server goes away
+        out = started(*args, **kwargs)
+        mlflow_server.stop()
+        return out
+
+    monkeypatch.setattr(pipeline.job, "start_job", start_then_stop)
+    try:
+        report = run_job(job, progress=False)
+    finally:
+        mlflow_server.start()
+    # every fit completed and is in the manifest; tracking failed for each, and says so
+    assert report["ok"] == 2 and report["tracking_errors"] == 2 and report["tracking"]["error"]
+    rows = read_manifest(job.output, job.storage_options).to_pylist()
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    assert all(r["tracking_error"] and r["mlflow_run_id"] is None for r in ok_rows)
+    assert all(s3.get(r["content_lora_uri"]) for r in ok_rows)
+
+    sync = ["registry", "sync", job.output, "--tracking-uri", mlflow_server.url,
+            "--storage-options", json.dumps(job.storage_options)]
+    assert cli_main(sync) == 0
+    rows = read_manifest(job.output, job.storage_options).to_pylist()
+    ok = {r["item_id"]: r for r in rows if r["status"] == "ok"}
+    assert all(r["mlflow_run_id"] and r["tracking_error"] is None and r["style_model_uri"] for r in ok.values())
+    c = client(mlflow_server.url)
+    experiment = c.get_experiment_by_name("lib-b")
+    assert len(c.search_runs([experiment.experiment_id], f"tags.`{TAG}kind` = 'job'")) == 1  # the job's own parent
+    for item_id, row in ok.items():
+        run = c.get_run(row["mlflow_run_id"])
+        assert len(c.get_metric_history(run.info.run_id, "loss")) == row["steps"]  # history.json in the library
+        marker = json.loads(s3.get(f"{row['output_uri']}/_SUCCESS"))
+        assert marker["mlflow_run_id"] == row["mlflow_run_id"] and marker["tracking_error"] is None
+        assert c.get_model_version_by_alias("lib-b-style", item_alias(item_id)).run_id == run.info.run_id
+    assert SECRET not in everything_logged(c, experiment.experiment_id)
+
+    before = counts(mlflow_server.url)
+    assert cli_main(sync) == 0
+    assert cli_main(sync + ["--all"]) == 0  # re-checks every row: finds the runs and versions, makes none
+    assert counts(mlflow_server.url) == before
+
+
+def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path):
+    write_local(dataset, tmp_path / "in")
+    out = tmp_path / "my lib"
+    job = JobSpec(input=str(tmp_path / "in"), output=str(out), log_lora_artifacts=True, **JOB)
+    report = run_job(job, progress=False)
+    uri = f"sqlite:///{out}/mlflow.db"
+    assert report["tracking"]["tracking_uri"] == uri and report["tracking_errors"] == 0
+    library = "my-lib"  # registry_names.library_name of the folder
+    rows = read_manifest(str(out)).to_pylist()
+    ok = check_tracked(job, uri, rows, library)
+    import mlflow.artifacts
+
+    item_id = sorted(ok)[0]
+    with environ({"MLFLOW_TRACKING_URI": uri}):  # models:/ URIs resolve in the default registry (only)
+        got = mlflow.artifacts.download_artifacts(model_uri(library, "style", item_id), dst_path=str(tmp_path / "dl"))
+    # with log_lora_artifacts the version points at the run's copy: only that kind's files
+    assert sorted(os.listdir(got)) == ["style_lora.safetensors", "style_lora_kohya.safetensors"]
+    assert (out / "mlartifacts").as_uri() in client(uri).get_model_version(f"{library}-style", "1").source
+    for spec in (f"{library}-content/1", f"{library}-content"):  # a version number; the latest version
+        dest = tmp_path / spec.replace("/", "_")
+        assert cli_main(["registry", "get", spec, "--dest", str(dest), "--tracking-uri", uri]) == 0
+        assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors", "content_lora_kohya.safetensors"]
+
+
+def test_redact_and_old_manifest_parts(tmp_path):
+    assert redact("http://user:pw@host:5000/x?a=1&X-Amz-Signature=abc&token=t") == \
+        "http://user:***@host:5000/x?a=1&X-Amz-Signature=***&token=***"
+    assert redact("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    # a version-1 part (no MLflow columns) still reads, with the new columns null
+    old = pa.table({"schema_version": pa.array([1], pa.int32()), "source_uri": ["a.png"], "status": ["ok"]})
+    buffer = io.BytesIO()
+    pq.write_table(old, buffer)
+    Store(str(tmp_path)).write_bytes(buffer.getvalue(), "manifest", "part-old-00000.parquet")
+    table = read_manifest(str(tmp_path))
+    assert table.schema.equals(SCHEMA) and table.to_pylist()[0]["mlflow_run_id"] is None
+
+
+def test_decompose_tracking_flags():
+    from jobs.cli import build_parser
+
+    args = build_parser().parse_args(["decompose", "--input", "in", "--output", "out", "--no-tracking",
+                                      "--tracking-uri", "http://h:5000", "--library", "cats", "--log-lora-artifacts",
+                                      "--preview-steps", "0"])
+    assert (args.tracking, args.tracking_uri, args.library, args.log_lora_artifacts, args.preview_steps) == \
+        (False, "http://h:5000", "cats", True, 0)
+    args = build_parser().parse_args(["decompose", "--input", "in", "--output", "out"])
+    assert args.tracking and args.tracking_uri is None and args.preview_steps == 8
