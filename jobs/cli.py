@@ -7,7 +7,7 @@ import sys
 
 from unziplora import cli as single_image
 
-from . import decompose
+from . import bank, decompose, registry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decompose", help="a folder or bucket of images -> a LoRA library (Ray)")
     decompose.add_arguments(d)
     d.set_defaults(run=decompose.run)
+    registry.add_commands(sub)  # `registry search|get|sync`: LoRAs in the MLflow model registry
+    bank.add_commands(sub)  # `bank ...`, and `generate --content/--style` resolved through a bank
     return parser
 
 

@@ -15,4 +15,9 @@ fi
 # Only its BPE vocabulary file is used (offline CLIP tokenizers); --no-deps keeps torchvision out,
 # which would break `import diffusers` beside the CPU torch wheel.
 "${pip[@]}" --no-deps "open-clip-torch==3.3.0"
+# The style-bank gallery test renders the page in Debian's headless chromium; install it when we can.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y \
+        --no-install-recommends chromium; }; } >/dev/null 2>&1 || echo "warning: chromium not installed; the gallery test will skip"
+fi
 .venv/bin/python -c "import unziplora, torch; print('unziplora ready; torch', torch.__version__)"
