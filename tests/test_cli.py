@@ -130,7 +130,7 @@ def test_real_sdxl_directory_loads_through_from_pretrained(tiny_base, tmp_path):
     """The real-model path: a diffusers SDXL directory (here the tiny one, saved) loads and fits."""
     tiny_base.pipeline().save_pretrained(tmp_path / "sdxl")
     base = load_base_model(str(tmp_path / "sdxl"), device="cpu")
-    assert base.name == str(tmp_path / "sdxl") and base.default_resolution == 1024
+    assert base.name == str(tmp_path / "sdxl") and base.default_resolution == tiny_base.default_resolution  # from the configs
     for a, b in zip(base.unet.parameters(), tiny_base.unet.parameters()):
         assert torch.equal(a, b)
     ids = base.tokenizer("a photo of a cat").input_ids

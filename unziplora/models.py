@@ -4,6 +4,8 @@ Presets built offline (random weights, no download):
 - ``tiny``: SDXL's block layout and module names at toy width; the default for tests and CPU runs.
 - ``sdxl-random``: the full published SDXL-base architecture, for real-size speed and memory checks.
 Both get real CLIP tokenizers built from the BPE vocabulary shipped in the ``open-clip-torch`` wheel.
+Trained presets, shipped as package data:
+- ``toy``: a mini-SDXL trained on the toy world (``toyworld/``, 32 px), with its own measured role table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .errors import BaseModelError
 
 PRESETS = ("tiny", "sdxl-random")
+# Trained presets shipped as package data: name -> (package, directory inside it, role table). Located with
+# importlib's finder, so unziplora never imports the package (the toy world lives in `toyworld/`).
+PACKAGED = {"toy": ("toyworld", "weights/toy-sdxl", "toy")}
 
 # SDXL-base's noise schedule (scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0).
 SCHEDULER_CONFIG = dict(
@@ -127,6 +132,15 @@ def load_base_model(spec: str = "tiny", *, device: str | torch.device = "auto", 
     dtype = pick_dtype(precision, dev)
     if spec in PRESETS:
         base = build_preset(spec, seed=seed, dtype=dtype)
+    elif spec in PACKAGED:
+        from .roles import TABLES
+
+        table = PACKAGED[spec][2]
+        if table not in TABLES:  # a model without its measured block roles would fit with the wrong ones
+            raise BaseModelError(f"no role table {table!r} for the {spec!r} model yet: measure it with "
+                                 f"`python -m toyworld.evaluate DIR --probe` and add it to unziplora/roles.py")
+        base = _load_pretrained(str(packaged_dir(spec)), dtype)
+        base.name, base.role_table = spec, table
     else:
         base = _load_pretrained(spec, dtype)
     for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
@@ -164,6 +178,18 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
                      default_resolution=cfg["resolution"], role_table="sdxl")
 
 
+def packaged_dir(name: str) -> Path:
+    import importlib.util
+
+    package, sub, _ = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / sub if spec and spec.submodule_search_locations else None
+    if path is None or not (path / "model_index.json").is_file():
+        raise BaseModelError(f"the {name!r} base model is not installed ({package}/{sub}); "
+                             f"train it with `python -m toyworld.train_base` and copy its pipeline/ there")
+    return path
+
+
 def _clip_config(overrides: dict) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                           eos_token_id=49407, pad_token_id=49407, **overrides)
@@ -188,9 +214,11 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> BaseModel:
         raise BaseModelError(f"cannot load SDXL base model {spec!r}: {exc}") from exc
     if pipe.unet.config.addition_embed_type != "text_time" or pipe.text_encoder_2 is None:
         raise BaseModelError(f"{spec} does not have the SDXL UNet/text-encoder layout")
+    # the resolution the UNet was trained at (1024 for SDXL: 128 latents x 8)
+    resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return BaseModel(name=spec, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
-                     scheduler=DDPMScheduler.from_config(pipe.scheduler.config), default_resolution=1024)
+                     scheduler=DDPMScheduler.from_config(pipe.scheduler.config), default_resolution=resolution)
 
 
 # ---- tokenizers from open-clip's BPE file ----

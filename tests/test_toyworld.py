@@ -1,0 +1,114 @@
+"""The toy world: its factors are what they claim to be; the judges and the training script work."""
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld import world
+
+
+def _factors(shape="circle", style="flat", **over):
+    f = world.sample_factors(np.random.default_rng(3), shape, style)
+    # a fixed, central placement so shapes and styles can be compared pixel by pixel
+    base = dict(cx=0.5, cy=0.5, size=0.36, angle=0.0, fg=(0.8, 0.1, 0.1), bg=(0.95, 0.95, 0.9))
+    return world.Factors(**{**f.to_dict(), **base, **over})
+
+
+def test_prompts_have_the_papers_form():
+    assert world.prompt("star", "dotted") == "a star in dotted style"
+    assert world.prompt("heart", "watercolor") == "a heart in noisy watercolor style"
+    assert len(world.SHAPES) >= 6 and len(world.STYLES) >= 6
+    assert all(1 <= len(d.split()) <= 3 for d in world.STYLES.values())
+
+
+def test_same_seed_same_images_other_seed_other_images():
+    a, b, c = world.dataset(7, 12), world.dataset(7, 12), world.dataset(8, 12)
+    assert torch.equal(a.images, b.images) and a.factors == b.factors
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (12, 3, world.RESOLUTION, world.RESOLUTION)
+    assert a.images.min() >= -1 and a.images.max() <= 1
+
+
+@pytest.mark.parametrize("shape", world.SHAPE_NAMES)
+def test_flat_rendering_is_the_shape_mask(shape):
+    f = _factors(shape)
+    image, mask = world.render(f)
+    exact = world.shape_mask(f, world.RESOLUTION)  # pixel-centre inside test, independent of rendering
+    assert (mask & exact).sum() / (mask | exact).sum() > 0.85  # edges on pixel centres tie
+    fg, bg = np.array(f.fg) * 255, np.array(f.bg) * 255
+    k = world.SUPERSAMPLE
+    coverage = world._pool(world.shape_mask(f, world.RESOLUTION * k).astype(float), k)
+    assert np.abs(image[coverage == 1] - fg).max() <= 1  # fully inside: ink
+    assert np.abs(image[coverage == 0] - bg).max() <= 1  # fully outside: background
+    assert 0.08 < mask.mean() < 0.5  # the shape fills a sensible part of the image
+
+
+def test_shapes_are_different_masks():
+    masks = {s: world.render(_factors(s))[1] for s in world.SHAPE_NAMES}
+    for a in world.SHAPE_NAMES:
+        for b in world.SHAPE_NAMES:
+            if a < b:
+                iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+                assert iou < 0.85, (a, b, iou)
+
+
+def test_styles_differ_measurably_and_stay_on_the_shape():
+    images = {s: world.render(_factors("square", s))[0].astype(float) for s in world.STYLE_NAMES}
+    _, mask = world.render(_factors("square"))
+    far_outside = world._erode(~mask, 3)
+    bg = np.array(_factors().bg) * 255
+    for a in world.STYLE_NAMES:
+        if a != "watercolor":  # watercolor's edge bleeds and its paper is grainy (checked on average)
+            assert np.abs(images[a][far_outside] - bg).max() <= 1, a
+        assert np.abs(images[a][far_outside].mean(0) - bg).max() < 5, a
+        for b in world.STYLE_NAMES:
+            if a < b:
+                assert np.abs(images[a] - images[b])[mask].mean() > 20, (a, b)
+    # each style's signature: how much of the shape's inside is ink-coloured
+    fg = np.array(_factors().fg) * 255
+    ink = {s: (np.abs(images[s] - fg).max(-1) < 60)[mask].mean() for s in world.STYLE_NAMES}
+    assert ink["flat"] > 0.95 and ink["outlined"] < 0.5 and 0.2 < ink["striped"] < 0.8
+    assert 0.2 < ink["checkered"] < 0.8 and ink["dotted"] < 0.5
+
+
+def test_judges_name_shape_and_style_of_fresh_images():
+    from toyworld import judges
+
+    j = judges.load_judges()
+    batch = world.dataset(424242, 300)
+    acc = judges.accuracy(j, batch)
+    assert acc["shape"] > 0.9 and acc["style"] > 0.9, acc
+    emb = j.style_embedding(batch.images)
+    assert emb.shape == (300, judges.EMBED_DIM) and torch.allclose(emb.norm(dim=-1), torch.ones(300), atol=1e-4)
+    same = batch.styles[:, None] == batch.styles[None, :]
+    sim = emb @ emb.T
+    assert sim[same].mean() > sim[~same].mean() + 0.2  # a style embedding, not a shape one
+
+
+def test_training_script_writes_a_pipeline_our_loader_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from toyworld import train_base
+    from unziplora.models import load_base_model
+
+    out = tmp_path / "toy"
+    train_base.main(["--out", str(out), "--steps", "2", "--vae-steps", "2", "--batch", "4", "--vae-batch", "4",
+                     "--save-every", "2"])
+    assert (out / "loss.csv").read_text().count("unet,") >= 2
+    base = load_base_model(str(out / "pipeline"), device="cpu")
+    assert base.default_resolution == world.RESOLUTION and base.vae_scale_factor == 1
+    assert base.unet.config.addition_embed_type == "text_time"
+    size = sum(p.stat().st_size for p in (out / "pipeline").rglob("*") if p.is_file())
+    assert size < 30e6
+
+
+def test_toy_preset_says_how_to_get_it_when_missing(monkeypatch):
+    from unziplora import models, roles
+    from unziplora.errors import BaseModelError
+
+    monkeypatch.setitem(roles.TABLES, "toy", [(r".*", "shared")])
+    monkeypatch.setitem(models.PACKAGED, "toy", ("toyworld", "weights/no-such-model", "toy"))
+    with pytest.raises(BaseModelError, match="not installed"):
+        models.load_base_model("toy", device="cpu")
+    monkeypatch.delitem(roles.TABLES, "toy")
+    with pytest.raises(BaseModelError, match="no role table"):
+        models.load_base_model("toy", device="cpu")

@@ -1,0 +1,161 @@
+"""Measure a toy base model with the judges: does it draw the prompted shape in the prompted style, and which
+UNet blocks carry content vs style (the measured probe behind `roles.TABLES["toy"]`).
+
+    python -m toyworld.evaluate MODEL_DIR [--seeds 4] [--probe]
+
+Sampling is a plain DDIM (or, with `sampler="ddpm"`, ancestral DDPM) loop with classifier-free guidance (zeros as the unconditional input, as
+StableDiffusionXLPipeline does for an absent negative prompt), so the probe can change one block's
+cross-attention input without touching the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from toyworld import judges as judges_mod
+from toyworld import world
+
+
+@torch.no_grad()
+def encode(base, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = base.pipeline()
+    hidden, _, pooled, _ = pipe.encode_prompt(prompts, device=base.device, do_classifier_free_guidance=False)
+    return hidden, pooled
+
+
+@torch.no_grad()
+def sample(base, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 4.0,
+           swap: dict[str, list[str]] | None = None, sampler: str = "ddim") -> torch.Tensor:
+    """Images (B x 3 x H x W in [-1, 1]) for `prompts`. `swap` maps attention-module names (e.g.
+    "up_blocks.0.attentions.1") to other prompts, which that block's cross-attention reads instead."""
+    unet, size = base.unet, base.default_resolution // base.vae_scale_factor
+    hidden, pooled = encode(base, prompts)
+    n = len(prompts)
+    cond = torch.cat([torch.zeros_like(hidden), hidden])
+    added = {"text_embeds": torch.cat([torch.zeros_like(pooled), pooled]),
+             "time_ids": torch.tensor([[base.default_resolution] * 2 + [0, 0] + [base.default_resolution] * 2]
+                                      ).float().repeat(2 * n, 1)}
+    saved = dict(unet.attn_processors)
+    if swap:
+        procs = dict(saved)
+        for block, other in swap.items():
+            states = torch.cat([torch.zeros_like(hidden), encode(base, other)[0]])
+            for name in procs:
+                if name.startswith(block + ".") and ".attn2." in name:
+                    procs[name] = _FixedContext(states)
+        unet.set_attn_processor(procs)
+    try:
+        sched = SAMPLERS[sampler].from_config(base.scheduler.config)
+        sched.set_timesteps(steps)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, unet.config.in_channels, size, size, generator=g) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+            uncond, text = eps.chunk(2)
+            x = sched.step(uncond + guidance * (text - uncond), t, x).prev_sample
+        return base.vae.decode(x / base.vae.config.scaling_factor).sample.clamp(-1, 1)
+    finally:
+        unet.set_attn_processor(saved)
+
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+class _FixedContext(AttnProcessor2_0):
+    """Cross-attention that reads fixed text states instead of the UNet's."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return super().__call__(attn, hidden_states, self.states, *args, **kwargs)
+
+
+def all_pairs() -> list[tuple[str, str]]:
+    return [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
+
+
+def judged_accuracy(base, judges, seeds: int = 2, steps: int = 20, guidance: float = 4.0,
+                    sampler: str = "ddim") -> dict:
+    """Every shape x style prompt, `seeds` samples each: how often the judges find what was prompted."""
+    pairs = all_pairs()
+    shape_ok, style_ok = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for seed in range(seeds):
+        images = sample(base, [world.prompt(*p) for p in pairs], seed=seed, steps=steps, guidance=guidance,
+                        sampler=sampler)
+        shapes, styles = judges.classify(images)
+        shape_ok += (shapes == torch.tensor([world.SHAPE_NAMES.index(p[0]) for p in pairs])).float() / seeds
+        style_ok += (styles == torch.tensor([world.STYLE_NAMES.index(p[1]) for p in pairs])).float() / seeds
+    both = {f"{sh}/{st}": (shape_ok[i].item(), style_ok[i].item()) for i, (sh, st) in enumerate(pairs)}
+    return dict(shape=shape_ok.mean().item(), style=style_ok.mean().item(),
+                per_style={st: style_ok[[i for i, p in enumerate(pairs) if p[1] == st]].mean().item()
+                           for st in world.STYLE_NAMES},
+                per_shape={sh: shape_ok[[i for i, p in enumerate(pairs) if p[0] == sh]].mean().item()
+                           for sh in world.SHAPE_NAMES},
+                per_pair=both, samples=len(pairs) * seeds)
+
+
+def cross_attention_blocks(unet) -> list[str]:
+    return sorted({name.split(".attn2")[0].rsplit(".transformer_blocks", 1)[0]
+                   for name in unet.attn_processors if ".attn2." in name})
+
+
+def role_probe(base, judges, seeds: int = 2, steps: int = 20, guidance: float = 4.0, sampler: str = "ddim") -> dict:
+    """Per cross-attention block: feed it a prompt with another shape AND another style than the rest of the
+    UNet gets; how often does the image take the block's shape (content) or its style (style)?"""
+    pairs = all_pairs()
+    rng = torch.Generator().manual_seed(0)
+    others = [pairs[j] for j in torch.randperm(len(pairs), generator=rng).tolist()]
+    # keep only pairs where both factors differ, so each flip is unambiguous
+    keep = [i for i, (p, o) in enumerate(zip(pairs, others)) if p[0] != o[0] and p[1] != o[1]]
+    prompts = [world.prompt(*pairs[i]) for i in keep]
+    swapped = [world.prompt(*others[i]) for i in keep]
+    target_shape = torch.tensor([world.SHAPE_NAMES.index(others[i][0]) for i in keep])
+    target_style = torch.tensor([world.STYLE_NAMES.index(others[i][1]) for i in keep])
+    result = {}
+    blocks = cross_attention_blocks(base.unet)
+    # the last row swaps every block: the reference (both factors should follow the swapped prompt)
+    for block, swap in [*((b, {b: swapped}) for b in blocks), ("(all blocks)", {b: swapped for b in blocks})]:
+        content = style = 0.0
+        for seed in range(seeds):
+            images = sample(base, prompts, seed=seed, steps=steps, guidance=guidance, swap=swap, sampler=sampler)
+            shapes, styles = judges.classify(images)
+            content += (shapes == target_shape).float().mean().item() / seeds
+            style += (styles == target_style).float().mean().item() / seeds
+        result[block] = dict(content=content, style=style)
+        print(f"{block:32s} takes the swapped shape {content:.2f}, style {style:.2f}", flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    from unziplora.models import load_base_model
+
+    p = argparse.ArgumentParser(description="Judge a toy base model (and probe its block roles).")
+    p.add_argument("model")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
+    p.add_argument("--probe", action="store_true")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    base = load_base_model(a.model, device="cpu")
+    judges = judges_mod.load_judges()
+    out = dict(accuracy=judged_accuracy(base, judges, a.seeds, a.steps, a.guidance, a.sampler))
+    print(json.dumps({k: v for k, v in out["accuracy"].items() if k != "per_pair"}, indent=1), flush=True)
+    if a.probe:
+        out["probe"] = role_probe(base, judges, a.seeds, a.steps, a.guidance, a.sampler)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

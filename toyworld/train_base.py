@@ -1,0 +1,317 @@
+"""Train the toy mini-SDXL on the toy world, on CPU: `python -m toyworld.train_base --out DIR`.
+
+The result is a diffusers `StableDiffusionXLPipeline` directory (fp16 safetensors) with SDXL's components
+and names: a VAE, a UNet with down/mid/up cross-attention blocks and `text_time` added conditioning, two
+CLIP text encoders with the real CLIP tokenizers, and SDXL's noise schedule.
+
+Design (why):
+- VAE with ONE block (no downsampling, vae_scale_factor 1): 3 -> 4 channels per pixel loses nothing by
+  design, so only the (16-channel) convolutions have to learn it; the UNet then works on 32x32 latents,
+  the size TOYWORLD.md measured as trainable in an hour or two. Stage 1 trains it and records PSNR and the
+  judges' accuracy on its reconstructions (what matters downstream).
+- Text encoders: random init, frozen. The world's vocabulary is closed (37 prompts), random CLIP layers keep
+  every token distinct, and the UNet's cross-attention learns to read them; frozen encoders are what SDXL
+  fine-tuning and our LoRA fits assume anyway, and it lets us encode every prompt once.
+  Their weights are rounded to fp16 before encoding, so the committed fp16 weights give the very
+  embeddings the UNet was trained on.
+- Classifier-free guidance: 10 % of samples unconditional, half as zeros (what StableDiffusionXLPipeline
+  uses for an absent negative prompt) and half as the encoded empty prompt (what `unziplora generate` uses).
+- EMA of the UNet weights is what gets saved (standard for diffusion; much cleaner samples early on).
+
+Checkpoints (the pipeline directory, `state.pt` to resume, `loss.csv`, `settings.json`) are rewritten every
+`save_every` steps, so a killed run keeps its progress; `--resume` continues from `state.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from toyworld import world
+
+# ---- the architecture, as data ----
+
+TEXT_HIDDEN = 32  # per encoder; cross-attention width = 2 x this (SDXL concatenates the two)
+MODEL_CONFIG = dict(
+    unet=dict(
+        sample_size=world.RESOLUTION, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128), layers_per_block=1, transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(1, 2, 4),  # diffusers' name for the number of heads: 32 channels per head
+        cross_attention_dim=2 * TEXT_HIDDEN, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TEXT_HIDDEN + 6 * 8,
+    ),
+    vae=dict(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
+        sample_size=world.RESOLUTION, mid_block_add_attention=False,
+    ),
+    text_encoder=dict(hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN, num_hidden_layers=2,
+                      num_attention_heads=2, hidden_act="quick_gelu"),
+    text_encoder_2=dict(hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN, num_hidden_layers=2,
+                        num_attention_heads=2, hidden_act="gelu", projection_dim=TEXT_HIDDEN),
+)
+
+
+@dataclass
+class Settings:
+    out: str = "out/toy-sdxl"
+    steps: int = 4000
+    batch: int = 32
+    lr: float = 3e-4
+    warmup: int = 200
+    ema: float = 0.999
+    uncond: float = 0.1  # classifier-free guidance dropout
+    # extra share of timesteps drawn from the noisiest 30 %: the sampler divides the epsilon error there by
+    # sqrt(alpha_bar) (up to 14x), and uniform t left the model worse than predicting the mean image there
+    high_t: float = 0.3
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 3e-3
+    vae_kl: float = 1e-6
+    save_every: int = 250
+    seed: int = 0
+    threads: int = 1
+    resume: bool = False
+
+
+# ---- building the components ----
+
+def build_components(seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from unziplora.models import _clip_config, clip_tokenizers
+
+    torch.manual_seed(seed)
+    te1 = CLIPTextModel(_clip_config(MODEL_CONFIG["text_encoder"]))
+    te2 = CLIPTextModelWithProjection(_clip_config(MODEL_CONFIG["text_encoder_2"]))
+    for te in (te1, te2):  # frozen, and exactly what the fp16 files will hold
+        # unit-scale token embeddings: with CLIP's init (std 0.02, like the position embeddings) the frozen
+        # features of two prompts differed by a tenth of their size and the UNet learned to ignore them
+        # (measured: the right prompt lowered the high-noise loss by < 1 % over a wrong one)
+        torch.nn.init.normal_(te.get_input_embeddings().weight, std=1.0)
+        te.requires_grad_(False).eval()
+        for p in te.parameters():
+            p.data = p.data.half().float()
+    vae = AutoencoderKL(**MODEL_CONFIG["vae"])
+    unet = UNet2DConditionModel(**MODEL_CONFIG["unet"])
+    tok1, tok2 = clip_tokenizers()
+    return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2)
+
+
+@torch.no_grad()
+def encode_prompts(parts: dict, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning: penultimate hidden states of both encoders, concatenated; encoder 2's pooled
+    projection. Same recipe as StableDiffusionXLPipeline.encode_prompt."""
+    states = []
+    for tok, te in ((parts["tokenizer"], parts["text_encoder"]), (parts["tokenizer_2"], parts["text_encoder_2"])):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        out = te(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # for encoder 2: text_embeds (the projection)
+    return torch.cat(states, dim=-1), pooled
+
+
+def param_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---- stage 1: the VAE ----
+
+def train_vae(vae, s: Settings, rng: np.random.Generator, log) -> float:
+    """Reconstruction (MSE) + a tiny KL; returns the latent scaling factor (1 / latent std), as SDXL's."""
+    # start with a small posterior std (as a trained SDXL VAE has): at the default std 1 the sampling noise
+    # swamps the latents and reconstruction learns slowly
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels:] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    vae.train()
+    for step in range(s.vae_steps):
+        x = world.sample_batch(rng, s.vae_batch).images
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = mse + s.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = s.vae_lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / s.vae_steps))
+        log("vae", step, mse=mse.item(), kl=kl.item())
+    vae.eval().requires_grad_(False)
+    for p in vae.parameters():
+        p.data = p.data.half().float()
+    with torch.no_grad():
+        x = world.dataset(10_000, 256).images
+        z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z).sample.clamp(-1, 1)
+        psnr = -10 * math.log10(F.mse_loss(recon, x).item() / 4)  # range [-1, 1]: peak^2 = 4
+    log("vae_eval", s.vae_steps, psnr_db=psnr, latent_std=z.std().item())
+    from toyworld import judges
+    if judges.DEFAULT_PATH.exists():  # what matters downstream: do the judges still see shape and style?
+        j = judges.load_judges()
+        batch = world.dataset(10_000, 256)
+        batch.images = recon
+        acc = judges.accuracy(j, batch)
+        log("vae_eval", s.vae_steps, judged_shape=acc["shape"], judged_style=acc["style"])
+    return 1.0 / z.std().item()
+
+
+# ---- stage 2: the UNet ----
+
+def save_pipeline(parts: dict, unet, scaling_factor: float, out: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from unziplora.models import SCHEDULER_CONFIG
+
+    parts["vae"].register_to_config(scaling_factor=scaling_factor)
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG))
+    tmp = out.with_name(out.name + ".tmp")
+    copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # training stays fp32
+    if out.exists():  # swap in the new copy; the old one survives a crash mid-write
+        old = out.with_name(out.name + ".old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def train(s: Settings) -> None:
+    from diffusers import DDPMScheduler
+
+    from unziplora.models import SCHEDULER_CONFIG
+
+    torch.set_num_threads(s.threads)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.pt"
+    resume = s.resume and state_path.exists()
+    loss_file = open(out / "loss.csv", "a" if resume else "w", newline="")
+    writer = csv.writer(loss_file)
+    if not resume:
+        writer.writerow(["stage", "step", "name", "value", "seconds"])
+    start = time.time()
+
+    def log(stage, step, **values):
+        for name, value in values.items():
+            writer.writerow([stage, step, name, f"{value:.6g}", f"{time.time() - start:.1f}"])
+        loss_file.flush()
+
+    parts = build_components(s.seed)
+    rng = np.random.default_rng(s.seed)
+    if resume:
+        state = torch.load(state_path, weights_only=False)
+        parts["vae"].load_state_dict(state["vae"])
+        parts["vae"].eval().requires_grad_(False)
+        scaling = state["scaling_factor"]
+        rng.bit_generator.state = state["rng"]
+    else:
+        scaling = train_vae(parts["vae"], s, rng, log)
+    vae, unet = parts["vae"], parts["unet"]
+
+    # every prompt of the world, encoded once; index -1 = "" (empty prompt)
+    pairs = [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
+    hidden, pooled = encode_prompts(parts, [world.prompt(*p) for p in pairs] + [""])
+    index = {p: i for i, p in enumerate(pairs)}
+    noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    res = world.RESOLUTION
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(s.batch, 1)
+
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=1e-2)
+    first = 0
+    if resume:
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        first = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    # settings.json keeps every (re)start: a resumed run may change settings from its step on
+    record = out / "settings.json"
+    runs = json.loads(record.read_text()).get("runs", []) if resume and record.exists() else []
+    runs.append({"from_step": first, "settings": asdict(s)})
+    record.write_text(json.dumps({"runs": runs, "model": MODEL_CONFIG}, indent=1))
+    print(f"unet {param_count(unet) / 1e6:.2f} M params, vae {param_count(vae) / 1e6:.3f} M, "
+          f"text encoders {param_count(parts['text_encoder']) / 1e6:.2f} + "
+          f"{param_count(parts['text_encoder_2']) / 1e6:.2f} M (frozen); latent scaling {scaling:.4f}", flush=True)
+
+    unet.train()
+    t_window = time.time()
+    for step in range(first, s.steps):
+        lr = s.lr * min(1.0, (step + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = world.sample_batch(rng, s.batch)
+        with torch.no_grad():
+            x0 = vae.encode(batch.images).latent_dist.mode() * scaling
+        idx = torch.tensor([index[(f.shape, f.style)] for f in batch.factors])
+        cond, cond_pooled = hidden[idx].clone(), pooled[idx].clone()
+        u = torch.rand(s.batch)
+        empty = u < s.uncond / 2  # the encoded "" prompt
+        zeros = (u >= s.uncond / 2) & (u < s.uncond)  # all-zero conditioning
+        cond[empty], cond_pooled[empty] = hidden[-1], pooled[-1]
+        cond[zeros], cond_pooled[zeros] = 0.0, 0.0
+        noise = torch.randn_like(x0)
+        steps_t = noise_sched.config.num_train_timesteps
+        t = torch.randint(0, steps_t, (s.batch,))
+        high = torch.rand(s.batch) < s.high_t
+        t[high] = torch.randint(int(0.7 * steps_t), steps_t, (int(high.sum()),))
+        noisy = noise_sched.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond,
+                    added_cond_kwargs={"text_embeds": cond_pooled, "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA with a warm-up, so early checkpoints are not dominated by the init
+            decay = min(s.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        log("unet", step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
+        if (step + 1) % 50 == 0:
+            print(f"step {step + 1}/{s.steps} loss {loss.item():.4f} "
+                  f"{(time.time() - t_window) / 50:.2f} s/step", flush=True)
+            t_window = time.time()
+        if (step + 1) % s.save_every == 0 or step + 1 == s.steps:
+            save_pipeline(parts, ema, scaling, out / "pipeline")
+            torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
+                            vae=vae.state_dict(), scaling_factor=scaling, rng=rng.bit_generator.state,
+                            torch_rng=torch.get_rng_state()), str(state_path) + ".tmp")
+            os.replace(str(state_path) + ".tmp", state_path)
+    loss_file.close()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(Settings):
+        if f.type == "bool" or isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    train(Settings(**vars(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
