@@ -9,11 +9,11 @@ Design (why):
   design, so only the (16-channel) convolutions have to learn it; the UNet then works on 32x32 latents,
   the size TOYWORLD.md measured as trainable in an hour or two. Stage 1 trains it and records PSNR and the
   judges' accuracy on its reconstructions (what matters downstream).
-- Text encoders: random init, frozen. The world's vocabulary is closed (37 prompts), random CLIP layers keep
-  every token distinct, and the UNet's cross-attention learns to read them; frozen encoders are what SDXL
-  fine-tuning and our LoRA fits assume anyway, and it lets us encode every prompt once.
-  Their weights are rounded to fp16 before encoding, so the committed fp16 weights give the very
-  embeddings the UNet was trained on.
+- Text encoders: random init; frozen by default (every prompt encoded once; rounded to fp16 first, so the
+  committed weights give the very embeddings the UNet saw), or with `--train-text-encoders` trained
+  together with the UNet, like the learned token embeddings of TOYWORLD.md's working model: with frozen
+  random encoders the UNet learned to ignore the prompt (measured, see settings.json notes / issue 6).
+  Either way they are frozen during LoRA fits, as SDXL's are.
 - Classifier-free guidance: 10 % of samples unconditional, half as zeros (what StableDiffusionXLPipeline
   uses for an absent negative prompt) and half as the encoded empty prompt (what `unziplora generate` uses).
 - EMA of the UNet weights is what gets saved (standard for diffusion; much cleaner samples early on).
@@ -83,6 +83,7 @@ class Settings:
     vae_batch: int = 16
     vae_lr: float = 3e-3
     vae_kl: float = 1e-6
+    train_text_encoders: bool = False
     save_every: int = 250
     seed: int = 0
     threads: int = 1
@@ -114,7 +115,6 @@ def build_components(seed: int):
     return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2)
 
 
-@torch.no_grad()
 def encode_prompts(parts: dict, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's conditioning: penultimate hidden states of both encoders, concatenated; encoder 2's pooled
     projection. Same recipe as StableDiffusionXLPipeline.encode_prompt."""
@@ -176,7 +176,7 @@ def train_vae(vae, s: Settings, rng: np.random.Generator, log) -> float:
 
 # ---- stage 2: the UNet ----
 
-def save_pipeline(parts: dict, unet, scaling_factor: float, out: Path) -> None:
+def save_pipeline(parts: dict, scaling_factor: float, out: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from unziplora.models import SCHEDULER_CONFIG
@@ -184,7 +184,7 @@ def save_pipeline(parts: dict, unet, scaling_factor: float, out: Path) -> None:
     parts["vae"].register_to_config(scaling_factor=scaling_factor)
     pipe = StableDiffusionXLPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=unet,
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG))
     tmp = out.with_name(out.name + ".tmp")
     copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # training stays fp32
@@ -230,19 +230,26 @@ def train(s: Settings) -> None:
         scaling = train_vae(parts["vae"], s, rng, log)
     vae, unet = parts["vae"], parts["unet"]
 
-    # every prompt of the world, encoded once; index -1 = "" (empty prompt)
+    # every prompt of the world (index -1 = the empty prompt); encoded once when the encoders are frozen
     pairs = [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
-    hidden, pooled = encode_prompts(parts, [world.prompt(*p) for p in pairs] + [""])
+    all_prompts = [world.prompt(*p) for p in pairs] + [""]
+    with torch.no_grad():
+        hidden, pooled = encode_prompts(parts, all_prompts)
     index = {p: i for i, p in enumerate(pairs)}
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
     res = world.RESOLUTION
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(s.batch, 1)
 
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=1e-2)
+    # what trains (and is averaged): the UNet, and the text encoders when asked
+    names = ["unet"] + (["text_encoder", "text_encoder_2"] if s.train_text_encoders else [])
+    model = torch.nn.ModuleDict({n: parts[n] for n in names})
+    for n in names:
+        parts[n].requires_grad_(True).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-2)
     first = 0
     if resume:
-        unet.load_state_dict(state["unet"])
+        model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         first = state["step"]
@@ -254,9 +261,9 @@ def train(s: Settings) -> None:
     record.write_text(json.dumps({"runs": runs, "model": MODEL_CONFIG}, indent=1))
     print(f"unet {param_count(unet) / 1e6:.2f} M params, vae {param_count(vae) / 1e6:.3f} M, "
           f"text encoders {param_count(parts['text_encoder']) / 1e6:.2f} + "
-          f"{param_count(parts['text_encoder_2']) / 1e6:.2f} M (frozen); latent scaling {scaling:.4f}", flush=True)
+          f"{param_count(parts['text_encoder_2']) / 1e6:.2f} M ({'trained' if s.train_text_encoders else 'frozen'}); "
+          f"latent scaling {scaling:.4f}", flush=True)
 
-    unet.train()
     t_window = time.time()
     for step in range(first, s.steps):
         lr = s.lr * min(1.0, (step + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
@@ -266,12 +273,16 @@ def train(s: Settings) -> None:
         with torch.no_grad():
             x0 = vae.encode(batch.images).latent_dist.mode() * scaling
         idx = torch.tensor([index[(f.shape, f.style)] for f in batch.factors])
-        cond, cond_pooled = hidden[idx].clone(), pooled[idx].clone()
         u = torch.rand(s.batch)
         empty = u < s.uncond / 2  # the encoded "" prompt
         zeros = (u >= s.uncond / 2) & (u < s.uncond)  # all-zero conditioning
-        cond[empty], cond_pooled[empty] = hidden[-1], pooled[-1]
-        cond[zeros], cond_pooled[zeros] = 0.0, 0.0
+        idx[empty] = len(all_prompts) - 1
+        if s.train_text_encoders:
+            cond, cond_pooled = encode_prompts(parts, [all_prompts[i] for i in idx])
+        else:
+            cond, cond_pooled = hidden[idx], pooled[idx]
+        keep = (~zeros).float()
+        cond, cond_pooled = cond * keep[:, None, None], cond_pooled * keep[:, None]
         noise = torch.randn_like(x0)
         steps_t = noise_sched.config.num_train_timesteps
         t = torch.randint(0, steps_t, (s.batch,))
@@ -283,11 +294,11 @@ def train(s: Settings) -> None:
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():  # EMA with a warm-up, so early checkpoints are not dominated by the init
             decay = min(s.ema, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p, 1 - decay)
         log("unet", step, loss=loss.item(), grad_norm=grad_norm.item(), lr=lr)
         if (step + 1) % 50 == 0:
@@ -295,8 +306,8 @@ def train(s: Settings) -> None:
                   f"{(time.time() - t_window) / 50:.2f} s/step", flush=True)
             t_window = time.time()
         if (step + 1) % s.save_every == 0 or step + 1 == s.steps:
-            save_pipeline(parts, ema, scaling, out / "pipeline")
-            torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
+            save_pipeline(parts | dict(ema.items()), scaling, out / "pipeline")
+            torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
                             vae=vae.state_dict(), scaling_factor=scaling, rng=rng.bit_generator.state,
                             torch_rng=torch.get_rng_state()), str(state_path) + ".tmp")
             os.replace(str(state_path) + ".tmp", state_path)
