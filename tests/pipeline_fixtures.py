@@ -160,6 +160,18 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
 
 
 @contextlib.contextmanager
+def local_s3():
+    """A LocalS3 server, with its credentials in this process's environment (boto3/s3fs here; Ray fixtures set
+    them again for their workers), stopped afterwards."""
+    with environ(AWS_ENV):
+        server = LocalS3()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
 def environ(values: dict[str, str | None]):
     """Set (or with None, remove) environment variables of this process; restore them afterwards."""
     saved = {k: os.environ.get(k) for k in values}

@@ -320,34 +320,31 @@ def test_generate_from_bank_end_to_end(tiny_base, sample_image, tmp_path, capsys
 
 
 def test_s3_library(tmp_path, minilm):
-    from pipeline_fixtures import AWS_ENV, LocalS3, environ
+    from pipeline_fixtures import local_s3
 
-    s3 = LocalS3()
-    try:
-        with environ(AWS_ENV):
-            options = s3.storage_options
-            root = f"s3://{s3.bucket}/lib"
-            rows = write_library(root, make_items([WATERCOLOR[0], OTHERS[0], OTHERS[3]]), options)
-            publish(root, rows, "run-a", options)
-            build_bank(root, storage_options=options, text_embedder=minilm, image_embedders=["tiny"])
-            assert any(k.startswith("lib/bank/embeddings/all-MiniLM-L6-v2/part-") for k in s3.objects("lib/bank"))
-            rows += write_library(root, make_items([WATERCOLOR[1]], start=3), options)
-            publish(root, rows, "run-b", options)
-            assert build_bank(root, storage_options=options, text_embedder=minilm,
-                              image_embedders=["tiny"])["added"] == {"all-MiniLM-L6-v2": 1, "tiny-style-0": 1}
+    with local_s3() as s3:
+        options = s3.storage_options
+        root = f"s3://{s3.bucket}/lib"
+        rows = write_library(root, make_items([WATERCOLOR[0], OTHERS[0], OTHERS[3]]), options)
+        publish(root, rows, "run-a", options)
+        build_bank(root, storage_options=options, text_embedder=minilm, image_embedders=["tiny"])
+        assert any(k.startswith("lib/bank/embeddings/all-MiniLM-L6-v2/part-") for k in s3.objects("lib/bank"))
+        rows += write_library(root, make_items([WATERCOLOR[1]], start=3), options)
+        publish(root, rows, "run-b", options)
+        assert build_bank(root, storage_options=options, text_embedder=minilm,
+                          image_embedders=["tiny"])["added"] == {"all-MiniLM-L6-v2": 1, "tiny-style-0": 1}
 
-            bank = Bank(root, options)
-            hits = bank.search("soft watercolor with ink outlines", k=2, text_embedder=minilm)
-            assert {h["style"] for h in hits} == set(WATERCOLOR)
-            assert hits[0]["style_lora_uri"].startswith("s3://bucket/lib/items/")
-            assert bank.search(image=f"s3://{s3.bucket}/lib-input/img001.png", k=1)[0]["style"] == OTHERS[0]
-            folder = bank.fit_dir(hits[0], tmp_path / "cache")  # downloaded, sha256-checked
-            assert sorted(p.name for p in folder.iterdir()) == sorted(FIT_FILES)
-            page = write_gallery(hits, tmp_path / "gallery", storage_options=options)
-            assert len(list((tmp_path / "gallery" / "thumbs").iterdir())) == 3  # 2 sources + 1 style preview
-            assert "s3://bucket/lib/items/" in page.read_text()
-    finally:
-        s3.stop()
+        bank = Bank(root, options)
+        hits = bank.search("soft watercolor with ink outlines", k=2, text_embedder=minilm)
+        assert {h["style"] for h in hits} == set(WATERCOLOR)
+        assert hits[0]["style_lora_uri"].startswith("s3://bucket/lib/items/")
+        assert bank.search(image=f"s3://{s3.bucket}/lib-input/img001.png", k=1)[0]["style"] == OTHERS[0]
+        folder = bank.fit_dir(hits[0], tmp_path / "cache")  # downloaded, sha256-checked
+        assert sorted(p.name for p in folder.iterdir()) == sorted(FIT_FILES)
+        page = write_gallery(hits, tmp_path / "gallery", storage_options=options)
+        assert len(list((tmp_path / "gallery" / "thumbs").iterdir())) == 3  # 2 sources + 1 style preview
+        assert "s3://bucket/lib/items/" in page.read_text()
+
 
 
 def test_gallery_in_headless_chromium(library, tmp_path):

@@ -16,8 +16,8 @@ import pytest
 
 from pipeline.job import JobSpec, run_job
 from pipeline.manifest import SCHEMA, read_manifest
-from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, assert_lora_loads, by_name, check_artifacts, check_rows,
-                               environ, local_ray, make_dataset, png_bytes, write_local)
+from pipeline_fixtures import (AWS_ENV, FIT, assert_lora_loads, by_name, check_artifacts, check_rows, local_ray,
+                               local_s3, make_dataset, png_bytes, write_local)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,14 +26,10 @@ EXECUTORS = ("actor-pool", "train")
 
 @pytest.fixture(scope="module")
 def s3():
-    # Credentials in this process's environment (boto3/s3fs here) and, because `ray_cluster` sets them again
-    # before ray.init, in every Ray worker process; the endpoint itself travels in JobSpec.storage_options.
-    with environ(AWS_ENV):
-        server = LocalS3()
-        try:
-            yield server
-        finally:
-            server.stop()
+    # `ray_cluster` sets the credentials again before ray.init, for every Ray worker process; the endpoint
+    # itself travels in JobSpec.storage_options.
+    with local_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

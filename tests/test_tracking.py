@@ -28,8 +28,8 @@ from pipeline.manifest import SCHEMA, read_manifest
 from pipeline.registry_names import item_alias, model_name, model_uri
 from pipeline.storage import Store
 from pipeline.tracking import TAG, redact
-from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, make_dataset,
-                               sha256_hex, write_local)
+from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, local_s3,
+                               make_dataset, sha256_hex, write_local)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,12 +71,8 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def s3():
-    with environ(AWS_ENV):
-        server = LocalS3()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with local_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
