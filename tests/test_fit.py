@@ -58,3 +58,49 @@ def test_gradient_checkpointing_gives_the_same_fit(tiny_base, sample_image):
     for kind in ("content", "style", "mergers"):
         for key, value in plain.tensors[kind].items():
             torch.testing.assert_close(checkpointed.tensors[kind][key], value, atol=1e-6, rtol=1e-5)
+
+
+# ---- baselines and ablations expressed as role tables ----
+
+def _columns_by_block(result, kind):
+    """block name -> fraction of its columns the exported `kind` LoRA uses (nonzero lora_B rows)."""
+    used = {}
+    for key, B in result.tensors[kind].items():
+        if key.endswith("lora_B.weight"):
+            block = key.split(".transformer_blocks")[0]
+            used.setdefault(block, []).append((B.float().abs().sum(1) > 0).float().mean().item())
+    return {block: sum(v) / len(v) for block, v in used.items()}
+
+
+def test_b_lora_table_trains_one_block_per_kind_and_nothing_else(tiny_base, sample_image):
+    config = FitConfig(content="sks dog", style="ink", steps=6, recalibrations=3, rank=2,
+                       role_table="sdxl-blora", ortho_lambda=0.0)
+    result = fit(sample_image, config, base=tiny_base, progress=False)
+    content, style = _columns_by_block(result, "content"), _columns_by_block(result, "style")
+    assert content.pop("up_blocks.0.attentions.0") == 1.0 and set(content.values()) == {0.0}
+    assert style.pop("up_blocks.0.attentions.1") == 1.0 and set(style.values()) == {0.0}
+    # no sparse LoRA anywhere: the recalibrations picked nothing and the mergers never moved
+    assert all(torch.all(m == 1) for m in result.tensors["mergers"].values())
+
+
+def test_free_table_keeps_every_column_of_both_loras_and_mergers_at_one(tiny_base, sample_image):
+    config = FitConfig(content="sks dog", style="ink", steps=4, recalibrations=2, rank=2, role_table="free",
+                       ortho_lambda=0.5)
+    result = fit(sample_image, config, base=tiny_base, progress=False)
+    for kind in ("content", "style"):
+        assert set(_columns_by_block(result, kind).values()) == {1.0}
+    # every column overlaps, yet nothing is separated: the orthogonality loss must not shrink the mergers
+    assert all(torch.all(m == 1) for m in result.tensors["mergers"].values())
+
+
+def test_off_loras_stay_off_during_recalibration_steps(tiny_base):
+    from unziplora.layers import UnZipLoRA
+
+    adapter = UnZipLoRA(tiny_base.unet, rank=2, role_table="sdxl-blora")
+    gates = adapter.gates
+    gates.masks_enabled = False  # what a recalibration step does
+    for name, layer in adapter.named_layers():
+        open_ = gates.gates()[:, layer.columns()]
+        expected = (torch.tensor([layer.role.content != "off", layer.role.style != "off"]).float()[:, None]
+                    .expand_as(open_))
+        assert torch.equal(open_, expected), name

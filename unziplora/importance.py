@@ -49,14 +49,14 @@ def recalibrate(adapter: UnZipLoRA, ratio: float) -> None:
     """OR the top `ratio` columns of every sparse LoRA into its mask.
 
     In shared (exclusive) blocks content picks first and neither LoRA may take a column the other holds,
-    so the two masks stay strictly disjoint. Full LoRAs of dedicated blocks keep all columns.
+    so the two masks stay strictly disjoint. Full LoRAs of dedicated blocks keep all columns, "off" ones none.
     """
     masks, mergers = adapter.gates.masks, adapter.gates.mergers
     for _, layer in adapter.named_layers():
         cols = layer.columns()
         k = int(ratio * layer.out_features)
         for i, kind in enumerate(KINDS):  # content first
-            if layer.role.is_full(kind):
+            if not layer.role.is_sparse(kind):
                 continue
             other = masks[1 - i, cols] if layer.role.exclusive else None
             scores = cone_scores(layer, kind, mergers[i, cols])

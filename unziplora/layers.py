@@ -39,12 +39,16 @@ class ColumnGates(nn.Module):
         # Per-column weight 1 / (layers * columns of its layer): the loss is a mean of per-layer means.
         weights = torch.cat([torch.full((n,), 1.0 / (n * len(sizes))) for n in sizes])
         self.register_buffer("layer_mean_weights", weights)
+        # set from the role table: where a LoRA may act at all (not "off"), and where the mergers may learn
+        # (layers with a sparse LoRA; where both LoRAs are full there is no column separation to learn)
+        self.register_buffer("reachable", torch.ones(2, total))
+        self.register_buffer("mergeable", torch.ones(total))
         self.masks_enabled = True
         self._per_layer = None  # the gates split per layer, computed once per UNet forward pass
 
     def gates(self) -> torch.Tensor:
-        """m * M while masks are on; m alone during a recalibration step (masks off)."""
-        return self.mergers * self.masks if self.masks_enabled else self.mergers
+        """m * M while masks are on; m alone (where the LoRA is not "off") during a recalibration step."""
+        return self.mergers * (self.masks if self.masks_enabled else self.reachable)
 
     def begin_pass(self, *_) -> None:
         """Compute every layer's gates in one op and one split (whose backward is one concatenation),
@@ -77,7 +81,7 @@ class ColumnGates(nn.Module):
     def keep_overlap_grad(self) -> None:
         """Mergers learn only where both LoRAs hold the column (SPEC section 4)."""
         if self.mergers.grad is not None:
-            self.mergers.grad.mul_(self.overlap())
+            self.mergers.grad.mul_(self.overlap() * self.mergeable)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -189,9 +193,14 @@ class UnZipLoRA(nn.Module):
             self._slots.append((full_name, attn, target, base))
         with torch.no_grad():  # the full LoRA of a dedicated block uses every column from the start
             for layer in self.layers.values():
+                cols, role = layer.columns(), layer.role
                 for i, kind in enumerate(KINDS):
-                    if layer.role.is_full(kind):
-                        self.gates.masks[i, layer.columns()] = 1.0
+                    if role.is_full(kind):
+                        self.gates.masks[i, cols] = 1.0
+                    if getattr(role, kind) == "off":
+                        self.gates.reachable[i, cols] = 0.0
+                if not any(role.is_sparse(kind) for kind in KINDS):
+                    self.gates.mergeable[cols] = 0.0
         self._unet = [unet]
         self._saved_processors = None
         self._hooks = []

@@ -1,8 +1,9 @@
 """Block separation as data: which transformer blocks favour content, which style (SPEC section 5).
 
 A role table maps regular expressions over UNet module names to a role. Each role says, for each LoRA,
-whether it uses all output columns ("full") or a recalibrated sparse subset ("sparse"), and whether the
-two sparse LoRAs must stay on disjoint columns ("exclusive"). Other UNets get their own table.
+whether it uses all output columns ("full"), a recalibrated sparse subset ("sparse") or none ("off"), and
+whether the two sparse LoRAs must stay on disjoint columns ("exclusive"). Other UNets get their own table.
+The roles and tables below the method's own also express its ablations and the B-LoRA baseline.
 """
 
 from __future__ import annotations
@@ -16,18 +17,26 @@ KINDS = ("content", "style")
 @dataclass(frozen=True)
 class Role:
     name: str
-    content: str  # "full" | "sparse"
-    style: str  # "full" | "sparse"
+    content: str  # "full" | "sparse" | "off"
+    style: str  # "full" | "sparse" | "off"
     exclusive: bool = False  # sparse picks of the two LoRAs never share a column
 
     def is_full(self, kind: str) -> bool:
         return getattr(self, kind) == "full"
+
+    def is_sparse(self, kind: str) -> bool:
+        return getattr(self, kind) == "sparse"
 
 
 ROLES = {
     "content": Role("content", content="full", style="sparse"),
     "style": Role("style", content="sparse", style="full"),
     "shared": Role("shared", content="sparse", style="sparse", exclusive=True),
+    # not UnZipLoRA's: both LoRAs on every column (no column separation), or a LoRA on one kind only
+    "both": Role("both", content="full", style="full"),
+    "content-only": Role("content-only", content="full", style="off"),
+    "style-only": Role("style-only", content="off", style="full"),
+    "off": Role("off", content="off", style="off"),
 }
 
 # pattern (matched with re.match against the module name) -> role; the first match wins.
@@ -41,6 +50,15 @@ TABLES: dict[str, list[tuple[str, str]]] = {
     ],
     # No block separation at all (the "prompt + column separation" ablation): every block shared.
     "none": [(r".*", "shared")],
+    # Neither block nor column separation (the "prompt separation only" ablation; with one prompt for all
+    # three, a DreamBooth-LoRA of rank 2r): both LoRAs on every column of every block.
+    "free": [(r".*", "both")],
+    # B-LoRA (SPEC section 10): one LoRA on the content block and the style block only, split by block.
+    "sdxl-blora": [
+        (r"up_blocks\.0\.attentions\.0\.", "content-only"),
+        (r"up_blocks\.0\.attentions\.1\.", "style-only"),
+        (r".*", "off"),
+    ],
 }
 
 
