@@ -85,6 +85,67 @@ def test_judges_name_shape_and_style_of_fresh_images():
     assert sim[same].mean() > sim[~same].mean() + 0.2  # a style embedding, not a shape one
 
 
+def test_style_judge_is_the_banks_image_embedder():
+    from PIL import Image
+
+    from pipeline.bank.embedders import load_embedder
+    from toyworld import judges
+
+    embedder = load_embedder("toyworld.judges:StyleEmbedder")  # the way a bank re-creates it from bank.json
+    assert (embedder.name, embedder.spec, embedder.kind, embedder.dim) == (
+        "toy-style-judge", "toyworld.judges:StyleEmbedder", "image", judges.EMBED_DIM)
+    batch = world.dataset(515151, 300)  # more than one chunk of 256
+    images = [world.to_pil(x) for x in batch.images]
+    images[0] = images[0].resize((7 * world.RESOLUTION,) * 2, Image.NEAREST)  # any size (the bank decodes at 224)
+    images[1] = images[1].convert("RGBA")  # any mode
+    vectors = embedder.embed(images)
+    assert vectors.shape == (300, 64) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    # the PIL round trip and the area resize lose nothing: the same vectors as the judge's own tensor path
+    assert np.allclose(vectors, embedder.judges.style_embedding(batch.images).numpy(), atol=1e-4)
+    same = (batch.styles[:, None] == batch.styles[None, :]).numpy()
+    sim = vectors @ vectors.T
+    assert sim[same & ~np.eye(300, dtype=bool)].mean() > sim[~same].mean() + 0.2
+    assert embedder.embed([]).shape == (0, 64)
+
+
+def test_bank_built_with_the_style_judge_finds_an_examples_style(tmp_path):
+    """A toy-world library (source PNGs and manifest rows, no fits): an unseen image of style X finds X's items."""
+    import hashlib
+    import io
+
+    from pipeline.bank import Bank, build_bank
+    from pipeline.manifest import empty_row, write_manifest
+    from pipeline.storage import Store
+
+    def png(image):
+        buffer = io.BytesIO()
+        world.to_pil(image).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    root, rows = tmp_path / "library", []
+    rng = np.random.default_rng(616161)
+    for style in world.STYLE_NAMES:
+        batch = world.sample_batch(rng, 2, style=style)
+        for image, f in zip(batch.images, batch.factors):
+            data = png(image)
+            sha = hashlib.sha256(data).hexdigest()
+            path = tmp_path / "input" / f"{sha[:12]}.png"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+            rows.append(empty_row(str(path)) | {"item_id": sha, "image_sha256": sha, "status": "ok",
+                                                "content": f"sks {f.shape}", "style": world.STYLES[style]})
+    write_manifest(Store(str(root)), rows, "run-a")
+    summary = build_bank(str(root), text_embedder=None, image_embedders=["toyworld.judges:StyleEmbedder"])
+    assert summary["added"] == {"toy-style-judge": len(rows)} and summary["unreadable_images"] == 0
+    bank = Bank(str(root))
+    assert bank.meta["embedders"]["toy-style-judge"]["spec"] == "toyworld.judges:StyleEmbedder"
+    rng = np.random.default_rng(717171)  # new images: other shapes, colours and placements
+    for style in world.STYLE_NAMES:
+        hits = bank.search(image=png(world.sample_batch(rng, 1, style=style).images[0]), k=1)  # embedder from bank.json
+        assert hits[0]["style"] == world.STYLES[style], (style, hits[0]["style"], hits[0]["score"])
+
+
 def test_training_script_writes_a_pipeline_our_loader_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from toyworld import train_base

@@ -75,6 +75,30 @@ def load_judges(path: str | Path = DEFAULT_PATH) -> Judges:
     return judges
 
 
+class StyleEmbedder:
+    """The style judge as an image embedder for the style bank (pipeline/bank/embedders.py's protocol): the
+    offline stand-in for CSD on toy-world libraries,
+    `unziplora bank build LIB --image-embedder toyworld.judges:StyleEmbedder` (the class is the factory)."""
+
+    name, spec, kind, dim = "toy-style-judge", "toyworld.judges:StyleEmbedder", "image", EMBED_DIM
+
+    def __init__(self, path: str | Path = DEFAULT_PATH):
+        self.judges = load_judges(path)
+
+    def embed(self, images) -> np.ndarray:
+        """RGB PIL images, any size or mode -> float32 (len(images), EMBED_DIM), unit rows."""
+        images = list(images)
+        out = [np.zeros((0, self.dim), np.float32)]
+        with torch.no_grad():
+            for start in range(0, len(images), 256):
+                # each image to the world's resolution first (area), so images of different sizes batch
+                batch = torch.cat([_prepare(world.to_tensor(np.array(im.convert("RGB")))[None])
+                                   for im in images[start:start + 256]])
+                out.append(self.judges.style_embedding(batch).numpy().astype(np.float32))
+        vectors = np.concatenate(out)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def accuracy(judges: Judges, batch: world.Batch) -> dict:
     shapes, styles = [], []
     for i in range(0, len(batch.images), 256):

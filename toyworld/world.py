@@ -208,6 +208,13 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
 
 
+def to_pil(image: torch.Tensor):
+    """3 x H x W in [-1, 1] -> a PIL image (what a user would save and fit)."""
+    from PIL import Image
+
+    return Image.fromarray(((image.clamp(-1, 1) + 1) * 127.5 + 0.5).byte().permute(1, 2, 0).numpy())
+
+
 def sample_batch(rng: np.random.Generator, n: int, resolution: int = RESOLUTION, shape: str | None = None,
                  style: str | None = None) -> Batch:
     factors = [sample_factors(rng, shape, style) for _ in range(n)]

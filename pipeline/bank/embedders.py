@@ -12,6 +12,7 @@ Specs: `minilm` (all-MiniLM-L6-v2, bundled, offline), `clip:/local/dir` (a trans
 projection, e.g. openai/clip-vit-large-patch14 saved locally), `tiny[:seed]` (random features, for tests),
 or `package.module:factory` for any third-party embedder (a style judge, a CSD model): `factory()` returns
 the object, and the spec recorded in bank.json lets a search re-create it.
+Example: `toyworld.judges:StyleEmbedder`, the toy world's style judge (offline CSD stand-in for toy-world libraries).
 """
 
 from __future__ import annotations
