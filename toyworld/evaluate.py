@@ -1,7 +1,7 @@
 """Measure a toy base model with the judges: does it draw the prompted shape in the prompted style, and which
 UNet blocks carry content vs style (the measured probe behind `roles.TABLES["toy"]`).
 
-    python -m toyworld.evaluate MODEL_DIR [--seeds 4] [--probe]
+    python -m toyworld.evaluate MODEL_DIR [--seeds 4] [--probe] [--prompt-gap]
 
 Sampling is a plain DDIM (or, with `sampler="ddpm"`, ancestral DDPM) loop with classifier-free guidance (zeros as the unconditional input, as
 StableDiffusionXLPipeline does for an absent negative prompt), so the probe can change one block's
@@ -101,6 +101,47 @@ def judged_accuracy(base, judges, seeds: int = 2, steps: int = 20, guidance: flo
                 per_pair=both, samples=len(pairs) * seeds)
 
 
+@torch.no_grad()
+def prompt_gap(base, n: int = 128, seed: int = 777) -> dict[str, float]:
+    """How much the right prompt lowers the noise-prediction loss against a shuffled (wrong) one, per noise
+    band: wrong / right - 1 on `n` held-out images with the same noise and timesteps for both. A model that
+    ignores its prompt scores about 0; the early check of a training run, before sampling is worth it."""
+    batch = world.dataset(seed, n)
+    right = batch.prompts
+    wrong = [right[i] for i in torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()]
+    unet, res = base.unet, base.default_resolution
+    x0 = base.vae.encode(batch.images.to(base.vae.dtype)).latent_dist.mode() * base.vae.config.scaling_factor
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=unet.dtype).repeat(n, 1)
+    gaps = {}
+    for lo, hi in ((0, 300), (300, 700), (700, 1000)):
+        g = torch.Generator().manual_seed(1)
+        t = torch.randint(lo, hi, (n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = base.scheduler.add_noise(x0, noise, t).to(unet.dtype)
+        loss = {}
+        for name, prompts in (("right", right), ("wrong", wrong)):
+            hidden, pooled = encode(base, prompts)
+            pred = unet(noisy, t, encoder_hidden_states=hidden,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            loss[name] = torch.nn.functional.mse_loss(pred.float(), noise).item()
+        gaps[f"t{lo}-{hi}"] = loss["wrong"] / loss["right"] - 1
+    return gaps
+
+
+def save_grid(base, path: str, seed: int = 0, steps: int = 20, guidance: float = 4.0, sampler: str = "ddim",
+              scale: int = 4) -> None:
+    """One sample per prompt: rows are shapes, columns styles (in world order), enlarged `scale` x."""
+    from PIL import Image
+
+    images = sample(base, [world.prompt(*p) for p in all_pairs()], seed=seed, steps=steps, guidance=guidance,
+                    sampler=sampler)
+    n, size = len(world.STYLE_NAMES), images.shape[-1]
+    grid = Image.new("RGB", (n * size, len(world.SHAPE_NAMES) * size), "white")
+    for i, image in enumerate(images):
+        grid.paste(world.to_pil(image), ((i % n) * size, (i // n) * size))
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
+
+
 def cross_attention_blocks(unet) -> list[str]:
     return sorted({name.split(".attn2")[0].rsplit(".transformer_blocks", 1)[0]
                    for name in unet.attn_processors if ".attn2." in name})
@@ -143,15 +184,22 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--probe", action="store_true")
+    p.add_argument("--prompt-gap", action="store_true", help="only the right-vs-wrong-prompt loss gap (fast)")
+    p.add_argument("--grid", help="also save a shapes x styles sample grid (PNG) here")
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     base = load_base_model(a.model, device="cpu")
+    if a.prompt_gap:
+        print(json.dumps({band: round(gap, 4) for band, gap in prompt_gap(base).items()}), flush=True)
+        return
     judges = judges_mod.load_judges()
     out = dict(accuracy=judged_accuracy(base, judges, a.seeds, a.steps, a.guidance, a.sampler))
     print(json.dumps({k: v for k, v in out["accuracy"].items() if k != "per_pair"}, indent=1), flush=True)
     if a.probe:
         out["probe"] = role_probe(base, judges, a.seeds, a.steps, a.guidance, a.sampler)
+    if a.grid:
+        save_grid(base, a.grid, steps=a.steps, guidance=a.guidance, sampler=a.sampler)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
