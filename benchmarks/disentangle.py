@@ -1,0 +1,240 @@
+"""Does a method separate content from style? Measured against the toy world's ground truth (issue 6).
+
+    python benchmarks/disentangle.py [--images 12] [--seeds 2] [--steps 600] [--methods all] [--out DIR]
+
+A fixed, seeded set of held-out toy-world images (each one shape in one style, seeds the base model never
+saw). Each image is fitted by every method; then, with fixed seeds and the shape/style judges:
+
+- content LoRA alone, asked for each OTHER style:  shape accuracy (higher is better) and source-style
+  leakage (how often the judge still sees the source style: lower is better);
+- style LoRA alone, asked for each OTHER shape:    style accuracy and source-shape leakage;
+- content of image A + style of image B:            both right (and each one alone);
+- both LoRAs of one image, its own prompt:          reconstruction (did the fit learn the image at all?).
+
+The content and style are named with words the base model never learned ("sks shape", "zwx"), so only the
+LoRAs can supply them: the base cannot draw the right answer from the prompt alone.
+
+Methods (SPEC section 10 and the paper's ablation table), all on the same training loop and settings:
+- unziplora      prompt + column + block separation (the base model's measured role table);
+- prompt+column  no block separation (role table "none": every block shared, disjoint sparse columns);
+- prompt-only    neither column nor block separation (role table "free": both LoRAs on every column);
+- b-lora         one LoRA on the content block and the style block only, one prompt, split by block;
+- dreambooth     one LoRA on every column, one prompt; it cannot be split, so its "content" and "style"
+                 are the whole LoRA (a rank-2r LoRA: both halves, trained under one prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toyworld import judges as judges_mod  # noqa: E402
+from toyworld import world  # noqa: E402
+from unziplora.config import FitConfig  # noqa: E402
+from unziplora.export import FILES, load_fit  # noqa: E402
+from unziplora.generate import generate  # noqa: E402
+from unziplora.models import load_base_model  # noqa: E402
+from unziplora.roles import TABLES  # noqa: E402
+from unziplora.training import fit  # noqa: E402
+
+HELD_OUT_SEED = 424242  # the base model trains on fresh random draws, the judges on seeds 0-10,000
+CONTENT, STYLE = "sks shape", "zwx"  # words the base model never saw in training
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    name: str
+    role_table: str  # "{table}" stands for the base model's own table
+    one_prompt: bool = False  # both LoRAs trained under the combined prompt: no prompt separation
+    whole: bool = False  # cannot be split: content and style are the whole LoRA
+    ortho: bool = True  # the orthogonality loss (only meaningful with sparse columns)
+
+
+METHODS = [
+    Method("unziplora", "UnZipLoRA (prompt + column + block)", "{table}"),
+    Method("prompt+column", "prompt + column separation", "none"),
+    Method("prompt-only", "prompt separation only", "free", ortho=False),
+    Method("b-lora", "B-LoRA (block split, one prompt)", "{table}-blora", one_prompt=True, ortho=False),
+    Method("dreambooth", "DreamBooth-LoRA (whole LoRA)", "free", one_prompt=True, whole=True, ortho=False),
+]
+
+
+def held_out_images(n: int) -> world.Batch:
+    """n images in which consecutive ones (the recombination pairs) differ in both shape and style."""
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    pairs = [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
+    order = rng.permutation(len(pairs))
+    chosen = []
+    for i in order:
+        if not chosen or (pairs[i][0] != chosen[-1][0] and pairs[i][1] != chosen[-1][1]):
+            chosen.append(pairs[i])
+        if len(chosen) == n:
+            break
+    factors = [world.sample_factors(rng, sh, st) for sh, st in chosen]
+    images = torch.stack([world.to_tensor(world.render(f)[0]) for f in factors])
+    return world.Batch(images, torch.tensor([world.SHAPE_NAMES.index(f.shape) for f in factors]),
+                       torch.tensor([world.STYLE_NAMES.index(f.style) for f in factors]), factors)
+
+
+def fit_config(method: Method, base_table: str, args) -> FitConfig:
+    table = method.role_table.format(table=base_table)
+    if table not in TABLES:
+        raise SystemExit(f"no role table {table!r} for this base model (unziplora/roles.py)")
+    combined = f"A {CONTENT} in {STYLE} style"
+    return FitConfig(content=CONTENT, style=STYLE, base_model=args.model, steps=args.steps, rank=args.rank,
+                     lr=args.lr, seed=0, role_table=table, ortho_lambda=0.5 if method.ortho else 0.0,
+                     recalibrations=min(3, args.steps), prompt=combined,
+                     content_prompt=combined if method.one_prompt else None,
+                     style_prompt=combined if method.one_prompt else None)
+
+
+def to_tensor(images) -> torch.Tensor:
+    return torch.stack([world.to_tensor(np.array(im.convert("RGB"))) for im in images])
+
+
+def whole_loras(base, fits, prompt: str, call: dict):
+    """Every fit's two LoRA halves at weight 1 under one prompt (how a user stacks whole LoRAs)."""
+    pipe = base.pipeline()
+    names = []
+    try:
+        for i, f in enumerate(fits):
+            for kind, file in FILES.items():
+                name = f"{kind}{i}"
+                pipe.load_lora_weights(str(f.path), weight_name=file, adapter_name=name)
+                names.append(name)
+        pipe.set_adapters(names, [1.0] * len(names))
+        return pipe(prompt, num_inference_steps=call["steps"], guidance_scale=call["guidance"],
+                    num_images_per_prompt=call["num_images"], generator=torch.Generator().manual_seed(call["seed"]),
+                    height=base.default_resolution, width=base.default_resolution).images
+    finally:
+        pipe.unload_lora_weights()
+
+
+def draw(base, method: Method, content=None, style=None, prompt: str = "", call: dict = None) -> torch.Tensor:
+    """Images from the method's content LoRA, style LoRA, or both (recombined when they differ)."""
+    if method.whole:
+        fits = [f for f in (content, style) if f is not None]
+        fits = fits[:1] if len(fits) == 2 and fits[0] is fits[1] else fits
+        return to_tensor(whole_loras(base, fits, prompt, call))
+    mode = "direct" if method.one_prompt else "routed"  # B-LoRA's halves are plain LoRAs on disjoint blocks
+    return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode, **call))
+
+
+def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list, seeds: int, steps: int,
+                    guidance: float) -> dict:
+    counts: dict[str, list[float]] = {}
+
+    def add(name, hits: torch.Tensor):
+        counts.setdefault(name, []).extend(hits.float().tolist())
+
+    call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds)
+    for i, f in enumerate(batch.factors):
+        shape, style = batch.shapes[i].item(), batch.styles[i].item()
+        for other in world.STYLE_NAMES:  # content LoRA in every other style
+            if other == f.style:
+                continue
+            shapes, styles = judges.classify(draw(base, method, content=fits[i],
+                                                  prompt=f"A {CONTENT} in {other} style", call=call))
+            add("content_acc", shapes == shape)
+            add("content_style_leak", styles == style)
+            add("content_follows_style", styles == world.STYLE_NAMES.index(other))
+        for other in world.SHAPE_NAMES:  # style LoRA on every other shape
+            if other == f.shape:
+                continue
+            shapes, styles = judges.classify(draw(base, method, style=fits[i],
+                                                  prompt=f"A {other} in {STYLE} style", call=call))
+            add("style_acc", styles == style)
+            add("style_shape_leak", shapes == shape)
+            add("style_follows_shape", shapes == world.SHAPE_NAMES.index(other))
+        combined = f"A {CONTENT} in {STYLE} style"
+        shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=combined,
+                                              call=call))
+        add("recon_both", (shapes == shape) & (styles == style))
+        if i % 2 == 0 and i + 1 < len(fits):  # content of A with style of B, and the other way round
+            for a, b in ((i, i + 1), (i + 1, i)):
+                shapes, styles = judges.classify(draw(base, method, content=fits[a], style=fits[b],
+                                                      prompt=combined, call=call))
+                add("recomb_shape", shapes == batch.shapes[a].item())
+                add("recomb_style", styles == batch.styles[b].item())
+                add("recomb_both", (shapes == batch.shapes[a].item()) & (styles == batch.styles[b].item()))
+    return {name: float(np.mean(v)) for name, v in counts.items()}
+
+
+COLUMNS = [  # (key, header); arrows say which way is better
+    ("content_acc", "content shape ↑"), ("content_style_leak", "style leak ↓"),
+    ("style_acc", "style ↑"), ("style_shape_leak", "shape leak ↓"),
+    ("recomb_both", "recombined ↑"), ("recon_both", "reconstructed ↑"), ("fit_s", "s/fit"),
+]
+
+
+def table(results: dict) -> str:
+    lines = ["| method | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for name, r in results.items():
+        cells = [f"{r[k]:.1f}" if k == "fit_s" else f"{100 * r[k]:.0f} %" for k, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="toy", help="the base model (its role table must have a -blora twin)")
+    p.add_argument("--images", type=int, default=12)
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--steps", type=int, default=600, help="fit steps")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--methods", default="all", help=f"comma-separated from {[m.key for m in METHODS]}")
+    p.add_argument("--out", default="out/disentangle")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    diffusers_logging.set_verbosity_error()  # not one "no LoRA keys for the text encoder" line per image
+    chosen = METHODS if a.methods == "all" else [m for m in METHODS if m.key in a.methods.split(",")]
+    if not chosen:
+        raise SystemExit(f"no such method in {a.methods!r}; choose from {[m.key for m in METHODS]}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
+    judges = judges_mod.load_judges()
+    batch = held_out_images(a.images)
+    print(f"{a.images} held-out images: " + ", ".join(f.prompt for f in batch.factors), flush=True)
+    results, started = {}, time.time()
+    for method in chosen:
+        config = fit_config(method, base.role_table, a)
+        fits, seconds = [], []
+        for i, image in enumerate(batch.images):
+            path = out / "images" / f"{i:03d}.png"
+            path.parent.mkdir(exist_ok=True)
+            world.to_pil(image).save(path)
+            t = time.perf_counter()
+            result = fit(str(path), config, base=base, out_dir=out / method.key / f"{i:03d}", overwrite=True,
+                         progress=False)
+            seconds.append(time.perf_counter() - t)
+            fits.append(load_fit(result.out_dir))
+        scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance)
+        results[method.name] = scores | {"fit_s": float(np.mean(seconds))}
+        print(f"{method.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[method.name].items())
+              + f" ({time.time() - started:.0f} s so far)", flush=True)
+    report = dict(settings=vars(a), base_model=base.name, role_table=base.role_table,
+                  images=[asdict(f) for f in batch.factors], results=results)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    print(table(results))
+    return report
+
+
+if __name__ == "__main__":
+    main()
