@@ -1,5 +1,6 @@
 """The training loop's contract: encoders run once per fit, outside the graph; the loss goes down."""
 
+import pytest
 import torch
 
 from unziplora import FitConfig, fit
@@ -104,3 +105,19 @@ def test_off_loras_stay_off_during_recalibration_steps(tiny_base):
         expected = (torch.tensor([layer.role.content != "off", layer.role.style != "off"]).float()[:, None]
                     .expand_as(open_))
         assert torch.equal(open_, expected), name
+
+
+def test_prediction_target_follows_the_scheduler_config():
+    from diffusers import DDPMScheduler
+
+    from unziplora.errors import InputError
+    from unziplora.training import prediction_target
+
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert prediction_target(DDPMScheduler(), x0, noise, t) is noise
+    v_sched = DDPMScheduler(prediction_type="v_prediction")
+    a = v_sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert torch.allclose(prediction_target(v_sched, x0, noise, t), expected, atol=1e-6)
+    with pytest.raises(InputError, match="prediction_type"):
+        prediction_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)

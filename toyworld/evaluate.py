@@ -19,6 +19,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from toyworld import judges as judges_mod
 from toyworld import world
+from unziplora.training import prediction_target
 
 
 @torch.no_grad()
@@ -123,7 +124,8 @@ def prompt_gap(base, n: int = 128, seed: int = 777) -> dict[str, float]:
             hidden, pooled = encode(base, prompts)
             pred = unet(noisy, t, encoder_hidden_states=hidden,
                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-            loss[name] = torch.nn.functional.mse_loss(pred.float(), noise).item()
+            target = prediction_target(base.scheduler, x0, noise, t)
+            loss[name] = torch.nn.functional.mse_loss(pred.float(), target.float()).item()
         gaps[f"t{lo}-{hi}"] = loss["wrong"] / loss["right"] - 1
     return gaps
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from toyworld import world
+from unziplora.training import prediction_target
 
 # ---- the architecture, as data ----
 
@@ -89,9 +90,14 @@ class Settings:
     # the prompt, so samples from pure noise ignored the prompt (measured: 25 % shape accuracy at 1,500
     # steps). The cosine schedule ends at alpha_bar ~ 1e-6; sampling uses "trailing" spacing to start there.
     schedule: str = "cosine"
+    # "v_prediction", not SDXL's "epsilon": near the last step x_t is almost pure noise, so an epsilon model
+    # mostly copies its input and the prompt's shape is a 1 % residual that the sampler divides by
+    # sqrt(alpha_bar) (70x at t = 990); a v model predicts the (blurry) image itself there, from the prompt
+    prediction: str = "v_prediction"
     # start the UNet (and text encoders) from another run's state.pt instead of from scratch; its VAE and
     # latent scale are kept, its optimizer and step count are not
     init_from: str = ""
+    stop_after: int = 0  # end after this step (0: at `steps`); the learning-rate schedule still spans `steps`
     save_every: int = 250
     seed: int = 0
     threads: int = 1
@@ -184,31 +190,32 @@ def train_vae(vae, s: Settings, rng: np.random.Generator, log) -> float:
 
 # ---- stage 2: the UNet ----
 
-def scheduler_config(schedule: str) -> dict:
+def scheduler_config(schedule: str, prediction: str = "epsilon") -> dict:
     """SDXL's scheduler settings with the toy world's noise schedule (see Settings.schedule)."""
     from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 
     from unziplora.models import SCHEDULER_CONFIG
 
     if schedule == "scaled_linear":
-        return dict(SCHEDULER_CONFIG)
+        return SCHEDULER_CONFIG | dict(prediction_type=prediction)
     if schedule != "cosine":
         raise ValueError(f"unknown schedule {schedule!r}: use cosine or scaled_linear")
     betas = betas_for_alpha_bar(SCHEDULER_CONFIG["num_train_timesteps"]).tolist()
     # the usual 0.999 cap on the last beta puts sigma_max at 20,000 (fp16 latents overflow); 0.5 gives
     # alpha_bar 1.2e-6, sigma_max 900, still far below what the noise could hide a shape in
     betas[-1] = min(betas[-1], 0.5)
-    return SCHEDULER_CONFIG | dict(trained_betas=betas, timestep_spacing="trailing", steps_offset=0)
+    return SCHEDULER_CONFIG | dict(trained_betas=betas, timestep_spacing="trailing", steps_offset=0,
+                                   prediction_type=prediction)
 
 
-def save_pipeline(parts: dict, scaling_factor: float, out: Path, schedule: str) -> None:
+def save_pipeline(parts: dict, scaling_factor: float, out: Path, scheduler: dict) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     parts["vae"].register_to_config(scaling_factor=scaling_factor)
     pipe = StableDiffusionXLPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
         tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
-        scheduler=EulerDiscreteScheduler.from_config(scheduler_config(schedule)))
+        scheduler=EulerDiscreteScheduler.from_config(scheduler))
     tmp = out.with_name(out.name + ".tmp")
     copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp, safe_serialization=True)  # training stays fp32
     if out.exists():  # swap in the new copy; the old one survives a crash mid-write
@@ -262,7 +269,7 @@ def train(s: Settings) -> None:
     with torch.no_grad():
         hidden, pooled = encode_prompts(parts, all_prompts)
     index = {p: i for i, p in enumerate(pairs)}
-    noise_sched = DDPMScheduler(**scheduler_config(s.schedule))
+    noise_sched = DDPMScheduler(**scheduler_config(s.schedule, s.prediction))
     res = world.RESOLUTION
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(s.batch, 1)
 
@@ -294,7 +301,8 @@ def train(s: Settings) -> None:
           f"latent scaling {scaling:.4f}", flush=True)
 
     t_window = time.time()
-    for step in range(first, s.steps):
+    last = min(s.steps, s.stop_after or s.steps)
+    for step in range(first, last):
         lr = s.lr * min(1.0, (step + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -320,7 +328,7 @@ def train(s: Settings) -> None:
         noisy = noise_sched.add_noise(x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond,
                     added_cond_kwargs={"text_embeds": cond_pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, prediction_target(noise_sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -334,8 +342,8 @@ def train(s: Settings) -> None:
             print(f"step {step + 1}/{s.steps} loss {loss.item():.4f} "
                   f"{(time.time() - t_window) / 50:.2f} s/step", flush=True)
             t_window = time.time()
-        if (step + 1) % s.save_every == 0 or step + 1 == s.steps:
-            save_pipeline(parts | dict(ema.items()), scaling, out / "pipeline", s.schedule)
+        if (step + 1) % s.save_every == 0 or step + 1 == last:
+            save_pipeline(parts | dict(ema.items()), scaling, out / "pipeline", dict(noise_sched.config))
             torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
                             vae=vae.state_dict(), scaling_factor=scaling, rng=rng.bit_generator.state,
                             torch_rng=torch.get_rng_state()), str(state_path) + ".tmp")

@@ -120,7 +120,7 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
             timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=rng)
             noisy = base.scheduler.add_noise(x0, noise, timestep).to(dtype)
             pred = unet(noisy, timestep.to(device), **unet_kwargs).sample
-            mse = F.mse_loss(pred.float(), noise.float())
+            mse = F.mse_loss(pred.float(), prediction_target(base.scheduler, x0, noise, timestep).float())
             ortho = gates.orthogonality_loss()
             loss = mse + config.ortho_lambda * ortho
             if not math.isfinite(loss.item()):
@@ -151,6 +151,17 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
         if config.gradient_checkpointing and not checkpointing_before:
             unet.disable_gradient_checkpointing()
     return history
+
+
+def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, as its scheduler config says: the noise (SDXL base) or the velocity
+    (v-prediction models, such as the toy model)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timestep.to(x0.device))
+    raise InputError(f"unsupported prediction_type {kind!r} in the base model's scheduler config")
 
 
 @torch.no_grad()
