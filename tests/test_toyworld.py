@@ -226,3 +226,23 @@ def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path):
         assert all(0 <= scores[k] <= 1 for k, _ in bench.COLUMNS if k != "fit_s")
         assert scores["fit_s"] > 0
     assert (tmp_path / "results.json").is_file() and len(list(tmp_path.glob("*/001/content_lora.safetensors"))) == 5
+
+
+def test_probe_results_become_role_tables():
+    from toyworld.evaluate import suggest_role_table
+    from unziplora.roles import role_for
+
+    probe = {"up_blocks.0.attentions.0": dict(content=0.6, style=0.1),
+             "up_blocks.0.attentions.1": dict(content=0.1, style=0.5),
+             "mid_block.attentions.0": dict(content=0.3, style=0.25),
+             "down_blocks.1.attentions.0": dict(content=0.0, style=0.3),
+             "(all blocks)": dict(content=1.0, style=1.0)}
+    tables = suggest_role_table(probe)
+    roles = {block: role_for(block + ".transformer_blocks.0.attn2.to_k", tables["toy"]).name for block in probe
+             if not block.startswith("(")}
+    assert roles == {"up_blocks.0.attentions.0": "content", "up_blocks.0.attentions.1": "style",
+                     "mid_block.attentions.0": "shared", "down_blocks.1.attentions.0": "style"}
+    blora = {block: role_for(block + ".transformer_blocks.0.attn1.to_q", tables["toy-blora"]).name
+             for block in roles}
+    assert blora == {"up_blocks.0.attentions.0": "content-only", "up_blocks.0.attentions.1": "style-only",
+                     "mid_block.attentions.0": "off", "down_blocks.1.attentions.0": "off"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -176,6 +177,28 @@ def role_probe(base, judges, seeds: int = 2, steps: int = 20, guidance: float = 
     return result
 
 
+def suggest_role_table(probe: dict, margin: float = 0.1) -> dict[str, list[tuple[str, str]]]:
+    """The role tables a probe measures: a block whose swap moves the shape at least `margin` more often than
+    the style is "content", the reverse "style", the rest "shared"; the most content-leaning and the most
+    style-leaning block are always content and style (the method needs one of each). The B-LoRA twin puts
+    its one LoRA on exactly those two blocks."""
+    blocks = {b: r for b, r in probe.items() if not b.startswith("(")}
+    lean = {b: r["content"] - r["style"] for b, r in blocks.items()}
+    top_content = max(lean, key=lean.get)
+    top_style = min((b for b in lean if b != top_content), key=lean.get)
+    rows = []
+    for block in sorted(blocks):
+        if block == top_content or (lean[block] >= margin and block != top_style):
+            role = "content"
+        elif block == top_style or lean[block] <= -margin:
+            role = "style"
+        else:
+            role = "shared"
+        rows.append((re.escape(block + "."), role))
+    blora = [(re.escape(top_content + "."), "content-only"), (re.escape(top_style + "."), "style-only"), (".*", "off")]
+    return {"toy": rows, "toy-blora": blora}
+
+
 def main(argv=None) -> None:
     from unziplora.models import load_base_model
 
@@ -200,6 +223,10 @@ def main(argv=None) -> None:
     print(json.dumps({k: v for k, v in out["accuracy"].items() if k != "per_pair"}, indent=1), flush=True)
     if a.probe:
         out["probe"] = role_probe(base, judges, a.seeds, a.steps, a.guidance, a.sampler)
+        out["role_tables"] = suggest_role_table(out["probe"])
+        print("measured role tables (for unziplora/roles.py):", flush=True)
+        for name, rows in out["role_tables"].items():
+            print(f'    "{name}": [', *(f"        (r\"{p}\", \"{r}\")," for p, r in rows), "    ],", sep="\n")
     if a.grid:
         save_grid(base, a.grid, steps=a.steps, guidance=a.guidance, sampler=a.sampler)
     if a.json:
