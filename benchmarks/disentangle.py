@@ -145,7 +145,7 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
             if other == f.style:
                 continue
             shapes, styles = judges.classify(draw(base, method, content=fits[i],
-                                                  prompt=f"A {CONTENT} in {other} style", call=call))
+                                                  prompt=f"A {CONTENT} in {world.STYLES[other]} style", call=call))
             add("content_acc", shapes == shape)
             add("content_style_leak", styles == style)
             add("content_follows_style", styles == world.STYLE_NAMES.index(other))
@@ -153,7 +153,7 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
             if other == f.shape:
                 continue
             shapes, styles = judges.classify(draw(base, method, style=fits[i],
-                                                  prompt=f"A {other} in {STYLE} style", call=call))
+                                                  prompt=f"A {world.SHAPES[other]} in {STYLE} style", call=call))
             add("style_acc", styles == style)
             add("style_shape_leak", shapes == shape)
             add("style_follows_shape", shapes == world.SHAPE_NAMES.index(other))
@@ -213,7 +213,15 @@ def main(argv=None) -> dict:
     batch = held_out_images(a.images)
     print(f"{a.images} held-out images: " + ", ".join(f.prompt for f in batch.factors), flush=True)
     results, started = {}, time.time()
+    # what a method's scores depend on; a finished method with the same settings is reused, so a long run
+    # resumes, and methods can run in parallel processes sharing --out
+    same = {k: vars(a)[k] for k in ("model", "images", "seeds", "steps", "rank", "lr", "sample_steps", "guidance")}
     for method in chosen:
+        saved = out / method.key / "scores.json"
+        if saved.is_file() and json.loads(saved.read_text())["settings"] == same:
+            results[method.name] = json.loads(saved.read_text())["scores"]
+            print(f"{method.name}: reused {saved}", flush=True)
+            continue
         config = fit_config(method, base.role_table, a)
         fits, seconds = [], []
         for i, image in enumerate(batch.images):
@@ -227,6 +235,7 @@ def main(argv=None) -> dict:
             fits.append(load_fit(result.out_dir))
         scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance)
         results[method.name] = scores | {"fit_s": float(np.mean(seconds))}
+        saved.write_text(json.dumps({"settings": same, "scores": results[method.name]}, indent=1))
         print(f"{method.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[method.name].items())
               + f" ({time.time() - started:.0f} s so far)", flush=True)
     report = dict(settings=vars(a), base_model=base.name, role_table=base.role_table,

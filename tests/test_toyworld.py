@@ -219,13 +219,18 @@ def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path):
     spec = importlib.util.spec_from_file_location("disentangle", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main(["--images", "2", "--seeds", "1", "--steps", "30", "--sample-steps", "4",
-                         "--out", str(tmp_path)])
+    args = ["--images", "2", "--seeds", "1", "--steps", "30", "--sample-steps", "4", "--out", str(tmp_path)]
+    report = bench.main(args)
     assert list(report["results"]) == [m.name for m in bench.METHODS]
     for scores in report["results"].values():
         assert all(0 <= scores[k] <= 1 for k, _ in bench.COLUMNS if k != "fit_s")
         assert scores["fit_s"] > 0
-    assert (tmp_path / "results.json").is_file() and len(list(tmp_path.glob("*/001/content_lora.safetensors"))) == 5
+    loras = sorted(tmp_path.glob("*/001/content_lora.safetensors"))
+    assert (tmp_path / "results.json").is_file() and len(loras) == 5
+    # a second run with the same settings reuses every finished method instead of fitting again
+    stamps = [p.stat().st_mtime_ns for p in loras]
+    assert bench.main(args)["results"] == report["results"]
+    assert [p.stat().st_mtime_ns for p in loras] == stamps
 
 
 def test_probe_results_become_role_tables():

@@ -14,7 +14,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..storage import open_url
 
@@ -100,7 +100,7 @@ def _thumbnail(uri: str, target: Path, storage_options) -> bool:
     if target.exists():  # named by the image's URI: a gallery written again into the same folder reuses it
         return True
     try:
-        image = Image.open(io.BytesIO(open_url(uri, storage_options)))
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(open_url(uri, storage_options))))  # as shot
         image.thumbnail((THUMB, THUMB))
         image.convert("RGB").save(target, "JPEG", quality=85)
         return True
