@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -85,6 +86,15 @@ def held_out_images(n: int) -> world.Batch:
     images = torch.stack([world.to_tensor(world.render(f)[0]) for f in factors])
     return world.Batch(images, torch.tensor([world.SHAPE_NAMES.index(f.shape) for f in factors]),
                        torch.tensor([world.STYLE_NAMES.index(f.style) for f in factors]), factors)
+
+
+def write_image(image: torch.Tensor, path: Path) -> Path:
+    """Atomically (processes sharing --out write the same files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    world.to_pil(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 def fit_config(method: Method, base_table: str, args) -> FitConfig:
@@ -212,6 +222,7 @@ def main(argv=None) -> dict:
     judges = judges_mod.load_judges()
     batch = held_out_images(a.images)
     print(f"{a.images} held-out images: " + ", ".join(f.prompt for f in batch.factors), flush=True)
+    paths = [write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
     results, started = {}, time.time()
     # what a method's scores depend on; a finished method with the same settings is reused, so a long run
     # resumes, and methods can run in parallel processes sharing --out
@@ -224,10 +235,7 @@ def main(argv=None) -> dict:
             continue
         config = fit_config(method, base.role_table, a)
         fits, seconds = [], []
-        for i, image in enumerate(batch.images):
-            path = out / "images" / f"{i:03d}.png"
-            path.parent.mkdir(exist_ok=True)
-            world.to_pil(image).save(path)
+        for i, path in enumerate(paths):
             t = time.perf_counter()
             result = fit(str(path), config, base=base, out_dir=out / method.key / f"{i:03d}", overwrite=True,
                          progress=False)

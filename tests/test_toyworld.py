@@ -6,8 +6,10 @@ import torch
 
 from toyworld import world
 
-TOY_SHAPE_THRESHOLD = 0.5  # measured: see the toy model tests below
-TOY_STYLE_THRESHOLD = 0.5
+# The committed toy model, 36 prompts, seed 0, DDIM 20 steps: shape 0.56, style 0.64 measured (chance 0.17).
+# A margin of 5-7 prompts below that, so float noise across machines passes and a broken model does not.
+TOY_SHAPE_THRESHOLD = 0.40
+TOY_STYLE_THRESHOLD = 0.45
 
 
 def _factors(shape="circle", style="flat", **over):
@@ -197,7 +199,9 @@ def test_committed_toy_model_is_small_and_self_describing(toy_base):
 
     folder = Path(toyworld.__file__).parent / "weights" / "toy-sdxl"
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 30e6
-    assert (folder / "settings.json").is_file() and (folder / "loss.csv").is_file()  # reproducible
+    for stage in ("stage1", "stage2", "stage3"):  # reproducible: each stage's settings and loss curve
+        assert (folder / "training" / stage / "settings.json").is_file()
+        assert (folder / "training" / stage / "loss.csv").is_file()
     assert toy_base.name == "toy" and toy_base.role_table == "toy" and toy_base.default_resolution == world.RESOLUTION
 
 

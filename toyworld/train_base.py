@@ -204,8 +204,9 @@ def scheduler_config(schedule: str, prediction: str = "epsilon") -> dict:
     # the usual 0.999 cap on the last beta puts sigma_max at 20,000 (fp16 latents overflow); 0.5 gives
     # alpha_bar 1.2e-6, sigma_max 900, still far below what the noise could hide a shape in
     betas[-1] = min(betas[-1], 0.5)
-    return SCHEDULER_CONFIG | dict(trained_betas=betas, timestep_spacing="trailing", steps_offset=0,
-                                   prediction_type=prediction)
+    # beta_schedule only names it for readers: schedulers take trained_betas when given
+    return SCHEDULER_CONFIG | dict(beta_schedule="squaredcos_cap_v2", trained_betas=betas,
+                                   timestep_spacing="trailing", steps_offset=0, prediction_type=prediction)
 
 
 def save_pipeline(parts: dict, scaling_factor: float, out: Path, scheduler: dict) -> None:
