@@ -215,13 +215,15 @@ def test_committed_toy_model_draws_the_prompted_shape_in_the_prompted_style(toy_
     assert acc["style"] >= TOY_STYLE_THRESHOLD, acc["per_style"]
 
 
-def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path):
+def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path, monkeypatch):
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "benchmarks" / "disentangle.py"
     spec = importlib.util.spec_from_file_location("disentangle", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "disentangle", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     args = ["--images", "2", "--seeds", "1", "--steps", "30", "--sample-steps", "4", "--out", str(tmp_path)]
     report = bench.main(args)
