@@ -1,6 +1,6 @@
 """Does a method separate content from style? Measured against the toy world's ground truth (issue 6).
 
-    python benchmarks/disentangle.py [--images 12] [--seeds 2] [--steps 600] [--methods all] [--out DIR]
+    python benchmarks/disentangle.py [--images 8] [--seeds 2] [--steps 600] [--methods all] [--out DIR]
 
 A fixed, seeded set of held-out toy-world images (each one shape in one style, seeds the base model never
 saw). Each image is fitted by every method; then, with fixed seeds and the shape/style judges:
@@ -199,7 +199,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy", help="the base model (its role table must have a -blora twin)")
-    p.add_argument("--images", type=int, default=12)
+    p.add_argument("--images", type=int, default=8)
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--steps", type=int, default=600, help="fit steps")
     p.add_argument("--rank", type=int, default=16)
