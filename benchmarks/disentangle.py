@@ -50,6 +50,7 @@ from unziplora.training import fit  # noqa: E402
 
 HELD_OUT_SEED = 424242  # the base model trains on fresh random draws, the judges on seeds 0-10,000
 CONTENT, STYLE = "sks shape", "zwx"  # words the base model never saw in training
+COMBINED = f"A {CONTENT} in {STYLE} style"  # each fit's own prompt
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,7 @@ def held_out_images(n: int) -> world.Batch:
             chosen.append(pairs[i])
         if len(chosen) == n:
             break
-    factors = [world.sample_factors(rng, sh, st) for sh, st in chosen]
-    images = torch.stack([world.to_tensor(world.render(f)[0]) for f in factors])
-    return world.Batch(images, torch.tensor([world.SHAPE_NAMES.index(f.shape) for f in factors]),
-                       torch.tensor([world.STYLE_NAMES.index(f.style) for f in factors]), factors)
+    return world.batch_of([world.sample_factors(rng, sh, st) for sh, st in chosen])
 
 
 def write_image(image: torch.Tensor, path: Path) -> Path:
@@ -101,16 +99,15 @@ def fit_config(method: Method, base_table: str, args) -> FitConfig:
     table = method.role_table.format(table=base_table)
     if table not in TABLES:
         raise SystemExit(f"no role table {table!r} for this base model (unziplora/roles.py)")
-    combined = f"A {CONTENT} in {STYLE} style"
     return FitConfig(content=CONTENT, style=STYLE, base_model=args.model, steps=args.steps, rank=args.rank,
                      lr=args.lr, seed=0, role_table=table, ortho_lambda=0.5 if method.ortho else 0.0,
-                     recalibrations=min(3, args.steps), prompt=combined,
-                     content_prompt=combined if method.one_prompt else None,
-                     style_prompt=combined if method.one_prompt else None)
+                     recalibrations=min(3, args.steps), prompt=COMBINED,
+                     content_prompt=COMBINED if method.one_prompt else None,
+                     style_prompt=COMBINED if method.one_prompt else None)
 
 
 def to_tensor(images) -> torch.Tensor:
-    return torch.stack([world.to_tensor(np.array(im.convert("RGB"))) for im in images])
+    return torch.stack([world.from_pil(im) for im in images])
 
 
 def whole_loras(base, fits, prompt: str, call: dict):
@@ -167,14 +164,13 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
             add("style_acc", styles == style)
             add("style_shape_leak", shapes == shape)
             add("style_follows_shape", shapes == world.SHAPE_NAMES.index(other))
-        combined = f"A {CONTENT} in {STYLE} style"
-        shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=combined,
+        shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=COMBINED,
                                               call=call))
         add("recon_both", (shapes == shape) & (styles == style))
         if i % 2 == 0 and i + 1 < len(fits):  # content of A with style of B, and the other way round
             for a, b in ((i, i + 1), (i + 1, i)):
                 shapes, styles = judges.classify(draw(base, method, content=fits[a], style=fits[b],
-                                                      prompt=combined, call=call))
+                                                      prompt=COMBINED, call=call))
                 add("recomb_shape", shapes == batch.shapes[a].item())
                 add("recomb_style", styles == batch.styles[b].item())
                 add("recomb_both", (shapes == batch.shapes[a].item()) & (styles == batch.styles[b].item()))
@@ -229,8 +225,9 @@ def main(argv=None) -> dict:
     same = {k: vars(a)[k] for k in ("model", "images", "seeds", "steps", "rank", "lr", "sample_steps", "guidance")}
     for method in chosen:
         saved = out / method.key / "scores.json"
-        if saved.is_file() and json.loads(saved.read_text())["settings"] == same:
-            results[method.name] = json.loads(saved.read_text())["scores"]
+        previous = json.loads(saved.read_text()) if saved.is_file() else {}
+        if previous.get("settings") == same:
+            results[method.name] = previous["scores"]
             print(f"{method.name}: reused {saved}", flush=True)
             continue
         config = fit_config(method, base.role_table, a)

@@ -92,11 +92,9 @@ class StyleEmbedder:
         with torch.no_grad():
             for start in range(0, len(images), 256):
                 # each image to the world's resolution first (area), so images of different sizes batch
-                batch = torch.cat([_prepare(world.to_tensor(np.array(im.convert("RGB")))[None])
-                                   for im in images[start:start + 256]])
-                out.append(self.judges.style_embedding(batch).numpy().astype(np.float32))
-        vectors = np.concatenate(out)
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+                batch = torch.cat([_prepare(world.from_pil(im)[None]) for im in images[start:start + 256]])
+                out.append(self.judges.style_embedding(batch).numpy().astype(np.float32))  # unit rows already
+        return np.concatenate(out)
 
 
 def accuracy(judges: Judges, batch: world.Batch) -> dict:

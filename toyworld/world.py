@@ -208,6 +208,11 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
 
 
+def from_pil(image) -> torch.Tensor:
+    """A PIL image (any mode) -> 3 x H x W in [-1, 1]."""
+    return to_tensor(np.array(image.convert("RGB")))  # np.array: a writable copy, as torch wants
+
+
 def to_pil(image: torch.Tensor):
     """3 x H x W in [-1, 1] -> a PIL image (what a user would save and fit)."""
     from PIL import Image
@@ -217,7 +222,11 @@ def to_pil(image: torch.Tensor):
 
 def sample_batch(rng: np.random.Generator, n: int, resolution: int = RESOLUTION, shape: str | None = None,
                  style: str | None = None) -> Batch:
-    factors = [sample_factors(rng, shape, style) for _ in range(n)]
+    return batch_of([sample_factors(rng, shape, style) for _ in range(n)], resolution)
+
+
+def batch_of(factors: list[Factors], resolution: int = RESOLUTION) -> Batch:
+    """The rendered images of `factors`, with their class labels."""
     images = torch.stack([to_tensor(render(f, resolution)[0]) for f in factors])
     return Batch(images, torch.tensor([SHAPE_NAMES.index(f.shape) for f in factors]),
                  torch.tensor([STYLE_NAMES.index(f.style) for f in factors]), factors)
