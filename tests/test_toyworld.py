@@ -160,6 +160,12 @@ def test_training_script_writes_a_pipeline_our_loader_reads(tmp_path, monkeypatc
     train_base.main(["--out", str(out), "--steps", "2", "--vae-steps", "2", "--batch", "4", "--vae-batch", "4",
                      "--save-every", "2"])
     assert (out / "loss.csv").read_text().count("unet,") >= 2
+    # a run killed after its checkpoint logged steps it never saved; resuming redoes them, logged once
+    with open(out / "loss.csv", "a") as f:
+        f.write("unet,2,loss,9.9,1.0\nunet,3,loss,9.9,1.0\n")
+    train_base.main(["--out", str(out), "--steps", "3", "--batch", "4", "--save-every", "2", "--resume"])
+    steps = [line.split(",")[1] for line in (out / "loss.csv").read_text().splitlines() if ",loss," in line]
+    assert steps == ["0", "1", "2"] and "9.9" not in (out / "loss.csv").read_text()
     base = load_base_model(str(out / "pipeline"), device="cpu")
     assert base.default_resolution == world.RESOLUTION and base.vae_scale_factor == 1
     assert base.unet.config.addition_embed_type == "text_time"
@@ -168,6 +174,19 @@ def test_training_script_writes_a_pipeline_our_loader_reads(tmp_path, monkeypatc
     assert base.scheduler.config.prediction_type == "v_prediction"
     size = sum(p.stat().st_size for p in (out / "pipeline").rglob("*") if p.is_file())
     assert size < 30e6
+
+
+def test_style_weights_oversample_the_named_styles():
+    from toyworld import train_base
+
+    assert train_base.style_probabilities("") is None
+    p = train_base.style_probabilities("checkered=3")
+    checkered = world.STYLE_NAMES.index("checkered")
+    assert p.sum() == pytest.approx(1.0) and p[checkered] == pytest.approx(3 / 8)
+    assert np.allclose(np.delete(p, checkered), 1 / 8)
+    for bad in ("checker=3", "checkered", "flat=-1", "flat=0," + ",".join(f"{s}=0" for s in world.STYLE_NAMES)):
+        with pytest.raises(ValueError, match="style_weights"):
+            train_base.style_probabilities(bad)
 
 
 def test_toy_preset_says_how_to_get_it_when_missing(monkeypatch):

@@ -98,6 +98,9 @@ class Settings:
     # latent scale are kept, its optimizer and step count are not
     init_from: str = ""
     stop_after: int = 0  # end after this step (0: at `steps`); the learning-rate schedule still spans `steps`
+    # relative sampling weights for styles the model draws poorly, e.g. "checkered=3" (unnamed styles weigh 1);
+    # empty: every style equally often
+    style_weights: str = ""
     save_every: int = 250
     seed: int = 0
     threads: int = 1
@@ -140,6 +143,22 @@ def encode_prompts(parts: dict, prompts: list[str]) -> tuple[torch.Tensor, torch
         states.append(out.hidden_states[-2])
         pooled = out[0]  # for encoder 2: text_embeds (the projection)
     return torch.cat(states, dim=-1), pooled
+
+
+def style_probabilities(weights: str) -> np.ndarray | None:
+    """"checkered=3,striped=2" -> sampling probabilities over world.STYLE_NAMES (None for "")."""
+    if not weights:
+        return None
+    w = dict.fromkeys(world.STYLE_NAMES, 1.0)
+    for item in weights.split(","):
+        name, _, value = item.strip().partition("=")
+        if name not in w or not value:
+            raise ValueError(f"style_weights wants NAME=WEIGHT items with NAME in {world.STYLE_NAMES}, got {item!r}")
+        w[name] = float(value)
+    p = np.array(list(w.values()))
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"style_weights must be non-negative with a positive sum, got {weights!r}")
+    return p / p.sum()
 
 
 def param_count(module) -> int:
@@ -231,12 +250,20 @@ def save_pipeline(parts: dict, scaling_factor: float, out: Path, scheduler: dict
 def train(s: Settings) -> None:
     from diffusers import DDPMScheduler
 
+    style_p = style_probabilities(s.style_weights)  # first, so a typo fails before any work
     torch.set_num_threads(s.threads)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.pt"
     resume = s.resume and state_path.exists()
-    loss_file = open(out / "loss.csv", "a" if resume else "w", newline="")
+    state = torch.load(state_path, weights_only=False) if resume else None
+    loss_path = out / "loss.csv"
+    if resume:  # a killed run logged steps after its last checkpoint; they are about to be redone
+        with open(loss_path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r[0] != "unet" or int(r[1]) < state["step"]]
+        with open(loss_path, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    loss_file = open(loss_path, "a" if resume else "w", newline="")
     writer = csv.writer(loss_file)
     if not resume:
         writer.writerow(["stage", "step", "name", "value", "seconds"])
@@ -250,7 +277,6 @@ def train(s: Settings) -> None:
     parts = build_components(s.seed)
     rng = np.random.default_rng(s.seed)
     if resume:
-        state = torch.load(state_path, weights_only=False)
         parts["vae"].load_state_dict(state["vae"])
         parts["vae"].eval().requires_grad_(False)
         scaling = state["scaling_factor"]
@@ -307,7 +333,11 @@ def train(s: Settings) -> None:
         lr = s.lr * min(1.0, (step + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = world.sample_batch(rng, s.batch)
+        if style_p is None:
+            batch = world.sample_batch(rng, s.batch)
+        else:
+            styles = rng.choice(world.STYLE_NAMES, size=s.batch, p=style_p)
+            batch = world.batch_of([world.sample_factors(rng, style=str(style)) for style in styles])
         with torch.no_grad():
             x0 = vae.encode(batch.images).latent_dist.mode() * scaling
         idx = torch.tensor([index[(f.shape, f.style)] for f in batch.factors])
