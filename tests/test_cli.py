@@ -32,6 +32,16 @@ def test_calibration_schedule():
     assert FitConfig(content="a b", style="c", steps=10, recalibrations=2).calibration_steps == [0, 5]
 
 
+def test_learning_rate_defaults_to_the_base_models():
+    assert FitConfig(content="a b", style="c").lr == 5e-5  # SPEC's, sized for SDXL
+    assert FitConfig(content="a b", style="c", base_model="toy").lr == 1e-3
+    assert FitConfig(content="a b", style="c", base_model="toy", lr=2e-4).lr == 2e-4
+    # the saved settings hold the number, so a fit reloads (and an item hashes) the same either way
+    resolved = FitConfig(content="a b", style="c", base_model="toy")
+    assert FitConfig.from_dict(resolved.to_dict()) == resolved == FitConfig(content="a b", style="c",
+                                                                              base_model="toy", lr=1e-3)
+
+
 def test_cli_fit_with_yaml_then_toml_and_config_reproduces(sample_image, tmp_path, capsys):
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump({"content": "sks dog", "style": "ink wash", "steps": 3,
                                                        "rank": 2, "save_precision": "fp32"}))

@@ -25,7 +25,7 @@ FIT_FLAGS = {
     "rank": (int, "LoRA rank (64)"),
     "resolution": (int, "training resolution (default: the base model's, 1024 for SDXL)"),
     "seed": (int, "random seed (0)"),
-    "lr": (float, "learning rate of both LoRAs (5e-5)"),
+    "lr": (float, "learning rate of both LoRAs (default: 5e-5, SPEC's for SDXL; 1e-3 for toy)"),
     "merger_lr": (float, "learning rate of the column mergers (5e-3)"),
     "weight_decay": (float, "AdamW weight decay (1e-4)"),
     "grad_clip": (float, "gradient-norm clip (1.0)"),
