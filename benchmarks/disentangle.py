@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, help="default: the base model's (2.5 for toy)")
     p.add_argument("--methods", default="all", help=f"comma-separated from {[m.key for m in METHODS]}")
     p.add_argument("--out", default="out/disentangle")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -215,6 +215,7 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
+    a.guidance = base.guidance if a.guidance is None else a.guidance
     judges = judges_mod.load_judges()
     batch = held_out_images(a.images)
     print(f"{a.images} held-out images: " + ", ".join(f.prompt for f in batch.factors), flush=True)

@@ -3,9 +3,9 @@ UNet blocks carry content vs style (the measured probe behind `roles.TABLES["toy
 
     python -m toyworld.evaluate MODEL_DIR [--seeds 4] [--probe] [--prompt-gap]
 
-Sampling is a plain DDIM (or, with `sampler="ddpm"`, ancestral DDPM) loop with classifier-free guidance (zeros as the unconditional input, as
-StableDiffusionXLPipeline does for an absent negative prompt), so the probe can change one block's
-cross-attention input without touching the pipeline.
+Sampling is a plain DDIM (or, with `sampler="ddpm"`, ancestral DDPM) loop with classifier-free guidance (zeros
+as the unconditional input, as StableDiffusionXLPipeline does for an absent negative prompt; the model's own
+guidance unless told), so the probe can change one block's cross-attention input without touching the pipeline.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ def encode(base, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def sample(base, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 4.0,
+def sample(base, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float | None = None,
            swap: dict[str, list[str]] | None = None, sampler: str = "ddim") -> torch.Tensor:
     """Images (B x 3 x H x W in [-1, 1]) for `prompts`. `swap` maps attention-module names (e.g.
     "up_blocks.0.attentions.1") to other prompts, which that block's cross-attention reads instead."""
     unet, size = base.unet, base.default_resolution // base.vae_scale_factor
+    guidance = base.guidance if guidance is None else guidance
     hidden, pooled = encode(base, prompts)
     n = len(prompts)
     cond = torch.cat([torch.zeros_like(hidden), hidden])
@@ -83,7 +84,7 @@ def all_pairs() -> list[tuple[str, str]]:
     return [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
 
 
-def judged_accuracy(base, judges, seeds: int = 2, steps: int = 20, guidance: float = 4.0,
+def judged_accuracy(base, judges, seeds: int = 2, steps: int = 20, guidance: float | None = None,
                     sampler: str = "ddim") -> dict:
     """Every shape x style prompt, `seeds` samples each: how often the judges find what was prompted."""
     pairs = all_pairs()
@@ -131,7 +132,7 @@ def prompt_gap(base, n: int = 128, seed: int = 777) -> dict[str, float]:
     return gaps
 
 
-def save_grid(base, path: str, seed: int = 0, steps: int = 20, guidance: float = 4.0, sampler: str = "ddim",
+def save_grid(base, path: str, seed: int = 0, steps: int = 20, guidance: float | None = None, sampler: str = "ddim",
               scale: int = 4) -> None:
     """One sample per prompt: rows are shapes, columns styles (in world order), enlarged `scale` x."""
     from PIL import Image
@@ -150,7 +151,8 @@ def cross_attention_blocks(unet) -> list[str]:
                    for name in unet.attn_processors if ".attn2." in name})
 
 
-def role_probe(base, judges, seeds: int = 2, steps: int = 20, guidance: float = 4.0, sampler: str = "ddim") -> dict:
+def role_probe(base, judges, seeds: int = 2, steps: int = 20, guidance: float | None = None,
+               sampler: str = "ddim") -> dict:
     """Per cross-attention block: feed it a prompt with another shape AND another style than the rest of the
     UNet gets; how often does the image take the block's shape (content) or its style (style)?"""
     pairs = all_pairs()
@@ -206,7 +208,7 @@ def main(argv=None) -> None:
     p.add_argument("model")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, help="default: the model's (2.5 for toy)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--probe", action="store_true")
     p.add_argument("--prompt-gap", action="store_true", help="only the right-vs-wrong-prompt loss gap (fast)")

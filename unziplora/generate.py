@@ -30,7 +30,7 @@ def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) ->
 
 def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
              prompt: str | None = None, mode: str = "routed", negative_prompt: str = "", steps: int = 50,
-             guidance: float = 5.0, seed: int = 0, resolution: int | None = None,
+             guidance: float | None = None, seed: int = 0, resolution: int | None = None,
              num_images: int = 1) -> list[Image.Image]:
     if content is None and style is None:
         raise InputError("give a content fit, a style fit, or both")
@@ -45,6 +45,7 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
         prompt = prompt or prompts.style
     size = resolution or (content or style).config.resolution or base.default_resolution
     pipe = base.pipeline()
+    guidance = base.guidance if guidance is None else guidance
     call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                 negative_prompt=negative_prompt, num_images_per_prompt=num_images,
                 generator=torch.Generator().manual_seed(seed))
