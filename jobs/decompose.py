@@ -12,11 +12,12 @@ import sys
 
 from pipeline.job import run_job
 from pipeline.spec import EXECUTORS, JobSpec
+from unziplora import cli
+from unziplora.cli import add_setting_flags, setting_values
+from unziplora.config import read_settings_file, settings
 
-# fit settings a job may set for every image (the prompt table may override steps/seed/rank/resolution)
-FIT_SETTINGS = {"base_model": str, "steps": int, "rank": int, "resolution": int, "seed": int, "lr": float,
-                "merger_lr": float, "column_ratio": float, "recalibrations": int, "ortho_lambda": float,
-                "precision": str, "save_precision": str}
+# fit settings a job sets for every image (the prompt table may override the per-item ones, pipeline/source.py)
+JOB_SETTINGS = settings("item", "worker")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--storage-options", type=json.loads, default={},
                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    p.add_argument("--adopt-legacy", action="store_true",
+                   help="reuse the fits of a library made before item ids held the base model's fingerprint "
+                   "(manifest schema < 3), vouching that they were made with these same weights")
     p.add_argument("--quiet", action="store_true")
     t = p.add_argument_group("MLflow tracking and model registry")
     t.add_argument("--tracking-uri", help="MLflow tracking/registry URI, e.g. http://mlflow:5000 (default: "
@@ -46,18 +50,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also copy the LoRA files into the MLflow runs (default: referenced by URI)")
     t.add_argument("--preview-steps", type=int, default=8,
                    help="sampling steps of the content/style preview images of each fit (0: no previews)")
-    for name, kind in FIT_SETTINGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="fit setting for every image")
+    p.add_argument("--config", help="YAML or TOML file of fit settings for every image; flags win")
+    add_setting_flags(p, JOB_SETTINGS, "fit settings for every image (per-item ones also as prompt-table "
+                      "columns, which win)")
 
 
 def run(args: argparse.Namespace) -> int:
-    fit_settings = {k: getattr(args, k) for k in FIT_SETTINGS if getattr(args, k) is not None}
+    fit_settings = (read_settings_file(args.config) if args.config else {}) | setting_values(args, JOB_SETTINGS)
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                   max_attempts=args.max_attempts, storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
-                  log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps)
+                  log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
+                  adopt_legacy=args.adopt_legacy)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.decompose", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(run=run)
+    return cli.main(argv, parser)  # bad input: one "error: ..." line and exit status 2, no traceback
 
 
 if __name__ == "__main__":

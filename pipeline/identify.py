@@ -1,4 +1,5 @@
-"""Item identity: the item id is a hash of the image bytes and a hash of the fit settings.
+"""Item identity: the item id is a hash of the image bytes and a hash of the fit settings, which include the
+base model's fingerprint (a hub commit or a content hash: new weights, new items).
 
 Runs in Ray Data tasks over every input, so it imports nothing heavy (no torch, no diffusers).
 """
@@ -7,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from unziplora.config import FitConfig
-from unziplora.errors import UnZipLoRAError
+from unziplora.config import FitConfig, settings
+from unziplora.errors import InputError, UnZipLoRAError
 
 from .spec import JobSpec
 from .storage import open_url, sha256_hex
@@ -16,14 +17,27 @@ from .storage import open_url, sha256_hex
 
 def item_config(item: dict, job: JobSpec) -> FitConfig:
     """The job's fit settings, the item's prompts, then the item's overrides from the prompt table."""
-    prompts = {k: item.get(k) for k in ("content", "style", "class_word", "prompt", "content_prompt",
-                                       "style_prompt") if item.get(k)}
+    prompts = {f.name: item[f.name] for f in settings("prompt") if item.get(f.name)}
     return FitConfig.from_dict({**job.fit, **prompts, **json.loads(item.get("overrides") or "{}")})
 
 
+def check_job_settings(fit_settings: dict) -> FitConfig:
+    """The job's own fit settings, checked once before any image is read: one clear line, not one failed
+    row per image. Returns them as a FitConfig (with stand-in prompts)."""
+    allowed = {f.name for f in settings("item", "worker")}
+    misplaced = sorted(set(fit_settings) - allowed)
+    if misplaced:
+        per_image = sorted(set(misplaced) & {f.name for f in settings("prompt")})
+        raise InputError(f"fit settings {misplaced} cannot be set for a whole job" +
+                         (f" ({per_image} are per image: prompt-table columns)" if per_image else ""))
+    return FitConfig.from_dict({"content": "x", "style": "x"} | fit_settings)
+
+
 def identify(item: dict, job: JobSpec) -> tuple[dict, bytes | None]:
-    """The item's id (hash of its image bytes + hash of its settings), or why it cannot be fitted."""
-    out = {"item_id": None, "image_sha256": None, "settings_sha256": None, "error": item.get("prompt_error")}
+    """The item's id (hash of its image bytes + hash of its settings), or why it cannot be fitted; and the id
+    a library written before fingerprints (manifest schema < 3) gave the same item, when there is one."""
+    out = {"item_id": None, "image_sha256": None, "settings_sha256": None, "legacy_item_id": None,
+           "error": item.get("prompt_error")}
     if out["error"]:
         return out, None
     try:
@@ -35,9 +49,30 @@ def identify(item: dict, job: JobSpec) -> tuple[dict, bytes | None]:
     except UnZipLoRAError as exc:
         return out | {"error": str(exc)}, None
     image_sha = sha256_hex(data)
-    settings_sha = sha256_hex(json.dumps(config.to_dict(), sort_keys=True).encode())
-    item_id = sha256_hex(f"{image_sha}:{settings_sha}".encode())[:24]
-    return out | {"item_id": item_id, "image_sha256": image_sha, "settings_sha256": settings_sha}, data
+    settings_sha = sha256_hex(json.dumps(config.to_dict() | {"base_model_fingerprint": job.base_fingerprint},
+                                         sort_keys=True).encode())
+    legacy_sha = legacy_settings_sha256(config)
+    return out | {"item_id": _item_id(image_sha, settings_sha), "image_sha256": image_sha,
+                  "settings_sha256": settings_sha,
+                  "legacy_item_id": _item_id(image_sha, legacy_sha) if legacy_sha else None}, data
+
+
+def _item_id(image_sha: str, settings_sha: str) -> str:
+    return sha256_hex(f"{image_sha}:{settings_sha}".encode())[:24]
+
+
+# settings that came with base-model fingerprints (schema 3); libraries before them hashed the others alone
+ADDED_WITH_FINGERPRINTS = ("revision", "variant", "base_config", "compile")
+
+
+def legacy_settings_sha256(config: FitConfig) -> str | None:
+    """The settings hash schema-2 libraries used (no fingerprint, none of the settings added since); None
+    when this config uses one of those new settings, which no older fit can have had."""
+    values = config.to_dict()
+    added = [values.pop(name) for name in ADDED_WITH_FINGERPRINTS]
+    if any(value not in (None, False) for value in added):
+        return None
+    return sha256_hex(json.dumps(values, sort_keys=True).encode())
 
 
 def identify_row(item: dict, job: dict) -> dict:

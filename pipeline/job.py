@@ -10,11 +10,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from unziplora.config import FitConfig
 from unziplora.errors import InputError
+from unziplora.locate import locate_base_model
 
 from .executors import EXECUTORS, item_dataset
-from .identify import identify_row, plain_row
-from .manifest import failed_row, loads_json, source_key, write_manifest
+from .identify import check_job_settings, identify_row, plain_row
+from .manifest import failed_row, loads_json, manifest_schema_versions, source_key, utc_now, write_manifest
 from .source import build_items
 from .spec import JobSpec
 from .storage import Store
@@ -25,6 +27,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     """Run `job` on the Ray cluster at `address` (or $RAY_ADDRESS, or a new local one); return the report."""
     if job.executor not in EXECUTORS:
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
+    job = pin_base_model(job, check_job_settings(job.fit))
     # a copy with this run's id: the caller's spec can be run again and gets a new one
     job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
     items = build_items(job.input, job.prompts, default_content=job.default_content,
@@ -38,6 +41,11 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
 
         job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     job = start_job(job, store, progress)  # the parent MLflow run, before any worker tracks a fit
+    legacy = {v for v in manifest_schema_versions(store) if v < 3}
+    if legacy and not job.adopt_legacy:
+        print(f"note: {job.output} was written before item ids held the base model's fingerprint (manifest "
+              f"schema {min(legacy)}): its images are fitted again; if its fits were made with these very "
+              f"weights, run with --adopt-legacy to reuse them", file=sys.stderr)
     plan = plan_items(job, items, store)
     if progress:
         print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
@@ -55,6 +63,19 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     return report
 
 
+def pin_base_model(job: JobSpec, settings: FitConfig) -> JobSpec:
+    """Locate the job's base model once, before any image: a wrong kind of model is one clear line, a hub
+    revision ("main", a tag) becomes its commit so that every worker loads the very same snapshot, and the
+    weights' fingerprint goes into every item id. Hub models are not downloaded here (model_index.json
+    names the commit); a local folder or file is hashed (cached), where the driver can read it."""
+    location = locate_base_model(settings.base_model, revision=settings.revision, variant=settings.variant,
+                                 config=settings.base_config, fetch=False)
+    fit = dict(job.fit, base_model=settings.base_model)
+    if location.kind == "hub":
+        fit["revision"] = location.revision
+    return dataclasses.replace(job, fit=fit, base_fingerprint=location.fingerprint)
+
+
 @dataclass
 class Plan:
     item_ids: dict[str, str | None]  # source URL -> item id (None: unreadable or no prompts)
@@ -70,7 +91,9 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
     Items that cannot be fitted get their failed row now; complete ones keep their row."""
     identified = item_dataset(items).map(identify_row, fn_kwargs={"job": job.to_dict()}, num_cpus=0.25)
     rows = sorted((plain_row(r) for r in identified.iter_rows()), key=lambda r: r["source_uri"])
-    markers = store.cat_many([f"items/{r['item_id']}/_SUCCESS" for r in rows if r["item_id"]])
+    markers = {k: loads_json(v) for k, v in
+               store.cat_many([marker_key(r["item_id"]) for r in rows if r["item_id"]]).items()}
+    legacy = _legacy_markers(job, rows, markers, store)
     plan = Plan(item_ids={}, to_fit=[], duplicates={})
     first: dict[str, str] = {}
     for row in rows:
@@ -79,17 +102,45 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
         if row["error"]:
             plan.unfit += 1
             store.write_json(failed_row(row, row["error"], image_sha256=row["image_sha256"]), *source_key(uri))
-        elif item_id in first:
+            continue
+        if item_id in first:
             plan.duplicates[uri] = first[item_id]
+            continue
+        first[item_id] = uri
+        done = markers.get(marker_key(item_id))
+        if done and "adopted_from" in done:  # a legacy fit adopted by an earlier run
+            done = legacy.get(marker_key(done["adopted_from"]))
+        elif not done and job.adopt_legacy and _adoptable(legacy.get(marker_key(row["legacy_item_id"])), job):
+            done = legacy[marker_key(row["legacy_item_id"])]
+            store.write_json({"adopted_from": done["item_id"], "base_model_fingerprint": job.base_fingerprint,
+                              "run_id": job.run_id, "adopted_at": utc_now()}, marker_key(item_id))
+        if done:
+            plan.complete += 1
+            plan.item_ids[uri] = done["item_id"]
+            store.write_json(done | {"source_uri": uri}, *source_key(uri))
         else:
-            first[item_id] = uri
-            done = markers.get(f"items/{item_id}/_SUCCESS")
-            if done:
-                plan.complete += 1
-                store.write_json(json.loads(done) | {"source_uri": uri}, *source_key(uri))
-            else:
-                plan.to_fit.append({k: v or "" for k, v in row.items() if k in items[0]})
+            plan.to_fit.append({k: v or "" for k, v in row.items() if k in items[0]})
     return plan
+
+
+def marker_key(item_id: str) -> str:
+    return f"items/{item_id}/_SUCCESS"
+
+
+def _legacy_markers(job: JobSpec, rows: list[dict], markers: dict, store: Store) -> dict[str, dict | None]:
+    """The markers of legacy fits this run may reuse: those adopted before, and with --adopt-legacy, those
+    under the schema-2 id of every item not complete under its own."""
+    wanted = {marker_key(m["adopted_from"]) for m in markers.values() if m and "adopted_from" in m}
+    if job.adopt_legacy:
+        wanted |= {marker_key(r["legacy_item_id"]) for r in rows
+                   if r["item_id"] and r["legacy_item_id"] and not markers.get(marker_key(r["item_id"]))}
+    return {k: loads_json(v) for k, v in store.cat_many(sorted(wanted)).items()}
+
+
+def _adoptable(marker: dict | None, job: JobSpec) -> bool:
+    """A legacy fit that is complete and was not made with weights known to differ."""
+    return bool(marker) and marker.get("status") == "ok" and \
+        marker.get("base_model_fingerprint") in (None, job.base_fingerprint)
 
 
 def collect_rows(store: Store, items: list[dict], plan: Plan) -> list[dict]:

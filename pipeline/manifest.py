@@ -9,9 +9,10 @@ Layout under the job's --output:
   reports/<run>.json             the run's summary
   registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
 
-Schema version 2 (`schema_version` column; version 2 added the MLflow columns, version-1 parts still read).
-Item ids are sha256(image bytes) + sha256(settings) mixed: the same image with the same settings is the same
-item, whatever its name.
+Schema version 3 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
+fingerprint; older parts still read). Item ids are sha256(image bytes) + sha256(settings and the base model's
+fingerprint) mixed: the same image with the same settings on the same weights is the same item, whatever its
+name. Ids of schema < 3 did not hold the fingerprint: `--adopt-legacy` reuses such fits (`job.plan_items`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .storage import Store, url_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROWS_PER_PART = 10_000
 STATUSES = ("ok", "failed", "skipped")
 
@@ -60,6 +61,7 @@ SCHEMA = pa.schema([
     ("total_s", pa.float64()),
     ("worker", pa.string()),
     ("base_model", pa.string()),
+    ("base_model_fingerprint", pa.string()),  # the exact weights: hub:<repo>@<commit>, sha256:..., preset:<name>
     ("code_version", pa.string()),
     ("run_id", pa.string()),  # the run that produced the item's files
     ("finished_at", pa.string()),
@@ -127,6 +129,17 @@ def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:
     parts = [p for p in store.list("manifest") if p.endswith(".parquet")]
     tables = [_upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(p)))) for p in parts]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def manifest_schema_versions(store: Store) -> set[int]:
+    """The schema versions of the library's manifest parts, from their footers alone."""
+    versions = set()
+    for path in store.list("manifest"):
+        if path.endswith(".parquet"):
+            with store.fs.open(path, "rb") as f:
+                metadata = pq.read_schema(f).metadata or {}
+            versions.add(int(metadata.get(b"unziplora.manifest.schema_version", b"1")))
+    return versions
 
 
 def _upgrade(table: pa.Table) -> pa.Table:

@@ -5,8 +5,9 @@ Prompt table (CSV or Parquet), one row per image:
   content      content trigger, e.g. "sks dog"                                    (required)
   style        style description, e.g. "watercolor painting"                      (required)
   class_word, prompt, content_prompt, style_prompt                                (optional)
-  steps, seed, rank, resolution                                                   (optional per-image overrides)
-An image without a row gets the job's default prompts when given, else a clear per-item failure.
+  steps, seed, rank, lr, ... : every per-item fit setting (FitConfig's "item" scope), optional overrides
+An image without a row gets the job's default prompts when given, else a clear per-item failure; so does a
+cell that is not a value of its setting (the error names the column and the value).
 Item rows hold only strings ("" for none): Ray Data turns a column of Nones into NaNs.
 """
 
@@ -19,13 +20,14 @@ import posixpath
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from unziplora.config import parse_value, settings
 from unziplora.errors import InputError
 
 from .storage import Store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-PROMPT_FIELDS = ("content", "style", "class_word", "prompt", "content_prompt", "style_prompt")
-OVERRIDE_FIELDS = {"steps": int, "seed": int, "rank": int, "resolution": int}
+PROMPT_FIELDS = tuple(f.name for f in settings("prompt"))
+OVERRIDE_FIELDS = settings("item")  # per-image columns that override the job's settings
 DEFAULT_TABLES = ("prompts.csv", "prompts.parquet")
 
 
@@ -51,6 +53,10 @@ def read_prompt_table(url: str, storage_options: dict | None = None) -> list[dic
     missing = {"image", "content", "style"} - set(table.column_names)
     if missing:
         raise InputError(f"prompt table {url} lacks the column(s) {sorted(missing)}")
+    per_job = sorted({f.name for f in settings("worker", "local")} & set(table.column_names))
+    if per_job:  # every worker loads one base model: these cannot differ between images
+        raise InputError(f"prompt table {url} has the column(s) {per_job}, which are set for the whole job "
+                         f"(flags of `decompose`), not per image")
     return rows
 
 
@@ -85,8 +91,11 @@ def build_items(input_url: str, prompts_url: str | None = None, *, default_conte
         item = {"source_uri": url, "prompt_error": "", "overrides": "{}"}
         if row is not None:
             item |= {f: _text(row.get(f)) for f in PROMPT_FIELDS}
-            item["overrides"] = json.dumps({k: cast(row[k]) for k, cast in OVERRIDE_FIELDS.items()
-                                            if row.get(k) not in (None, "")})
+            try:
+                overrides = {f.name: parse_value(f, row.get(f.name)) for f in OVERRIDE_FIELDS}
+                item["overrides"] = json.dumps({k: v for k, v in overrides.items() if v is not None})
+            except InputError as exc:  # one bad cell fails its own image, not the job
+                item["prompt_error"] = f"prompt table {prompts_url}, row of {row['image']}: column {exc}"
         elif default_content and default_style:
             item |= {f: "" for f in PROMPT_FIELDS} | {"content": default_content, "style": default_style}
         else:

@@ -208,6 +208,7 @@ class Tracker:
         params = flat_params(record.get("settings") or {"content": row.get("content"), "style": row.get("style")})
         params |= flat_params(record.get("prompts") or {}, "prompt.")
         params |= {"base_model": str(record.get("base_model") or row.get("base_model")),
+                   "base_model_fingerprint": str(row.get("base_model_fingerprint")),
                    "code_version": str(row.get("code_version"))}
         metrics = step_metrics(self._read_json(files, "history.json") or [], run.info.start_time)
         metrics += [Metric(k, float(v), run.info.start_time, 0) for k, v in final_metrics(row, record).items()]
@@ -257,7 +258,8 @@ class Tracker:
                         "class_word": row["class_word"], "prompt": row[f"prompt_{kind}"],
                         "prompt_combined": row["prompt_combined"], "lora_file": f"{kind}_lora.safetensors",
                         "lora_uri": redact(lora["uri"]), "sha256": lora["sha256"], "library_uri": redact(self.output),
-                        "base_model": row["base_model"], "rank": str(row["rank"]), "steps": str(row["steps"])}
+                        "base_model": row["base_model"], "base_model_fingerprint": row.get("base_model_fingerprint"),
+                        "rank": str(row["rank"]), "steps": str(row["steps"])}
                 if f"preview_{kind}.png" in files:
                     tags["preview_uri"] = redact(files[f"preview_{kind}.png"]["uri"])
                 description = (f"{kind} LoRA ({tags['lora_file']}) of {tags['source_uri']}: content "

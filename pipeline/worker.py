@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from unziplora import FitConfig, UnZipLoRAError, fit, load_base_model
+from unziplora import FitConfig, UnZipLoRAError, fit
+from unziplora.models import load_base_model_for
 
 from .identify import identify, ids_of, item_config, plain_row
 from .manifest import (SCHEMA_VERSION, empty_row, failed_row, read_attempts, source_key, utc_now,
@@ -40,9 +41,14 @@ class FitWorker:
         self.device = torch.device(device) if device is not None else _assigned_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(self.job.cpus_per_worker)))
-        self.base = load_base_model(self.job.fit.get("base_model", "tiny"), device=self.device,
-                                    precision=self.job.fit.get("precision", "bf16"))
+        self.base = load_base_model_for(item_config({"content": "x", "style": "x"}, self.job), device=self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+        # the driver named the weights in every item id; a node holding other files under that name must not
+        # fit under those ids
+        self.base_mismatch = "" if self.base.fingerprint == self.job.base_fingerprint else (
+            f"the base model {self.base.name} on {socket.gethostname()} is not the one the job planned with "
+            f"(fingerprint {self.base.fingerprint}, planned {self.job.base_fingerprint}): make every node hold "
+            f"the same weights")
         self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its item
 
     def __call__(self, batch: dict) -> dict:
@@ -59,8 +65,8 @@ class FitWorker:
 
     def _process(self, item: dict) -> dict:
         identity, data = identify(item, self.job)
-        if identity["error"]:
-            return failed_row(item, identity["error"], this_run="failed", **ids_of(identity))
+        if identity["error"] or self.base_mismatch:
+            return failed_row(item, identity["error"] or self.base_mismatch, this_run="failed", **ids_of(identity))
         item_id, known = identity["item_id"], ids_of(identity)
         if self.store.exists("items", item_id, "_SUCCESS"):  # e.g. fitted before a Train group restart
             done = self.store.read_json("items", item_id, "_SUCCESS")
@@ -130,7 +136,8 @@ class FitWorker:
             "final_loss": record["final"]["loss"], "final_mse": record["final"]["mse"],
             "final_ortho": record["final"]["ortho"], "mask_stats": json.dumps(record["mask_stats"]),
             "train_s": record["timings"]["train_s"], "total_s": record["timings"]["total_s"],
-            "worker": self.name, "base_model": record["base_model"], "code_version": code_version(),
+            "worker": self.name, "base_model": record["base_model"],
+            "base_model_fingerprint": record["base_model_fingerprint"], "code_version": code_version(),
             "run_id": self.job.run_id, "finished_at": utc_now(),
         }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from unziplora import BaseModelError, FitConfig, InputError, fit, load_base_model, load_fit
+from unziplora import FitConfig, InputError, fit, load_base_model, load_fit
 from unziplora.cli import main
 
 
@@ -122,32 +122,6 @@ def test_corrupt_image_fails_before_training(tiny_base, tmp_path):
         fit(tmp_path / "x.png", FitConfig(content="sks dog", style="ink", steps=3), base=tiny_base,
             out_dir=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
-
-
-def test_base_model_that_is_not_sdxl_is_refused(tmp_path):
-    with pytest.raises(BaseModelError, match="does not exist"):
-        load_base_model(str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(BaseModelError, match="no model_index.json"):
-        load_base_model(str(tmp_path / "empty"))
-    (tmp_path / "sd15").mkdir()
-    (tmp_path / "sd15" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(BaseModelError, match="not StableDiffusionXLPipeline"):
-        load_base_model(str(tmp_path / "sd15"))
-
-
-def test_real_sdxl_directory_loads_through_from_pretrained(tiny_base, tmp_path):
-    """The real-model path: a diffusers SDXL directory (here the tiny one, saved) loads and fits."""
-    tiny_base.pipeline().save_pretrained(tmp_path / "sdxl")
-    base = load_base_model(str(tmp_path / "sdxl"), device="cpu")
-    assert base.name == str(tmp_path / "sdxl") and base.default_resolution == tiny_base.default_resolution  # from the configs
-    for a, b in zip(base.unet.parameters(), tiny_base.unet.parameters()):
-        assert torch.equal(a, b)
-    ids = base.tokenizer("a photo of a cat").input_ids
-    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    with pytest.raises(BaseModelError, match="cannot load"):
-        (tmp_path / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"broken")
-        load_base_model(str(tmp_path / "sdxl"), device="cpu")
 
 
 def test_tiny_tokenizers_match_clip():

@@ -76,10 +76,11 @@ def test_routed_layer_feeds_content_lora_content_states_and_style_lora_style_sta
 
 
 def test_routing_processor_routes_only_attn2_k_v_and_clears_route(tiny_base, make_states):
-    hidden, context, c, s = make_states(0, tokens=16), make_states(1), make_states(2), make_states(3)
+    context, c, s = make_states(1), make_states(2), make_states(3)
     with UnZipLoRA(tiny_base.unet, rank=4) as adapter:
         set_gates(adapter, 1.0, 1.0)
         attn = tiny_base.unet.get_submodule(ATTN2)
+        hidden = torch.randn(1, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
         assert isinstance(attn.processor, PromptRoutingProcessor)
         seen = {}
         hooks = [attn.get_submodule(t).register_forward_hook(

@@ -6,8 +6,10 @@ Fits are tiny (4-8 steps, rank 2, the `tiny` base model): the pipeline's bookkee
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import shutil
 
 import duckdb
 import pandas as pd
@@ -248,3 +250,57 @@ def test_manifest_parts_of_a_new_run_replace_the_old(tmp_path):
     assert table.num_rows == 3 and table.schema.equals(SCHEMA, check_metadata=False)
     parts2 = write_manifest(store, rows[:1], "r2")  # a new run replaces the old parts
     assert sorted(p.name for p in (tmp_path / "manifest").iterdir()) == [parts2[0].rsplit("/", 1)[-1]]
+
+
+def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
+    """Rewrite a library written now the way schema 2 wrote it: each fit under its schema-2 id (no base-model
+    fingerprint in it), rows and markers without a fingerprint, manifest parts marked version 2. Returns
+    source URL -> schema-2 item id."""
+    from pipeline.identify import identify
+    from pipeline.source import build_items
+
+    items = {item["source_uri"]: item for item in build_items(job.input, job.prompts)}
+    legacy = {}
+    for marker in sorted(library.glob("items/*/_SUCCESS")):
+        row = json.loads(marker.read_text())
+        ids = identify(items[row["source_uri"]], job)[0]
+        old_id = ids["legacy_item_id"]
+        assert ids["item_id"] == row["item_id"] and old_id and old_id != row["item_id"]
+        text = marker.read_text().replace(row["item_id"], old_id)
+        marker.parent.rename(library / "items" / old_id)
+        row = json.loads(text) | {"schema_version": 2, "base_model_fingerprint": None}
+        (library / "items" / old_id / "_SUCCESS").write_text(json.dumps(row))
+        legacy[row["source_uri"]] = old_id
+    shutil.rmtree(library / "sources")
+    shutil.rmtree(library / "attempts")
+    for part in library.glob("manifest/*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.replace_schema_metadata({"unziplora.manifest.schema_version": "2"}), part)
+    return legacy
+
+
+def test_a_library_from_before_fingerprints_is_refit_or_adopted(ray_cluster, tmp_path, capsys):
+    """Item ids now hold the base model's fingerprint, so a schema-2 library's fits are not found under them:
+    a re-run fits again and says why, unless --adopt-legacy vouches for the old fits, which are then reused
+    (in place, under their old ids) by that run and every later one."""
+    data = make_dataset(valid=2, corrupt=False, no_prompt=False, duplicate=False)
+    write_local(data, tmp_path / "in")
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "first"), fit=dict(FIT), tracking=False,
+                  preview_steps=0)
+    run_job(job, progress=False)
+    shutil.copytree(tmp_path / "first", tmp_path / "second")
+    planned = dataclasses.replace(job, base_fingerprint="preset:tiny")
+    _as_schema_2(tmp_path / "first", planned)
+    legacy = _as_schema_2(tmp_path / "second", planned)
+    capsys.readouterr()
+
+    report = run_job(job, progress=False)  # no flag: fitted again, with a note
+    assert report["fits_this_run"] == 2 and "--adopt-legacy" in capsys.readouterr().err
+    for adopt in (True, False):  # adopted once; later runs follow the adoption without the flag
+        again = dataclasses.replace(job, output=str(tmp_path / "second"), adopt_legacy=adopt)
+        report = run_job(again, progress=False)
+        assert report["fits_this_run"] == 0 and report["ok"] == 2, report
+        named = check_rows(read_manifest(again.output).to_pylist(), data, again.input)
+        for name, row in named.items():
+            assert row["item_id"] == legacy[row["source_uri"]]
+            check_artifacts(row, lambda path: open(path, "rb").read())

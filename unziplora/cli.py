@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import warnings
 from pathlib import Path
 
-from .config import FitConfig, read_settings_file
+from .config import FitConfig, read_settings_file, settings, value_type
 from .errors import UnZipLoRAError
-
-# CLI flag -> FitConfig field, with type and help; every field can also come from --config.
-FIT_FLAGS = {
-    "content": (str, "content trigger, e.g. 'sks dog'"),
-    "style": (str, "style description, e.g. 'watercolor painting'"),
-    "class_word": (str, "class word for the style prompt (default: the trigger without its first word)"),
-    "prompt": (str, "combined prompt (default 'A {content} in {style} style')"),
-    "content_prompt": (str, "content prompt (default 'A {content}')"),
-    "style_prompt": (str, "style prompt (default 'A {class word} in {style} style')"),
-    "base_model": (str, "tiny | sdxl-random | a diffusers SDXL directory | a hub id (default tiny)"),
-    "steps": (int, "training steps (600)"),
-    "rank": (int, "LoRA rank (64)"),
-    "resolution": (int, "training resolution (default: the base model's, 1024 for SDXL)"),
-    "seed": (int, "random seed (0)"),
-    "lr": (float, "learning rate of both LoRAs (default: 5e-5, SPEC's for SDXL; 1e-3 for toy)"),
-    "merger_lr": (float, "learning rate of the column mergers (5e-3)"),
-    "weight_decay": (float, "AdamW weight decay (1e-4)"),
-    "grad_clip": (float, "gradient-norm clip (1.0)"),
-    "column_ratio": (float, "fraction of columns added per recalibration (0.1)"),
-    "recalibrations": (int, "number of mask recalibrations (3)"),
-    "ortho_lambda": (float, "weight of the orthogonality loss (0.5)"),
-    "init": (str, "LoRA init: reference | zeros"),
-    "role_table": (str, "block-role table (default: the base model's)"),
-    "precision": (str, "UNet precision on GPU: bf16 | fp16 | fp32 (CPU always fp32)"),
-    "save_precision": (str, "dtype of the saved LoRA files: fp16 | bf16 | fp32"),
-    "device": (str, "auto | cpu | cuda | cuda:N"),
-}
-
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
@@ -64,12 +37,9 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--config", help="YAML or TOML file with any of the settings below; flags win")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="trade compute for memory (SDXL in 24 GB)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for name, (kind, text) in FIT_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    add_setting_flags(p, settings(), "fit settings (also keys of a --config file; flags win)")
     p.set_defaults(run=_fit)
 
     g = sub.add_parser("generate", help="make images from fits: content, style, combined, recombined")
@@ -100,31 +70,48 @@ def _fit(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = read_settings_file(args.config) if args.config else {}
-    flags = {name: getattr(args, name) for name in FIT_FLAGS if getattr(args, name) is not None}
-    if args.gradient_checkpointing is not None:
-        flags["gradient_checkpointing"] = True
-    missing = [n for n in ("content", "style") if n not in settings and n not in flags]
+    from_file = read_settings_file(args.config) if args.config else {}
+    flags = setting_values(args, settings())
+    missing = [n for n in ("content", "style") if n not in from_file and n not in flags]
     if missing:
         raise SystemExit(f"unziplora fit: give --{' and --'.join(missing)} (or put them in --config)")
-    config = FitConfig.from_dict({**settings, **flags})
+    config = FitConfig.from_dict({**from_file, **flags})
     result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
     print(json.dumps(summary))
     return 0
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, fields, title: str) -> None:
+    """One flag per FitConfig field (`--rank`, `--gradient-checkpointing/--no-gradient-checkpointing`), typed
+    and documented by the field itself; unset flags stay None, so a --config file or the defaults apply."""
+    group = parser.add_argument_group(title)
+    for f in fields:
+        kind, _ = value_type(f)
+        default = "" if f.default in (None, dataclasses.MISSING) or kind is bool else f" (default {f.default})"
+        flag = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           choices=f.metadata["choices"], help=f.metadata["help"] + default, **flag)
+
+
+def setting_values(args: argparse.Namespace, fields) -> dict:
+    """The settings given as flags."""
+    return {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+
+
 def _generate(args) -> int:
     from .export import load_fit
     from .generate import generate
-    from .models import load_base_model
+    from .models import load_base_model_for
 
     content = load_fit(args.content_from or args.fit_dir) if (args.content_from or args.fit_dir) else None
     style = load_fit(args.style_from or args.fit_dir) if (args.style_from or args.fit_dir) else None
     if content is None and style is None:
         raise SystemExit("unziplora generate: give FIT_DIR, --content-from or --style-from")
     first = content or style
-    base = load_base_model(args.base_model or first.config.base_model, device=args.device, precision=args.precision)
+    # the fit's own base model (a hub model at the commit it was fitted on), unless told otherwise
+    overrides = {"spec": args.base_model, "revision": None, "variant": None, "config": None} if args.base_model else {}
+    base = load_base_model_for(first.config, device=args.device, precision=args.precision, **overrides)
     images = generate(base, content=content, style=style, prompt=args.prompt, mode=args.mode,
                       negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                       seed=args.seed, resolution=args.resolution, num_images=args.num_images)

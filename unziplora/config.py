@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,41 +28,84 @@ class Prompts(NamedTuple):
     style: str  # drives the style LoRA
 
 
+def setting(help: str, default=MISSING, *, scope: str = "item", choices: tuple | None = None):
+    """One fit setting. `scope` says where it can be set (SCOPES); CLI flags, job flags and prompt-table
+    columns are all derived from these declarations."""
+    return field(default=default, metadata={"help": help, "scope": scope, "choices": choices})
+
+
+# where a setting can be given: every scope is a `unziplora fit` flag and a --config key; beyond that
+SCOPES = {
+    "prompt": "per image: a prompt-table column",
+    "item": "per image (a prompt-table column) or for the whole job (a `decompose` flag)",
+    "worker": "for the whole job only: each fit worker loads one base model with it",
+    "local": "`unziplora fit` only (a job's workers get their device from Ray)",
+}
+
+
 @dataclass
 class FitConfig:
-    content: str  # content trigger, e.g. "sks dog"
-    style: str  # style description, e.g. "watercolor painting"
-    class_word: str | None = None  # default: the trigger without its first (rare) word
-    prompt: str | None = None  # combined prompt; default "A {content} in {style} style"
-    content_prompt: str | None = None  # default "A {content}"
-    style_prompt: str | None = None  # default "A {class_word} in {style} style"
-    base_model: str = "tiny"  # a preset (tiny, sdxl-random), a diffusers SDXL directory or a hub id
-    steps: int = 600
-    rank: int = 64
-    resolution: int | None = None  # default: the base model's own (1024 for SDXL, 64 for tiny)
-    seed: int = 0
-    lr: float | None = None  # both LoRAs; default: the base model's (MODEL_LR), else DEFAULT_LR
-    merger_lr: float = 5e-3
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    column_ratio: float = 0.1  # fraction of columns added to a sparse mask at each recalibration
-    recalibrations: int = 3
-    ortho_lambda: float = 0.5
-    init: str = "reference"
-    role_table: str | None = None  # default: the base model's table
-    precision: str = "bf16"  # UNet dtype on an accelerator; always fp32 on CPU
-    save_precision: str = "fp16"  # dtype of the saved LoRA files
-    device: str = "auto"
-    gradient_checkpointing: bool = False
+    content: str = setting("content trigger, e.g. 'sks dog'", scope="prompt")
+    style: str = setting("style description, e.g. 'watercolor painting'", scope="prompt")
+    class_word: str | None = setting("class word of the style prompt (default: the trigger without its first "
+                                     "word)", None, scope="prompt")
+    prompt: str | None = setting("combined prompt (default 'A {content} in {style} style')", None, scope="prompt")
+    content_prompt: str | None = setting("content prompt (default 'A {content}')", None, scope="prompt")
+    style_prompt: str | None = setting("style prompt (default 'A {class word} in {style} style')", None,
+                                       scope="prompt")
+    base_model: str = setting("tiny | sdxl-random | toy | a diffusers SDXL folder | a single-file .safetensors "
+                              "checkpoint | a hub id org/name[@revision]", "tiny", scope="worker")
+    revision: str | None = setting("hub revision: branch, tag or commit (default: main); resolved to the "
+                                   "commit", None, scope="worker")
+    variant: str | None = setting("weights variant of a diffusers folder or hub model, e.g. fp16", None,
+                                  scope="worker")
+    base_config: str | None = setting("diffusers config folder for a single-file checkpoint (default: "
+                                      "SDXL-base 1.0's, bundled)", None, scope="worker")
+    steps: int = setting("training steps", 600)
+    rank: int = setting("LoRA rank", 64)
+    resolution: int | None = setting("training resolution (default: the base model's, 1024 for SDXL)", None)
+    seed: int = setting("random seed", 0)
+    lr: float | None = setting("learning rate of both LoRAs (default: 5e-5, SPEC's for SDXL; 1e-3 for toy)", None)
+    merger_lr: float = setting("learning rate of the column mergers", 5e-3)
+    weight_decay: float = setting("AdamW weight decay of the LoRAs", 1e-4)
+    grad_clip: float = setting("gradient-norm clip", 1.0)
+    column_ratio: float = setting("fraction of columns added to a sparse mask at each recalibration", 0.1)
+    recalibrations: int = setting("number of mask recalibrations", 3)
+    ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
+    init: str = setting("LoRA init", "reference", choices=INITS)
+    role_table: str | None = setting("block-role table (default: the base model's)", None)
+    precision: str = setting("UNet dtype on an accelerator (always fp32 on CPU)", "bf16", scope="worker",
+                             choices=PRECISIONS)
+    save_precision: str = setting("dtype of the saved LoRA files", "fp16", choices=PRECISIONS)
+    device: str = setting("auto | cpu | cuda | cuda:N", "auto", scope="local")
+    gradient_checkpointing: bool = setting("recompute activations in the backward pass: less memory, more "
+                                           "time (SDXL at 1024 px in 24 GB)", False, scope="worker")
+    compile: bool = setting("torch.compile the UNet's transformer blocks", False, scope="worker")
 
     def __post_init__(self):
+        self._split_revision()
         if self.lr is None:  # resolved here, so saved settings and item ids always hold the number
             self.lr = MODEL_LR.get(self.base_model, DEFAULT_LR)
         self.validate()
 
+    def _split_revision(self) -> None:
+        """`org/name@rev` -> base_model `org/name`, revision `rev` (a local path keeps its "@")."""
+        if not isinstance(self.base_model, str) or not HUB_ID_AT_REVISION.match(self.base_model) or \
+                Path(self.base_model).expanduser().exists():
+            return
+        name, revision = self.base_model.split("@", 1)
+        if self.revision not in (None, revision):
+            raise InputError(f"base_model {self.base_model!r} names revision {revision!r} but revision is "
+                             f"{self.revision!r}: give one")
+        self.base_model, self.revision = name, revision
+
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            check_type(f, getattr(self, f.name))
+            if value_type(f)[0] is float and isinstance(getattr(self, f.name), int):
+                setattr(self, f.name, float(getattr(self, f.name)))  # lr 1 and 1.0: one setting, one hash
         for name in ("content", "style"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+            if not getattr(self, name).strip():
                 raise InputError(f"the {name} text is empty: give e.g. "
                                  "--content 'sks dog' --style 'watercolor painting'")
         positive = ("steps", "rank", "recalibrations", "lr", "merger_lr")
@@ -74,9 +118,6 @@ class FitConfig:
             raise InputError("column_ratio x recalibrations must lie in (0, 1]")
         if self.resolution is not None and self.resolution < 8:
             raise InputError(f"resolution {self.resolution} is too small")
-        for name, allowed in (("precision", PRECISIONS), ("save_precision", PRECISIONS), ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @property
     def resolved_class_word(self) -> str:
@@ -136,3 +177,62 @@ def read_settings_file(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise InputError(f"config file {path} must hold a mapping of settings")
     return values
+
+
+# ---- the settings as data: types, scopes, and values read from text (prompt-table cells) ----
+
+HUB_ID_AT_REVISION = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+@[\w./-]+$")
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_KIND_NAMES = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def settings(*scopes: str) -> list[dataclasses.Field]:
+    """FitConfig's fields of these scopes (all fields without arguments), in declaration order."""
+    return [f for f in dataclasses.fields(FitConfig) if not scopes or f.metadata["scope"] in scopes]
+
+
+def value_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(str | int | float | bool, whether None is allowed), from the field's annotation."""
+    names = [part.strip() for part in str(f.type).split("|")]
+    kinds = [n for n in names if n != "None"]
+    return _TYPES[kinds[0]], len(kinds) < len(names)
+
+
+def check_type(f: dataclasses.Field, value) -> None:
+    kind, optional = value_type(f)
+    if value is None and optional:
+        return
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:  # an int is a fine float (lr: 1); a bool is not
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise InputError(f"setting {f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise InputError(f"setting {f.name} must be one of {f.metadata['choices']}, got {value!r}")
+
+
+def parse_value(f: dataclasses.Field, value):
+    """A cell of a prompt table (text, or a number pyarrow already parsed) as this setting's type;
+    None for an empty cell. Raises InputError naming the setting and the value."""
+    kind, _ = value_type(f)
+    if value is None or (isinstance(value, str) and not value.strip()) or value != value:  # NaN: empty
+        return None
+    try:
+        if kind is str:
+            return str(value).strip()
+        if kind is bool:
+            text = str(value).strip().lower()
+            if text not in _BOOLS:
+                raise ValueError
+            return _BOOLS[text]
+        if kind is int:
+            number = float(value) if not isinstance(value, int) else value
+            if isinstance(value, bool) or number != int(number):
+                raise ValueError
+            return int(number)
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}") from None
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

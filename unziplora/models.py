@@ -1,4 +1,5 @@
-"""Base models: a real diffusers SDXL (directory or hub id) or one built offline from a config.
+"""Base models: a real SDXL (diffusers folder, single-file checkpoint or hub id; see `locate`) or one built
+offline from a config.
 
 Presets built offline (random weights, no download):
 - ``tiny``: SDXL's block layout and module names at toy width; the default for tests and CPU runs.
@@ -11,36 +12,19 @@ Trained presets, shipped as package data:
 from __future__ import annotations
 
 import gzip
-import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import BaseModelError
-
-PRESETS = ("tiny", "sdxl-random")
-
-
-class Packaged(NamedTuple):
-    """A trained preset shipped as package data. Located with importlib's finder, so unziplora never imports
-    the package (the toy world lives in `toyworld/`)."""
-
-    package: str
-    folder: str  # inside the package
-    role_table: str
-    guidance: float  # the classifier-free guidance its samples are judged best at
-
-
-# toy: a guidance sweep (toyworld.evaluate, 36 prompts x 2 seeds) measured shape/style 92/96 % at 2,
-# 86/96 % at 2.5 and 3, 85/89 % at 4 and 88/89 % at 5: higher guidance exaggerates the watercolour grain
-PACKAGED = {"toy": Packaged("toyworld", "weights/toy-sdxl", "toy", guidance=2.5)}
+from .locate import PACKAGED, BaseLocation, cache_root, locate_base_model
 
 # SDXL-base's noise schedule (scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0).
 SCHEDULER_CONFIG = dict(
@@ -59,14 +43,15 @@ _SDXL_BLOCKS = dict(
 _PRESET_CONFIGS = {
     "tiny": dict(
         resolution=64,
+        # the two text encoders differ in width, as in SDXL (768 / 1280): context 32 + 48, pooled 48
         unet=dict(_SDXL_BLOCKS, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 1),
-                  attention_head_dim=(2, 4, 4), cross_attention_dim=64, norm_num_groups=8,
-                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8),
+                  attention_head_dim=(2, 4, 4), cross_attention_dim=32 + 48, norm_num_groups=8,
+                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=48 + 6 * 8, sample_size=8),
         vae=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
         text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           hidden_act="quick_gelu"),
-        text_encoder_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            hidden_act="gelu", projection_dim=32),
+        text_encoder_2=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                            hidden_act="gelu", projection_dim=48),
     ),
     # Published SDXL-base 1.0 component configs (unet/vae/text_encoder*/config.json).
     "sdxl-random": dict(
@@ -99,7 +84,12 @@ class BaseModel:
     default_resolution: int = 1024
     role_table: str = "sdxl"
     guidance: float = 5.0  # default classifier-free guidance for its samples
+    location: BaseLocation | None = None  # where the weights came from; its fingerprint names them
     extra: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.location.fingerprint if self.location else ""
 
     @property
     def device(self) -> torch.device:
@@ -139,24 +129,29 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def load_base_model(spec: str = "tiny", *, device: str | torch.device = "auto", precision: str = "bf16",
+def load_base_model(spec: str = "tiny", *, revision: str | None = None, variant: str | None = None,
+                    config: str | None = None, device: str | torch.device = "auto", precision: str = "bf16",
                     seed: int = 0) -> BaseModel:
-    """Load `spec`: a preset name (built offline), a local diffusers SDXL directory, or a hub id."""
+    """Load `spec`: a preset name (built offline), a packaged model, a diffusers SDXL folder, a single-file
+    checkpoint (read with the diffusers config folder `config`, default SDXL-base 1.0's) or a hub id."""
     dev = pick_device(device) if isinstance(device, str) else device
     dtype = pick_dtype(precision, dev)
-    if spec in PRESETS:
+    location = locate_base_model(spec, revision=revision, variant=variant, config=config)
+    if location.kind == "preset":
         base = build_preset(spec, seed=seed, dtype=dtype)
-    elif spec in PACKAGED:
+    elif location.kind == "single-file":
+        base = _load_single_file(location, dtype)
+    else:
+        base = _load_pretrained(location, dtype)
+    if location.kind == "packaged":
         from .roles import TABLES
 
         table = PACKAGED[spec].role_table
         if table not in TABLES:  # a model without its measured block roles would fit with the wrong ones
             raise BaseModelError(f"no role table {table!r} for the {spec!r} model yet: measure it with "
                                  f"`python -m toyworld.evaluate DIR --probe` and add it to unziplora/roles.py")
-        base = _load_pretrained(str(packaged_dir(spec)), dtype)
-        base.name, base.role_table, base.guidance = spec, table, PACKAGED[spec].guidance
-    else:
-        base = _load_pretrained(spec, dtype)
+        base.role_table, base.guidance = table, PACKAGED[spec].guidance
+    base.name, base.location = spec, location
     for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
         module.requires_grad_(False).eval()
     # The VAE runs once per fit; fp32 avoids SDXL-VAE's known fp16 overflow.
@@ -169,21 +164,30 @@ def load_base_model(spec: str = "tiny", *, device: str | torch.device = "auto", 
     return base
 
 
-def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_base_model_for(config, **overrides) -> BaseModel:
+    """The base model a FitConfig names (spec, revision, variant, single-file config, device, precision)."""
+    return load_base_model(**{"spec": config.base_model, "revision": config.revision, "variant": config.variant,
+                              "config": config.base_config, "device": config.device,
+                              "precision": config.precision} | overrides)
+
+
+def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> BaseModel:
     cfg = _PRESET_CONFIGS[name]
     torch.manual_seed(seed)  # the random weights are part of the preset: same seed, same model
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build big presets directly in their dtype (halves peak memory)
     try:
-        unet = UNet2DConditionModel(**cfg["unet"])
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
-            up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
-            **cfg["vae"],
-        )
-        te1 = CLIPTextModel(_clip_config(cfg["text_encoder"]))
-        te2 = CLIPTextModelWithProjection(_clip_config(cfg["text_encoder_2"]))
+        with torch.device(device):  # "meta": the architecture alone, no memory (configs, budgets)
+            unet = UNet2DConditionModel(**cfg["unet"])
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+                up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+                **cfg["vae"],
+            )
+            te1 = CLIPTextModel(_clip_config(cfg["text_encoder"]))
+            te2 = CLIPTextModelWithProjection(_clip_config(cfg["text_encoder_2"]))
     finally:
         torch.set_default_dtype(previous)
     tok1, tok2 = clip_tokenizers()
@@ -192,16 +196,26 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
                      default_resolution=cfg["resolution"], role_table="sdxl")
 
 
-def packaged_dir(name: str) -> Path:
-    import importlib.util
-
-    package, sub = PACKAGED[name].package, PACKAGED[name].folder
-    spec = importlib.util.find_spec(package)
-    path = Path(spec.submodule_search_locations[0]) / sub if spec and spec.submodule_search_locations else None
-    if path is None or not (path / "model_index.json").is_file():
-        raise BaseModelError(f"the {name!r} base model is not installed ({package}/{sub}); "
-                             f"train it with `python -m toyworld.train_base` and copy its pipeline/ there")
-    return path
+def sdxl_config_dir() -> Path:
+    """A diffusers config folder of SDXL-base 1.0 (configs and tokenizers, no weights), written once into the
+    user's cache from the `sdxl-random` preset: what a single-file SDXL checkpoint is read with, offline."""
+    folder = cache_root() / "sdxl-base-1.0-config"
+    if (folder / "model_index.json").is_file():
+        return folder
+    pipe = build_preset("sdxl-random", device="meta").pipeline()
+    temporary = folder.with_name(f".{folder.name}.{os.getpid()}")
+    pipe.save_config(temporary)  # model_index.json
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(temporary / name)
+    for name in ("text_encoder", "text_encoder_2"):
+        getattr(pipe, name).config.save_pretrained(temporary / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        getattr(pipe, name).save_pretrained(temporary / name)
+    try:
+        os.replace(temporary, folder)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(temporary, ignore_errors=True)
+    return folder
 
 
 def _clip_config(overrides: dict) -> CLIPTextConfig:
@@ -209,30 +223,44 @@ def _clip_config(overrides: dict) -> CLIPTextConfig:
                           eos_token_id=49407, pad_token_id=49407, **overrides)
 
 
-def _load_pretrained(spec: str, dtype: torch.dtype) -> BaseModel:
+def _load_pretrained(location: BaseLocation, dtype: torch.dtype) -> BaseModel:
     from diffusers import StableDiffusionXLPipeline
 
-    path = Path(spec).expanduser()
-    if path.exists():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise BaseModelError(f"{spec} is not a diffusers pipeline directory (no model_index.json)")
-        cls_name = json.loads(index.read_text()).get("_class_name", "")
-        if cls_name != "StableDiffusionXLPipeline":
-            raise BaseModelError(f"{spec} holds a {cls_name or 'unknown'} pipeline, not StableDiffusionXLPipeline")
-    elif os.sep in spec or spec.startswith("."):
-        raise BaseModelError(f"base model directory {spec} does not exist")
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(path) if path.exists() else spec, dtype=dtype)
-    except Exception as exc:  # hub errors, missing files, broken configs: say which model
-        raise BaseModelError(f"cannot load SDXL base model {spec!r}: {exc}") from exc
-    if pipe.unet.config.addition_embed_type != "text_time" or pipe.text_encoder_2 is None:
-        raise BaseModelError(f"{spec} does not have the SDXL UNet/text-encoder layout")
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(location.path), dtype=dtype, variant=location.variant,
+                                                         local_files_only=True)
+    except Exception as exc:  # missing files, a variant it lacks, broken configs: say which model
+        raise BaseModelError(f"cannot load SDXL base model {location.spec!r}: {_first_line(exc)}") from exc
+    return _from_pipeline(pipe, location.spec)
+
+
+def _load_single_file(location: BaseLocation, dtype: torch.dtype) -> BaseModel:
+    from diffusers import StableDiffusionXLPipeline
+
+    config = location.config or sdxl_config_dir()
+    try:
+        pipe = StableDiffusionXLPipeline.from_single_file(str(location.path), config=str(config), dtype=dtype,
+                                                          local_files_only=True)
+    except Exception as exc:  # shapes that do not fit the config, a damaged file: say which
+        raise BaseModelError(f"cannot load the single-file checkpoint {location.spec} with the config "
+                             f"{config}: {_first_line(exc)}") from exc
+    return _from_pipeline(pipe, location.spec)
+
+
+def _from_pipeline(pipe, spec: str) -> BaseModel:
+    if pipe.unet.config.addition_embed_type != "text_time" or pipe.text_encoder is None or \
+            pipe.text_encoder_2 is None:
+        raise BaseModelError(f"{spec} does not have the SDXL base UNet/text-encoder layout")
     # the resolution the UNet was trained at (1024 for SDXL: 128 latents x 8)
     resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return BaseModel(name=spec, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
                      scheduler=DDPMScheduler.from_config(pipe.scheduler.config), default_resolution=resolution)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---- tokenizers from open-clip's BPE file ----

@@ -25,7 +25,7 @@ from .errors import FitDivergedError, InputError
 from .images import image_to_tensor, load_image
 from .importance import mask_stats, recalibrate
 from .layers import UnZipLoRA
-from .models import BaseModel, load_base_model
+from .models import BaseModel, load_base_model_for
 
 StepCallback = Callable[[int, dict], None]
 
@@ -53,11 +53,13 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
     if out_dir is not None:
         export.check_output_dir(out_dir, overwrite)
     if base is None:
-        base = load_base_model(config.base_model, device=config.device, precision=config.precision)
+        base = load_base_model_for(config)
         timings["load_base_model_s"] = time.perf_counter() - start
     resolution = config.resolution or base.default_resolution
     _check_resolution(resolution, base)
-    config = config.replace(resolution=resolution, role_table=config.role_table or base.role_table)
+    # the saved settings name what was used: the table, the resolution, a hub model's exact commit
+    config = config.replace(resolution=resolution, role_table=config.role_table or base.role_table,
+                            revision=base.location.revision if base.location else config.revision)
 
     t = time.perf_counter()
     picture = load_image(image, resolution)
@@ -213,6 +215,7 @@ def _record(config: FitConfig, prompts: Prompts, base: BaseModel, adapter: UnZip
         "settings": config.to_dict(),
         "prompts": prompts._asdict(),
         "base_model": base.name,
+        "base_model_fingerprint": base.fingerprint,
         "device": str(base.device),
         "dtype": str(base.dtype).removeprefix("torch."),
         "final": {"loss": history[-1]["loss"], "mse": history[-1]["mse"], "ortho": history[-1]["ortho"],
