@@ -71,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.decompose", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(run=run)
-    return cli.main(argv, parser)  # bad input: one "error: ..." line and exit status 2, no traceback
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, build_parser())  # bad input: one "error: ..." line and exit status 2, no traceback
 
 
 if __name__ == "__main__":

@@ -136,6 +136,13 @@ def load_base_model(spec: str = "tiny", *, revision: str | None = None, variant:
     checkpoint (read with the diffusers config folder `config`, default SDXL-base 1.0's) or a hub id."""
     dev = pick_device(device) if isinstance(device, str) else device
     dtype = pick_dtype(precision, dev)
+    if spec in PACKAGED:
+        from .roles import TABLES
+
+        table = PACKAGED[spec].role_table
+        if table not in TABLES:  # a model without its measured block roles would fit with the wrong ones
+            raise BaseModelError(f"no role table {table!r} for the {spec!r} model yet: measure it with "
+                                 f"`python -m toyworld.evaluate DIR --probe` and add it to unziplora/roles.py")
     location = locate_base_model(spec, revision=revision, variant=variant, config=config)
     if location.kind == "preset":
         base = build_preset(spec, seed=seed, dtype=dtype)
@@ -144,23 +151,20 @@ def load_base_model(spec: str = "tiny", *, revision: str | None = None, variant:
     else:
         base = _load_pretrained(location, dtype)
     if location.kind == "packaged":
-        from .roles import TABLES
-
-        table = PACKAGED[spec].role_table
-        if table not in TABLES:  # a model without its measured block roles would fit with the wrong ones
-            raise BaseModelError(f"no role table {table!r} for the {spec!r} model yet: measure it with "
-                                 f"`python -m toyworld.evaluate DIR --probe` and add it to unziplora/roles.py")
-        base.role_table, base.guidance = table, PACKAGED[spec].guidance
+        base.role_table, base.guidance = PACKAGED[spec].role_table, PACKAGED[spec].guidance
     base.name, base.location = spec, location
+    return place(base, dev)
+
+
+def place(base: BaseModel, device: torch.device) -> BaseModel:
+    """Frozen and in eval mode, the VAE in fp32 (it runs once per fit, and SDXL's VAE overflows in fp16),
+    every module on `device`."""
     for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
         module.requires_grad_(False).eval()
-    # The VAE runs once per fit; fp32 avoids SDXL-VAE's known fp16 overflow.
     if base.vae.dtype != torch.float32:
         base.vae.to(dtype=torch.float32)
-    base.vae.to(dev)
-    base.unet.to(dev)
-    base.text_encoder.to(dev)
-    base.text_encoder_2.to(dev)
+    for module in (base.vae, base.unet, base.text_encoder, base.text_encoder_2):
+        module.to(device)
     return base
 
 
