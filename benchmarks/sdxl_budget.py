@@ -48,6 +48,10 @@ from unziplora.layers import UnZipLoRA
 from unziplora.models import build_preset, place
 from unziplora.training import encode_image, encode_prompts, train
 
+# ops CUDA runs with tensors on two devices: copies between devices, and indexing with host index tensors
+MIXED_DEVICES_OK = {torch.ops.aten._to_copy, torch.ops.aten.copy_, torch.ops.aten._copy_from,
+                    torch.ops.aten._copy_from_and_resize, torch.ops.aten.index, torch.ops.aten.index_put,
+                    torch.ops.aten.index_put_, torch.ops.aten._index_put_impl_}
 H100_BF16_FLOPS = 989e12  # H100 SXM, dense bf16 (datasheet); an H200 has the same compute
 GB = 1e9
 
@@ -63,6 +67,7 @@ class Account(TorchDispatchMode):
         self.live: dict[int, int] = {}
         self.current = self.peak = 0
         self.flops = 0
+        self.mixed: list[str] = []  # ops that took tensors on two devices (a GPU refuses them)
 
     def track(self, tensor: torch.Tensor) -> None:
         if tensor.device != self.device:
@@ -83,12 +88,23 @@ class Account(TorchDispatchMode):
     def _release(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
 
+    def _check_devices(self, func, args, kwargs) -> None:
+        """CUDA's rule, checked here because some meta kernels do not: the tensors of one op live on one
+        device, except 0-dim host tensors (scalars) and MIXED_DEVICES_OK."""
+        if func._overloadpacket in MIXED_DEVICES_OK:
+            return
+        devices = {t.device for t in tree_flatten((args, kwargs))[0]
+                   if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)}
+        if len(devices) > 1:
+            self.mixed.append(f"{func}: {sorted(map(str, devices))}")
+
     def reset_peak(self) -> None:
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             return {torch.bool: True}.get(args[0].dtype, self.scalar if args[0].is_floating_point() else 0)
+        self._check_devices(func, args, kwargs)
         out = func(*args, **(kwargs or {}))
         if func._overloadpacket in flop_registry:
             self.flops += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
@@ -156,6 +172,7 @@ def account(model: str = "sdxl-random", resolution: int = 1024, *, checkpointing
     out["recalibration_tflop"], out["step_tflop"] = step_flops[0] / 1e12, step_flops[1] / 1e12
     out["recalibration_peak_gb"], out["step_peak_gb"] = step_peaks[0] / GB, step_peaks[1] / GB
     out["peak_gb"] = max(out["setup_peak_gb"], *(p / GB for p in step_peaks))
+    out["mixed_devices"] = sorted(set(tracker.mixed))
     return out
 
 
@@ -245,10 +262,12 @@ def validate(cases: list[tuple[str, int, bool]], rank: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sdxl-random")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 768, 1024])
+    parser.add_argument("--resolutions", type=int, nargs="*", default=[512, 768, 1024])
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed H100 utilisation for the projection")
-    parser.add_argument("--validate", action="store_true", help="also run real CPU steps of `tiny` beside the account")
+    parser.add_argument("--validate", nargs="*", metavar="MODEL:PX[:ckpt]",
+                        help="also run real CPU steps beside the account (default: tiny:256 tiny:256:ckpt tiny:512; "
+                        "sdxl-random:256 needs about 20 GB of RAM and minutes per step)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -272,13 +291,15 @@ def main() -> None:
                   f"{row['recalibration_tflop']:.1f} | {row['weights_gb']:.1f} | {row['adapter_gb']:.2f} | "
                   f"{row['after_step_gb']:.1f} | {row['peak_gb']:.1f} | {p['s_per_step']:.3f} | "
                   f"{p['fit_600_s']:.0f} s | {gpu_class(row['peak_gb'])} |", flush=True)
-    if args.validate:
+    if args.validate is not None:
+        cases = [(spec.split(":")[0], int(spec.split(":")[1]), spec.endswith(":ckpt"))
+                 for spec in args.validate or ["tiny:256", "tiny:256:ckpt", "tiny:512"]]
         print("\nvalidation on this CPU (fp32; growth = peak during the two training steps over the memory "
               "before them; time = TFLOP / measured fp32 GEMM rate):")
         print("| model | px | checkpointing | predicted growth GB | measured GB | TFLOP/step | predicted s/step "
               "| measured s/step |")
         print("|---|---|---|---|---|---|---|---|")
-        for v in validate([("tiny", 256, False), ("tiny", 256, True), ("tiny", 512, False)], args.rank):
+        for v in validate(cases, args.rank):
             rows.append({"validation": v})
             print(f"| {v['model']} | {v['resolution']} | {'on' if v['checkpointing'] else 'off'} | "
                   f"{v['predicted_growth_gb']:.3f} | {v['measured_growth_gb']:.3f} | {v['step_tflop']:.3f} | "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
-from fit_speed import step_durations
+from gpu_check import step_durations
 from unziplora.config import FitConfig
 from unziplora.training import encode_image, encode_prompts, train
 from unziplora.images import load_image

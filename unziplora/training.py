@@ -110,6 +110,7 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
     checkpointing_before = unet.is_gradient_checkpointing
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    forward = compiled_unet(base) if config.compile else unet
     history = []
     bar = tqdm(range(config.steps), desc="unziplora fit", disable=not progress, leave=False)
     try:
@@ -121,7 +122,7 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
             noise = torch.randn(x0.shape, generator=rng).to(device, dtype)
             timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=rng)
             noisy = base.scheduler.add_noise(x0, noise, timestep).to(dtype)
-            pred = unet(noisy, timestep.to(device), **unet_kwargs).sample
+            pred = forward(noisy, timestep.to(device), **unet_kwargs).sample
             mse = F.mse_loss(pred.float(), prediction_target(base.scheduler, x0, noise, timestep).float())
             ortho = gates.orthogonality_loss()
             loss = mse + config.ortho_lambda * ortho
@@ -153,6 +154,14 @@ def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tens
         if config.gradient_checkpointing and not checkpointing_before:
             unet.disable_gradient_checkpointing()
     return history
+
+
+def compiled_unet(base: BaseModel):
+    """`torch.compile` of the base model's UNet, made once and kept with the base model: later fits reuse the
+    compiled code (the first fit pays the compilation). The UNet module itself is left as it is."""
+    if "compiled_unet" not in base.extra:
+        base.extra["compiled_unet"] = torch.compile(base.unet)
+    return base.extra["compiled_unet"]
 
 
 def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
