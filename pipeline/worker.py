@@ -23,7 +23,7 @@ import torch
 from unziplora import FitConfig, UnZipLoRAError, fit
 from unziplora.models import load_base_model_for
 
-from .identify import identify, ids_of, item_config, plain_row
+from .identify import check_job_settings, identify, ids_of, item_config, plain_row
 from .manifest import (SCHEMA_VERSION, empty_row, failed_row, read_attempts, source_key, utc_now,
                        write_attempts)
 from .previews import write_previews
@@ -41,11 +41,12 @@ class FitWorker:
         self.device = torch.device(device) if device is not None else _assigned_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(self.job.cpus_per_worker)))
-        self.base = load_base_model_for(item_config({"content": "x", "style": "x"}, self.job), device=self.device)
+        self.base = load_base_model_for(check_job_settings(self.job.fit), device=self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
-        # the driver named the weights in every item id; a node holding other files under that name must not
-        # fit under those ids
-        self.base_mismatch = "" if self.base.fingerprint == self.job.base_fingerprint else (
+        # the driver named the weights in every item id (run_job); a node holding other files under that name
+        # must not fit under those ids
+        planned = self.job.base_fingerprint
+        self.base_mismatch = "" if not planned or self.base.fingerprint == planned else (
             f"the base model {self.base.name} on {socket.gethostname()} is not the one the job planned with "
             f"(fingerprint {self.base.fingerprint}, planned {self.job.base_fingerprint}): make every node hold "
             f"the same weights")

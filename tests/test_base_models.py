@@ -200,7 +200,8 @@ def test_single_file_fit_through_the_cli(tiny_files, sample_image, tmp_path):
 
 
 def test_item_ids_hold_the_fingerprint(tmp_path):
-    """The same image with the same settings on other weights is another item."""
+    """The same image with the same settings on other weights (another commit, a folder tuned in place) is
+    another item."""
     (tmp_path / "a.png").write_bytes(b"not even an image: identify only hashes it")
     item = {"source_uri": str(tmp_path / "a.png"), "content": "sks dog", "style": "ink", "overrides": "{}"}
     ids = [identify(item, JobSpec(input="", output="", base_fingerprint=fp))[0]
@@ -248,9 +249,8 @@ def test_hub_ids_fit_offline_through_the_cli(hub_cache, sample_image, tmp_path):
     env = offline_env(hub_cache, tmp_path)
     common = ["--content", "sks shape", "--style", "zwx", "--steps", "3", "--rank", "2", "--quiet",
               "--threads", "1", "--device", "cpu"]
-    runs = {"main": (["--base-model", "test-org/toy-sdxl"], COMMIT),
-            "at": (["--base-model", "test-org/toy-sdxl@v2"], COMMIT_2),
-            "flag": (["--base-model", "test-org/toy-sdxl", "--revision", "v2"], COMMIT_2),
+    # main is what `decompose` below resolves; here a tag and a variant (--revision is parsed like @rev: test_cli)
+    runs = {"at": (["--base-model", "test-org/toy-sdxl@v2"], COMMIT_2),
             "fp16": (["--base-model", "test-org/toy-sdxl-fp16", "--variant", "fp16"], COMMIT)}
     for name, (flags, commit) in runs.items():
         done = unziplora(["fit", str(sample_image), *common, *flags, "--out", str(tmp_path / name)], env)
@@ -285,9 +285,9 @@ def test_hub_ids_that_cannot_be_used_are_one_line(hub_cache, tmp_path, spec, say
     assert says in one_line(exc), str(exc.value)
 
 
-def test_decompose_with_a_hub_id_offline_and_a_new_commit_refits(hub_cache, tmp_path):
+def test_decompose_with_a_hub_id_offline(hub_cache, tmp_path):
     """`decompose` through the hub cache: the driver pins main to its commit, the workers load that snapshot,
-    rows name the fingerprint. When main moves to another commit, the same images are new items."""
+    rows name the fingerprint (when main moves to another commit, the ids change: test_item_ids_hold_...)."""
     from pipeline_fixtures import png_bytes
 
     (tmp_path / "in").mkdir()
@@ -297,12 +297,28 @@ def test_decompose_with_a_hub_id_offline_and_a_new_commit_refits(hub_cache, tmp_
     job = ["decompose", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "lib"),
            "--default-content", "sks shape", "--default-style", "zwx", "--base-model", "test-org/toy-sdxl",
            "--steps", "3", "--rank", "2", "--workers", "1", "--no-tracking", "--preview-steps", "0", "--quiet"]
-    for commit in (COMMIT, COMMIT_2):
-        (hub_cache / "models--test-org--toy-sdxl" / "refs" / "main").write_text(commit)
-        done = unziplora(job, env, timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads(done.stdout[done.stdout.index("{"):])
-        assert report["ok"] == 2 and report["fits_this_run"] == 2, report
-        rows = read_manifest(str(tmp_path / "lib")).to_pylist()
-        assert {r["base_model_fingerprint"] for r in rows} == {f"hub:test-org/toy-sdxl@{commit}"}
-        assert {r["base_model"] for r in rows} == {"test-org/toy-sdxl"}
+    done = unziplora(job, env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["ok"] == 2 and report["fits_this_run"] == 2, report
+    rows = read_manifest(str(tmp_path / "lib")).to_pylist()
+    assert {r["base_model_fingerprint"] for r in rows} == {f"hub:test-org/toy-sdxl@{COMMIT}"}
+    assert {r["base_model"] for r in rows} == {"test-org/toy-sdxl"}
+    for row in rows:  # each fit's saved settings name the commit the driver pinned
+        files = json.loads(row["files"])
+        assert yaml.safe_load(Path(files["config.yaml"]["uri"]).read_text())["revision"] == COMMIT
+
+
+def test_a_worker_whose_weights_differ_from_the_plan_fails_its_items(tmp_path):
+    """The driver named the weights in the item ids; a worker that loads other weights under that name (another
+    node's copy of a folder, say) must not fit under those ids."""
+    from pipeline.worker import FitWorker
+    from pipeline_fixtures import png_bytes
+
+    (tmp_path / "a.png").write_bytes(png_bytes(3, 40, 40))
+    job = JobSpec(input=str(tmp_path), output=str(tmp_path / "lib"), fit={"steps": 3, "rank": 2}, tracking=False,
+                  preview_steps=0, base_fingerprint="sha256-tree:" + "0" * 64)
+    row = FitWorker(job, device="cpu").process({"source_uri": str(tmp_path / "a.png"), "content": "sks dog",
+                                                 "style": "ink", "overrides": "{}", "prompt_error": None})
+    assert row["status"] == "failed" and "not the one the job planned with" in row["error"], row
+    assert "preset:tiny" in row["error"] and not (tmp_path / "lib" / "items").exists()

@@ -27,6 +27,26 @@ def test_bad_settings_are_refused(bad):
         FitConfig(**{"content": "sks dog", "style": "ink", **bad})
 
 
+def test_a_hub_revision_is_given_as_org_name_at_rev_or_as_a_setting():
+    at = FitConfig(content="a b", style="c", base_model="org/name@v2")
+    assert (at.base_model, at.revision) == ("org/name", "v2")
+    assert FitConfig(content="a b", style="c", base_model="org/name", revision="v2") == at
+    with pytest.raises(InputError, match="give one"):
+        FitConfig(content="a b", style="c", base_model="org/name@v2", revision="v3")
+
+
+def test_setting_types_are_checked_with_the_name_of_the_setting(tmp_path, sample_image, capsys):
+    for bad, says in ((dict(steps="abc"), "steps must be an integer, got 'abc'"), (dict(steps=4.7), "got 4.7"),
+                      (dict(gradient_checkpointing="yes"), "true or false"), (dict(lr="fast"), "a number")):
+        with pytest.raises(InputError, match=says):
+            FitConfig(content="a b", style="c", **bad)
+    assert FitConfig(content="a b", style="c", lr=1).lr == 1.0 and isinstance(FitConfig(content="a b", style="c",
+                                                                                          lr=1).lr, float)
+    (tmp_path / "bad.toml").write_text('content = "sks dog"\nstyle = "ink"\nsteps = "abc"\n')
+    assert main(["fit", str(sample_image), "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "error: setting steps must be an integer, got 'abc'"
+
+
 def test_calibration_schedule():
     assert FitConfig(content="a b", style="c").calibration_steps == [0, 200, 400]
     assert FitConfig(content="a b", style="c", steps=10, recalibrations=2).calibration_steps == [0, 5]

@@ -110,7 +110,7 @@ def test_fp16_gradients_are_unscaled_before_the_cone_scores_and_the_clip(sample_
 def test_compiled_unet_option_gives_the_same_fit(tiny_base, sample_image, monkeypatch):
     """`compile=True` runs the step through torch.compile(unet), made once per base model. The eager backend
     keeps this test to dynamo's tracing (inductor's code generation takes minutes on 2 cores)."""
-    config = FitConfig(content="sks dog", style="ink", steps=3, rank=2)
+    config = FitConfig(content="sks dog", style="ink", steps=2, recalibrations=1, rank=2)
     eager = fit(sample_image, config, base=tiny_base, progress=False)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     compiled = fit(sample_image, config.replace(compile=True), base=tiny_base, progress=False)

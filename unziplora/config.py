@@ -12,6 +12,7 @@ from typing import NamedTuple
 import yaml
 
 from .errors import InputError
+from .locate import HUB_ID_PATTERN
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 # SPEC's learning rate is sized for SDXL; a LoRA on the toy world's 4 M-parameter UNet needs a larger step
@@ -31,6 +32,7 @@ class Prompts(NamedTuple):
 def setting(help: str, default=MISSING, *, scope: str = "item", choices: tuple | None = None):
     """One fit setting. `scope` says where it can be set (SCOPES); CLI flags, job flags and prompt-table
     columns are all derived from these declarations."""
+    assert scope in SCOPES, scope
     return field(default=default, metadata={"help": help, "scope": scope, "choices": choices})
 
 
@@ -80,7 +82,8 @@ class FitConfig:
     device: str = setting("auto | cpu | cuda | cuda:N", "auto", scope="local")
     gradient_checkpointing: bool = setting("recompute activations in the backward pass: less memory, more "
                                            "time (SDXL at 1024 px in 24 GB)", False, scope="worker")
-    compile: bool = setting("torch.compile the UNet's transformer blocks", False, scope="worker")
+    compile: bool = setting("torch.compile the UNet, once per loaded base model (measured slower on CPU)", False,
+                            scope="worker")
 
     def __post_init__(self):
         self._split_revision()
@@ -181,7 +184,7 @@ def read_settings_file(path: str | Path) -> dict:
 
 # ---- the settings as data: types, scopes, and values read from text (prompt-table cells) ----
 
-HUB_ID_AT_REVISION = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+@[\w./-]+$")
+HUB_ID_AT_REVISION = re.compile(rf"^{HUB_ID_PATTERN}@[\w./-]+$")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _KIND_NAMES = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
 

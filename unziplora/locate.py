@@ -45,7 +45,8 @@ class Packaged(NamedTuple):
 # 86/96 % at 2.5 and 3, 85/89 % at 4 and 88/89 % at 5: higher guidance exaggerates the watercolour grain
 PACKAGED = {"toy": Packaged("toyworld", "weights/toy-sdxl", "toy", guidance=2.5)}
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID_PATTERN = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # org/name, as the Hub spells repository ids
+HUB_ID = re.compile(f"^{HUB_ID_PATTERN}$")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
