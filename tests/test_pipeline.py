@@ -304,3 +304,31 @@ def test_a_library_from_before_fingerprints_is_refit_or_adopted(ray_cluster, tmp
         for name, row in named.items():
             assert row["item_id"] == legacy[row["source_uri"]]
             check_artifacts(row, lambda path: open(path, "rb").read())
+
+
+def test_prompt_table_cells_are_read_as_their_settings(tmp_path):
+    """No Ray needed: every per-item setting is a column; a bad cell fails its own image with the column and the
+    value, a per-job setting as a column refuses the table, and the job's own settings are checked up front."""
+    from pipeline.identify import check_job_settings
+    from pipeline.source import build_items
+    from unziplora.errors import InputError
+
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(png_bytes(1, 8, 8))
+    (tmp_path / "prompts.csv").write_text("image,content,style,steps,seed,lr,init\n"
+                                          "a.png,sks a,ink,5,,2e-4,zeros\n"
+                                          "b.png,sks b,ink,4.7,1,,\n"
+                                          "c.png,sks c,ink,6,abc,,\n")
+    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in build_items(str(tmp_path))}
+    assert json.loads(items["a.png"]["overrides"]) == {"steps": 5, "lr": 2e-4, "init": "zeros"}
+    assert not items["a.png"]["prompt_error"]
+    assert "column steps must be an integer, got 4.7" in items["b.png"]["prompt_error"]
+    assert "column seed must be an integer, got 'abc'" in items["c.png"]["prompt_error"]
+    (tmp_path / "prompts.csv").write_text("image,content,style,base_model\na.png,sks a,ink,toy\n")
+    with pytest.raises(InputError, match=r"\['base_model'\], which are set for the whole job"):
+        build_items(str(tmp_path))
+    with pytest.raises(InputError, match=r"\['content'\] are per image"):
+        check_job_settings({"content": "sks", "steps": 4})
+    with pytest.raises(InputError, match="setting rank must be an integer"):
+        check_job_settings({"rank": "64x"})
+    assert check_job_settings({"steps": 4, "base_model": "org/name@v1"}).revision == "v1"
