@@ -9,7 +9,6 @@ mixed into a device op is caught as CUDA would refuse it, which the meta kernels
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -107,18 +106,33 @@ def test_fp16_gradients_are_unscaled_before_the_cone_scores_and_the_clip(sample_
     assert 0.9 < ratio < 1.1, (half[0], full[0])  # scaled gradients would be 65536x
 
 
-def test_compiled_unet_option_gives_the_same_fit(tiny_base, sample_image, monkeypatch):
-    """`compile=True` runs the step through torch.compile(unet), made once per base model. The eager backend
-    keeps this test to dynamo's tracing (inductor's code generation takes minutes on 2 cores)."""
+def test_compiled_unet_option_runs_the_steps_through_one_compiled_unet(tiny_base, sample_image, monkeypatch):
+    """`compile=True` runs every step through torch.compile(unet), made once per base model and reused by later
+    fits; the UNet module itself is left alone. (torch.compile's own work on this adapter was measured by hand,
+    README "GPU check": slower on the CPU; its code generation takes minutes on 2 cores, too long for a test.)"""
+    made = []
+
+    class Compiled:  # stands in for what torch.compile returns: a callable around the module
+        def __init__(self, module):
+            self.module, self.calls = module, 0
+            made.append(self)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
     config = FitConfig(content="sks dog", style="ink", steps=2, recalibrations=1, rank=2)
     eager = fit(sample_image, config, base=tiny_base, progress=False)
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    compiled = fit(sample_image, config.replace(compile=True), base=tiny_base, progress=False)
-    assert "compiled_unet" in tiny_base.extra and type(tiny_base.unet).__name__ == "UNet2DConditionModel"
-    for kind in ("content", "style"):
-        for key, value in eager.tensors[kind].items():
-            torch.testing.assert_close(compiled.tensors[kind][key].float(), value.float(), atol=2e-3, rtol=1e-2)
-    tiny_base.extra.pop("compiled_unet")
+    compiled = [fit(sample_image, config.replace(compile=True), base=tiny_base, progress=False) for _ in range(2)]
+    try:
+        assert len(made) == 1 and made[0].module is tiny_base.unet and made[0].calls == 2 * config.steps
+        assert type(tiny_base.unet).__name__ == "UNet2DConditionModel"
+        for kind in ("content", "style"):
+            for key, value in eager.tensors[kind].items():
+                assert torch.equal(compiled[1].tensors[kind][key], value)
+    finally:
+        tiny_base.extra.pop("compiled_unet", None)
 
 
 def test_gpu_check_smoke_runs_the_same_code_path(tmp_path):
@@ -131,10 +145,8 @@ def test_gpu_check_smoke_runs_the_same_code_path(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["model"] == "tiny" and [r["checkpointing"] for r in report["runs"]] == [False, True]
-    for run in report["runs"]:
-        assert 0 < run["s_per_step"] < run["fit_600_s"] and run["recalibration_s"] > 0
-        assert run["predicted_peak_gb"] > 0 and run["step_tflop"] > 0 and run["achieved_tflops"] > 0
-    # checkpointing recomputes the forward pass: more FLOPs per step
-    assert report["runs"][1]["step_tflop"] > report["runs"][0]["step_tflop"]
+    assert report["model"] == "tiny" and [r["checkpointing"] for r in report["runs"]] == [True]
+    run = report["runs"][0]
+    assert 0 < run["s_per_step"] < run["fit_600_s"] and run["recalibration_s"] > 0 and run["setup_s"] > 0
+    assert run["predicted_peak_gb"] > 0 and run["step_tflop"] > 0 and run["achieved_tflops"] > 0
     assert "| 64 | on |" in done.stdout
