@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the --output folder's name)")
     t.add_argument("--log-lora-artifacts", action="store_true",
                    help="also copy the LoRA files into the MLflow runs (default: referenced by URI)")
+    t.add_argument("--log-diffusers-models", action="store_true",
+                   help="also register each LoRA as an mlflow.diffusers model (MLmodel: base pipeline + LoRA, "
+                   "loadable with mlflow.pyfunc) as <library>-<kind>-diffusers, when the base model is a hub id "
+                   "or a local folder")
     t.add_argument("--preview-steps", type=int, default=8,
                    help="sampling steps of the content/style preview images of each fit (0: no previews)")
     p.add_argument("--config", help="YAML or TOML file of fit settings for every image; flags win")
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                   max_attempts=args.max_attempts, storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
-                  adopt_legacy=args.adopt_legacy)
+                  adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from .source import build_items
 from .spec import JobSpec
 from .storage import Store
 from .tracking import end_job, start_job
+from .worker import code_version
 
 
 def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:
@@ -28,8 +28,10 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     if job.executor not in EXECUTORS:
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
     job = pin_base_model(job, check_job_settings(job.fit))
-    # a copy with this run's id: the caller's spec can be run again and gets a new one
-    job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6])
+    # a copy with this run's id (the caller's spec can be run again and gets a new one), and the driver's code
+    # version, which workers cannot find out themselves under `ray job submit`
+    job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+                              code_version=job.code_version or code_version())
     items = build_items(job.input, job.prompts, default_content=job.default_content,
                         default_style=job.default_style, storage_options=job.storage_options)
     if not items:

@@ -10,7 +10,7 @@ Layout under the job's --output:
   registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
 
 Schema version 3 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
-fingerprint; older parts still read). Item ids are sha256(image bytes) + sha256(settings and the base model's
+fingerprint and the mlflow.diffusers model URIs; older parts still read). Item ids are sha256(image bytes) + sha256(settings and the base model's
 fingerprint) mixed: the same image with the same settings on the same weights is the same item, whatever its
 name. Ids of schema < 3 did not hold the fingerprint: `--adopt-legacy` reuses such fits (`job.plan_items`).
 """
@@ -68,6 +68,8 @@ SCHEMA = pa.schema([
     ("mlflow_run_id", pa.string()),  # the fit's nested MLflow run
     ("content_model_uri", pa.string()),  # models:/<library>-content/<version>
     ("style_model_uri", pa.string()),
+    ("content_diffusers_model_uri", pa.string()),  # models:/<library>-content-diffusers/<version> (option)
+    ("style_diffusers_model_uri", pa.string()),
     ("tracking_error", pa.string()),  # why the fit is not (fully) tracked; `unziplora registry sync` retries
 ])
 FIELDS = SCHEMA.names

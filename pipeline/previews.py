@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from unziplora import load_fit
+from unziplora.card import write_model_card
 from unziplora.generate import generate
 
 SEED = 0
@@ -28,6 +29,7 @@ def write_previews(base, fit_dir: Path, steps: int) -> list[str]:
             image = generate(base, steps=steps, seed=SEED, **{kind: artifacts})[0]
             image.save(fit_dir / f"preview_{kind}.png")
             written.append(f"preview_{kind}.png")
+        write_model_card(fit_dir)  # again, now with the previews
     except Exception:  # a sampling problem is not a fit problem
         print(f"no preview for {fit_dir}:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
     return written

@@ -17,10 +17,12 @@ def library_name(output_uri: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", tail).strip("-") or "library"
 
 
-def model_name(library: str, kind: str) -> str:
+def model_name(library: str, kind: str, flavour: str | None = None) -> str:
+    """`<library>-<kind>`: versions whose source is the fit's folder; `<library>-<kind>-diffusers`: the same
+    LoRAs as mlflow.diffusers models (`--log-diffusers-models`)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return f"{library}-{kind}"
+    return f"{library}-{kind}" + (f"-{flavour}" if flavour else "")
 
 
 def item_alias(item_id: str) -> str:

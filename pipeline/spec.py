@@ -31,12 +31,14 @@ class JobSpec:
     tracking_uri: str | None = None
     library: str | None = None
     log_lora_artifacts: bool = False  # also copy the LoRA files into the runs (else referenced by URI)
+    log_diffusers_models: bool = False  # also register each LoRA as an mlflow.diffusers model (hub/folder bases)
     preview_steps: int = 8  # sampling steps of the content-only / style-only preview images; 0: none
     # reuse fits a library made before item ids held the base model's fingerprint (manifest schema < 3): the
     # user vouches that they were made with these same weights
     adopt_legacy: bool = False
     # set by run_job for the workers
     base_fingerprint: str = ""  # the exact base weights (unziplora.locate): part of every item id
+    code_version: str = ""  # the driver's (worker.code_version): rows and runs name the code that made them
     mlflow_experiment_id: str = ""
     mlflow_parent_run_id: str = ""
     tracking_error: str = ""  # MLflow could not be reached when the job started: fits are not tracked

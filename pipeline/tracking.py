@@ -103,7 +103,8 @@ class Tracker:
     """An MLflow client bound to one library: its experiment, its registered models, its runs."""
 
     def __init__(self, uri: str, library: str, output: str, storage_options: dict | None = None,
-                 experiment_id: str | None = None, log_lora_artifacts: bool = False):
+                 experiment_id: str | None = None, log_lora_artifacts: bool = False,
+                 diffusers_models: bool = False):
         _bound_http_retries()
         from mlflow import MlflowClient
 
@@ -112,6 +113,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         # a server cannot open files on this machine: then the LoRAs go to the run's artifacts
         self.copy_loras = log_lora_artifacts or (is_local(output) and uri.startswith(("http:", "https:")))
+        self.diffusers_models = diffusers_models  # also mlflow.diffusers-flavour models (`*-diffusers`)
         self.experiment_id = experiment_id or retrying(self._experiment)
 
     def _experiment(self) -> str:
@@ -129,8 +131,9 @@ class Tracker:
             return self.client.get_experiment_by_name(self.library).experiment_id
 
     def ensure_registered_models(self) -> None:
-        for kind in KINDS:
-            name = model_name(self.library, kind)
+        flavours = (None, "diffusers") if self.diffusers_models else (None,)
+        for kind, flavour in ((k, f) for k in KINDS for f in flavours):
+            name = model_name(self.library, kind, flavour)
             if not self.client.search_registered_models(f"name = '{name}'"):
                 try:
                     self.client.create_registered_model(name, description=f"{kind} LoRAs of the library "
@@ -269,7 +272,53 @@ class Tracker:
                     tags={k: str(v) for k, v in tags.items() if v is not None})
             self.client.set_registered_model_alias(name, item_alias(row["item_id"]), version.version)
             out[f"{kind}_model_uri"] = f"models:/{name}/{version.version}"
+            if self.diffusers_models and diffusers_base(row):
+                out[f"{kind}_diffusers_model_uri"] = self._register_diffusers(row, run_id, kind, version.tags)
         return out
+
+    def _register_diffusers(self, row: dict, run_id: str, kind: str, tags: dict) -> str:
+        """The LoRA as an `mlflow.diffusers` model (MLmodel, adapter weights, requirements; pyfunc-loadable:
+        base pipeline + LoRA) logged to the fit's run and registered as `<library>-<kind>-diffusers`, with the
+        base model pinned to the commit the fit used. Found by item id before anything is created."""
+        import mlflow.diffusers
+        from mlflow.models import Model
+
+        name = model_name(self.library, kind, "diffusers")
+        found = self.client.search_model_versions(f"name = '{name}' AND tags.item_id = '{row['item_id']}' "
+                                                  f"AND tags.library_uri = '{redact(self.output)}'")
+        if found:
+            version = found[0]
+        else:
+            base, revision = diffusers_base(row)
+            artifact = f"{kind}_diffusers_model"
+            with tempfile.TemporaryDirectory(prefix="unziplora-model-") as tmp:
+                adapter = Path(tmp, f"{kind}_lora.safetensors")
+                adapter.write_bytes(open_url(json.loads(row["files"])[adapter.name]["uri"], self.storage_options))
+                mlflow.diffusers.save_model(adapter_path=str(adapter), path=f"{tmp}/{artifact}", base_model=base,
+                                            metadata={"unziplora_item_id": row["item_id"], "kind": kind})
+                model = Model.load(f"{tmp}/{artifact}")
+                if revision:  # the fit's own commit, not the Hub's latest, which save_model would look up
+                    model.flavors["diffusers"]["base_model_revision"] = revision
+                model.save(f"{tmp}/{artifact}/MLmodel")
+                self.client.log_artifacts(run_id, f"{tmp}/{artifact}", artifact)
+            source = self.client.get_run(run_id).info.artifact_uri + f"/{artifact}"
+            version = self.client.create_model_version(
+                name, source, run_id=run_id, await_creation_for=0, tags=dict(tags),
+                description=f"{kind} LoRA of {tags.get('source_uri')} as an mlflow.diffusers model on {base}")
+        self.client.set_registered_model_alias(name, item_alias(row["item_id"]), version.version)
+        return f"models:/{name}/{version.version}"
+
+
+def diffusers_base(row: dict) -> tuple[str, str | None] | None:
+    """What an mlflow.diffusers model can name as its base: a hub id (and its commit) or a local folder; not a
+    preset, a packaged model or a single file, which diffusers' from_pretrained cannot load by name."""
+    fingerprint = row.get("base_model_fingerprint") or ""
+    if fingerprint.startswith("hub:"):
+        repo, _, commit = fingerprint[4:].rpartition("@")
+        return repo, commit
+    if fingerprint.startswith("sha256-tree:") and Path(row["base_model"]).is_absolute():
+        return row["base_model"], None
+    return None
 
 
 def _params(values: dict[str, str]) -> list:
@@ -308,7 +357,8 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
 
 def tracker_for(job, experiment_id: str | None = None) -> Tracker:
     return Tracker(job.tracking_uri, job.library or library_name(job.output), job.output, job.storage_options,
-                   experiment_id=experiment_id, log_lora_artifacts=job.log_lora_artifacts)
+                   experiment_id=experiment_id, log_lora_artifacts=job.log_lora_artifacts,
+                   diffusers_models=job.log_diffusers_models)
 
 
 def job_params(job) -> dict:
@@ -316,7 +366,7 @@ def job_params(job) -> dict:
     return {"input": redact(job.input), "output": redact(job.output), "prompts": redact(job.prompts),
             "executor": job.executor, "workers": job.workers, "max_attempts": job.max_attempts,
             "library": job.library or library_name(job.output), "preview_steps": job.preview_steps,
-            "fit": job.fit}
+            "fit": job.fit, "base_model_fingerprint": job.base_fingerprint, "code_version": job.code_version}
 
 
 def start_job(job, store: Store, progress: bool = True):

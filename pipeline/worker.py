@@ -138,7 +138,8 @@ class FitWorker:
             "final_ortho": record["final"]["ortho"], "mask_stats": json.dumps(record["mask_stats"]),
             "train_s": record["timings"]["train_s"], "total_s": record["timings"]["total_s"],
             "worker": self.name, "base_model": record["base_model"],
-            "base_model_fingerprint": record["base_model_fingerprint"], "code_version": code_version(),
+            "base_model_fingerprint": record["base_model_fingerprint"],
+            "code_version": self.job.code_version or code_version(),
             "run_id": self.job.run_id, "finished_at": utc_now(),
         }
 
@@ -167,8 +168,12 @@ def _assigned_device() -> torch.device:
 
 
 def code_version() -> str:
+    """The code that runs: $UNZIPLORA_CODE_VERSION when the submitting side sets it (`ray job submit` uploads
+    the working tree without .git), else the package version plus the git commit of this checkout, if any."""
     from importlib import metadata
 
+    if os.environ.get("UNZIPLORA_CODE_VERSION"):
+        return os.environ["UNZIPLORA_CODE_VERSION"]
     try:
         version = metadata.version("unziplora")
     except metadata.PackageNotFoundError:

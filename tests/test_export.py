@@ -67,11 +67,15 @@ def test_files_written(fitted):
     result, art = fitted
     names = {p.name for p in art.path.iterdir()}
     assert names == {*FILES.values(), *KOHYA_FILES.values(), "mergers.safetensors", "masks.safetensors",
-                     "fit.json", "config.yaml"}
+                     "fit.json", "config.yaml", "README.md"}
     record = json.loads((art.path / "fit.json").read_text())
     assert record["settings"]["steps"] == 8 and record["prompts"]["style"] == "A dog in watercolor painting style"
     assert set(record["mask_stats"]) == {"content", "style", "shared"}
     assert record["timings"]["train_s"] > 0 and record["versions"]["torch"]
+    # the final timings are in the file, not only in memory
+    timings = record["timings"]
+    assert 0 < timings["export_s"] < timings["total_s"] and timings["total_s"] >= timings["train_s"]
+    assert record["timings"] == result.record["timings"]
     assert art.config == result.config
 
 
@@ -105,6 +109,114 @@ def test_kohya_metadata_and_keys(fitted):
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
     assert all(k.startswith("lora_unet_") for k in keys)
     assert sum(k.endswith(".alpha") for k in keys) == sum(k.endswith(".lora_down.weight") for k in keys) == 88
+
+
+def _sd_scripts_hashes(path) -> tuple[str, str]:
+    """The two hashes as sd-scripts defines them, from the file's bytes: sha256 of everything after the header;
+    sha256 of the 64 KiB at 1 MiB of the same tensors written with the ss_* metadata alone (first 8 hex)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    data = path.read_bytes()
+    model_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    with safe_open(path, "pt") as f:
+        ss = {k: v for k, v in f.metadata().items() if k.startswith("ss_")}
+    legacy = hashlib.sha256(save(load_file(path), ss)[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+@pytest.mark.parametrize("kind", ["content", "style"])
+def test_kohya_files_carry_the_hashes_tools_identify_loras_by(fitted, kind):
+    _, art = fitted
+    path = art.lora_file(kind, kohya=True)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    model_hash, legacy = _sd_scripts_hashes(path)
+    assert meta["sshs_model_hash"] == model_hash and meta["sshs_legacy_hash"] == legacy
+    assert meta["modelspec.hash_sha256"] == "0x" + model_hash
+
+
+def test_legacy_hash_reads_the_bytes_at_one_mebibyte(tmp_path):
+    """A LoRA of a real size (the fitted tiny one is under 1 MiB, where the legacy hash reads nothing)."""
+    from safetensors.torch import save_file
+
+    from unziplora.export import with_hashes
+
+    tensors = {f"lora_unet_x{i}.lora_down.weight": torch.randn(64, 1280, generator=torch.Generator().manual_seed(i))
+               .half() for i in range(8)}
+    metadata = with_hashes(tensors, {"ss_network_dim": "64", "modelspec.title": "changes nothing here"})
+    save_file(tensors, tmp_path / "big.safetensors", metadata=metadata)
+    assert (tmp_path / "big.safetensors").stat().st_size > 0x110000
+    model_hash, legacy = _sd_scripts_hashes(tmp_path / "big.safetensors")
+    assert (metadata["sshs_model_hash"], metadata["sshs_legacy_hash"]) == (model_hash, legacy)
+    assert legacy != "e3b0c442"  # not the hash of nothing
+
+
+def test_kohya_metadata_follows_the_base_model(fitted, tmp_path):
+    """Prediction type and v-parameterization come from the base's scheduler (epsilon SDXL, v-prediction toy),
+    the base's name and revision from the settings, the base checkpoint's sha256 when it was one file."""
+    from unziplora.export import kohya_metadata
+
+    result, art = fitted
+    with safe_open(art.lora_file("content", kohya=True), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_v_parameterization"] == "False"
+    assert meta["ss_sd_model_name"] == "tiny" and meta["modelspec.resolution"] == "64x64"
+    record = result.record | {"prediction_type": "v_prediction", "base_model_fingerprint": "sha256:" + "ab" * 32}
+    config = result.config.replace(base_model="/models/xl.safetensors")
+    v = kohya_metadata("content", config, record)
+    assert v["modelspec.prediction_type"] == "v" and v["ss_v_parameterization"] == "True"
+    assert v["ss_new_sd_model_hash"] == "ab" * 32 and v["ss_sd_model_name"] == "/models/xl.safetensors"
+    hub = kohya_metadata("content", result.config.replace(base_model="org/xl", revision="c0ffee"),
+                         result.record | {"base_model_fingerprint": "hub:org/xl@c0ffee"})
+    assert hub["ss_sd_model_name"] == "org/xl@c0ffee" and "ss_new_sd_model_hash" not in hub
+
+
+def test_diffusers_files_carry_their_adapter_config(tiny_base, fitted):
+    """peft's LoraConfig is in the diffusers files: diffusers loads the LoRA with the trained rank and alpha
+    read from the metadata, not guessed from shapes."""
+    _, art = fitted
+    with safe_open(art.lora_file("content"), "pt") as f:
+        stored = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert stored["unet.r"] == 4 and stored["unet.lora_alpha"] == 4
+    pipe = tiny_base.pipeline()
+    try:
+        pipe.load_lora_weights(str(art.path), weight_name=FILES["content"], adapter_name="content")
+        config = pipe.unet.peft_config["content"]
+        assert (config.r, config.lora_alpha) == (4, 4)
+        assert set(config.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
+    finally:
+        pipe.unload_lora_weights()
+
+
+def test_model_card_as_the_hub_reads_it(fitted, tmp_path):
+    """README.md parses with huggingface_hub's ModelCard: front matter with the tags, the instance prompt and
+    (for a hub base) base_model; the body names both LoRAs, their prompts, how to load them; previews appear
+    once they exist."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from unziplora.card import write_model_card
+
+    _, art = fitted
+    card = ModelCard.load(art.path / "README.md")
+    assert {"lora", "text-to-image", "diffusers", "unziplora"} <= set(card.data.tags)
+    assert card.data.instance_prompt == "sks dog" and card.data.base_model is None  # tiny: not on the Hub
+    for text in ("content_lora.safetensors", "style_lora_kohya.safetensors", "A sks dog",
+                 "A dog in watercolor painting style", "load_lora_weights", "<lora:content_lora_kohya:1>"):
+        assert text in card.text, text
+    folder = shutil.copytree(art.path, tmp_path / "fit")
+    record = json.loads((folder / "fit.json").read_text())
+    record["settings"] |= {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "revision": "462165984030"}
+    record["base_model_fingerprint"] = "hub:stabilityai/stable-diffusion-xl-base-1.0@462165984030"
+    (folder / "fit.json").write_text(json.dumps(record))
+    (folder / "preview_style.png").write_bytes(b"png")
+    card = ModelCard.load(write_model_card(folder))
+    assert card.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert card.data.widget == [{"text": "A dog in watercolor painting style", "output": {"url": "preview_style.png"}}]
+    assert "](preview_style.png)" in card.text and 'revision="462165984030"' in card.text
 
 
 def test_kohya_names_follow_sdxl_block_numbering():

@@ -300,3 +300,46 @@ def test_decompose_tracking_flags():
         (False, "http://h:5000", "cats", True, 0)
     args = build_parser().parse_args(["decompose", "--input", "in", "--output", "out"])
     assert args.tracking and args.tracking_uri is None and args.preview_steps == 8
+
+
+def test_loras_registered_as_diffusers_models(s3, mlflow_server, ray_cluster, tmp_path):
+    """`log_diffusers_models`: beside the folder versions, each LoRA is an mlflow.diffusers model (an MLmodel
+    naming the base folder) that MLflow's own flavour and pyfunc load: the base pipeline with the LoRA on it."""
+    import mlflow.diffusers
+    import mlflow.pyfunc
+    import pandas as pd
+    from unziplora.models import build_preset
+
+    folder = tmp_path / "tiny-sdxl"
+    build_preset("tiny").pipeline().save_pretrained(folder)
+    data = make_dataset(valid=1, corrupt=False, no_prompt=False, duplicate=False)
+    write_local(data, tmp_path / "in")
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib-d"), tracking_uri=mlflow_server.url,
+                  fit=dict(FIT, base_model=str(folder)), preview_steps=0, log_diffusers_models=True)
+    # the submitting side names the code (`ray job submit` uploads no .git); workers learn it from the driver
+    with environ({"UNZIPLORA_CODE_VERSION": "0.1.0+gc0ffee1234"}):
+        report = run_job(job, progress=False)
+    assert report["ok"] == 1 and report["tracking_errors"] == 0, report
+    row = read_manifest(job.output).to_pylist()[0]
+    c = client(mlflow_server.url)
+    assert row["code_version"] == "0.1.0+gc0ffee1234"
+    assert c.get_run(row["mlflow_run_id"]).data.params["code_version"] == "0.1.0+gc0ffee1234"
+    with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
+        for kind in ("content", "style"):
+            name = model_name("lib-d", kind, "diffusers")
+            version = c.get_model_version_by_alias(name, item_alias(row["item_id"]))
+            assert row[f"{kind}_diffusers_model_uri"] == f"models:/{name}/{version.version}"
+            assert version.tags["item_id"] == row["item_id"] and version.run_id == row["mlflow_run_id"]
+            assert c.get_model_version_by_alias(model_name("lib-d", kind), item_alias(row["item_id"]))  # kept
+            model = mlflow.diffusers.load_model(f"models:/{name}@{item_alias(row['item_id'])}")
+            assert model.base_model == str(folder)
+            pipe = model.load_pipeline()
+            lora = [m for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k")][0]
+            assert {k: v.r for k, v in pipe.unet.peft_config.items()} and lora.r[next(iter(lora.r))] == FIT["rank"]
+        image = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(
+            pd.DataFrame({"prompt": ["A sks thing0"]}), params={"num_inference_steps": 2, "height": 64, "width": 64})
+        assert len(image) == 1
+    # a re-run registers nothing new
+    before = counts(mlflow_server.url)[1]
+    run_job(job, progress=False)
+    assert counts(mlflow_server.url)[1] == before

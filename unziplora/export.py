@@ -14,20 +14,24 @@ Each LoRA has its binary mask folded into lora_B's rows; mergers stay separate (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from .config import FitConfig
 from .errors import InputError
-from .layers import UnZipLoRA
+from .card import write_model_card
+from .layers import TARGETS, UnZipLoRA
 from .roles import KINDS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,14 +87,20 @@ def to_kohya(state_dict: dict[str, torch.Tensor], rank: int, layers_per_block: i
 
 
 def kohya_metadata(kind: str, config: FitConfig, record: dict) -> dict[str, str]:
+    """sd-scripts' `ss_*` keys and Stability's modelspec keys, from the fit's own record: the base model's
+    prediction type (v-prediction fine-tunes, the toy model), its name and revision, the resolution."""
     prompts = record["prompts"]
     res = config.resolution
+    v_prediction = record.get("prediction_type", "epsilon") == "v_prediction"
+    base = config.base_model + (f"@{config.revision}" if config.revision else "")
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(float(config.rank)),
         "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_sd_model_name": record["base_model"],
+        "ss_v2": "False",
+        "ss_v_parameterization": str(v_prediction),
+        "ss_sd_model_name": base,
         "ss_output_name": f"unziplora_{kind}",
         "ss_resolution": f"({res}, {res})",
         "ss_steps": str(config.steps),
@@ -108,9 +118,36 @@ def kohya_metadata(kind: str, config: FitConfig, record: dict) -> dict[str, str]
                                  f"({prompts['combined']})",
         "modelspec.trigger_phrase": config.content if kind == "content" else config.style,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    } | _base_checkpoint_hash(record.get("base_model_fingerprint") or "")
+
+
+def _base_checkpoint_hash(fingerprint: str) -> dict[str, str]:
+    """sd-scripts' `ss_new_sd_model_hash` (the sha256 of the base checkpoint file) when the base was a single
+    file: our fingerprint is exactly that hash."""
+    kind, _, digest = fingerprint.partition(":")
+    return {"ss_new_sd_model_hash": digest} if kind == "sha256" and "+" not in digest else {}
+
+
+def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The hashes A1111, Civitai and sd-webui-additional-networks identify a LoRA by, as sd-scripts computes
+    them: `sshs_model_hash` is the sha256 of the file's bytes after the safetensors header (the tensor data,
+    which no metadata changes), `sshs_legacy_hash` the first 8 hex digits of the sha256 of the 64 KiB at
+    offset 1 MiB of the file written with the `ss_*` metadata alone; `modelspec.hash_sha256` is the first
+    one, in modelspec's 0x notation."""
+    data = safetensors_bytes(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return metadata | {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash,
+                       "modelspec.hash_sha256": "0x" + model_hash}
+
+
+def adapter_metadata(rank: int) -> dict:
+    """peft's LoraConfig of the saved LoRA, stored in the diffusers file: rank and alpha load as they were
+    trained, instead of being guessed from shapes."""
+    return {"r": rank, "lora_alpha": rank, "target_modules": list(TARGETS), "init_lora_weights": True,
+            "use_dora": False, "use_rslora": False, "lora_bias": False}
 
 
 # ---- writing and reading a fit directory ----
@@ -123,10 +160,12 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
         raise InputError(f"output path {out} exists and is not a directory")
 
 
-def write_fit(result, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write every file into a temporary sibling directory, then move it into place in one rename."""
+def write_fit(result, out_dir: str | Path, *, overwrite: bool = False, started: float | None = None) -> Path:
+    """Write every file into a temporary sibling directory, then move it into place in one rename.
+    fit.json is written last, with the export's time and (given the fit's start) the total."""
     from diffusers import StableDiffusionXLPipeline
 
+    t = time.perf_counter()
     out = Path(out_dir)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,13 +175,19 @@ def write_fit(result, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         layers_per_block = record.get("layers_per_block", 2)
         for kind in KINDS:
             StableDiffusionXLPipeline.save_lora_weights(staging, unet_lora_layers=tensors[kind],
-                                                        weight_name=FILES[kind])
-            save_file(to_kohya(tensors[kind], config.rank, layers_per_block), staging / KOHYA_FILES[kind],
-                      metadata=kohya_metadata(kind, config, record))
+                                                        weight_name=FILES[kind],
+                                                        unet_lora_adapter_metadata=adapter_metadata(config.rank))
+            kohya = to_kohya(tensors[kind], config.rank, layers_per_block)
+            save_file(kohya, staging / KOHYA_FILES[kind],
+                      metadata=with_hashes(kohya, kohya_metadata(kind, config, record)))
         save_file(tensors["mergers"], staging / "mergers.safetensors")
         save_file(tensors["masks"], staging / "masks.safetensors")
         config.save(staging / "config.yaml")
+        record["timings"]["export_s"] = time.perf_counter() - t
+        if started is not None:
+            record["timings"]["total_s"] = time.perf_counter() - started
         (staging / "fit.json").write_text(json.dumps(record, indent=2))
+        write_model_card(staging)
         _make_readable(staging)
         if out.exists():  # --overwrite: move the old fit aside first, delete it only once the new one is in
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

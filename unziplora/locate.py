@@ -185,7 +185,8 @@ LORA_KEY = re.compile(r"(^lora_(unet|te\d?)_)|(\.lora_(down|up|A|B)\.)|(\.(hada|
 MODEL_TYPES = {"v1": "a Stable Diffusion 1.x checkpoint", "v2": "a Stable Diffusion 2.x checkpoint",
                "xl_refiner": "the SDXL refiner (fit on the SDXL base model)",
                "xl_inpaint": "an SDXL inpainting checkpoint", "playground-v2-5": "a Playground v2.5 checkpoint",
-               "sd3": "a Stable Diffusion 3 checkpoint", "flux": "a FLUX checkpoint", "controlnet": "a ControlNet", "upscale": "an upscaler"}
+               "sd3": "a Stable Diffusion 3 checkpoint", "flux": "a FLUX checkpoint", "controlnet": "a ControlNet",
+               "upscale": "an upscaler"}
 
 
 def check_single_file(path: Path) -> None:

@@ -77,11 +77,10 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
     tensors = export.adapter_tensors(adapter, config.save_precision)
     record = _record(config, prompts, base, adapter, history, timings)
     result = FitResult(config=config, record=record, tensors=tensors, history=history)
-    if out_dir is not None:
-        t = time.perf_counter()
-        result.out_dir = export.write_fit(result, out_dir, overwrite=overwrite)
-        record["timings"]["export_s"] = time.perf_counter() - t
-    record["timings"]["total_s"] = time.perf_counter() - start
+    if out_dir is not None:  # fit.json, written last, holds export_s and total_s too
+        result.out_dir = export.write_fit(result, out_dir, overwrite=overwrite, started=start)
+    else:
+        record["timings"]["total_s"] = time.perf_counter() - start
     return result
 
 
@@ -225,6 +224,8 @@ def _record(config: FitConfig, prompts: Prompts, base: BaseModel, adapter: UnZip
         "prompts": prompts._asdict(),
         "base_model": base.name,
         "base_model_fingerprint": base.fingerprint,
+        # what the LoRA files must say for other tools to sample them right (kohya / modelspec metadata)
+        "prediction_type": base.scheduler.config.prediction_type,
         "device": str(base.device),
         "dtype": str(base.dtype).removeprefix("torch."),
         "final": {"loss": history[-1]["loss"], "mse": history[-1]["mse"], "ortho": history[-1]["ortho"],
