@@ -1,14 +1,15 @@
 """A fit's files (SPEC section 7), written atomically, and `load_fit` to read them back.
 
 DIR/
-  content_lora.safetensors        diffusers/peft format: StableDiffusionXLPipeline.load_lora_weights
+  content_lora.safetensors        diffusers/peft format (peft's LoraConfig in its metadata): load_lora_weights
   style_lora.safetensors
-  content_lora_kohya.safetensors  kohya format with ss_* / modelspec.* metadata: ComfyUI, A1111
-  style_lora_kohya.safetensors
+  content_lora_kohya.safetensors  kohya format with ss_* / modelspec.* metadata and sd-scripts' hashes:
+  style_lora_kohya.safetensors    ComfyUI, A1111, Civitai
   mergers.safetensors             per-column mergers "<layer>.content" / "<layer>.style" (combined mode)
   masks.safetensors               per-column binary masks, same keys
-  fit.json                        settings, prompts, final losses, mask stats, timings, versions
+  fit.json                        settings, prompts, base model, final losses, mask stats, timings, versions
   config.yaml                     the exact settings: `unziplora fit --config DIR/config.yaml` redoes the fit
+  README.md                       the model card (unziplora.card), as the Hugging Face Hub shows it
 Each LoRA has its binary mask folded into lora_B's rows; mergers stay separate (SPEC section 7).
 """
 
