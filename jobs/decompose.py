@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--max-attempts", type=int, default=3, help="give up on an image after this many crashes")
+    p.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
+                   help="if another job is writing --output, wait up to this long for it (default: refuse at "
+                   "once); a job that died is taken over 120 s after its last heartbeat")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--storage-options", type=json.loads, default={},
                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                  max_attempts=args.max_attempts, storage_options=args.storage_options,
+                  max_attempts=args.max_attempts, wait_for_library_s=args.wait_for_library,
+                  storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
                   adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models)

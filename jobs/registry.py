@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.registry_names import KINDS, item_alias
 from pipeline.sync import sync_library
-from pipeline.tracking import redact
+from pipeline.tracking import literal, redact
 from unziplora.errors import InputError
 
 SEARCHED_TAGS = ("style", "content", "class_word", "prompt")
@@ -62,11 +62,11 @@ def _client(args):
 
 def search(args: argparse.Namespace) -> int:
     client = _client(args)
-    text = args.text.replace("'", "")
-    scope = f" AND name LIKE '{args.library}-%'" if args.library else ""
+    text = args.text
+    scope = f" AND name LIKE {literal(args.library + '-%')}" if args.library else ""
     found = {}
     for tag in SEARCHED_TAGS:  # MLflow's filter grammar has no OR: one query per tag
-        for v in client.search_model_versions(f"tags.{tag} ILIKE '%{text}%'{scope}", max_results=args.limit):
+        for v in client.search_model_versions(f"tags.{tag} ILIKE {literal(f'%{text}%')}{scope}", max_results=args.limit):
             found[(v.name, int(v.version))] = v
     for _, v in sorted(found.items())[:args.limit]:
         # search results carry no aliases; ours is derived from the item id
@@ -92,7 +92,7 @@ def resolve(client, spec: str):
         return client.get_model_version_by_alias(*spec.split("@", 1))
     if "/" in spec:
         return client.get_model_version(*spec.split("/", 1))
-    versions = client.search_model_versions(f"name = '{spec}'", order_by=["version_number DESC"], max_results=1)
+    versions = client.search_model_versions(f"name = {literal(spec)}", order_by=["version_number DESC"], max_results=1)
     if not versions:
         raise InputError(f"no registered model version named {spec!r}")
     return versions[0]

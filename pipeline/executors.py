@@ -15,10 +15,12 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 
+import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
-from .manifest import read_attempts, write_attempts
+from .identify import plain_row
+from .manifest import SCHEMA, charge_crash
 from .spec import JobSpec
 from .storage import Store
 from .worker import FitWorker
@@ -29,20 +31,38 @@ def item_dataset(items: list[dict]):
     return ray.data.from_items(items, override_num_blocks=len(items))
 
 
-def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> None:
+def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> dict[str, dict]:
+    """Fit `items`; returns the rows the workers returned, by source URL."""
     fitted = item_dataset(items).map_batches(
         FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=job.workers, max_tasks_in_flight_per_actor=1),
         num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)
     counts = Counter()
+    rows = {}
     with tqdm(total=len(items), desc="images", unit="img", disable=not progress) as bar:
         for row in fitted.iter_rows():  # streams: results arrive as fits finish
+            row = manifest_row(row)
+            rows[row["source_uri"]] = row
             counts[row["this_run"]] += 1
             bar.update()
             bar.set_postfix(fit=counts["fit"], reused=counts["reused"], failed=counts["failed"])
+    return rows
 
 
-def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_path: str | None = None) -> None:
+def manifest_row(row: dict) -> dict:
+    """A row as Ray Data hands it back (numpy scalars, NaN for a missing number) -> manifest values."""
+    out = plain_row(row)
+    for field in SCHEMA:
+        value = out.get(field.name)
+        if isinstance(value, float) and value != value:
+            out[field.name] = None
+        elif value is not None and pa.types.is_integer(field.type):
+            out[field.name] = int(value)
+    return out
+
+
+def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_path: str | None = None) -> dict:
+    """Fit `items`; the workers store their rows (Train returns no rows)."""
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
 
@@ -66,9 +86,8 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
             for rank in worker_exceptions:
                 key = inflight_key(job, rank)
                 held = store.read_json(*key) if store.exists(*key) else {}
-                if held.get("item_id"):
-                    counts = read_attempts(store, held["item_id"])
-                    write_attempts(store, held["item_id"], counts | {"crashed": counts.get("crashed", 0) + 1})
+                if held.get("item_id") and held.get("attempt"):
+                    charge_crash(store, held["item_id"], held["attempt"])
                     store.write_json({"item_id": None}, *key)
 
     resources = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
@@ -89,6 +108,7 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
         ),
     )
     trainer.fit()
+    return {}
 
 
 def _train_loop(config: dict) -> None:

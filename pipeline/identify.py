@@ -48,6 +48,8 @@ def identify(item: dict, job: JobSpec) -> tuple[dict, bytes | None]:
         config = item_config(item, job)
     except UnZipLoRAError as exc:
         return out | {"error": str(exc)}, None
+    except Exception as exc:  # never a dead job for one item's settings: its row says what went wrong
+        return out | {"error": f"{item['source_uri']}: its settings: {type(exc).__name__}: {exc}"}, None
     image_sha = sha256_hex(data)
     settings_sha = sha256_hex(json.dumps(config.to_dict() | {"base_model_fingerprint": job.base_fingerprint},
                                          sort_keys=True).encode())

@@ -13,10 +13,14 @@ from unziplora.config import FitConfig
 from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
 
+from unziplora.redact import redact
+
 from .executors import EXECUTORS, item_dataset
 from .identify import check_job_settings, identify_row, plain_row
-from .manifest import failed_row, loads_json, manifest_schema_versions, source_key, utc_now, write_manifest
-from .source import build_items
+from .lease import LibraryLease
+from .manifest import (check_item_id, failed_row, loads_json, manifest_schema_versions, source_key, utc_now,
+                       write_manifest)
+from .source import Inputs, read_inputs
 from .spec import JobSpec
 from .storage import Store
 from .tracking import end_job, start_job
@@ -28,15 +32,28 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     if job.executor not in EXECUTORS:
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
     job = pin_base_model(job, check_job_settings(job.fit))
-    # a copy with this run's id (the caller's spec can be run again and gets a new one), and the driver's code
-    # version, which workers cannot find out themselves under `ray job submit`
-    job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
-                              code_version=job.code_version or code_version())
-    items = build_items(job.input, job.prompts, default_content=job.default_content,
-                        default_style=job.default_style, storage_options=job.storage_options)
-    if not items:
-        raise InputError(f"no images found under {job.input}")
     store = Store(job.output, job.storage_options)
+    # a copy with this run's id (the caller's spec can be run again and gets a new one), the driver's code
+    # version, which workers cannot find out themselves under `ray job submit`, and the library's one spelling
+    job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+                              code_version=job.code_version or code_version(), output=store.url())
+    inputs = read_inputs(job.input, job.prompts, default_content=job.default_content,
+                         default_style=job.default_style, storage_options=job.storage_options)
+    items = inputs.items
+    if not items:
+        raise InputError(f"no images found under {job.input}" + (
+            f" ({len(inputs.ignored)} other files, e.g. {inputs.ignored[0]['uri']}: {inputs.ignored[0]['reason']})"
+            if inputs.ignored else ""))
+    with LibraryLease(store, job.run_id, job.lease_ttl_s).acquire(job.wait_for_library_s) as lease:
+        if lease.took_over and progress:
+            print(f"took {job.output} over from job {lease.took_over.get('run_id')}, which stopped without "
+                  "releasing it", file=sys.stderr)
+        return _run_leased(job, inputs, store, lease, address, progress)
+
+
+def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease, address: str | None,
+                progress: bool) -> dict:
+    items = inputs.items
     _init_ray(address, job)
     if job.gpus_per_worker is None:
         import ray
@@ -51,18 +68,32 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     plan = plan_items(job, items, store)
     if progress:
         print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
-              f"{len(plan.duplicates)} duplicates, {plan.unfit} failed before fitting", file=sys.stderr)
+              f"{len(plan.duplicates)} duplicates, {plan.unfit} failed before fitting"
+              + _accounting_line(inputs), file=sys.stderr)
     start = time.perf_counter()
-    if plan.to_fit:
-        EXECUTORS[job.executor](job, plan.to_fit, progress)
+    returned = EXECUTORS[job.executor](job, plan.to_fit, progress) if plan.to_fit else {}
     wall = time.perf_counter() - start
 
-    rows = collect_rows(store, items, plan)
+    rows = collect_rows(store, items, plan, returned or {})
+    lease.check()  # a job that lost the library to another writes no manifest over the new owner's
     parts = write_manifest(store, rows, job.run_id)
-    report = summarize(job, rows, wall, parts)
+    report = summarize(job, rows, wall, parts) | inputs.notes()
     report["tracking"] = end_job(job, report)
     store.write_json(report, "reports", f"{job.run_id}.json")
     return report
+
+
+def _accounting_line(inputs: Inputs) -> str:
+    """The plan line's tail: what was found that is not an input, with the first few names."""
+    out = ""
+    if inputs.ignored:
+        names = ", ".join(i["uri"].rsplit("/", 1)[-1] for i in inputs.ignored[:5])
+        out += f"; {len(inputs.ignored)} files ignored ({names}{', ...' if len(inputs.ignored) > 5 else ''})"
+    if inputs.unmatched_rows:
+        names = ", ".join(redact(r["image"]) for r in inputs.unmatched_rows[:5])
+        out += (f"; {len(inputs.unmatched_rows)} prompt rows name no image "
+                f"({names}{', ...' if len(inputs.unmatched_rows) > 5 else ''})")
+    return out
 
 
 def pin_base_model(job: JobSpec, settings: FitConfig) -> JobSpec:
@@ -110,7 +141,8 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
             continue
         first[item_id] = uri
         done = markers.get(marker_key(item_id))
-        if done and "adopted_from" in done:  # a legacy fit adopted by an earlier run
+        if done and "adopted_from" in done:  # (its id is checked: it becomes a path)
+            check_item_id(done["adopted_from"], f"{marker_key(item_id)}: adopted_from")  # a legacy fit adopted by an earlier run
             done = legacy.get(marker_key(done["adopted_from"]))
         elif not done and job.adopt_legacy and _adoptable(legacy.get(marker_key(row["legacy_item_id"])), job):
             done = legacy[marker_key(row["legacy_item_id"])]
@@ -132,7 +164,8 @@ def marker_key(item_id: str) -> str:
 def _legacy_markers(job: JobSpec, rows: list[dict], markers: dict, store: Store) -> dict[str, dict | None]:
     """The markers of legacy fits this run may reuse: those adopted before, and with --adopt-legacy, those
     under the schema-2 id of every item not complete under its own."""
-    wanted = {marker_key(m["adopted_from"]) for m in markers.values() if m and "adopted_from" in m}
+    wanted = {marker_key(check_item_id(m["adopted_from"], f"{key}: adopted_from"))
+              for key, m in markers.items() if m and "adopted_from" in m}
     if job.adopt_legacy:
         wanted |= {marker_key(r["legacy_item_id"]) for r in rows
                    if r["item_id"] and r["legacy_item_id"] and not markers.get(marker_key(r["item_id"]))}
@@ -145,15 +178,18 @@ def _adoptable(marker: dict | None, job: JobSpec) -> bool:
         marker.get("base_model_fingerprint") in (None, job.base_fingerprint)
 
 
-def collect_rows(store: Store, items: list[dict], plan: Plan) -> list[dict]:
-    """The row of every input; an input no worker finished is a failed row, never a missing one."""
-    keys = {item["source_uri"]: "/".join(source_key(item["source_uri"])) for item in items}
+def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str, dict] | None = None) -> list[dict]:
+    """The row of every input; an input no worker finished is a failed row, never a missing one. Rows the
+    executor returned (the worker's own words, even where it could not store them) win over stored ones."""
+    returned = returned or {}
+    keys = {item["source_uri"]: "/".join(source_key(item["source_uri"])) for item in items
+            if item["source_uri"] not in returned}
     found = store.cat_many(list(keys.values()))
     rows = {}
     for item in items:
         uri = item["source_uri"]
-        row = loads_json(found[keys[uri]])
-        if row is None or row.get("item_id") != plan.item_ids.get(uri):  # none, or left from other bytes
+        row = returned.get(uri) or loads_json(found[keys[uri]])
+        if row is None or (uri not in returned and row.get("item_id") != plan.item_ids.get(uri)):  # none, or stale
             row = failed_row(item, "not processed: the worker was lost and the executor gave up",
                              item_id=plan.item_ids.get(uri))
         rows[uri] = row
@@ -176,7 +212,7 @@ def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -
         "wall_s": round(wall_s, 2), "fit_s": round(fit_time, 2),
         "efficiency": round(fit_time / (wall_s * job.workers), 3) if wall_s > 0 else None,
         "fits_per_hour": round(3600 * len(fitted) / wall_s, 1) if wall_s > 0 else None,
-        "manifest": parts, "output": job.output,
+        "manifest": parts, "output": redact(job.output),
         "failures": [{"source_uri": r["source_uri"], "error": (r["error"] or "")[:300]}
                      for r in rows if r["status"] == "failed"],
         "tracking_errors": sum(bool(r.get("tracking_error")) for r in fitted),

@@ -4,7 +4,10 @@ Layout under the job's --output:
   items/<item_id>/...            the fit's files (content/style LoRAs, diffusers + kohya, mergers, masks,
                                  fit.json, config.yaml); `_SUCCESS` (the row, JSON) is written last
   sources/<key>.json             the latest row for one source URL (ok or failed), written by the worker
-  attempts/<item_id>.json        how many times a fit of that item was started (poison-image guard)
+  attempts/<item_id>/<run>.<t>.<r>.json   one record per fit of the item started and not come back yet (a
+                                 crash or an interruption; removed when the fit ends); `.crashed` beside one:
+                                 the Train controller saw its rank die (poison-image guard, `crashes`)
+  lease/<generation>.json        which job writes the library now (lease.py)
   manifest/part-<run>-<n>.parquet   this file's SCHEMA; pandas, pyarrow, DuckDB read the folder directly
   reports/<run>.json             the run's summary
   registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
@@ -19,10 +22,16 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
+import uuid
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from unziplora.errors import InputError
+from unziplora.redact import scrub
 
 from .storage import Store, url_key
 
@@ -83,7 +92,45 @@ def failed_row(item: dict, error: str, **known) -> dict:
     row = empty_row(item["source_uri"]) | {"status": "failed", "error": error, "attempts": 0,
                                            "content": item.get("content"), "style": item.get("style"),
                                            "finished_at": utc_now()}
-    return row | known
+    return scrubbed(row | known)
+
+
+def ok_row(item: dict, known: dict, result, files: dict, **fields) -> dict:
+    """The row of a finished fit: what it learned from (`result`: unziplora.FitResult), where its files are
+    (`files`: {name: {"uri", "sha256", "bytes"}}), and `fields` from the worker (attempts, worker, run ids)."""
+    record, cfg = result.record, result.config
+    return empty_row(item["source_uri"]) | known | {
+        "schema_version": SCHEMA_VERSION, "status": "ok",
+        "content": cfg.content, "style": cfg.style, "class_word": cfg.resolved_class_word,
+        "prompt_combined": record["prompts"]["combined"], "prompt_content": record["prompts"]["content"],
+        "prompt_style": record["prompts"]["style"],
+        "output_uri": files["fit.json"]["uri"].rsplit("/", 1)[0],
+        "content_lora_uri": files["content_lora.safetensors"]["uri"],
+        "style_lora_uri": files["style_lora.safetensors"]["uri"],
+        "files": json.dumps(files, sort_keys=True),
+        "rank": cfg.rank, "steps": cfg.steps, "resolution": cfg.resolution, "seed": cfg.seed,
+        "final_loss": record["final"]["loss"], "final_mse": record["final"]["mse"],
+        "final_ortho": record["final"]["ortho"], "mask_stats": json.dumps(record["mask_stats"]),
+        "train_s": record["timings"]["train_s"], "total_s": record["timings"]["total_s"],
+        "base_model": record["base_model"], "base_model_fingerprint": record["base_model_fingerprint"],
+        "finished_at": utc_now(),
+    } | fields
+
+
+def scrubbed(row: dict) -> dict:
+    """The row with its error texts through the one redaction (unziplora.redact)."""
+    return row | {k: scrub(row[k]) for k in ("error", "tracking_error") if row.get(k)}
+
+
+ITEM_ID = re.compile(r"^[0-9a-f]{16,64}$")  # ours are 24; any hex name is a safe folder name
+
+
+def check_item_id(value, where: str) -> str:
+    """An item id read from data (a manifest, a marker, a bank): hex digits, or a clear error. Item ids
+    become folder names (items/<id>/, a bank's cache), so nothing else may pass."""
+    if not isinstance(value, str) or not ITEM_ID.match(value):
+        raise InputError(f"{where}: {str(value)[:80]!r} is not an item id (hex digits)")
+    return value
 
 
 def utc_now() -> str:
@@ -95,19 +142,56 @@ def source_key(uri: str) -> tuple[str, str]:
     return "sources", url_key(uri) + ".json"
 
 
-def read_attempts(store: Store, item_id: str) -> dict:
-    """How often a fit of this item was started, came back (ok or a handled error), and was charged a crash."""
-    key = ("attempts", item_id + ".json")
-    return store.read_json(*key) if store.exists(*key) else {"started": 0, "finished": 0}
+# ---- crash accounting: one record per started fit ------------------------------------------------------
 
 
-def write_attempts(store: Store, item_id: str, counts: dict) -> None:
-    store.write_json(counts, "attempts", item_id + ".json")
+def start_attempt(store: Store, item_id: str, run_id: str, info: dict) -> str:
+    """Record that a fit of the item starts (before it starts, so a crash leaves the record); returns its name."""
+    name = f"{run_id}.{time.time_ns()}.{uuid.uuid4().hex[:6]}.json"
+    store.write_json(info | {"run_id": run_id, "started_at": utc_now()}, "attempts", item_id, name)
+    return name
+
+
+def end_attempt(store: Store, item_id: str, name: str, *, all_records: bool = False) -> None:
+    """The fit came back (ok or a handled error): its record goes (all of them once the item is complete).
+    A removal, so it works on a full disk too."""
+    paths = store.list("attempts", item_id) if all_records else [store.path("attempts", item_id, name)]
+    for path in paths:
+        if store.fs.exists(path):
+            store.remove(path)
+
+
+def charge_crash(store: Store, item_id: str, name: str) -> None:
+    """The Train controller saw the rank that held this attempt die."""
+    store.write_bytes(b"", "attempts", item_id, name.removesuffix(".json") + ".crashed")
+
+
+def past_attempts(store: Store, item_id: str) -> list[dict]:
+    """The item's records of fits that never came back, oldest first: {"name", "run_id", "crashed"}."""
+    names = [p.rsplit("/", 1)[-1] for p in store.list("attempts", item_id)]
+    crashed = {n.removesuffix(".crashed") for n in names if n.endswith(".crashed")}
+    records = [{"name": n, "run_id": n.rsplit(".", 3)[0], "crashed": n.removesuffix(".json") in crashed}
+               for n in names if n.endswith(".json") and n.count(".") >= 3]
+    return sorted(records, key=lambda r: int(r["name"].rsplit(".", 3)[1]))
+
+
+def crashes(records: list[dict], executor: str, run_id: str) -> int:
+    """How often a fit of this item killed its worker, from the records of fits that never came back.
+    - actor pool: a dead actor takes only its own item, and the job retries it at once. So a record is a crash
+      when the same run started the item again after it (this run is doing so now: all of its records count).
+      The last record of an earlier run is not: that run stopped (its driver was stopped or killed) while
+      the fit ran, which says nothing about the image.
+    - Train restarts the whole group when one worker dies, so a record there is a crash only when the
+      controller charged it to the dead rank (`charge_crash`)."""
+    if executor == "train":
+        return sum(r["crashed"] for r in records)
+    runs = Counter(r["run_id"] for r in records)
+    return sum(n if run == run_id else n - 1 for run, n in runs.items())
 
 
 def write_manifest(store: Store, rows: list[dict], run_id: str) -> list[str]:
     """Write all rows as new part files, then remove the previous run's parts."""
-    rows = sorted(rows, key=lambda r: r["source_uri"])
+    rows = sorted((scrubbed(r) for r in rows), key=lambda r: r["source_uri"])
     old = [p for p in store.list("manifest") if p.rsplit("/", 1)[-1].startswith("part-")]
     written = []
     for n, start in enumerate(range(0, max(len(rows), 1), ROWS_PER_PART)):
@@ -127,9 +211,16 @@ def write_manifest(store: Store, rows: list[dict], run_id: str) -> list[str]:
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:
+    """Every part of a library's manifest; an item id that is not one (a hostile or broken part) is refused."""
     store = Store(url, storage_options)
     parts = [p for p in store.list("manifest") if p.endswith(".parquet")]
-    tables = [_upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(p)))) for p in parts]
+    tables = []
+    for part in parts:
+        table = _upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(part))))
+        for n, item_id in enumerate(table["item_id"].to_pylist()):
+            if item_id is not None:
+                check_item_id(item_id, f"manifest part {part}, row {n}: item_id")
+        tables.append(table)
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 

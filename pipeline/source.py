@@ -7,7 +7,10 @@ Prompt table (CSV or Parquet), one row per image:
   class_word, prompt, content_prompt, style_prompt                                (optional)
   steps, seed, rank, lr, ... : every per-item fit setting (FitConfig's "item" scope), optional overrides
 An image without a row gets the job's default prompts when given, else a clear per-item failure; so does a
-cell that is not a value of its setting (the error names the column and the value).
+cell that is not a value of its setting (the error names the column and the value), and an image that two
+rows name (which row wins would be a guess).
+Every input is accounted for (`Inputs`): files that are not images by their extension, keys that cannot be
+read safely (a `..` segment) and prompt rows that name no image are listed by name in the plan and report.
 Item rows hold only strings ("" for none): Ray Data turns a column of Nones into NaNs.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from dataclasses import dataclass, field
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -31,15 +35,45 @@ OVERRIDE_FIELDS = settings("item")  # per-image columns that override the job's 
 DEFAULT_TABLES = ("prompts.csv", "prompts.parquet")
 
 
-def list_images(input_url: str, storage_options: dict | None = None) -> list[str]:
-    """Every image file below `input_url`, as URLs, sorted (hidden files skipped)."""
+@dataclass
+class Inputs:
+    items: list[dict]  # one per image file (build_items)
+    ignored: list[dict] = field(default_factory=list)  # {"uri", "reason"}: files that are not inputs
+    unmatched_rows: list[dict] = field(default_factory=list)  # {"row", "image"}: prompt rows naming no image
+
+    def notes(self, limit: int = 100) -> dict:
+        """What the report says of them: counts, and the first `limit` names of each."""
+        return {"ignored_files": len(self.ignored), "ignored": self.ignored[:limit],
+                "unmatched_prompt_rows": len(self.unmatched_rows), "unmatched": self.unmatched_rows[:limit]}
+
+
+def list_files(input_url: str, storage_options: dict | None = None) -> tuple[list[str], list[dict]]:
+    """(every image file below `input_url`, as sorted URLs; every other file, with why it is no input).
+    Hidden files and folders (a leading dot) are skipped without a word."""
     store = Store(input_url, storage_options)
     if not store.fs.exists(store.root):
         raise InputError(f"input {input_url} does not exist")
-    files = store.fs.find(store.root)
-    images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)
-              and not any(part.startswith(".") for part in f[len(store.root):].split("/"))]
-    return sorted(store.url_prefix + f for f in images)
+    images, ignored = [], []
+    for path in sorted(store.fs.find(store.root)):
+        relative = path[len(store.root):].lstrip("/")
+        if any(part.startswith(".") and part not in (".", "..") for part in relative.split("/")):
+            continue
+        url = store.url_prefix + path
+        if any(part in ("", ".", "..") for part in relative.split("/")):
+            ignored.append({"uri": url, "reason": "a '.', '..' or empty segment in its key"})
+        elif not path.lower().endswith(IMAGE_SUFFIXES):
+            if posixpath.basename(path) not in DEFAULT_TABLES:
+                suffix = posixpath.splitext(path)[1].lower() or "(none)"
+                ignored.append({"uri": url, "reason": f"not an image file by its extension {suffix}; "
+                                f"images are {', '.join(IMAGE_SUFFIXES)}"})
+        else:
+            images.append(url)
+    return images, ignored
+
+
+def list_images(input_url: str, storage_options: dict | None = None) -> list[str]:
+    """Every image file below `input_url`, as URLs, sorted (hidden files skipped)."""
+    return list_files(input_url, storage_options)[0]
 
 
 def read_prompt_table(url: str, storage_options: dict | None = None) -> list[dict]:
@@ -71,40 +105,58 @@ def find_prompt_table(input_url: str, storage_options: dict | None = None) -> st
 def build_items(input_url: str, prompts_url: str | None = None, *, default_content: str | None = None,
                 default_style: str | None = None, storage_options: dict | None = None) -> list[dict]:
     """One small row per input image: its URL, prompts and overrides, or why it has none."""
-    images = list_images(input_url, storage_options)
+    return read_inputs(input_url, prompts_url, default_content=default_content, default_style=default_style,
+                       storage_options=storage_options).items
+
+
+def read_inputs(input_url: str, prompts_url: str | None = None, *, default_content: str | None = None,
+                default_style: str | None = None, storage_options: dict | None = None) -> Inputs:
+    """The job's inputs: one item per image file, joined with its prompt row; plus what is not an input."""
+    images, ignored = list_files(input_url, storage_options)
     prompts_url = prompts_url or find_prompt_table(input_url, storage_options)
     table = read_prompt_table(prompts_url, storage_options) if prompts_url else []
-    root = Store(input_url, storage_options)
-    root_url = root.url()
-    by_key: dict[str, dict] = {}
-    names: dict[str, list[dict]] = {}
-    for row in table:
-        key = str(row["image"])
-        by_key[key] = row
-        names.setdefault(posixpath.basename(key), []).append(row)
+    root_url = Store(input_url, storage_options).url()
+    by_key: dict[str, list[int]] = {}  # the `image` cell -> the numbers of the rows holding it
+    by_name: dict[str, list[int]] = {}  # its file name -> the same
+    for n, row in enumerate(table):
+        key = str(row["image"] or "").strip()
+        by_key.setdefault(key, []).append(n)
+        by_name.setdefault(posixpath.basename(key), []).append(n)
+    used: set[int] = set()
     items = []
     for url in images:
         relative = url[len(root_url):].lstrip("/")
-        row = by_key.get(url) or by_key.get(relative)
-        if row is None and len(names.get(posixpath.basename(url), [])) == 1:
-            row = names[posixpath.basename(url)][0]
-        item = {"source_uri": url, "prompt_error": "", "overrides": "{}"}
-        if row is not None:
-            item |= {f: _text(row.get(f)) for f in PROMPT_FIELDS}
-            try:
-                overrides = {f.name: parse_value(f, row.get(f.name)) for f in OVERRIDE_FIELDS}
-                item["overrides"] = json.dumps({k: v for k, v in overrides.items() if v is not None})
-            except InputError as exc:  # one bad cell fails its own image, not the job
-                item["prompt_error"] = f"prompt table {prompts_url}, row of {row['image']}: column {exc}"
+        found = by_key.get(url, []) + by_key.get(relative, [])
+        if not found and len(by_name.get(posixpath.basename(url), [])) == 1:  # a bare file name, if unique
+            found = by_name[posixpath.basename(url)]
+        used.update(found)
+        item = {"source_uri": url, "prompt_error": "", "overrides": "{}"} | {f: "" for f in PROMPT_FIELDS}
+        if len(found) > 1:
+            item["prompt_error"] = (f"prompt table {prompts_url} has {len(found)} rows for {relative} (data rows "
+                                    f"{', '.join(str(n + 1) for n in found)}): keep one")
+        elif found:
+            item |= _prompt_columns(table[found[0]], prompts_url)
         elif default_content and default_style:
-            item |= {f: "" for f in PROMPT_FIELDS} | {"content": default_content, "style": default_style}
+            item |= {"content": default_content, "style": default_style}
         else:
-            item |= {f: "" for f in PROMPT_FIELDS}
             item["prompt_error"] = (f"no prompt row for {relative} in "
                                     f"{prompts_url or 'any prompt table (none found)'}; add a row or pass "
                                     "--default-content and --default-style")
         items.append(item)
-    return items
+    unmatched = [{"row": n + 1, "image": str(row["image"])} for n, row in enumerate(table) if n not in used]
+    return Inputs(items, ignored, unmatched)
+
+
+def _prompt_columns(row: dict, prompts_url: str) -> dict:
+    """An item's prompts and overrides from its row; a cell that is not a value of its setting fails the
+    item (naming the column and the value), never the job."""
+    item = {f: _text(row.get(f)) for f in PROMPT_FIELDS}
+    try:
+        overrides = {f.name: parse_value(f, row.get(f.name)) for f in OVERRIDE_FIELDS}
+        item["overrides"] = json.dumps({k: v for k, v in overrides.items() if v is not None})
+    except InputError as exc:
+        item["prompt_error"] = f"prompt table {prompts_url}, row of {row['image']}: column {exc}"
+    return item
 
 
 def _text(value) -> str:

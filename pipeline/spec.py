@@ -22,7 +22,11 @@ class JobSpec:
     workers: int = 1
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
-    max_attempts: int = 3  # a source whose fit was started this often without finishing is failed
+    max_attempts: int = 3  # an image whose fit killed its worker this often is failed (manifest.crashes)
+    # one job writes a library at a time (lease.py): wait this long for another job to finish, else refuse;
+    # a job that stopped heartbeating for lease_ttl_s (killed) is taken over
+    wait_for_library_s: float = 0.0
+    lease_ttl_s: float = 120.0
     storage_options: dict = field(default_factory=dict)
     run_id: str = ""
     # MLflow tracking (pipeline/tracking.py): tracking_uri None = the default for --output (SQLite next to a

@@ -1,17 +1,25 @@
 """Paths on any fsspec filesystem (plain paths, file://, s3://, gs://, ...), with atomic-ish writes.
 
 Object stores have no rename: "atomic" here means write to a temporary key, copy to the final key, delete
-the temporary one, and only then write the completion marker that makes the item count as done.
+the temporary one, and only then write the completion marker that makes the item count as done. A write that
+fails (a full disk, a store that went away) leaves no temporary key behind.
+
+Paths below the root are built from parts that may come from data (item ids, file names in a manifest): a part
+that would leave the root (`..`, an absolute path, a backslash) is refused here, for every caller.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from unziplora.errors import InputError
 
 
 class Store:
@@ -23,11 +31,15 @@ class Store:
         self.url_prefix = "" if self.protocol in ("file", "local") else f"{self.protocol}://"
 
     def path(self, *parts: str) -> str:
+        for part in parts:
+            segments = str(part).split("/")
+            if not part or "\\" in part or "\0" in part or any(s in ("", ".", "..") for s in segments):
+                raise UnsafePathError(f"refusing the path {part!r} below {self.url()}: it would leave its folder")
         return "/".join([self.root, *parts])
 
     def url(self, *parts: str) -> str:
         """A URL a user (or another process) can open: s3://bucket/..., or a local absolute path."""
-        return self.url_prefix + self.path(*parts)
+        return self.url_prefix + (self.path(*parts) if parts else self.root)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
@@ -53,8 +65,44 @@ class Store:
         folder, name = final.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
         temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        write(temporary)
-        self.fs.mv(temporary, final)
+        try:
+            write(temporary)
+            self.fs.mv(temporary, final)
+        except BaseException as exc:
+            self._discard(temporary)
+            if isinstance(exc, OSError) and exc.errno and exc.filename == temporary:  # name the real file
+                raise OSError(exc.errno, exc.strerror, final if "://" in final else self.url_prefix + final) from exc
+            raise
+
+    def create(self, data: bytes, *parts: str) -> None:
+        """Write a new file, atomically, only if none is there: FileExistsError otherwise (a lease, a claim).
+        Local disk: a hard link of a complete temporary file (atomic, exclusive). S3: a conditional PUT
+        (If-None-Match). Other stores: fsspec's mode="create" (exclusive where the store supports it)."""
+        final = self.path(*parts)
+        if self.url_prefix == "":
+            folder, name = final.rsplit("/", 1)
+            os.makedirs(folder, exist_ok=True)
+            temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(temporary, "xb") as f:
+                    f.write(data)
+                try:
+                    os.link(temporary, final)
+                except OSError as exc:
+                    if exc.errno == errno.EEXIST:
+                        raise
+                    with open(final, "xb") as f:  # no hard links here (some network or FAT disks): O_EXCL
+                        f.write(data)
+            finally:
+                self._discard(temporary)
+        else:
+            self.fs.pipe_file(final, data, mode="create")
+
+    def _discard(self, path: str) -> None:
+        try:
+            self.fs.rm(path)
+        except (OSError, FileNotFoundError):
+            pass  # never written, or the store is gone: nothing more to do
 
     def cat_many(self, paths: list[str]) -> dict[str, bytes | None]:
         """Read many small files at once (concurrently on object stores); missing ones map to None."""
@@ -74,6 +122,10 @@ class Store:
 
     def remove(self, path: str) -> None:
         self.fs.rm(path)
+
+
+class UnsafePathError(InputError):
+    """A path part from data that would leave its folder."""
 
 
 def open_url(url: str, storage_options: dict | None = None) -> bytes:

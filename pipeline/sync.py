@@ -40,6 +40,7 @@ def sync_library(output: str, *, tracking_uri: str | None = None, library: str |
                  everything: bool = False) -> dict:
     """Track every ok item that needs it (all ok items with `everything`); returns counts."""
     store = Store(output, storage_options)
+    output = store.url()  # one spelling: `./lib` and `/abs/lib` are one library with one set of runs
     recorded = store.read_json(REGISTRY_FILE) if store.exists(REGISTRY_FILE) else {}
     uri = resolve_uri(output, tracking_uri, recorded.get("tracking_uri"))
     library = library or recorded.get("library") or library_name(output)

@@ -14,6 +14,7 @@ sync or a sync after a partial failure creates nothing twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,7 +22,9 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from unziplora.errors import InputError
+from unziplora.redact import redact, scrub
 
 from .registry_names import KINDS, item_alias, library_name, model_name
 from .storage import Store, open_url
@@ -29,7 +32,6 @@ from .storage import Store, open_url
 TAG = "unziplora."  # prefix of our run tags
 REGISTRY_FILE = "registry.json"
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
-SECRET_WORDS = ("key", "secret", "token", "password", "signature", "credential", "sig", "auth")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,19 +51,21 @@ def default_tracking_uri(output: str) -> str | None:
     return None
 
 
-def redact(uri: str | None) -> str | None:
-    """A URI without its password and without query values that look like credentials (presigned URLs)."""
-    if not uri or "://" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc and not parts.query:
-        return uri  # nothing to hide (and urlunsplit would drop the empty host of sqlite:////path)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else f"{user}@{host}"
-    query = [(k, "***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in parse_qsl(parts.query)]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), parts.fragment))
+def library_key(canonical_uri: str) -> str:
+    """The tag that scopes a library's runs and versions in filters: a hash of its one canonical URI, so
+    that no free text (quotes, spellings of one path) ever goes into a filter expression."""
+    return hashlib.sha256(canonical_uri.encode()).hexdigest()[:16]
+
+
+def literal(value: str) -> str:
+    """`value` as a string literal of an MLflow filter expression. MLflow has no escape inside a quoted
+    string, so a value holding both quote characters cannot be matched: a clear error, never a broken query."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise InputError(f"{value[:80]!r} holds both ' and \", which an MLflow filter cannot quote")
 
 
 def flat_params(values: dict, prefix: str = "") -> dict[str, str]:
@@ -108,7 +112,9 @@ class Tracker:
         _bound_http_retries()
         from mlflow import MlflowClient
 
-        self.uri, self.library, self.output = uri, library, output
+        self.uri, self.library = uri, library
+        self.output = Store(output, storage_options).url()  # one spelling of the library, however it was given
+        self.library_key = library_key(self.output)
         self.storage_options = storage_options or {}
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         # a server cannot open files on this machine: then the LoRAs go to the run's artifacts
@@ -134,7 +140,7 @@ class Tracker:
         flavours = (None, "diffusers") if self.diffusers_models else (None,)
         for kind, flavour in ((k, f) for k in KINDS for f in flavours):
             name = model_name(self.library, kind, flavour)
-            if not self.client.search_registered_models(f"name = '{name}'"):
+            if not self.client.search_registered_models(f"name = {literal(name)}"):
                 try:
                     self.client.create_registered_model(name, description=f"{kind} LoRAs of the library "
                                                         f"{redact(self.output)}; one version per image")
@@ -150,10 +156,45 @@ class Tracker:
     # -- runs ----------------------------------------------------------------------------------------------
 
     def _find_run(self, tag: str, value: str):
-        """This library's run with this tag value (another library of the same name may share the experiment)."""
-        query = f"tags.`{TAG}{tag}` = '{value}' AND tags.`{TAG}library_uri` = '{redact(self.output)}'"
-        runs = self.client.search_runs([self.experiment_id], query, max_results=5)
+        """This library's run with this tag value (another library of the same name may share the experiment).
+        Runs are scoped by the library's key; runs logged before keys existed, by the library's URI."""
+        query = f"tags.`{TAG}{tag}` = {literal(value)}"
+        runs = self.client.search_runs([self.experiment_id], f"{query} AND tags.`{TAG}library_key` = "
+                                       f"'{self.library_key}'", max_results=5)
+        if not runs and (legacy := self._legacy_scope(f"tags.`{TAG}library_uri`")):
+            runs = self.client.search_runs([self.experiment_id], f"{query} AND {legacy}", max_results=5)
+            for run in runs:
+                self.client.set_tag(run.info.run_id, TAG + "library_key", self.library_key)
         return runs[0] if runs else None
+
+    def _find_version(self, name: str, item_id: str):
+        """This library's version of the model `name` for this item, scoped like `_find_run`."""
+        query = f"name = {literal(name)} AND tags.item_id = {literal(item_id)}"
+        found = self.client.search_model_versions(f"{query} AND tags.library_key = '{self.library_key}'")
+        if not found and (legacy := self._legacy_scope("tags.library_uri")):
+            found = self.client.search_model_versions(f"{query} AND {legacy}")
+            for version in found:
+                self.client.set_model_version_tag(name, version.version, "library_key", self.library_key)
+        return found[0] if found else None
+
+    def _legacy_scope(self, tag: str) -> str | None:
+        try:
+            return f"{tag} = {literal(redact(self.output))}"
+        except InputError:  # a URI no filter can quote was never matched by one either
+            return None
+
+    def close_dead_jobs(self, live_run_id: str) -> list[str]:
+        """Mark KILLED the parent runs of this library's jobs still RUNNING: the caller holds the library's
+        lease, so their jobs died (killed drivers, lost head nodes) before they could close them."""
+        query = (f"tags.`{TAG}kind` = 'job' AND tags.`{TAG}library_key` = '{self.library_key}' "
+                 f"AND attributes.status = 'RUNNING'")
+        closed = []
+        for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
+            if run.data.tags.get(TAG + "job_run_id") != live_run_id:
+                self.client.set_tag(run.info.run_id, TAG + "closed_by", live_run_id)
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     def job_run(self, run_id: str, params: dict | None = None) -> str:
         """The parent run of the job `run_id`: found by its tag, else created (RUNNING until end_job)."""
@@ -162,7 +203,8 @@ class Tracker:
             return found.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"job-{run_id}",
                                      tags={TAG + "kind": "job", TAG + "job_run_id": run_id,
-                                           TAG + "library_uri": redact(self.output)})
+                                           TAG + "library_uri": redact(self.output),
+                                           TAG + "library_key": self.library_key})
         if params:
             self.client.log_batch(run.info.run_id, params=_params(flat_params(params)))
         return run.info.run_id
@@ -201,7 +243,7 @@ class Tracker:
         record = self._read_json(files, "fit.json") or {}
         tags = {"kind": "fit", "item_id": row["item_id"], "status": row["status"], "worker": row.get("worker"),
                 "job_run_id": row.get("run_id"), "error": scrub(row.get("error") or "")[:4000],
-                "library_uri": redact(self.output)}
+                "library_uri": redact(self.output), "library_key": self.library_key}
         tags |= {k: redact(row.get(k)) for k in ("source_uri", "output_uri", "content_lora_uri", "style_lora_uri")}
         tags = {TAG + k: v for k, v in tags.items() if v}
         if parent_run_id:
@@ -247,11 +289,8 @@ class Tracker:
         out = {}
         for kind in KINDS:
             name = model_name(self.library, kind)
-            found = self.client.search_model_versions(f"name = '{name}' AND tags.item_id = '{row['item_id']}' "
-                                                      f"AND tags.library_uri = '{redact(self.output)}'")
-            if found:
-                version = found[0]
-            else:
+            version = self._find_version(name, row["item_id"])
+            if version is None:
                 source = row["output_uri"]
                 if self.copy_loras:
                     source = self.client.get_run(run_id).info.artifact_uri + f"/{kind}_lora"
@@ -261,7 +300,7 @@ class Tracker:
                         "class_word": row["class_word"], "prompt": row[f"prompt_{kind}"],
                         "prompt_combined": row["prompt_combined"], "lora_file": f"{kind}_lora.safetensors",
                         "lora_uri": redact(lora["uri"]), "sha256": lora["sha256"], "library_uri": redact(self.output),
-                        "base_model": row["base_model"], "base_model_fingerprint": row.get("base_model_fingerprint"),
+                        "library_key": self.library_key, "base_model": row["base_model"], "base_model_fingerprint": row.get("base_model_fingerprint"),
                         "rank": str(row["rank"]), "steps": str(row["steps"])}
                 if f"preview_{kind}.png" in files:
                     tags["preview_uri"] = redact(files[f"preview_{kind}.png"]["uri"])
@@ -284,11 +323,8 @@ class Tracker:
         from mlflow.models import Model
 
         name = model_name(self.library, kind, "diffusers")
-        found = self.client.search_model_versions(f"name = '{name}' AND tags.item_id = '{row['item_id']}' "
-                                                  f"AND tags.library_uri = '{redact(self.output)}'")
-        if found:
-            version = found[0]
-        else:
+        version = self._find_version(name, row["item_id"])
+        if version is None:
             base, revision = diffusers_base(row)
             artifact = f"{kind}_diffusers_model"
             with tempfile.TemporaryDirectory(prefix="unziplora-model-") as tmp:
@@ -387,6 +423,9 @@ def start_job(job, store: Store, progress: bool = True):
         tracker = tracker_for(job)
         retrying(tracker.ensure_registered_models)
         parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
+        closed = retrying(lambda: tracker.close_dead_jobs(job.run_id))
+        if closed and progress:
+            print(f"closed {len(closed)} MLflow run(s) of earlier jobs that died (KILLED)", flush=True)
         store.write_json(tracker.registry_record(), REGISTRY_FILE)
     except Exception as exc:
         if progress:
@@ -429,8 +468,3 @@ def track_row(job, row: dict) -> dict:
 def describe(exc: Exception) -> str:
     """An exception as text for a row."""
     return scrub(f"{type(exc).__name__}: {exc}")[:2000]
-
-
-def scrub(text: str) -> str:
-    """Free text (an error message) without the password of any URL in it."""
-    return re.sub(r"(://[^/:@\s]+):[^@/\s]+@", r"\1:***@", text)

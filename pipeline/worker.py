@@ -1,15 +1,18 @@
 """One per-item fit worker, used by both executors: loads the base model once, then fits image after image.
 
-For each item: read the bytes, derive the item id, return at once if the item is already complete (its
-`_SUCCESS` marker exists), else count the attempt (so a crash counts too), fit, make the previews, upload the
-files (temporary key -> final key), write the marker, track the fit in MLflow (its run id and registered
-versions go into the row and the marker; a tracking error only into the row's `tracking_error`), then the
-source's row. Every error becomes a `failed` row; only a crash of the process escapes, and the executor
-retries the item on a fresh worker.
+For each item, in named steps (`_process`): identify it (read the bytes, derive the item id); reuse it if it
+is complete (its `_SUCCESS` marker exists); admit it (give up on an image that killed its worker too often,
+else record the attempt first, so a crash leaves the record); fit, make the previews and upload the files
+(temporary key -> final key); commit (the marker makes the item count as complete); track it in MLflow (run
+id and registered versions go into the row and the marker; a tracking error only into `tracking_error`).
+Every error becomes a `failed` row, including a library that cannot be written (a full disk): one line, no
+temporary files, no marker, and the attempt's record removed, so it is not charged as a crash. Only a crash
+of the process escapes, and the executor retries the item on a fresh worker.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,13 +27,12 @@ from unziplora import FitConfig, UnZipLoRAError, fit
 from unziplora.models import load_base_model_for
 
 from .identify import check_job_settings, identify, ids_of, item_config, plain_row
-from .manifest import (SCHEMA_VERSION, empty_row, failed_row, read_attempts, source_key, utc_now,
-                       write_attempts)
+from .manifest import (crashes, end_attempt, failed_row, ok_row, past_attempts, scrubbed, source_key,
+                       start_attempt)
 from .previews import write_previews
 from .spec import JobSpec
 from .storage import Store, sha256_hex
 from .tracking import track_row
-
 
 class FitWorker:
     """Callable for Ray Data's map_batches (one row per batch), and a plain per-item worker for Ray Train."""
@@ -60,52 +62,90 @@ class FitWorker:
 
     def process(self, item: dict) -> dict:
         """One input -> its manifest row (also stored under sources/), plus `this_run` (fit|reused|failed)."""
-        row = self._process(item)
-        self.store.write_json(row, *source_key(item["source_uri"]))
+        try:
+            row = self._process(item)
+        except Exception as exc:  # the library could not be read or written: this item fails, the worker lives
+            row = failed_row(item, self._failure_text(item, exc), this_run="failed")
+        try:
+            self.store.write_json(row, *source_key(item["source_uri"]))
+        except Exception as exc:  # the row still reaches the driver through the executor
+            row = row | {"error": row.get("error") or self._failure_text(item, exc)}
         return row
 
     def _process(self, item: dict) -> dict:
         identity, data = identify(item, self.job)
+        known = ids_of(identity)
         if identity["error"] or self.base_mismatch:
-            return failed_row(item, identity["error"] or self.base_mismatch, this_run="failed", **ids_of(identity))
-        item_id, known = identity["item_id"], ids_of(identity)
-        if self.store.exists("items", item_id, "_SUCCESS"):  # e.g. fitted before a Train group restart
-            done = self.store.read_json("items", item_id, "_SUCCESS")
+            return failed_row(item, identity["error"] or self.base_mismatch, this_run="failed", **known)
+        done = self._complete(known["item_id"])
+        if done:  # e.g. fitted before a Train group restart
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
-        counts = read_attempts(self.store, item_id)
-        if crashes(counts, self.job.executor) >= self.job.max_attempts:
+        attempt, previous = self._admit(item, known["item_id"])
+        if attempt is None:
             return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
-                              "each time it fitted this image", attempts=counts["started"], this_run="failed",
-                              **known)
-        attempts = counts["started"] + 1
-        # saved before the fit, so a crash counts; per item, so a replaced (fixed) file starts from zero
-        write_attempts(self.store, item_id, counts | {"started": attempts, "source_uri": item["source_uri"]})
-        if self.inflight is not None:  # Train: which item this rank holds, should its process die
-            self.store.write_json({"item_id": item_id, "source_uri": item["source_uri"]}, *self.inflight)
-        self._maybe_crash(item["source_uri"], attempts)
-        try:
-            row = self._fit(item, data, item_config(item, self.job), attempts, known)
-        except Exception as exc:  # NaN, bad image, out of memory ...: a failed row, never a dead job
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            # the fit reads the image from memory: name the source in the message
-            error = f"{item['source_uri']}: {exc}" if isinstance(exc, UnZipLoRAError) else \
-                f"{item['source_uri']}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            row = failed_row(item, error, attempts=attempts, worker=self.name, **known)
-        # re-read: the Train controller may have charged a crash meanwhile
-        write_attempts(self.store, item_id, read_attempts(self.store, item_id) | {"finished": counts["finished"] + 1})
+                              "each time it fitted this image", attempts=previous, this_run="failed", **known)
+        row = self._fit_or_fail(item, data, previous + 1, known)
+        if row["status"] == "ok":
+            self.store.write_json(row, "items", known["item_id"], "_SUCCESS")  # the item now counts as complete
+        self._release(known["item_id"], attempt, complete=row["status"] == "ok")
+        return self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
+
+    def _complete(self, item_id: str) -> dict | None:
+        if self.store.exists("items", item_id, "_SUCCESS"):
+            return self.store.read_json("items", item_id, "_SUCCESS")
+        return None
+
+    def _admit(self, item: dict, item_id: str) -> tuple[str | None, int]:
+        """(the record of this attempt, fits of the item that never came back); no record: give up on it."""
+        records = past_attempts(self.store, item_id)
+        if crashes(records, self.job.executor, self.job.run_id) >= self.job.max_attempts:
+            return None, len(records)
+        attempt = start_attempt(self.store, item_id, self.job.run_id,
+                                {"source_uri": item["source_uri"], "worker": self.name})
+        if self.inflight is not None:  # Train: which attempt this rank holds, should its process die
+            self.store.write_json({"item_id": item_id, "attempt": attempt}, *self.inflight)
+        self._maybe_crash(item["source_uri"], len(records) + 1)
+        return attempt, len(records)
+
+    def _release(self, item_id: str, attempt: str, complete: bool) -> None:
+        """The fit came back: it is no crash (a complete item needs no records at all)."""
+        end_attempt(self.store, item_id, attempt, all_records=complete)
         if self.inflight is not None:
             self.store.write_json({"item_id": None}, *self.inflight)
-        if row["status"] == "failed":
-            return self._track(row) | {"this_run": "failed"}
-        self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
-        return self._track(row) | {"this_run": "fit"}
+
+    def _fit_or_fail(self, item: dict, data: bytes, attempts: int, known: dict) -> dict:
+        try:
+            return self._fit(item, data, item_config(item, self.job), attempts, known)
+        except Exception as exc:  # NaN, bad image, out of memory, a full disk ...: a failed row, never a dead job
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            self._discard_files(known["item_id"])  # what was uploaded of a fit that did not finish
+            return failed_row(item, self._failure_text(item, exc), attempts=attempts, worker=self.name, **known)
+
+    def _failure_text(self, item: dict, exc: Exception) -> str:
+        """Why this item failed, naming its source: one line for expected errors (bad input, a store that
+        cannot be written), a short traceback for anything else (a bug to report)."""
+        uri = item["source_uri"]
+        if isinstance(exc, UnZipLoRAError):
+            return f"{uri}: {exc}"
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return (f"{uri}: could not write {exc.filename or 'to the library'}: {os.strerror(exc.errno)} "
+                    f"(the fit is not recorded; free space or fix the store, then run the job again)")
+        return f"{uri}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+
+    def _discard_files(self, item_id: str) -> None:
+        try:
+            for path in self.store.list("items", item_id):
+                if not path.endswith("/_SUCCESS"):
+                    self.store.remove(path)
+        except Exception:
+            pass  # best effort: without a marker these files are not part of the library anyway
 
     def _track(self, row: dict) -> dict:
         """The fit in MLflow, once its files and marker are safe; an error is recorded, never raised."""
         if not (self.job.tracking and self.job.tracking_uri and row.get("item_id")):  # uri: set by run_job
             return row
-        row = row | track_row(self.job, row)
+        row = scrubbed(row | track_row(self.job, row))
         if row["status"] == "ok":  # the marker is the row: a later run or `sync` finds what is tracked
             self.store.write_json(row, "items", row["item_id"], "_SUCCESS")
         return row
@@ -123,25 +163,8 @@ class FitWorker:
                 self.store.upload_file(str(path), "items", item_id, path.name)
                 files[path.name] = {"uri": self.store.url("items", item_id, path.name),
                                     "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
-        record, cfg = result.record, result.config
-        return empty_row(item["source_uri"]) | known | {
-            "schema_version": SCHEMA_VERSION, "status": "ok", "attempts": attempts,
-            "content": cfg.content, "style": cfg.style, "class_word": cfg.resolved_class_word,
-            "prompt_combined": record["prompts"]["combined"], "prompt_content": record["prompts"]["content"],
-            "prompt_style": record["prompts"]["style"],
-            "output_uri": self.store.url("items", item_id),
-            "content_lora_uri": files["content_lora.safetensors"]["uri"],
-            "style_lora_uri": files["style_lora.safetensors"]["uri"],
-            "files": json.dumps(files, sort_keys=True),
-            "rank": cfg.rank, "steps": cfg.steps, "resolution": cfg.resolution, "seed": cfg.seed,
-            "final_loss": record["final"]["loss"], "final_mse": record["final"]["mse"],
-            "final_ortho": record["final"]["ortho"], "mask_stats": json.dumps(record["mask_stats"]),
-            "train_s": record["timings"]["train_s"], "total_s": record["timings"]["total_s"],
-            "worker": self.name, "base_model": record["base_model"],
-            "base_model_fingerprint": record["base_model_fingerprint"],
-            "code_version": self.job.code_version or code_version(),
-            "run_id": self.job.run_id, "finished_at": utc_now(),
-        }
+        return ok_row(item, known, result, files, attempts=attempts, worker=self.name,
+                      code_version=self.job.code_version or code_version(), run_id=self.job.run_id)
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
         if any(s in uri for s in self.job.crash_always_on) or \
@@ -149,13 +172,8 @@ class FitWorker:
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
 
 
-def crashes(counts: dict, executor: str) -> int:
-    """How often a fit of this item killed its worker. In an actor pool a dead actor took only its own item,
-    so every fit started and never finished is one. Train restarts the whole group when one worker dies, so
-    there only the crashes charged to the dead rank's item (`charge_crashed_ranks`) count."""
-    if executor == "train":
-        return counts.get("crashed", 0)
-    return counts["started"] - counts["finished"]
+# a library that cannot be written: a full disk or quota, a read-only or failing store
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _assigned_device() -> torch.device:

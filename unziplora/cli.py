@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import FitConfig, read_settings_file, settings, value_type
 from .errors import UnZipLoRAError
+from .redact import scrub
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
@@ -19,8 +20,12 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     try:
         return args.run(args)
     except UnZipLoRAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a store that went away: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {scrub(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -155,6 +155,12 @@ class FitConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"unknown settings {unknown}; known: {sorted(known)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if values.get(name) is None]
+        if missing:  # e.g. an empty content cell in a prompt table
+            raise InputError(f"the {' and '.join(missing)} text is empty: give e.g. "
+                             "--content 'sks dog' --style 'watercolor painting'")
         return cls(**values)
 
     @classmethod

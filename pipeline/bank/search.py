@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from unziplora.errors import InputError
 
+from ..manifest import check_item_id
 from ..registry_names import KINDS, library_name, model_uri
 from ..storage import Store, open_url
 from .embedders import TEXT_DEFAULT, load_embedder
@@ -189,22 +190,32 @@ class Bank:
 
     def fit_dir(self, hit: dict, cache_dir: str | Path) -> Path:
         """A local fit directory for a hit (for `unziplora generate`): the item folder itself for a local
-        library, else its files downloaded once into cache_dir/<item_id>/ with their sha256 checked."""
+        library, else its files downloaded once into cache_dir/<item_id>/. Either way every file is checked
+        against the manifest's sha256, and only the item's own folder is read (whatever the row's URIs say)."""
+        item_id = check_item_id(hit.get("item_id"), "bank hit")
         files = {name: info for name, info in hit["files"].items() if name in FIT_FILES}
         missing = set(FIT_FILES) - set(files)
         if missing:
-            raise InputError(f"item {hit['item_id']} lacks {sorted(missing)} in its manifest row")
-        if self.store.url_prefix == "" and all(Path(info["uri"]).is_file() for info in files.values()):
-            return Path(files["fit.json"]["uri"]).parent
-        folder = Path(cache_dir).expanduser() / hit["item_id"]
+            raise InputError(f"item {item_id} lacks {sorted(missing)} in its manifest row")
+        if self.store.url_prefix == "":
+            folder = Path(self.store.path("items", item_id))
+            for name, info in files.items():
+                try:
+                    data = (folder / name).read_bytes()
+                except OSError as exc:
+                    raise InputError(f"{folder / name}: {exc.strerror}") from None
+                if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                    raise InputError(f"{folder / name}: sha256 differs from the manifest")
+            return folder
+        folder = Path(cache_dir).expanduser() / item_id
         folder.mkdir(parents=True, exist_ok=True)
         for name, info in files.items():
             target = folder / name
             if target.is_file() and target.stat().st_size == info["bytes"]:
                 continue
-            data = self.store.fs.cat_file(info["uri"])
+            data = self.store.read_bytes("items", item_id, name)
             if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise InputError(f"{info['uri']}: sha256 differs from the manifest")
+                raise InputError(f"{self.store.url('items', item_id, name)}: sha256 differs from the manifest")
             partial = target.with_name(target.name + ".partial")
             partial.write_bytes(data)
             partial.replace(target)

@@ -1,0 +1,398 @@
+"""Hostile input and unlucky operators: bad cells and stray files, two jobs on one library, a full disk,
+paths and ids from data, secrets in error texts, quotes in MLflow filters, jobs that died. Each test fixes a
+class of failure, not one case: the property test at the end draws the cases.
+
+Real components: a local Ray, a moto S3 server, MLflow on SQLite; a full disk is an fsspec filesystem with a
+quota (the one stand-in: a real full disk needs root here), driven through the real worker code.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from pipeline.job import JobSpec, run_job
+from pipeline.lease import LeaseLostError, LibraryBusyError, LibraryLease
+from pipeline.manifest import past_attempts, read_manifest
+from pipeline.source import read_inputs
+from pipeline.storage import Store, UnsafePathError
+from pipeline_fixtures import AWS_ENV, check_artifacts, free_port, local_ray, local_s3, png_bytes
+from unziplora.errors import InputError
+from unziplora.redact import redact, scrub
+
+pytestmark = pytest.mark.timeout(600)
+SMALL = {"steps": 2, "rank": 2, "recalibrations": 1}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with local_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3):
+    with local_ray(num_cpus=6, env=AWS_ENV) as ray:
+        yield ray
+
+
+def library_store(where: str, tmp_path, s3, name: str) -> Store:
+    if where == "local":
+        return Store(str(tmp_path / name))
+    return Store(f"s3://{s3.bucket}/{name}-{time.time_ns()}", s3.storage_options)
+
+
+def small_input(folder: Path, n: int = 2, extra: dict[str, bytes] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image,content,style"]
+    for i in range(n):
+        (folder / f"im{i}.png").write_bytes(png_bytes(40 + i, 24, 24))
+        rows.append(f"im{i}.png,sks thing{i},style {i}")
+    (folder / "prompts.csv").write_text("\n".join(rows) + "\n")
+    for name, data in (extra or {}).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. one redaction for every text that leaves a process
+
+
+def test_one_redaction_hides_secrets_in_uris_and_free_text():
+    assert redact("http://user:pw@host:5000/x?token=abc&run=1") == "http://user:***@host:5000/x?token=***&run=1"
+    assert redact("sqlite:////tmp/lib/mlflow.db") == "sqlite:////tmp/lib/mlflow.db"
+    text = ("MlflowException: API request to http://h:5000/api/2.0?token=SECRET1 failed; "
+            "https://b.s3.amazonaws.com/k.png?X-Amz-Credential=SECRET2&X-Amz-Signature=SECRET3 "
+            "aws_secret_access_key=SECRET4 Authorization: Bearer SECRET5 {'api_key': 'SECRET6'} "
+            "postgresql://me:SECRET7@db/x")
+    clean = scrub(text)
+    assert "SECRET" not in clean, clean
+    assert "http://h:5000/api/2.0?token=***" in clean and "me:***@db" in clean
+    assert scrub("tokenizer: CLIPTokenizer, steps=4") == "tokenizer: CLIPTokenizer, steps=4"  # not secrets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. paths and ids from data never leave their folder
+
+
+def test_paths_and_ids_from_data_never_leave_their_folder(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.cli import main
+    from pipeline.manifest import SCHEMA, empty_row
+
+    store = Store(str(tmp_path / "lib"))
+    for part in ("../x", "a/../../x", "/etc/passwd", "", "a\\b", "."):
+        with pytest.raises(UnsafePathError, match="would leave its folder"):
+            store.write_bytes(b"x", "items", part, "_SUCCESS")
+    assert not (tmp_path / "x").exists()
+    # a hostile manifest: the bank and `registry sync` refuse it with one line, and write nothing outside
+    row = empty_row(str(tmp_path / "a.png")) | {"item_id": "../../escaped", "status": "ok"}
+    (tmp_path / "lib" / "manifest").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), tmp_path / "lib" / "manifest" / "part-x.parquet")
+    with pytest.raises(InputError, match="'../../escaped' is not an item id"):
+        read_manifest(str(tmp_path / "lib"))
+    assert main(["bank", "build", str(tmp_path / "lib")]) == 2
+    assert main(["registry", "sync", str(tmp_path / "lib"), "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is not an item id") == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "escaped").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. one job at a time writes a library: the lease
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_library_lease(where, tmp_path, s3):
+    store = library_store(where, tmp_path, s3, "lease")
+    first = LibraryLease(store, "run-a", ttl_s=30).acquire()
+    with pytest.raises(LibraryBusyError, match=r"being written by job run-a .*last heartbeat \d+ s ago"):
+        LibraryLease(store, "run-b", ttl_s=30).acquire()
+    first.release()
+    # a released library is free; of many jobs racing for it, the store lets exactly one in
+    results: list = []
+    barrier = threading.Barrier(6)
+
+    def contender(n: int) -> None:
+        barrier.wait()
+        try:
+            results.append(LibraryLease(store, f"race-{n}", ttl_s=30).acquire())
+        except LibraryBusyError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=contender, args=(n,)) for n in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    winners = [r for r in results if isinstance(r, LibraryLease)]
+    assert len(winners) == 1 and len(results) == 6, results
+    winners[0].release()
+    # the heartbeat keeps a live job's lease; a job that stopped beating (killed) is taken over after its ttl,
+    # and if it comes back it finds out before it writes anything of its own
+    live = LibraryLease(store, "run-live", ttl_s=0.6).acquire()
+    time.sleep(1.5)
+    with pytest.raises(LibraryBusyError, match="run-live"):
+        LibraryLease(store, "run-c", ttl_s=30).acquire()
+    live._stop.set()  # its process froze (or was killed): no more heartbeats
+    live._thread.join()
+    time.sleep(0.8)
+    taker = LibraryLease(store, "run-d", ttl_s=30).acquire()
+    assert taker.took_over["run_id"] == "run-live"
+    with pytest.raises(LeaseLostError, match="job run-d took"):
+        live.check()
+    taker.release()
+    live.release()  # the loser's release must not free the winner's lease...
+    assert LibraryLease(store, "run-e", ttl_s=30).acquire().took_over is None  # ...which run-d released
+
+
+def test_a_dead_process_on_this_host_frees_its_lease_at_once(tmp_path):
+    store = Store(str(tmp_path / "lib"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease = LibraryLease(store, "run-dead", ttl_s=3600).acquire()
+    lease._stop.set()
+    lease._thread.join()
+    record = json.loads(store.read_bytes("lease", "000000000001.json")) | {"pid": int(dead.stdout)}
+    store.write_json(record, "lease", "000000000001.json")
+    assert LibraryLease(store, "run-next", ttl_s=3600).acquire().took_over["run_id"] == "run-dead"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_jobs_on_one_library(where, ray_cluster, s3, tmp_path):
+    """Job A fits; job B, started meanwhile, refuses at once and names A; job C waits for A and then finds
+    everything complete: nothing is fitted twice and every file matches the manifest's sha256."""
+    folder = small_input(tmp_path / "in")
+    output = library_store(where, tmp_path, s3, "shared").url()
+    options = s3.storage_options if where == "s3" else {}
+
+    def job(**kwargs) -> JobSpec:
+        return JobSpec(input=str(folder), output=output, fit=dict(SMALL), tracking=False, preview_steps=0,
+                       storage_options=options, **kwargs)
+
+    reports: dict = {}
+    first = threading.Thread(target=lambda: reports.setdefault("a", run_job(job(run_id="job-a"), progress=False)))
+    first.start()
+    store = Store(output, options)
+    deadline = time.monotonic() + 120
+    while not store.list("lease") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with pytest.raises(LibraryBusyError, match="being written by job job-a"):
+        run_job(job(run_id="job-b"), progress=False)
+    waited = run_job(job(run_id="job-c", wait_for_library_s=300), progress=False)
+    first.join()
+    assert reports["a"]["fits_this_run"] == 2 and reports["a"]["ok"] == 2
+    assert waited["fits_this_run"] == 0 and waited["ok"] == 2
+    rows = read_manifest(output, options).to_pylist()
+    assert len(rows) == 2
+    for row in rows:
+        check_artifacts(row, lambda uri: store.fs.cat_file(uri))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. a full disk
+
+
+class QuotaFS(MemoryFileSystem):
+    """An in-memory store that fails writes with ENOSPC once `quota` bytes are written (a full disk)."""
+
+    protocol = "quotafs"
+    store: dict = {}
+    pseudo_dirs = [""]
+    quota = 10**12
+    written = 0
+
+    def _charge(self, n: int, path: str) -> None:
+        if QuotaFS.written + n > QuotaFS.quota:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        QuotaFS.written += n
+
+    def pipe_file(self, path, value, *args, **kwargs):
+        self._charge(len(value), path)
+        return super().pipe_file(path, value, *args, **kwargs)
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        self._charge(os.path.getsize(lpath), rpath)
+        return super().put_file(lpath, rpath, *args, **kwargs)
+
+
+def test_a_full_disk_fails_the_item_cleanly(tmp_path, capsys):
+    """The store fills up while the fit's files are uploaded: the item gets one clear line, no temporary or
+    partial file is left, no marker claims it, and it is not charged a crash; with space again it is fitted."""
+    import fsspec
+
+    from pipeline.worker import FitWorker
+
+    fsspec.register_implementation("quotafs", QuotaFS, clobber=True)
+    folder = small_input(tmp_path / "in", n=1)
+    job = JobSpec(input=str(folder), output="quotafs://lib", fit=dict(SMALL), tracking=False, preview_steps=0,
+                  run_id="run-full")
+    item = read_inputs(job.input).items[0]
+    worker = FitWorker(job, device="cpu")
+    QuotaFS.written, QuotaFS.quota = 0, 20_000  # room for the bookkeeping, not for the LoRAs
+    row = worker.process(item)
+    assert row["status"] == "failed" and row["this_run"] == "failed"
+    assert "No space left on device" in row["error"] and "\n" not in row["error"], row["error"]
+    fs = QuotaFS()
+    left = fs.find("/lib")
+    assert not [p for p in left if ".tmp-" in p], left
+    assert not [p for p in left if "/items/" in p], left  # no partial fit, no marker
+    assert past_attempts(worker.store, row["item_id"]) == []  # a full disk is not a crash
+    QuotaFS.quota = 10**12
+    again = worker.process(item)
+    assert again["status"] == "ok" and again["attempts"] == 1, again.get("error")
+    # the driver's side: a library that cannot be written is one line and exit status 1, not a traceback
+    from jobs.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["decompose", "--input", str(folder), "--output", str(tmp_path / "a_file" / "lib"),
+                 "--no-tracking", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Not a directory" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5, 6, 7, 8 in real jobs: secrets, quotes, dead jobs' runs, every input named
+
+
+def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_path, capfd):
+    from mlflow import MlflowClient
+
+    folder = small_input(tmp_path / "in", n=1, extra={"logo.svg": b"<svg/>", "photo.heic": b"x"})
+    with open(folder / "prompts.csv", "a") as f:
+        f.write("gone.png,sks gone,style gone\n")
+    # a tracking server that is down, whose URI carries a token: no row, marker, report or line shows it
+    dead = f"http://127.0.0.1:{free_port()}/?token=SECRET123"
+    job = JobSpec(input=str(folder), output=str(tmp_path / "secret-lib"), fit=dict(SMALL), preview_steps=0,
+                  tracking_uri=dead)
+    report = run_job(job, progress=True)
+    out = capfd.readouterr()
+    texts = [out.out, out.err, json.dumps(report)] + [p.read_text() for p in (tmp_path / "secret-lib").rglob("*")
+                                                      if p.is_file() and p.suffix in (".json", "")]
+    texts.append(json.dumps(read_manifest(job.output).to_pylist(), default=str))
+    assert not [t for t in texts if "SECRET123" in t]
+    row = read_manifest(job.output).to_pylist()[0]
+    assert row["status"] == "ok" and "not tracked" in row["tracking_error"] and "token=***" in row["tracking_error"]
+    # every input is named: stray files and a prompt row that names no image, in the plan line and report
+    assert "2 files ignored (logo.svg, photo.heic)" in out.err and "1 prompt rows name no image (gone.png)" in out.err
+    assert report["ignored_files"] == 2 and {i["uri"].rsplit("/", 1)[-1] for i in report["ignored"]} == {
+        "logo.svg", "photo.heic"}
+    assert report["unmatched"] == [{"row": 2, "image": "gone.png"}]
+
+    # quotes in the library's path reach MLflow filters: tracking still works, and nothing is tracked twice
+    quoted = tmp_path / "it's \"quoted\""
+    job = JobSpec(input=str(folder), output=str(quoted), fit=dict(SMALL), preview_steps=0)
+    first = run_job(job, progress=False)
+    assert first["tracking_errors"] == 0 and first["tracking"]["error"] is None, first["tracking"]
+    row = read_manifest(job.output).to_pylist()[0]
+    assert row["mlflow_run_id"] and row["content_model_uri"] and not row["tracking_error"]
+    client = MlflowClient(first["tracking"]["tracking_uri"])
+    experiment = client.get_experiment_by_name(first["tracking"]["library"]).experiment_id
+    # a job that died: its parent run stays RUNNING; the next job on the library closes it as KILLED
+    client.update_run(first["tracking"]["parent_run_id"], status="RUNNING")
+    second = run_job(job, progress=False)
+    assert client.get_run(first["tracking"]["parent_run_id"]).info.status == "KILLED"
+    assert client.get_run(second["tracking"]["parent_run_id"]).info.status == "FINISHED"
+    fits = client.search_runs([experiment], "tags.`unziplora.kind` = 'fit'")
+    assert len(fits) == 1, [r.data.tags for r in fits]
+    versions = client.search_model_versions(f"name = '{first['tracking']['library']}-content'")
+    assert len(versions) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1, 8, 9: whatever the files and the prompt table hold, the job never crashes and every input gets one row
+
+IMAGES = ["a.png", "b.png", "c.jpg", "sub/d.png", "e.webp", "Weird name 'x'.png"]
+OTHERS = ["f.svg", "g.heic", "notes.txt"]
+CELLS = st.sampled_from(["", "", "", "1", "2", "abc", "4.7", "-3", "nan"])
+
+
+@st.composite
+def collections(draw):
+    """Files (images, byte-identical copies, garbage, other kinds) and a prompt table with 0-2 rows per file,
+    cells good and bad, and rows that name no file or try to leave the folder, in any order."""
+    names = draw(st.lists(st.sampled_from(IMAGES), unique=True, min_size=1, max_size=4)) + \
+        draw(st.lists(st.sampled_from(OTHERS), unique=True, max_size=2))
+    kinds = {n: draw(st.sampled_from(["image", "image", "copy", "garbage"])) for n in names}
+    rows = []
+    for name in names:
+        for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
+            rows.append({"image": name, "content": draw(st.sampled_from(["sks a", "sks a", "sks b", "sks b", ""])),
+                         "style": draw(st.sampled_from(["ink", "ink", "ink", " "])), "steps": draw(CELLS)})
+    strays = st.fixed_dictionaries({"image": st.sampled_from(["missing.png", "../../etc/passwd", ""]),
+                                    "content": st.just("sks a"), "style": st.just("ink"), "steps": st.just("")})
+    rows += draw(st.lists(strays, max_size=2))
+    return kinds, draw(st.permutations(rows))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(collections())
+def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeypatch_module, case):
+    import csv
+
+    kinds, rows = case
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp, "in")
+        for n, (name, kind) in enumerate(sorted(kinds.items())):
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = {"image": png_bytes(n, 12, 12), "copy": png_bytes(0, 12, 12), "garbage": b"\x89PNG junk"}[kind]
+            path.write_bytes(data)
+        folder.mkdir(exist_ok=True)
+        with open(folder / "prompts.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "content", "style", "steps"])
+            writer.writeheader()
+            writer.writerows(rows)
+        images = sorted(str(folder / n) for n in kinds if n.endswith((".png", ".jpg", ".webp")))
+        job = JobSpec(input=str(folder), output=str(Path(tmp, "lib")), fit={"steps": 1, "rank": 1, "recalibrations": 1},
+                      tracking=False, preview_steps=0)
+        try:
+            report = run_job(job, progress=False)
+        except InputError as exc:  # the one refusal allowed: no image at all
+            assert not images and "no images found" in str(exc), exc
+            return
+        manifest = read_manifest(job.output).to_pylist()
+        event(f"rows: {sorted({r['status'] for r in manifest})}")
+        assert sorted(r["source_uri"] for r in manifest) == images
+        assert report["inputs"] == len(images) == report["ok"] + report["failed"] + report["skipped"]
+        assert report["ignored_files"] == len(kinds) - len(images)
+        named = {str(r["image"]).strip() for r in rows}
+        for row in manifest:
+            assert row["status"] in ("ok", "failed", "skipped")
+            assert (row["status"] == "failed") == bool(row["error"]) or row["status"] == "skipped", row
+            relative = row["source_uri"][len(str(folder)) + 1:]
+            if sum(str(r["image"]).strip() == relative for r in rows) > 1:
+                assert row["status"] == "failed" and "rows for" in row["error"], row
+            if relative not in named:
+                assert row["status"] == "failed" and "no prompt row" in row["error"], row
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """The property test runs fits in this process (FitWorker.process, as an actor would), not in a new
+    actor pool per drawn case: the same code, without starting actors ten times."""
+    from pipeline import job as job_module
+    from pipeline.executors import manifest_row
+    from pipeline.identify import plain_row
+    from pipeline.worker import FitWorker
+
+    def in_process(job, items, progress=True):
+        worker = FitWorker(job, device="cpu")
+        return {item["source_uri"]: manifest_row(worker.process(plain_row(item))) for item in items}
+
+    saved = dict(job_module.EXECUTORS)
+    job_module.EXECUTORS["actor-pool"] = in_process
+    yield
+    job_module.EXECUTORS.update(saved)
