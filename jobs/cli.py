@@ -7,7 +7,7 @@ import sys
 
 from unziplora import cli as single_image
 
-from . import bank, decompose, registry
+from . import bank, decompose, forget, registry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(run=decompose.run)
     registry.add_commands(sub)  # `registry search|get|sync`: LoRAs in the MLflow model registry
     bank.add_commands(sub)  # `bank ...`, and `generate --content/--style` resolved through a bank
+    forget.add_commands(sub)  # `forget`: remove sources from a library's manifest
     return parser
 
 

@@ -9,6 +9,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from unziplora.config import FitConfig
 from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
@@ -18,11 +21,13 @@ from unziplora.redact import redact
 from .executors import EXECUTORS, item_dataset
 from .identify import check_job_settings, identify_row, plain_row
 from .lease import LibraryLease
-from .manifest import (check_item_id, failed_row, loads_json, manifest_schema_versions, source_key, utc_now,
-                       write_manifest)
+from .local_ray import reap_orphans, start_local_ray
+from .manifest import (check_item_id, failed_row, loads_json, manifest_schema_versions, read_manifest, source_key,
+                       utc_now, write_manifest)
 from .source import Inputs, read_inputs
 from .spec import JobSpec
 from .storage import Store
+from .sync import needs_tracking
 from .tracking import end_job, start_job
 from .worker import code_version
 
@@ -32,6 +37,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     if job.executor not in EXECUTORS:
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
     job = pin_base_model(job, check_job_settings(job.fit))
+    reap_orphans()  # what a killed local job left running on this machine
     store = Store(job.output, job.storage_options)
     # a copy with this run's id (the caller's spec can be run again and gets a new one), the driver's code
     # version, which workers cannot find out themselves under `ray job submit`, and the library's one spelling
@@ -75,10 +81,15 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     wall = time.perf_counter() - start
 
     rows = collect_rows(store, items, plan, returned or {})
+    # a library accumulates: rows of sources other jobs fed it stay (`unziplora forget` removes sources)
+    kept = other_sources(job, {item["source_uri"] for item in items})
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
-    parts = write_manifest(store, rows, job.run_id)
-    report = summarize(job, rows, wall, parts) | inputs.notes()
+    parts = write_manifest(store, rows + kept, job.run_id)
+    report = summarize(job, rows, wall, parts) | inputs.notes() | {"library_rows": len(rows) + len(kept)}
     report["tracking"] = end_job(job, report)
+    if report["tracking_incomplete"] and progress:
+        print(f"{report['tracking_incomplete']} fits are not fully tracked in MLflow: run `unziplora registry sync "
+              f"{redact(job.output)}`", file=sys.stderr)
     store.write_json(report, "reports", f"{job.run_id}.json")
     return report
 
@@ -199,6 +210,15 @@ def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str
     return list(rows.values())
 
 
+def other_sources(job: JobSpec, sources: set[str]) -> list[dict]:
+    """The library's manifest rows of sources this run was not given."""
+    previous = read_manifest(job.output, job.storage_options)
+    if not len(previous):
+        return []
+    keep = pc.invert(pc.is_in(previous["source_uri"], value_set=pa.array(sorted(sources), pa.string())))
+    return previous.filter(keep).to_pylist()
+
+
 def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -> dict:
     """Counts, fits per hour and executor efficiency (summed fit time / (wall x workers)) of this run."""
     # the files of these were made by this run (a group restart's re-stream only reuses them)
@@ -216,6 +236,8 @@ def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -
         "failures": [{"source_uri": r["source_uri"], "error": (r["error"] or "")[:300]}
                      for r in rows if r["status"] == "failed"],
         "tracking_errors": sum(bool(r.get("tracking_error")) for r in fitted),
+        # every fit of the library whose run or registered versions are missing, whatever run made it
+        "tracking_incomplete": sum(needs_tracking(r) for r in rows) if job.tracking else 0,
     }
 
 
@@ -230,4 +252,4 @@ def _init_ray(address: str | None, job: JobSpec) -> None:
     # A local Ray on a small machine: declare more logical CPUs than cores, so that fit workers holding
     # their CPUs never starve Ray Data's own read/split tasks (which would hang the job).
     cpus = max(os.cpu_count() or 1, int(job.workers * job.cpus_per_worker) + 2)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    start_local_ray(cpus)

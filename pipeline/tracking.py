@@ -32,6 +32,7 @@ from .storage import Store, open_url
 TAG = "unziplora."  # prefix of our run tags
 REGISTRY_FILE = "registry.json"
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
+SETUP_ATTEMPTS = 3  # tries to open a job's tracking (1 s, 2 s apart) before its fits go untracked
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,19 +420,24 @@ def start_job(job, store: Store, progress: bool = True):
                   "$MLFLOW_TRACKING_URI)", flush=True)
         return dataclasses.replace(job, tracking=False)
     job = dataclasses.replace(job, tracking_uri=uri, library=job.library or library_name(job.output))
-    try:
-        tracker = tracker_for(job)
-        retrying(tracker.ensure_registered_models)
-        parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
-        closed = retrying(lambda: tracker.close_dead_jobs(job.run_id))
-        if closed and progress:
-            print(f"closed {len(closed)} MLflow run(s) of earlier jobs that died (KILLED)", flush=True)
-        store.write_json(tracker.registry_record(), REGISTRY_FILE)
-    except Exception as exc:
-        if progress:
-            print(f"tracking unavailable ({redact(uri)}): {describe(exc)}; fits go on, "
-                  "`unziplora registry sync` backfills them", flush=True)
-        return dataclasses.replace(job, tracking_error=describe(exc))
+    for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
+        try:
+            tracker = tracker_for(job)
+            retrying(tracker.ensure_registered_models)
+            parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
+            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id))
+            store.write_json(tracker.registry_record(), REGISTRY_FILE)
+            break
+        except Exception as exc:
+            if attempt < SETUP_ATTEMPTS - 1:
+                time.sleep(2 ** attempt)
+                continue
+            if progress:
+                print(f"tracking unavailable ({redact(uri)}) after {SETUP_ATTEMPTS} tries: {describe(exc)}; fits "
+                      "go on, `unziplora registry sync` backfills them", flush=True)
+            return dataclasses.replace(job, tracking_error=describe(exc))
+    if closed and progress:
+        print(f"closed {len(closed)} MLflow run(s) of earlier jobs that died (KILLED)", flush=True)
     return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent)
 
 

@@ -8,6 +8,7 @@ quota (the one stand-in: a real full disk needs root here), driven through the r
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -267,7 +268,7 @@ def test_a_full_disk_fails_the_item_cleanly(tmp_path, capsys):
 # 5, 6, 7, 8 in real jobs: secrets, quotes, dead jobs' runs, every input named
 
 
-def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_path, capfd):
+def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_path, capfd, monkeypatch):
     from mlflow import MlflowClient
 
     folder = small_input(tmp_path / "in", n=1, extra={"logo.svg": b"<svg/>", "photo.heic": b"x"})
@@ -309,6 +310,71 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     assert len(fits) == 1, [r.data.tags for r in fits]
     versions = client.search_model_versions(f"name = '{first['tracking']['library']}-content'")
     assert len(versions) == 1
+
+    # one library, many jobs: a second folder adds its rows, a re-run of the first keeps the second's
+    other = small_input(tmp_path / "other", n=1)
+    (other / "im0.png").write_bytes(png_bytes(99, 24, 24))
+    run_job(dataclasses.replace(job, input=str(other)), progress=False)
+    again = run_job(job, progress=False)
+    assert again["fits_this_run"] == 0 and again["inputs"] == 1 and again["library_rows"] == 2
+    assert len(read_manifest(job.output).to_pylist()) == 2
+    # another spelling of the library (relative, trailing slash) is the same library: nothing synced twice
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["registry", "sync", f"./{quoted.name}/", "--all"]) == 0
+    assert len(client.search_runs([experiment], "tags.`unziplora.kind` = 'fit'")) == 2
+    assert len(client.search_model_versions(f"name = '{first['tracking']['library']}-style'")) == 2
+    # removing sources is explicit, and keeps their fits
+    assert main(["forget", str(quoted), str(other)]) == 0
+    rows = read_manifest(job.output).to_pylist()
+    assert [r["source_uri"] for r in rows] == [str(folder / "im0.png")]
+    assert len(list(quoted.glob("items/*/_SUCCESS"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. a job killed mid-fit (kill -9 of its driver)
+
+
+def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
+    """The next job on the library takes the lease over at once (the dead driver's process is gone), fits the
+    image even with --max-attempts 1 (an interrupted fit is no crash), and ends the local Ray processes the dead
+    driver left running. (Closing its MLflow run: test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs.)"""
+    from pipeline.local_ray import MARK
+
+    folder = small_input(tmp_path / "in", n=1)
+    library = tmp_path / "lib"
+    settings_ = ["--steps", "60", "--rank", "2", "--recalibrations", "1", "--preview-steps", "0"]
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.decompose", "--input", str(folder), "--output",
+                               str(library), "--quiet", "--no-tracking", *settings_], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 240
+    while not list(library.glob("attempts/*/*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(library.glob("attempts/*/*.json")), "the job never started its fit"
+    driver.kill()
+    driver.wait()
+
+    def orphans() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if f"{MARK}={driver.pid}:".encode() in (entry / "environ").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                pass
+        return found
+
+    time.sleep(2)
+    assert orphans(), "expected Ray processes of the killed driver (node agents outlive it)"
+    started = time.monotonic()
+    job = JobSpec(input=str(folder), output=str(library), max_attempts=1, preview_steps=0, tracking=False,
+                  fit={"steps": 60, "rank": 2, "recalibrations": 1})
+    report = run_job(job, progress=False)
+    print(f"kill after {started - deadline + 240:.1f} s; rerun {time.monotonic() - started:.1f} s")
+    assert report["ok"] == 1 and report["fits_this_run"] == 1, report["failures"]
+    time.sleep(1)
+    assert not orphans()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -225,13 +225,23 @@ class FitArtifacts:
 
     def lora_state_dict(self, kind: str) -> dict[str, torch.Tensor]:
         """The peft-format state dict (module name -> lora_A/lora_B), without diffusers' "unet." prefix."""
-        return {k.removeprefix("unet."): v for k, v in load_file(self.lora_file(kind)).items()}
+        return {k.removeprefix("unet."): v for k, v in read_tensors(self.lora_file(kind)).items()}
 
     def mergers(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / "mergers.safetensors")
+        return read_tensors(self.path / "mergers.safetensors")
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / "masks.safetensors")
+        return read_tensors(self.path / "masks.safetensors")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or one line naming it (a corrupt header, a truncated or missing file)."""
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing") from None
+    except Exception as exc:  # safetensors' own error types differ between versions
+        raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
 
 
 def load_fit(path: str | Path) -> FitArtifacts:
@@ -239,5 +249,8 @@ def load_fit(path: str | Path) -> FitArtifacts:
     record_file = path / "fit.json"
     if not record_file.is_file():
         raise InputError(f"{path} is not a fit directory (no fit.json)")
-    record = json.loads(record_file.read_text())
+    try:
+        record = json.loads(record_file.read_text())
+    except ValueError as exc:
+        raise InputError(f"{record_file}: not valid JSON ({exc})") from None
     return FitArtifacts(path=path, config=FitConfig.from_dict(record["settings"]), record=record)

@@ -1,0 +1,30 @@
+"""`unziplora forget LIBRARY [PREFIX ...] [--missing]`: remove sources from a library's manifest on purpose."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from unziplora.errors import InputError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("forget", help="remove sources from a library's manifest (its fits are kept)")
+    p.add_argument("library", help="the library (the --output of decompose)")
+    p.add_argument("prefixes", nargs="*", metavar="PREFIX", help="input folders, URL prefixes or files to forget")
+    p.add_argument("--missing", action="store_true", help="also forget sources whose file no longer exists")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    p.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
+                   help="if a job is writing the library, wait up to this long for it")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.forget import forget_sources
+
+    if not args.prefixes and not args.missing:
+        raise InputError("name the sources to forget (PREFIX ...) or give --missing")
+    print(json.dumps(forget_sources(args.library, args.prefixes, missing=args.missing, dry_run=args.dry_run,
+                                    storage_options=args.storage_options, wait_s=args.wait_for_library)))
+    return 0
