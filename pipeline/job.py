@@ -80,7 +80,7 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     returned = EXECUTORS[job.executor](job, plan.to_fit, progress) if plan.to_fit else {}
     wall = time.perf_counter() - start
 
-    rows = collect_rows(store, items, plan, returned or {})
+    rows = collect_rows(store, items, plan, returned or {}, job.run_id)
     # a library accumulates: rows of sources other jobs fed it stay (`unziplora forget` removes sources)
     kept = other_sources(job, {item["source_uri"] for item in items})
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
@@ -189,7 +189,8 @@ def _adoptable(marker: dict | None, job: JobSpec) -> bool:
         marker.get("base_model_fingerprint") in (None, job.base_fingerprint)
 
 
-def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str, dict] | None = None) -> list[dict]:
+def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str, dict] | None = None,
+                 run_id: str = "") -> list[dict]:
     """The row of every input; an input no worker finished is a failed row, never a missing one. Rows the
     executor returned (the worker's own words, even where it could not store them) win over stored ones."""
     returned = returned or {}
@@ -200,7 +201,8 @@ def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str
     for item in items:
         uri = item["source_uri"]
         row = returned.get(uri) or loads_json(found[keys[uri]])
-        if row is None or (uri not in returned and row.get("item_id") != plan.item_ids.get(uri)):  # none, or stale
+        fresh = uri in returned or (row or {}).get("reported_by") == run_id  # a worker of this run wrote it
+        if row is None or (not fresh and row.get("item_id") != plan.item_ids.get(uri)):  # none, or stale
             row = failed_row(item, "not processed: the worker was lost and the executor gave up",
                              item_id=plan.item_ids.get(uri))
         rows[uri] = row

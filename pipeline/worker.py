@@ -66,8 +66,8 @@ class FitWorker:
             row = self._process(item)
         except Exception as exc:  # the library could not be read or written: this item fails, the worker lives
             row = failed_row(item, self._failure_text(item, exc), this_run="failed")
-        try:
-            self.store.write_json(row, *source_key(item["source_uri"]))
+        try:  # `reported_by`: the driver takes this run's word over its plan (the bytes may have changed)
+            self.store.write_json(row | {"reported_by": self.job.run_id}, *source_key(item["source_uri"]))
         except Exception as exc:  # the row still reaches the driver through the executor
             row = row | {"error": row.get("error") or self._failure_text(item, exc)}
         return row
