@@ -39,7 +39,7 @@ def ray_cluster(s3):
 
 @pytest.fixture(scope="module")
 def dataset():
-    return make_dataset()
+    return make_dataset(valid=5)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_a_crash_is_retried_once_and_a_poison_image_is_given_up(s3, ray_cluster,
     """Actor pool, one job: the worker process dies (os._exit) the first time it starts `victim`, and every time
     it starts `poison`. The victim is fitted on its second attempt; the poison image is given up after
     max_attempts; no other item is charged an attempt or fitted twice."""
-    victim, poison = "img06.png", "img05.png"  # late in the order: by then every worker is busy fitting
+    victim, poison = "img04.png", "img03.png"  # late in the order: by then every worker is busy fitting
     job = s3_job(s3, s3_input, "crash-actor-pool", crash_once_on=[victim], crash_always_on=[poison],
                  max_attempts=2)
     report = run_job(job, progress=False)
@@ -153,7 +153,7 @@ def test_a_crash_is_retried_once_and_a_poison_image_is_given_up(s3, ray_cluster,
 
 def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_path):
     """Train, 2 workers, 3 images: `b_poison` kills its worker at once, every time; `a_slow` (a valid image,
-    150 steps) is in flight on the other worker whenever that happens, and Train then restarts the whole
+    60 steps) is in flight on the other worker whenever that happens, and Train then restarts the whole
     worker group. The poison image must be given up; the valid ones must be fitted, not given up with it;
     and the uneven split (3 rows on 2 workers, equal=False) drops no row."""
     (tmp_path / "in").mkdir()
@@ -161,7 +161,7 @@ def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_
     (tmp_path / "in" / "b_poison.png").write_bytes(png_bytes(2, 64, 64))
     (tmp_path / "in" / "c_quick.png").write_bytes(png_bytes(3, 64, 64))
     (tmp_path / "in" / "prompts.csv").write_text(
-        "image,content,style,steps\na_slow.png,sks a,style a,150\nb_poison.png,sks b,style b,4\n"
+        "image,content,style,steps\na_slow.png,sks a,style a,60\nb_poison.png,sks b,style b,4\n"
         "c_quick.png,sks c,style c,4\n")
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), executor="train",
                   workers=2, crash_always_on=["b_poison"], max_attempts=2, preview_steps=0)

@@ -367,7 +367,7 @@ def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
 
     folder = small_input(tmp_path / "in", n=1)
     library = tmp_path / "lib"
-    settings_ = ["--steps", "60", "--rank", "2", "--recalibrations", "1", "--preview-steps", "0"]
+    settings_ = ["--steps", "30", "--rank", "2", "--recalibrations", "1", "--preview-steps", "0"]
     driver = subprocess.Popen([sys.executable, "-m", "jobs.decompose", "--input", str(folder), "--output",
                                str(library), "--quiet", "--no-tracking", *settings_], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
@@ -394,7 +394,7 @@ def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
     left = orphans()
     started = time.monotonic()
     job = JobSpec(input=str(folder), output=str(library), max_attempts=1, preview_steps=0, tracking=False,
-                  fit={"steps": 60, "rank": 2, "recalibrations": 1})
+                  fit={"steps": 30, "rank": 2, "recalibrations": 1})
     report = run_job(job, progress=False)
     print(f"kill after {started - deadline + 240:.1f} s; rerun {time.monotonic() - started:.1f} s")
     assert report["ok"] == 1 and report["fits_this_run"] == 1, report["failures"]
