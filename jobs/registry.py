@@ -66,7 +66,8 @@ def search(args: argparse.Namespace) -> int:
     scope = f" AND name LIKE {literal(args.library + '-%')}" if args.library else ""
     found = {}
     for tag in SEARCHED_TAGS:  # MLflow's filter grammar has no OR: one query per tag
-        for v in client.search_model_versions(f"tags.{tag} ILIKE {literal(f'%{text}%')}{scope}", max_results=args.limit):
+        query = f"tags.{tag} ILIKE {literal(f'%{text}%')}{scope}"
+        for v in client.search_model_versions(query, max_results=args.limit):
             found[(v.name, int(v.version))] = v
     for _, v in sorted(found.items())[:args.limit]:
         # search results carry no aliases; ours is derived from the item id

@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 from unziplora.config import FitConfig
 from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
-
 from unziplora.redact import redact
 
 from .executors import EXECUTORS, item_dataset
@@ -80,7 +79,7 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     returned = EXECUTORS[job.executor](job, plan.to_fit, progress) if plan.to_fit else {}
     wall = time.perf_counter() - start
 
-    rows = collect_rows(store, items, plan, returned or {}, job.run_id)
+    rows = collect_rows(store, items, plan, returned, job.run_id)
     # a library accumulates: rows of sources other jobs fed it stay (`unziplora forget` removes sources)
     kept = other_sources(job, {item["source_uri"] for item in items})
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
@@ -152,8 +151,7 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
             continue
         first[item_id] = uri
         done = markers.get(marker_key(item_id))
-        if done and "adopted_from" in done:  # (its id is checked: it becomes a path)
-            check_item_id(done["adopted_from"], f"{marker_key(item_id)}: adopted_from")  # a legacy fit adopted by an earlier run
+        if done and "adopted_from" in done:  # a legacy fit adopted by an earlier run (id checked by _legacy_markers)
             done = legacy.get(marker_key(done["adopted_from"]))
         elif not done and job.adopt_legacy and _adoptable(legacy.get(marker_key(row["legacy_item_id"])), job):
             done = legacy[marker_key(row["legacy_item_id"])]

@@ -1,8 +1,8 @@
 """One job at a time writes a library: a lease under `<output>/lease/`.
 
-The lease is a sequence of generations, `lease/<generation>.json` ({run_id, host, pid, heartbeat_at}), each
-created with an exclusive, atomic write (`Store.create`: a hard link on local disk, a conditional PUT with
-If-None-Match on S3). The highest generation is the lease: its owner rewrites it every `ttl_s / 4` seconds
+The lease is a sequence of generations, `lease/<generation>.json` ({run_id, host, pid, heartbeat, ttl_s,
+released}), each created with an exclusive, atomic write (`Store.create`: a hard link on local disk, a
+conditional PUT with If-None-Match on S3). The highest generation is the lease: its owner rewrites it every `ttl_s / 4` seconds
 (the heartbeat) and marks it released at the end. A job may take the library when the highest generation is
 released, or stale: no heartbeat for `ttl_s` seconds (a killed job), or a dead process on this very host. To
 take it, it creates the next generation; when two jobs race, the store lets exactly one create it.

@@ -37,7 +37,7 @@ DEFAULT_TABLES = ("prompts.csv", "prompts.parquet")
 
 @dataclass
 class Inputs:
-    items: list[dict]  # one per image file (build_items)
+    items: list[dict]  # one small row per image file: its URL, prompts and overrides, or why it has none
     ignored: list[dict] = field(default_factory=list)  # {"uri", "reason"}: files that are not inputs
     unmatched_rows: list[dict] = field(default_factory=list)  # {"row", "image"}: prompt rows naming no image
 
@@ -71,11 +71,6 @@ def list_files(input_url: str, storage_options: dict | None = None) -> tuple[lis
     return images, ignored
 
 
-def list_images(input_url: str, storage_options: dict | None = None) -> list[str]:
-    """Every image file below `input_url`, as URLs, sorted (hidden files skipped)."""
-    return list_files(input_url, storage_options)[0]
-
-
 def read_prompt_table(url: str, storage_options: dict | None = None) -> list[dict]:
     store = Store(url.rsplit("/", 1)[0], storage_options)
     data = store.read_bytes(url.rsplit("/", 1)[1])
@@ -100,13 +95,6 @@ def find_prompt_table(input_url: str, storage_options: dict | None = None) -> st
         if store.exists(name):
             return store.url(name)
     return None
-
-
-def build_items(input_url: str, prompts_url: str | None = None, *, default_content: str | None = None,
-                default_style: str | None = None, storage_options: dict | None = None) -> list[dict]:
-    """One small row per input image: its URL, prompts and overrides, or why it has none."""
-    return read_inputs(input_url, prompts_url, default_content=default_content, default_style=default_style,
-                       storage_options=storage_options).items
 
 
 def read_inputs(input_url: str, prompts_url: str | None = None, *, default_content: str | None = None,

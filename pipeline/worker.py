@@ -34,6 +34,7 @@ from .spec import JobSpec
 from .storage import Store, sha256_hex
 from .tracking import track_row
 
+
 class FitWorker:
     """Callable for Ray Data's map_batches (one row per batch), and a plain per-item worker for Ray Train."""
 

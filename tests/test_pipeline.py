@@ -241,9 +241,9 @@ def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
     fingerprint in it), rows and markers without a fingerprint, manifest parts marked version 2. Returns
     source URL -> schema-2 item id."""
     from pipeline.identify import identify
-    from pipeline.source import build_items
+    from pipeline.source import read_inputs
 
-    items = {item["source_uri"]: item for item in build_items(job.input, job.prompts)}
+    items = {item["source_uri"]: item for item in read_inputs(job.input, job.prompts).items}
     legacy = {}
     for marker in sorted(library.glob("items/*/_SUCCESS")):
         row = json.loads(marker.read_text())
@@ -294,7 +294,7 @@ def test_prompt_table_cells_are_read_as_their_settings(tmp_path):
     """No Ray needed: every per-item setting is a column; a bad cell fails its own image with the column and the
     value, a per-job setting as a column refuses the table, and the job's own settings are checked up front."""
     from pipeline.identify import check_job_settings
-    from pipeline.source import build_items
+    from pipeline.source import read_inputs
     from unziplora.errors import InputError
 
     for name in ("a.png", "b.png", "c.png"):
@@ -303,14 +303,14 @@ def test_prompt_table_cells_are_read_as_their_settings(tmp_path):
                                           "a.png,sks a,ink,5,,2e-4,zeros\n"
                                           "b.png,sks b,ink,4.7,1,,\n"
                                           "c.png,sks c,ink,6,abc,,\n")
-    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in build_items(str(tmp_path))}
+    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in read_inputs(str(tmp_path)).items}
     assert json.loads(items["a.png"]["overrides"]) == {"steps": 5, "lr": 2e-4, "init": "zeros"}
     assert not items["a.png"]["prompt_error"]
     assert "column steps must be an integer, got 4.7" in items["b.png"]["prompt_error"]
     assert "column seed must be an integer, got 'abc'" in items["c.png"]["prompt_error"]
     (tmp_path / "prompts.csv").write_text("image,content,style,base_model\na.png,sks a,ink,toy\n")
     with pytest.raises(InputError, match=r"\['base_model'\], which are set for the whole job"):
-        build_items(str(tmp_path))
+        read_inputs(str(tmp_path))
     with pytest.raises(InputError, match=r"\['content'\] are per image"):
         check_job_settings({"content": "sks", "steps": 4})
     with pytest.raises(InputError, match="setting rank must be an integer"):
