@@ -66,14 +66,17 @@ class RayHead:
     def __init__(self, env: dict[str, str], log_path: Path):
         # short path: Ray puts unix sockets under it (108-byte limit), so not under pytest's deep tmp_path
         self.temp_dir = tempfile.mkdtemp(prefix="ujs-", dir="/tmp")
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port, agent_port = free_port(), free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = env
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
              f"--port={self.gcs_port}", "--num-cpus=6", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}"],
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+             # not the default 52365: a local Ray in a test running alongside (pytest-xdist) holds that port,
+             # and an agent that cannot bind never registers ("No available agent to submit job")
+             f"--dashboard-agent-listen-port={agent_port}"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir)
 
     def get(self, path: str, token: str | None) -> int:
