@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adopt-legacy", action="store_true",
                    help="reuse the fits of a library made before item ids held the base model's fingerprint "
                    "(manifest schema < 3), vouching that they were made with these same weights")
+    p.add_argument("--recheck", action="store_true",
+                   help="read every image and completion marker again instead of trusting the manifest (a "
+                   "re-run reads only images whose size or time/ETag changed, and takes ok rows as complete)")
     p.add_argument("--quiet", action="store_true")
     t = p.add_argument_group("MLflow tracking and model registry")
     t.add_argument("--tracking-uri", help="MLflow tracking/registry URI, e.g. http://mlflow:5000 (default: "
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                   storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
-                  adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models)
+                  adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
+                  recheck=args.recheck)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:

@@ -33,27 +33,32 @@ def check_job_settings(fit_settings: dict) -> FitConfig:
     return FitConfig.from_dict({"content": "x", "style": "x"} | fit_settings)
 
 
-def identify(item: dict, job: JobSpec) -> tuple[dict, bytes | None]:
+def identify(item: dict, job: JobSpec, image_sha256: str | None = None) -> tuple[dict, bytes | None]:
     """The item's id (hash of its image bytes + hash of its settings), or why it cannot be fitted; and the id
-    a library written before fingerprints (manifest schema < 3) gave the same item, when there is one."""
+    a library written before fingerprints (manifest schema < 3) gave the same item, when there is one and the
+    job may adopt it (`adopt_legacy`).
+    With `image_sha256` (what the manifest recorded for a file whose listing stamp has not changed since),
+    the image is not read: the bytes returned are None."""
     out = {"item_id": None, "image_sha256": None, "settings_sha256": None, "legacy_item_id": None,
            "error": item.get("prompt_error")}
     if out["error"]:
         return out, None
-    try:
-        data = open_url(item["source_uri"], job.storage_options)
-    except Exception as exc:  # missing, permissions, network: the item fails, the job goes on
-        return out | {"error": f"cannot read {item['source_uri']}: {exc}"}, None
+    data = None
+    if image_sha256 is None:
+        try:
+            data = open_url(item["source_uri"], job.storage_options)
+        except Exception as exc:  # missing, permissions, network: the item fails, the job goes on
+            return out | {"error": f"cannot read {item['source_uri']}: {exc}"}, None
     try:
         config = item_config(item, job)
     except UnZipLoRAError as exc:
         return out | {"error": str(exc)}, None
     except Exception as exc:  # never a dead job for one item's settings: its row says what went wrong
         return out | {"error": f"{item['source_uri']}: its settings: {type(exc).__name__}: {exc}"}, None
-    image_sha = sha256_hex(data)
+    image_sha = image_sha256 or sha256_hex(data)
     settings_sha = sha256_hex(json.dumps(config.to_dict() | {"base_model_fingerprint": job.base_fingerprint},
                                          sort_keys=True).encode())
-    legacy_sha = legacy_settings_sha256(config)
+    legacy_sha = legacy_settings_sha256(config) if job.adopt_legacy else None  # only adoption looks for it
     return out | {"item_id": _item_id(image_sha, settings_sha), "image_sha256": image_sha,
                   "settings_sha256": settings_sha,
                   "legacy_item_id": _item_id(image_sha, legacy_sha) if legacy_sha else None}, data
@@ -77,10 +82,17 @@ def legacy_settings_sha256(config: FitConfig) -> str | None:
     return sha256_hex(json.dumps(values, sort_keys=True).encode())
 
 
-def identify_row(item: dict, job: dict) -> dict:
-    """Ray Data `map` form of `identify`: the item row plus its id columns ("" for none)."""
-    identity, _ = identify(plain_row(item), JobSpec(**job))
+def identify_row(item: dict, job: JobSpec, image_sha256: str | None = None) -> dict:
+    """The item row plus its id columns ("" for none: Ray Data rows hold strings)."""
+    identity, _ = identify(plain_row(item), job, image_sha256)
     return dict(item) | {k: v or "" for k, v in identity.items()}
+
+
+def identify_batch(batch: dict, job: dict) -> dict:
+    """Ray Data `map_batches` form of `identify_row`: many images per task, only small rows come back."""
+    spec = JobSpec(**job)
+    rows = [identify_row({k: batch[k][i] for k in batch}, spec) for i in range(len(batch["source_uri"]))]
+    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 def ids_of(identity: dict) -> dict:

@@ -7,18 +7,15 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-
-import pyarrow as pa
-import pyarrow.compute as pc
+from dataclasses import dataclass, field
 
 from unziplora.config import FitConfig
 from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
-from unziplora.redact import redact
+from unziplora.redact import redact, scrub
 
-from .executors import EXECUTORS, item_dataset
-from .identify import check_job_settings, identify_row, plain_row
+from .executors import EXECUTORS
+from .identify import check_job_settings, identify_batch, identify_row, plain_row
 from .lease import LibraryLease
 from .local_ray import reap_orphans, start_local_ray
 from .manifest import (check_item_id, failed_row, loads_json, manifest_schema_versions, read_manifest, source_key,
@@ -59,31 +56,36 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
 def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease, address: str | None,
                 progress: bool) -> dict:
     items = inputs.items
-    _init_ray(address, job)
-    if job.gpus_per_worker is None:
-        import ray
-
-        job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     job = start_job(job, store, progress)  # the parent MLflow run, before any worker tracks a fit
     legacy = {v for v in manifest_schema_versions(store) if v < 3}
     if legacy and not job.adopt_legacy:
         print(f"note: {job.output} was written before item ids held the base model's fingerprint (manifest "
               f"schema {min(legacy)}): its images are fitted again; if its fits were made with these very "
               f"weights, run with --adopt-legacy to reuse them", file=sys.stderr)
-    plan = plan_items(job, items, store)
+    previous = read_manifest(job.output, job.storage_options).to_pylist()
+    index = {row["source_uri"]: row for row in previous}
+    plan = plan_items(job, items, store, index, lambda: _init_ray(address, job))
     if progress:
         print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
               f"{len(plan.duplicates)} duplicates, {plan.unfit} failed before fitting"
               + _accounting_line(inputs), file=sys.stderr)
     start = time.perf_counter()
-    returned = EXECUTORS[job.executor](job, plan.to_fit, progress) if plan.to_fit else {}
+    returned = {}
+    if plan.to_fit:  # Ray only now: a re-run with nothing to fit starts no cluster
+        _init_ray(address, job)
+        if job.gpus_per_worker is None:
+            import ray
+
+            job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        returned = EXECUTORS[job.executor](job, plan.to_fit, progress)
     wall = time.perf_counter() - start
 
     rows = collect_rows(store, items, plan, returned, job.run_id)
     # a library accumulates: rows of sources other jobs fed it stay (`unziplora forget` removes sources)
-    kept = other_sources(job, {item["source_uri"] for item in items})
+    sources = {item["source_uri"] for item in items}
+    kept = [row for uri, row in index.items() if uri not in sources]
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
-    parts = write_manifest(store, rows + kept, job.run_id)
+    parts = write_manifest(store, rows + kept, job.run_id, previous)
     report = summarize(job, rows, wall, parts) | inputs.notes() | {"library_rows": len(rows) + len(kept)}
     report["tracking"] = end_job(job, report)
     if report["tracking_incomplete"] and progress:
@@ -126,30 +128,62 @@ class Plan:
     duplicates: dict[str, str]  # source URL -> the URL of the same item that represents it
     complete: int = 0
     unfit: int = 0
+    unchanged: dict[str, dict] = field(default_factory=dict)  # source URL -> its manifest row, which stands
 
 
-def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
-    """Identify every item in a streaming Ray Data pass (bytes are hashed where they are read; only small
-    rows come back), then keep for fitting only the first of each item that is not complete yet.
-    Items that cannot be fitted get their failed row now; complete ones keep their row."""
-    identified = item_dataset(items).map(identify_row, fn_kwargs={"job": job.to_dict()}, num_cpus=0.25)
-    rows = sorted((plain_row(r) for r in identified.iter_rows()), key=lambda r: r["source_uri"])
-    markers = {k: loads_json(v) for k, v in
-               store.cat_many([marker_key(r["item_id"]) for r in rows if r["item_id"]]).items()}
+INLINE_IDENTIFY = 32  # at most this many images to read: hashed in the driver, without a Ray Data pass
+IDENTIFY_BATCH = 16  # images per identify task
+
+
+def plan_items(job: JobSpec, items: list[dict], store: Store, index: dict[str, dict] | None = None,
+               start_ray=lambda: None) -> Plan:
+    """Identify every item, then keep for fitting only the first of each item that is not complete yet.
+
+    The last manifest (`index`: source URL -> row) is the index: an input whose listing stamp is the one its
+    row recorded is not read again (its recorded image hash stands), and an item that a row holds as ok is
+    complete without reading its marker; so a re-run costs in proportion to what is new (`recheck` reads
+    everything). The other images are read and hashed where they are, in a streaming Ray Data pass of many
+    images per task (only small rows come back). Items that cannot be fitted get their failed row now;
+    complete ones keep their row."""
+    index = {} if job.recheck else (index or {})
+    rows, unread = [], []
+    for item in items:
+        known = index.get(item["source_uri"])
+        if known and known.get("image_sha256") and item["source_stat"] and \
+                known.get("source_stat") == item["source_stat"]:
+            rows.append(plain_row(identify_row(item, job, known["image_sha256"])))
+        else:
+            unread.append(item)
+    rows = sorted(rows + _identify(job, unread, start_ray), key=lambda r: r["source_uri"])
+    complete = {row["item_id"]: row for row in index.values() if row["status"] == "ok" and row["item_id"]}
+    markers = {k: loads_json(v) for k, v in store.cat_many(sorted(
+        {marker_key(r["item_id"]) for r in rows if r["item_id"] and r["item_id"] not in complete})).items()}
     legacy = _legacy_markers(job, rows, markers, store)
     plan = Plan(item_ids={}, to_fit=[], duplicates={})
     first: dict[str, str] = {}
     for row in rows:
         uri, item_id = row["source_uri"], row["item_id"]
         plan.item_ids[uri] = item_id
+        was = index.get(uri)
         if row["error"]:
             plan.unfit += 1
-            store.write_json(failed_row(row, row["error"], image_sha256=row["image_sha256"]), *source_key(uri))
+            if was and was["status"] == "failed" and was["error"] == scrub(row["error"]):
+                plan.unchanged[uri] = was  # the same failure as last time: its row stands
+            else:
+                store.write_json(failed_row(row, row["error"], image_sha256=row["image_sha256"]), *source_key(uri))
             continue
         if item_id in first:
             plan.duplicates[uri] = first[item_id]
             continue
         first[item_id] = uri
+        if item_id in complete:  # the manifest holds its fit
+            plan.complete += 1
+            done = complete[item_id]
+            if was and was["status"] == "ok" and was["item_id"] == item_id:
+                plan.unchanged[uri] = was
+            else:  # the same image and settings as another source's complete fit
+                store.write_json(done | {"source_uri": uri}, *source_key(uri))
+            continue
         done = markers.get(marker_key(item_id))
         if done and "adopted_from" in done:  # a legacy fit adopted by an earlier run (id checked by _legacy_markers)
             done = legacy.get(marker_key(done["adopted_from"]))
@@ -164,6 +198,19 @@ def plan_items(job: JobSpec, items: list[dict], store: Store) -> Plan:
         else:
             plan.to_fit.append({k: v or "" for k, v in row.items() if k in items[0]})
     return plan
+
+
+def _identify(job: JobSpec, items: list[dict], start_ray) -> list[dict]:
+    """Read and hash `items`: a few in the driver, many in a Ray Data pass."""
+    if len(items) <= INLINE_IDENTIFY:
+        return [plain_row(identify_row(item, job)) for item in items]
+    start_ray()
+    import ray
+
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // IDENTIFY_BATCH))
+    identified = dataset.map_batches(identify_batch, fn_kwargs={"job": job.to_dict()}, batch_size=IDENTIFY_BATCH,
+                                     num_cpus=0.25)
+    return [plain_row(r) for r in identified.iter_rows()]
 
 
 def marker_key(item_id: str) -> str:
@@ -193,30 +240,26 @@ def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str
     executor returned (the worker's own words, even where it could not store them) win over stored ones."""
     returned = returned or {}
     keys = {item["source_uri"]: "/".join(source_key(item["source_uri"])) for item in items
-            if item["source_uri"] not in returned}
+            if item["source_uri"] not in returned and item["source_uri"] not in plan.unchanged}
     found = store.cat_many(list(keys.values()))
+    stamps = {item["source_uri"]: item.get("source_stat") or None for item in items}
     rows = {}
     for item in items:
         uri = item["source_uri"]
+        if uri in plan.unchanged:
+            rows[uri] = plan.unchanged[uri]
+            continue
         row = returned.get(uri) or loads_json(found[keys[uri]])
         fresh = uri in returned or (row or {}).get("reported_by") == run_id  # a worker of this run wrote it
         if row is None or (not fresh and row.get("item_id") != plan.item_ids.get(uri)):  # none, or stale
             row = failed_row(item, "not processed: the worker was lost and the executor gave up",
                              item_id=plan.item_ids.get(uri))
-        rows[uri] = row
+        # the listing stamp came before any read of the bytes this row's hash is of: while it holds, the hash does
+        rows[uri] = row | {"source_stat": stamps[uri]}
     for uri, owner in plan.duplicates.items():
-        rows[uri] = rows[owner] | {"source_uri": uri, "status": "skipped",
+        rows[uri] = rows[owner] | {"source_uri": uri, "status": "skipped", "source_stat": stamps[uri],
                                    "error": f"duplicate of {owner} (same image bytes and settings)"}
     return list(rows.values())
-
-
-def other_sources(job: JobSpec, sources: set[str]) -> list[dict]:
-    """The library's manifest rows of sources this run was not given."""
-    previous = read_manifest(job.output, job.storage_options)
-    if not len(previous):
-        return []
-    keep = pc.invert(pc.is_in(previous["source_uri"], value_set=pa.array(sorted(sources), pa.string())))
-    return previous.filter(keep).to_pylist()
 
 
 def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -> dict:

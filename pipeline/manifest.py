@@ -12,8 +12,10 @@ Layout under the job's --output:
   reports/<run>.json             the run's summary
   registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
 
-Schema version 3 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
-fingerprint and the mlflow.diffusers model URIs; older parts still read). Item ids are sha256(image bytes) + sha256(settings and the base model's
+Schema version 4 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
+fingerprint and the mlflow.diffusers model URIs, version 4 the source's listing stamp; older parts still read).
+Rows go into hash buckets of about ROWS_PER_PART rows by source URL, one part file each
+(`part-<bucket>of<buckets>-<run>.parquet`); a run rewrites only the buckets whose rows changed. Item ids are sha256(image bytes) + sha256(settings and the base model's
 fingerprint) mixed: the same image with the same settings on the same weights is the same item, whatever its
 name. Ids of schema < 3 did not hold the fingerprint: `--adopt-legacy` reuses such fits (`job.plan_items`).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import time
 import uuid
@@ -35,7 +38,7 @@ from unziplora.redact import scrub
 
 from .storage import Store, url_key
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ROWS_PER_PART = 10_000
 STATUSES = ("ok", "failed", "skipped")
 
@@ -80,6 +83,7 @@ SCHEMA = pa.schema([
     ("content_diffusers_model_uri", pa.string()),  # models:/<library>-content-diffusers/<version> (option)
     ("style_diffusers_model_uri", pa.string()),
     ("tracking_error", pa.string()),  # why the fit is not (fully) tracked; `unziplora registry sync` retries
+    ("source_stat", pa.string()),  # the source's listing stamp when it was identified (source.listing_stamp)
 ])
 FIELDS = SCHEMA.names
 
@@ -189,25 +193,53 @@ def crashes(records: list[dict], executor: str, run_id: str) -> int:
     return sum(n if run == run_id else n - 1 for run, n in runs.items())
 
 
-def write_manifest(store: Store, rows: list[dict], run_id: str) -> list[str]:
-    """Write all rows as new part files, then remove the previous run's parts."""
-    rows = sorted((scrubbed(r) for r in rows), key=lambda r: r["source_uri"])
-    old = [p for p in store.list("manifest") if p.rsplit("/", 1)[-1].startswith("part-")]
-    written = []
-    for n, start in enumerate(range(0, max(len(rows), 1), ROWS_PER_PART)):
-        table = pa.Table.from_pylist([{f: r.get(f) for f in FIELDS} for r in rows[start:start + ROWS_PER_PART]],
-                                     schema=SCHEMA)
+def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[dict] | None = None) -> list[str]:
+    """Make the manifest hold exactly `rows`; returns the URLs of its parts. Only buckets whose rows changed
+    get a new part (written before the old one goes): a re-run that changed nothing writes nothing.
+    `previous`: the manifest's rows as read by the caller, if it has them (else read here)."""
+    rows = sorted(({f: r.get(f) for f in FIELDS} for r in map(scrubbed, rows)), key=lambda r: r["source_uri"])
+    buckets = 1 << max(0, math.ceil(len(rows) / ROWS_PER_PART) - 1).bit_length()  # a power of two
+    wanted = _by_bucket(rows, buckets)
+    parts: dict[int, list[str]] = {}  # bucket -> its part files in this layout
+    stale = []  # parts of another layout (another bucket count, or the names before buckets)
+    for path in store.list("manifest"):
+        match = PART_NAME.match(path.rsplit("/", 1)[-1])
+        if match and int(match["of"]) == buckets:
+            parts.setdefault(int(match["bucket"]), []).append(path)
+        elif path.rsplit("/", 1)[-1].startswith("part-"):
+            stale.append(path)
+    if previous is None and parts:
+        previous = read_manifest(store.url(), store.storage_options).to_pylist()
+    had = _by_bucket(sorted(({f: r.get(f) for f in FIELDS} for r in previous or []),
+                            key=lambda r: r["source_uri"]), buckets)
+    out = []
+    for bucket in range(buckets):
+        old = parts.get(bucket, [])
+        if len(old) == 1 and not stale and had.get(bucket, []) == wanted.get(bucket, []):
+            out.append(store.url_prefix + old[0])
+            continue
+        table = pa.Table.from_pylist(wanted.get(bucket, []), schema=SCHEMA)
         table = table.replace_schema_metadata({"unziplora.manifest.schema_version": str(SCHEMA_VERSION)})
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        name = f"part-{run_id}-{n:05d}.parquet"
+        name = f"part-{bucket:05d}of{buckets:05d}-{run_id}.parquet"
         store.write_bytes(buffer.getvalue(), "manifest", name)
-        written.append(store.url("manifest", name))
-    names = {w.rsplit("/", 1)[-1] for w in written}
-    for path in old:
-        if path.rsplit("/", 1)[-1] not in names:
-            store.remove(path)
-    return written
+        out.append(store.url("manifest", name))
+        stale += [p for p in old if p.rsplit("/", 1)[-1] != name]
+    for path in stale:
+        store.remove(path)
+    return out
+
+
+PART_NAME = re.compile(r"^part-(?P<bucket>\d{5})of(?P<of>\d{5})-.*\.parquet$")
+
+
+def _by_bucket(rows: list[dict], buckets: int) -> dict[int, list[dict]]:
+    """Rows by their bucket: a stable hash of the source URL (rows keep their order)."""
+    out: dict[int, list[dict]] = {}
+    for row in rows:
+        out.setdefault(int(url_key(row["source_uri"])[:8], 16) % buckets, []).append(row)
+    return out
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:

@@ -11,6 +11,8 @@ cell that is not a value of its setting (the error names the column and the valu
 rows name (which row wins would be a guess).
 Every input is accounted for (`Inputs`): files that are not images by their extension, keys that cannot be
 read safely (a `..` segment) and prompt rows that name no image are listed by name in the plan and report.
+Each item carries its listing stamp (`source_stat`: size and ETag or mtime), kept in its manifest row: a re-run
+reads and hashes only images whose stamp changed (`job.plan_items`).
 Item rows hold only strings ("" for none): Ray Data turns a column of Nones into NaNs.
 """
 
@@ -47,14 +49,15 @@ class Inputs:
                 "unmatched_prompt_rows": len(self.unmatched_rows), "unmatched": self.unmatched_rows[:limit]}
 
 
-def list_files(input_url: str, storage_options: dict | None = None) -> tuple[list[str], list[dict]]:
-    """(every image file below `input_url`, as sorted URLs; every other file, with why it is no input).
-    Hidden files and folders (a leading dot) are skipped without a word."""
+def list_files(input_url: str, storage_options: dict | None = None) -> tuple[dict[str, str], list[dict]]:
+    """({URL: listing stamp} of every image file below `input_url`, in URL order; every other file, with why
+    it is no input). Hidden files and folders (a leading dot) are skipped without a word."""
     store = Store(input_url, storage_options)
     if not store.fs.exists(store.root):
         raise InputError(f"input {input_url} does not exist")
-    images, ignored = [], []
-    for path in sorted(store.fs.find(store.root)):
+    images, ignored = {}, []
+    listing = store.fs.find(store.root, detail=True)
+    for path in sorted(listing):
         relative = path[len(store.root):].lstrip("/")
         if any(part.startswith(".") and part not in (".", "..") for part in relative.split("/")):
             continue
@@ -67,8 +70,21 @@ def list_files(input_url: str, storage_options: dict | None = None) -> tuple[lis
                 ignored.append({"uri": url, "reason": f"not an image file by its extension {suffix}; "
                                 f"images are {', '.join(IMAGE_SUFFIXES)}"})
         else:
-            images.append(url)
+            images[url] = listing_stamp(listing[path])
     return images, ignored
+
+
+# What a listing says of a file that changes whenever its bytes do: an object store's ETag (or generation),
+# else the modification time. With the size, a re-run trusts the image's recorded hash while its stamp holds.
+STAMP_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated")
+
+
+def listing_stamp(info: dict) -> str:
+    """"size:value" of the first STAMP_KEYS entry; "" when the store lists none (then the file is always read)."""
+    for key in STAMP_KEYS:
+        if info.get(key) not in (None, ""):
+            return f"{info.get('size')}:{key}={info[key]}"
+    return ""
 
 
 def read_prompt_table(url: str, storage_options: dict | None = None) -> list[dict]:
@@ -118,7 +134,8 @@ def read_inputs(input_url: str, prompts_url: str | None = None, *, default_conte
         if not found and len(by_name.get(posixpath.basename(url), [])) == 1:  # a bare file name, if unique
             found = by_name[posixpath.basename(url)]
         used.update(found)
-        item = {"source_uri": url, "prompt_error": "", "overrides": "{}"} | {f: "" for f in PROMPT_FIELDS}
+        item = {"source_uri": url, "source_stat": images[url], "prompt_error": "", "overrides": "{}"} | \
+            {f: "" for f in PROMPT_FIELDS}
         if len(found) > 1:
             item["prompt_error"] = (f"prompt table {prompts_url} has {len(found)} rows for {relative} (data rows "
                                     f"{', '.join(str(n + 1) for n in found)}): keep one")

@@ -40,6 +40,9 @@ class JobSpec:
     # reuse fits a library made before item ids held the base model's fingerprint (manifest schema < 3): the
     # user vouches that they were made with these same weights
     adopt_legacy: bool = False
+    # read every image and every completion marker, not trusting the manifest's index (job.plan_items): after
+    # files were changed behind the library's back (an image rewritten with its old size and time, a fit deleted)
+    recheck: bool = False
     # set by run_job for the workers
     base_fingerprint: str = ""  # the exact base weights (unziplora.locate): part of every item id
     code_version: str = ""  # the driver's (worker.code_version): rows and runs name the code that made them

@@ -26,7 +26,8 @@ class Store:
     """One root URL and its filesystem; every path method takes paths relative to that root."""
 
     def __init__(self, root: str, storage_options: dict | None = None):
-        self.fs, self.root = url_to_fs(root.rstrip("/") or "/", **(storage_options or {}))
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = url_to_fs(root.rstrip("/") or "/", **self.storage_options)
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.url_prefix = "" if self.protocol in ("file", "local") else f"{self.protocol}://"
 

@@ -13,6 +13,7 @@ import shutil
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -247,7 +248,7 @@ def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
     legacy = {}
     for marker in sorted(library.glob("items/*/_SUCCESS")):
         row = json.loads(marker.read_text())
-        ids = identify(items[row["source_uri"]], job)[0]
+        ids = identify(items[row["source_uri"]], dataclasses.replace(job, adopt_legacy=True))[0]
         old_id = ids["legacy_item_id"]
         assert ids["item_id"] == row["item_id"] and old_id and old_id != row["item_id"]
         text = marker.read_text().replace(row["item_id"], old_id)
@@ -257,8 +258,10 @@ def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
         legacy[row["source_uri"]] = old_id
     shutil.rmtree(library / "sources")
     shutil.rmtree(library / "attempts")
-    for part in library.glob("manifest/*.parquet"):
+    for part in library.glob("manifest/*.parquet"):  # and without the columns added since (listing stamps)
         table = pq.read_table(part)
+        table = table.set_column(table.schema.get_field_index("source_stat"), "source_stat",
+                                 pa.nulls(len(table), pa.string()))
         pq.write_table(table.replace_schema_metadata({"unziplora.manifest.schema_version": "2"}), part)
     return legacy
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tomllib
 from dataclasses import MISSING, dataclass, field
@@ -103,7 +104,7 @@ class FitConfig:
         self.base_model, self.revision = name, revision
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in _fields(type(self)):
             check_type(f, getattr(self, f.name))
             if value_type(f)[0] is float and isinstance(getattr(self, f.name), int):
                 setattr(self, f.name, float(getattr(self, f.name)))  # lr 1 and 1.0: one setting, one hash
@@ -144,18 +145,19 @@ class FitConfig:
         return [i * period for i in range(self.recalibrations)]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # every value is a str, number, bool or None (check_type): a shallow copy is a full one, and fast
+        return {f.name: getattr(self, f.name) for f in _fields(type(self))}
 
     def replace(self, **changes) -> "FitConfig":
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in _fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"unknown settings {unknown}; known: {sorted(known)}")
-        required = [f.name for f in dataclasses.fields(cls)
+        required = [f.name for f in _fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [name for name in required if values.get(name) is None]
         if missing:  # e.g. an empty content cell in a prompt table
@@ -200,6 +202,13 @@ def settings(*scopes: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(FitConfig) if not scopes or f.metadata["scope"] in scopes]
 
 
+@functools.cache
+def _fields(cls) -> tuple[dataclasses.Field, ...]:
+    """dataclasses.fields, once per class: item ids hash the settings of every input of a job."""
+    return dataclasses.fields(cls)
+
+
+@functools.cache
 def value_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(str | int | float | bool, whether None is allowed), from the field's annotation."""
     names = [part.strip() for part in str(f.type).split("|")]
