@@ -122,15 +122,21 @@ def rerun(job: JobSpec, recheck: bool = False) -> dict:
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.control_plane", "--driver", json.dumps(spec)],
                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    assert status == 0, f"the re-run failed ({status}): {out[-2000:]}"
-    return json.loads(out.strip().splitlines()[-1]) | {"peak_rss_mb": usage.ru_maxrss / 1024}
+    assert child.wait() == 0, f"the re-run failed ({child.returncode}): {out[-2000:]}"
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def driver(spec: str) -> None:
     start = time.perf_counter()
     report = run_job(JobSpec(**json.loads(spec)), progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - start, "report": report}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "report": report, "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's RSS high-water mark since it started (VmHWM: unlike getrusage's ru_maxrss, it does not
+    carry over the memory of the process this one was forked from)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 class MotoS3:

@@ -18,7 +18,7 @@ from .executors import EXECUTORS
 from .identify import check_job_settings, identify_batch, identify_row, plain_row
 from .lease import LibraryLease
 from .local_ray import reap_orphans, start_local_ray
-from .manifest import (check_item_id, failed_row, loads_json, manifest_schema_versions, read_manifest, source_key,
+from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions, source_key,
                        utc_now, write_manifest)
 from .source import Inputs, read_inputs
 from .spec import JobSpec
@@ -62,7 +62,7 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
         print(f"note: {job.output} was written before item ids held the base model's fingerprint (manifest "
               f"schema {min(legacy)}): its images are fitted again; if its fits were made with these very "
               f"weights, run with --adopt-legacy to reuse them", file=sys.stderr)
-    previous = read_manifest(job.output, job.storage_options).to_pylist()
+    previous = manifest_rows(job.output, job.storage_options)
     index = {row["source_uri"]: row for row in previous}
     plan = plan_items(job, items, store, index, lambda: _init_ray(address, job))
     if progress:
