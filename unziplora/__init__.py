@@ -10,7 +10,7 @@ _EXPORTS = {
     "FitConfig": "config", "Prompts": "config",
     "BaseModelError": "errors", "FitDivergedError": "errors", "InputError": "errors", "UnZipLoRAError": "errors",
     "FitArtifacts": "export", "load_fit": "export",
-    "FitResult": "training", "fit": "training",
+    "FitResult": "training", "fit": "training", "fit_many": "training",
     "BaseModel": "models", "load_base_model": "models",
 }
 __all__ = sorted(_EXPORTS)

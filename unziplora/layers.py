@@ -145,6 +145,88 @@ class DualLoRALinear(nn.Module):
         return slice(self.offset, self.offset + self.out_features)
 
 
+class StackedDualLoRA(nn.Module):
+    """One adapted linear while K fits train together in one batched UNet pass (`FitBatch`): sample k of the
+    batch is fit k's, and each fit's own dual LoRA (its `DualLoRALinear`, parameters and gates) applies to its
+    own sample. The K fits' factors are stacked for the pass (A (K, 2r, in), gated B (K, out, 2r)) and applied
+    with two `bmm`s: no per-fit loop over layers. One fit alone is its own layer's forward, as in `attach()`."""
+
+    def __init__(self, base_layer: nn.Linear, routed: bool):
+        super().__init__()
+        self.base_layer, self.routed = base_layer, routed
+        self.fits: list[DualLoRALinear] = []  # a plain list: the fits' parameters stay theirs (not the UNet's)
+        self.route: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.fits) == 1:
+            layer = self.fits[0]
+            layer.route = self.route
+            try:
+                return layer(x)
+            finally:
+                layer.route = None
+        out = self.base_layer(x)
+        k, r = len(self.fits), self.fits[0].rank
+        A = torch.stack([f.lora_A for f in self.fits])  # (K, 2r, in)
+        B = torch.stack([f.lora_B * f.column_gates() for f in self.fits])  # (K, out, 2, r)
+        if self.route is None:
+            delta = _per_fit(x, A, B.reshape(k, B.shape[1], 2 * r))
+        else:
+            content_x, style_x = self.route
+            delta = _per_fit(content_x, A[:, :r], B[:, :, 0]) + _per_fit(style_x, A[:, r:], B[:, :, 1])
+        return out + delta.to(out.dtype)
+
+
+def _per_fit(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """B_k A_k x for the samples of fit k: x (K*m, ..., in) grouped by fit, A (K, r, in), B (K, out, r)."""
+    h = x.to(A.dtype).reshape(A.shape[0], -1, x.shape[-1])
+    y = torch.bmm(torch.bmm(h, A.transpose(1, 2)), B.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], B.shape[1])
+
+
+class FitBatch:
+    """The adapters of K fits of one UNet, attached together: each adapted linear becomes a `StackedDualLoRA`
+    over the fits' own layers. `use(adapters)` changes which fits the next passes hold (a finished fit leaves,
+    a new one may join); every adapter must have been built on this UNet with the same rank."""
+
+    def __init__(self, unet: nn.Module, adapters: list["UnZipLoRA"]):
+        self.unet, self.adapters = unet, list(adapters)
+        self.slots = adapters[0]._slots
+        self.stacked = [StackedDualLoRA(base, full_name.endswith(ROUTED)) for full_name, _, _, base in self.slots]
+        self._saved_processors = None
+        self._hooks = []
+
+    def use(self, adapters: list["UnZipLoRA"]) -> None:
+        if len({a.rank for a in adapters}) > 1:
+            raise ValueError("fits trained together need one rank")
+        layers = [list(a.layers.values()) for a in adapters]
+        for j, stacked in enumerate(self.stacked):
+            stacked.fits = [fit_layers[j] for fit_layers in layers]
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = [self.unet.register_forward_pre_hook(a.gates.begin_pass) for a in adapters]
+        self.adapters = list(adapters)
+
+    def __enter__(self) -> "FitBatch":
+        self._saved_processors = self.unet.attn_processors
+        for (_, attn, target, _), stacked in zip(self.slots, self.stacked):
+            _set_child(attn, target, stacked)
+        self.unet.set_attn_processor(PromptRoutingProcessor())
+        self.use(self.adapters)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The UNet back exactly as it was: original linears and attention processors."""
+        for _, attn, target, base in self.slots:
+            _set_child(attn, target, base)
+        self.unet.set_attn_processor(self._saved_processors)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for adapter in self.adapters:
+            adapter.gates.end_pass()
+
+
 class PromptRoutingProcessor(AttnProcessor2_0):
     """diffusers' SDPA attention, plus: hands the content and style prompt states to routed to_k/to_v.
 
@@ -154,7 +236,7 @@ class PromptRoutingProcessor(AttnProcessor2_0):
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, content_states=None, style_states=None, **kwargs):
-        routed = [m for m in (attn.to_k, attn.to_v) if isinstance(m, DualLoRALinear) and m.routed]
+        routed = [m for m in (attn.to_k, attn.to_v) if isinstance(m, (DualLoRALinear, StackedDualLoRA)) and m.routed]
         if content_states is not None and routed:
             for module in routed:
                 module.route = (content_states, style_states)
@@ -171,6 +253,7 @@ class UnZipLoRA(nn.Module):
     def __init__(self, unet: nn.Module, rank: int = 64, role_table="sdxl", init: str = "reference",
                  seed: int = 0):
         super().__init__()
+        self.rank = rank
         targets = []  # (attention name, attention module, target name, base linear)
         for name, module in unet.named_modules():
             if isinstance(module, Attention) and ".transformer_blocks." in name:

@@ -24,7 +24,7 @@ from .config import FitConfig, Prompts
 from .errors import FitDivergedError, InputError
 from .images import image_to_tensor, load_image
 from .importance import mask_stats, recalibrate
-from .layers import UnZipLoRA
+from .layers import FitBatch, UnZipLoRA
 from .models import BaseModel, load_base_model_for
 
 StepCallback = Callable[[int, dict], None]
@@ -46,37 +46,95 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
     Pass a loaded `base` to reuse it across fits (the pipeline does); it is left exactly as it was found.
     With `out_dir`, the files of SPEC section 7 are written there atomically.
     """
+    result = fit_many([image], [config], base=base, out_dirs=[out_dir], overwrite=overwrite, progress=progress,
+                      on_steps=[on_step])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None = None,
+             out_dirs: list[str | Path | None] | None = None, overwrite: bool = False, progress: bool = True,
+             on_steps: list[StepCallback | None] | None = None) -> list[FitResult | Exception]:
+    """Several independent fits on one base model, trained together: one batched UNet pass per step for the
+    fits of one resolution and rank (`train_batch`), each ending as it would alone. Returns, per fit, its
+    FitResult or the exception that failed it (a bad image, a NaN): one fit's failure is not its mates'.
+    Timings: `train_s` is the fit's share of its batch's training time (batch wall time / fits in it)."""
     from . import export
 
-    timings = {}
+    count = len(images)
+    out_dirs, on_steps = out_dirs or [None] * count, on_steps or [None] * count
     start = time.perf_counter()
-    if out_dir is not None:
-        export.check_output_dir(out_dir, overwrite)
+    results: list[FitResult | Exception | None] = [None] * count
+    for i, out_dir in enumerate(out_dirs):
+        if out_dir is not None:
+            try:
+                export.check_output_dir(out_dir, overwrite)
+            except Exception as exc:
+                results[i] = exc
+    loaded = {}
     if base is None:
-        base = load_base_model_for(config)
-        timings["load_base_model_s"] = time.perf_counter() - start
+        base = load_base_model_for(configs[0])
+        loaded["load_base_model_s"] = time.perf_counter() - start
+    prepared = {}  # fit index -> (FitState, prompts, timings)
+    for i, (image, config) in enumerate(zip(images, configs)):
+        if results[i] is None:
+            try:
+                prepared[i] = _prepare(image, config, base, on_steps[i], dict(loaded))
+            except Exception as exc:
+                results[i] = exc
+    groups: dict[tuple, list[int]] = {}
+    for i, (state, _, _) in prepared.items():
+        groups.setdefault((state.config.resolution, state.config.rank), []).append(i)
+    for members in groups.values():
+        states = [prepared[i][0] for i in members]
+        t = time.perf_counter()
+        try:
+            train_batch(base, states, progress=progress)
+        except Exception as exc:  # the pass itself failed (out of memory, ...): every fit in it did
+            for state in states:
+                state.error = state.error or exc
+        for i, state in zip(members, states):
+            prepared[i][2]["train_s"] = (time.perf_counter() - t) / len(members)
+            prepared[i][2]["s_per_step"] = prepared[i][2]["train_s"] / state.config.steps
+            prepared[i][2]["batch_size"] = len(members)
+    for i, (state, prompts, timings) in prepared.items():
+        if state.error is not None:
+            results[i] = state.error
+            continue
+        try:
+            results[i] = _finish(state, prompts, base, timings, out_dirs[i], overwrite, start)
+        except Exception as exc:
+            results[i] = exc
+    return results
+
+
+def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | None,
+             timings: dict) -> tuple["FitState", object, dict]:
+    """A fit ready to train: settings resolved, image and prompts encoded once, its adapter made."""
     resolution = config.resolution or base.default_resolution
     _check_resolution(resolution, base)
     # the saved settings name what was used: the table, the resolution, a hub model's exact commit
     config = config.replace(resolution=resolution, role_table=config.role_table or base.role_table,
                             revision=base.location.revision if base.location else config.revision)
-
     t = time.perf_counter()
     picture = load_image(image, resolution)
     prompts = config.prompts()
     embeds = encode_prompts(base, prompts)
     latents = encode_image(base, picture)
     timings["encode_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     adapter = UnZipLoRA(base.unet, config.rank, config.role_table, config.init, config.seed).to(base.device)
-    history = train(base, adapter, embeds, latents, config, progress=progress, on_step=on_step)
-    timings["train_s"] = time.perf_counter() - t
-    timings["s_per_step"] = timings["train_s"] / config.steps
+    return FitState(config, adapter, embeds, latents, on_step=on_step), prompts, timings
 
-    tensors = export.adapter_tensors(adapter, config.save_precision)
-    record = _record(config, prompts, base, adapter, history, timings)
-    result = FitResult(config=config, record=record, tensors=tensors, history=history)
+
+def _finish(state: "FitState", prompts, base: BaseModel, timings: dict, out_dir, overwrite: bool,
+            start: float) -> FitResult:
+    from . import export
+
+    config = state.config
+    tensors = export.adapter_tensors(state.adapter, config.save_precision)
+    record = _record(config, prompts, base, state.adapter, state.history, timings)
+    result = FitResult(config=config, record=record, tensors=tensors, history=state.history)
     if out_dir is not None:  # fit.json, written last, holds export_s and total_s too
         result.out_dir = export.write_fit(result, out_dir, overwrite=overwrite, started=start)
     else:
@@ -86,75 +144,147 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
 
 def train(base: BaseModel, adapter: UnZipLoRA, embeds: dict, latents: torch.Tensor, config: FitConfig, *,
           progress: bool = True, on_step: StepCallback | None = None) -> list[dict]:
-    unet, gates = base.unet, adapter.gates
-    device, dtype = base.device, base.dtype  # read once: diffusers walks every parameter to answer
-    rng = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
-    size = config.resolution // base.vae_scale_factor
-    time_ids = torch.tensor([[config.resolution, config.resolution, 0, 0, config.resolution, config.resolution]],
-                            device=device, dtype=dtype)
-    unet_kwargs = dict(
-        encoder_hidden_states=embeds["combined"],
-        added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids},
-        cross_attention_kwargs={"content_states": embeds["content"], "style_states": embeds["style"]},
-    )
-    optimizer = torch.optim.AdamW(
-        [{"params": adapter.lora_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
-         # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
-         {"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
-        # fused: one kernel for all parameters (a per-tensor loop over hundreds of LoRA factors costs ~20 % of
-        # a tiny step on CPU; benchmarks/step_overhead.py)
-        betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
-    # fp16 activations underflow in the backward pass without loss scaling (bf16 and fp32 need none)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    trainable = adapter.lora_parameters() + [gates.mergers]
-    calibration_steps = set(config.calibration_steps)
-    checkpointing_before = unet.is_gradient_checkpointing
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    forward = compiled_unet(base) if config.compile else unet
-    history = []
-    bar = tqdm(range(config.steps), desc="unziplora fit", disable=not progress, leave=False)
-    try:
-        adapter.attach()
-        for step in bar:
-            calibrating = step in calibration_steps
-            gates.masks_enabled = not calibrating  # a recalibration step trains unmasked, mergers frozen
-            x0 = _random_crop(latents, size, rng)
-            noise = torch.randn(x0.shape, generator=rng).to(device, dtype)
-            timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=rng)
-            noisy = base.scheduler.add_noise(x0, noise, timestep).to(dtype)
-            pred = forward(noisy, timestep.to(device), **unet_kwargs).sample
-            mse = F.mse_loss(pred.float(), prediction_target(base.scheduler, x0, noise, timestep).float())
-            ortho = gates.orthogonality_loss()
-            loss = mse + config.ortho_lambda * ortho
-            if not math.isfinite(loss.item()):
-                raise FitDivergedError(step, loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # true gradients for the cone scores and the clip
-            if calibrating:
-                recalibrate(adapter, config.column_ratio)
-                gates.mergers.grad = None  # frozen for this step
-            else:
-                gates.keep_overlap_grad()
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            gates.clamp_()
-            gates.masks_enabled = True
-            metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}
-            if calibrating:
-                metrics["mask_stats"] = mask_stats(adapter)
-            history.append(metrics)
-            bar.set_postfix(loss=f"{metrics['mse']:.4f}", ortho=f"{metrics['ortho']:.4f}")
-            if on_step is not None:
-                on_step(step, metrics)
-    finally:
-        adapter.detach()
+    """Train one fit's adapter; returns its per-step history (FitDivergedError on a NaN/inf loss)."""
+    state = FitState(config, adapter, embeds, latents, on_step=on_step)
+    train_batch(base, [state], progress=progress)
+    if state.error is not None:
+        raise state.error
+    return state.history
+
+
+@dataclass
+class FitState:
+    """One fit in a training batch: its own settings, prompts, latents, adapter, optimizer, RNG stream,
+    recalibration schedule and history. Fits trained together share only the UNet pass."""
+
+    config: FitConfig
+    adapter: UnZipLoRA
+    embeds: dict
+    latents: torch.Tensor
+    on_step: StepCallback | None = None
+    history: list[dict] = field(default_factory=list)
+    error: Exception | None = None
+    step: int = 0
+
+    def __post_init__(self):
+        gates, config = self.adapter.gates, self.config
+        device = gates.mergers.device
+        self.rng = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.adapter.lora_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+             # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
+             {"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
+            # fused: one kernel for all parameters (a per-tensor loop over hundreds of LoRA factors costs ~20 %
+            # of a tiny step on CPU; benchmarks/step_overhead.py)
+            betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
+        # fp16 activations underflow in the backward pass without loss scaling (bf16 and fp32 need none)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.latents.dtype == torch.float16)
+        self.trainable = self.adapter.lora_parameters() + [gates.mergers]
+        self.calibration_steps = set(config.calibration_steps)
+
+    @property
+    def running(self) -> bool:
+        return self.error is None and self.step < self.config.steps
+
+    @property
+    def calibrating(self) -> bool:
+        return self.step in self.calibration_steps
+
+    def draw(self, base: BaseModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's latent crop, noise and timestep, from this fit's own RNG stream."""
+        size = self.config.resolution // base.vae_scale_factor
+        x0 = _random_crop(self.latents, size, self.rng)
+        noise = torch.randn(x0.shape, generator=self.rng).to(base.device, base.dtype)
+        timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=self.rng)
+        return x0, noise, timestep
+
+    def update(self, loss: torch.Tensor, mse: torch.Tensor, ortho: torch.Tensor, timestep: torch.Tensor) -> None:
+        """After the batch's backward pass: this fit's recalibration, gradient clip and optimizer step."""
+        gates, config = self.adapter.gates, self.config
+        self.scaler.unscale_(self.optimizer)  # true gradients for the cone scores and the clip
+        if self.calibrating:
+            recalibrate(self.adapter, config.column_ratio)
+            gates.mergers.grad = None  # frozen for this step
+        else:
+            gates.keep_overlap_grad()
+        torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        gates.clamp_()
+        metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}
+        if self.calibrating:
+            metrics["mask_stats"] = mask_stats(self.adapter)
         gates.masks_enabled = True
-        if config.gradient_checkpointing and not checkpointing_before:
+        self.history.append(metrics)
+        if self.on_step is not None:
+            self.on_step(self.step, metrics)
+        self.step += 1
+
+
+def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = True) -> None:
+    """Train several fits of one UNet together: one batched UNet pass per step, sample k is fit k's (its own
+    crop, noise, timestep and prompts), and each fit's LoRAs apply to its own sample only (`FitBatch`). Each
+    fit keeps its own optimizer, clip, recalibrations and step count: it ends as it would alone (same seed,
+    same LoRAs, within float rounding). A fit whose loss is NaN or inf gets `error` (FitDivergedError) and
+    leaves the batch; the others go on. Fits of one batch need one resolution and one rank."""
+    if len({s.config.resolution for s in states}) > 1:
+        raise ValueError("fits trained together need one resolution")
+    unet, device, dtype = base.unet, base.device, base.dtype  # read once: diffusers walks every parameter
+    resolution = states[0].config.resolution
+    checkpointing_before = unet.is_gradient_checkpointing
+    checkpointing = any(s.config.gradient_checkpointing for s in states)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    forward = compiled_unet(base) if any(s.config.compile for s in states) else unet
+    bar = tqdm(total=sum(s.config.steps for s in states), desc="unziplora fit", disable=not progress, leave=False)
+    try:
+        with FitBatch(unet, [s.adapter for s in states]) as batch:
+            while live := [s for s in states if s.running]:
+                if batch.adapters != [s.adapter for s in live]:
+                    batch.use([s.adapter for s in live])
+                _batch_step(base, forward, live, resolution, device, dtype)
+                bar.update(len(live))
+                if len(states) == 1 and states[0].history:
+                    bar.set_postfix(loss=f"{states[0].history[-1]['mse']:.4f}",
+                                    ortho=f"{states[0].history[-1]['ortho']:.4f}")
+    finally:
+        bar.close()
+        for state in states:
+            state.adapter.gates.masks_enabled = True
+        if checkpointing and not checkpointing_before:
             unet.disable_gradient_checkpointing()
-    return history
+
+
+def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int, device, dtype) -> None:
+    for state in live:
+        state.adapter.gates.masks_enabled = not state.calibrating  # recalibration: unmasked, mergers frozen
+    draws = [state.draw(base) for state in live]
+    x0 = torch.cat([d[0] for d in draws])
+    noise = torch.cat([d[1] for d in draws])
+    timesteps = torch.cat([d[2] for d in draws])
+    noisy = base.scheduler.add_noise(x0, noise, timesteps).to(dtype)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(live),
+                            device=device, dtype=dtype)
+    embeds = {key: torch.cat([s.embeds[key] for s in live]) for key in ("combined", "pooled", "content", "style")}
+    pred = forward(noisy, timesteps.to(device), encoder_hidden_states=embeds["combined"],
+                   added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids},
+                   cross_attention_kwargs={"content_states": embeds["content"], "style_states": embeds["style"]}
+                   ).sample
+    target = prediction_target(base.scheduler, x0, noise, timesteps)
+    finished = []
+    for k, state in enumerate(live):
+        state.optimizer.zero_grad(set_to_none=True)
+        mse = F.mse_loss(pred[k:k + 1].float(), target[k:k + 1].float())
+        ortho = state.adapter.gates.orthogonality_loss()
+        loss = mse + state.config.ortho_lambda * ortho
+        if not math.isfinite(loss.item()):
+            state.error = FitDivergedError(state.step, loss.item())
+            continue
+        finished.append((state, loss, mse, ortho, timesteps[k]))
+    if finished:  # each fit's gradients come from its own loss only (no op mixes samples of the batch)
+        sum(state.scaler.scale(loss) for state, loss, *_ in finished).backward()
+    for state, loss, mse, ortho, timestep in finished:
+        state.update(loss, mse, ortho, timestep)
 
 
 def compiled_unet(base: BaseModel):

@@ -1,0 +1,81 @@
+"""Several fits on one device (issue 15): K fits train together in one batched UNet pass, and each ends as it
+would have alone with the same seed; one that diverges leaves the batch without harming its mates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unziplora import FitConfig, FitDivergedError, fit, fit_many
+from unziplora.training import _prepare, train_batch
+
+SAMPLES = Path(__file__).resolve().parent.parent / "examples" / "sample_set"
+
+
+def _config(n: int, **changes) -> FitConfig:
+    kinds = [("sks star", "striped pattern"), ("sks circle", "dotted pattern"), ("sks square", "striped pattern")]
+    content, style = kinds[n]
+    return FitConfig(**{"content": content, "style": style, "base_model": "tiny", "steps": 6, "rank": 4,
+                        "seed": 10 + n} | changes)
+
+
+IMAGES = [SAMPLES / "striped_star.png", SAMPLES / "dotted_circle.png", SAMPLES / "striped_square.png"]
+
+
+def _assert_same_fit(together, alone) -> None:
+    for group in ("content", "style", "mergers", "masks"):
+        assert together.tensors[group].keys() == alone.tensors[group].keys()
+        for name, value in alone.tensors[group].items():
+            torch.testing.assert_close(together.tensors[group][name].float(), value.float(), rtol=2e-3, atol=2e-4,
+                                       msg=f"{group}/{name}")
+    for a, b in zip(together.history, alone.history):
+        assert a["timestep"] == b["timestep"]
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-3, abs=1e-6)
+    assert len(together.history) == len(alone.history)
+
+
+def test_fits_trained_together_equal_the_same_fits_alone(tiny_base):
+    """Three fits, one of them shorter (it leaves the batch after 4 steps): each equals its fit alone,
+    recalibration steps (masks) included; the batch took one pass per step for all of them."""
+    configs = [_config(0), _config(1, steps=4), _config(2)]
+    alone = [fit(image, config, base=tiny_base, progress=False) for image, config in zip(IMAGES, configs)]
+    calls = []
+    hook = tiny_base.unet.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(args[0].shape[0]),
+                                                    with_kwargs=True)
+    try:
+        together = fit_many(IMAGES, configs, base=tiny_base, progress=False)
+    finally:
+        hook.remove()
+    assert calls == [3] * 4 + [2] * 2  # batched passes: 3 fits, then the 2 longer ones
+    for result, single in zip(together, alone):
+        assert not isinstance(result, Exception), result
+        _assert_same_fit(result, single)
+        assert result.record["timings"]["batch_size"] == 3
+    # the UNet is back as it was: no adapted layer left in it
+    assert not any("lora" in name for name, _ in tiny_base.unet.named_parameters())
+
+
+def test_a_diverging_fit_fails_alone(tiny_base):
+    """Fit 1's latents hold a NaN: its first loss is NaN, it gets FitDivergedError and leaves the batch;
+    fit 0 trains on as it would alone."""
+    configs = [_config(0), _config(1)]
+    alone = fit(IMAGES[0], configs[0], base=tiny_base, progress=False)
+    states = [_prepare(image, config, tiny_base, None, {})[0] for image, config in zip(IMAGES, configs)]
+    states[1].latents[0, 0, 0, 0] = float("nan")
+    train_batch(tiny_base, states, progress=False)
+    assert isinstance(states[1].error, FitDivergedError) and states[1].history == []
+    assert states[0].error is None and len(states[0].history) == configs[0].steps
+    for step, (a, b) in enumerate(zip(states[0].history, alone.history)):
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-3, abs=1e-6), step
+
+
+def test_fit_many_reports_each_fits_own_error(tiny_base, tmp_path):
+    """A bad image fails only its own fit; fits of other resolutions train in a batch of their own."""
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    results = fit_many([IMAGES[0], tmp_path / "bad.png", IMAGES[1]],
+                       [_config(0), _config(1), _config(1, resolution=128)], base=tiny_base, progress=False)
+    assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
+    assert isinstance(results[1], Exception) and "image" in str(results[1]).lower()
+    assert results[0].record["timings"]["batch_size"] == 1 and results[2].config.resolution == 128
