@@ -151,9 +151,10 @@ class StackedDualLoRA(nn.Module):
     own sample. The K fits' factors are stacked for the pass (A (K, 2r, in), gated B (K, out, 2r)) and applied
     with two `bmm`s: no per-fit loop over layers. One fit alone is its own layer's forward, as in `attach()`."""
 
-    def __init__(self, base_layer: nn.Linear, routed: bool):
+    def __init__(self, base_layer: nn.Linear, routed: bool, index: int, batch: "FitBatch"):
         super().__init__()
-        self.base_layer, self.routed = base_layer, routed
+        self.base_layer, self.routed, self.index = base_layer, routed, index
+        self._batch = [batch]  # a list: not a submodule
         self.fits: list[DualLoRALinear] = []  # a plain list: the fits' parameters stay theirs (not the UNet's)
         self.route: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -168,7 +169,7 @@ class StackedDualLoRA(nn.Module):
         out = self.base_layer(x)
         k, r = len(self.fits), self.fits[0].rank
         A = torch.stack([f.lora_A for f in self.fits])  # (K, 2r, in)
-        B = torch.stack([f.lora_B * f.column_gates() for f in self.fits])  # (K, out, 2, r)
+        B = torch.stack([f.lora_B for f in self.fits]) * self._batch[0].layer_gates(self.index)  # (K, out, 2, r)
         if self.route is None:
             delta = _per_fit(x, A, B.reshape(k, B.shape[1], 2 * r))
         else:
@@ -192,9 +193,19 @@ class FitBatch:
     def __init__(self, unet: nn.Module, adapters: list["UnZipLoRA"]):
         self.unet, self.adapters = unet, list(adapters)
         self.slots = adapters[0]._slots
-        self.stacked = [StackedDualLoRA(base, full_name.endswith(ROUTED)) for full_name, _, _, base in self.slots]
+        self.stacked = [StackedDualLoRA(base, full_name.endswith(ROUTED), j, self)
+                        for j, (full_name, _, _, base) in enumerate(self.slots)]
         self._saved_processors = None
         self._hooks = []
+        self._gates = None  # every layer's gates of every fit, (K, out, 2) per layer, made once per UNet pass
+
+    def _begin_pass(self, *_) -> None:
+        """All fits' gates of all layers in one stack and one split per pass (not one op per fit per layer)."""
+        gates = torch.stack([a.gates.gates() for a in self.adapters])  # (K, 2, columns)
+        self._gates = gates.transpose(1, 2).split(self.adapters[0].gates.sizes, dim=1)
+
+    def layer_gates(self, index: int) -> torch.Tensor:
+        return self._gates[index].unsqueeze(-1)  # (K, out, 2, 1)
 
     def use(self, adapters: list["UnZipLoRA"]) -> None:
         if len({a.rank for a in adapters}) > 1:
@@ -204,8 +215,10 @@ class FitBatch:
             stacked.fits = [fit_layers[j] for fit_layers in layers]
         for hook in self._hooks:
             hook.remove()
-        self._hooks = [self.unet.register_forward_pre_hook(a.gates.begin_pass) for a in adapters]
         self.adapters = list(adapters)
+        # one fit alone runs its own layers (their gates come from its own pass cache); several share one
+        self._hooks = [self.unet.register_forward_pre_hook(
+            adapters[0].gates.begin_pass if len(adapters) == 1 else self._begin_pass)]
 
     def __enter__(self) -> "FitBatch":
         self._saved_processors = self.unet.attn_processors
@@ -225,6 +238,7 @@ class FitBatch:
         self._hooks = []
         for adapter in self.adapters:
             adapter.gates.end_pass()
+        self._gates = None
 
 
 class PromptRoutingProcessor(AttnProcessor2_0):

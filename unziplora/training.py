@@ -194,7 +194,7 @@ class FitState:
         """This step's latent crop, noise and timestep, from this fit's own RNG stream."""
         size = self.config.resolution // base.vae_scale_factor
         x0 = _random_crop(self.latents, size, self.rng)
-        noise = torch.randn(x0.shape, generator=self.rng).to(base.device, base.dtype)
+        noise = torch.randn(x0.shape, generator=self.rng).to(self.latents.device, self.latents.dtype)
         timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=self.rng)
         return x0, noise, timestep
 
