@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adopt-legacy", action="store_true",
                    help="reuse the fits of a library made before item ids held the base model's fingerprint "
                    "(manifest schema < 3), vouching that they were made with these same weights")
+    p.add_argument("--fits-per-worker", type=int, default=1, metavar="K",
+                   help="each worker trains up to K images together, one batched UNet pass per step (more fits "
+                   "per hour per device; benchmarks/multifit.py); actor-pool executor")
     p.add_argument("--recheck", action="store_true",
                    help="read every image and completion marker again instead of trusting the manifest (a "
                    "re-run reads only images whose size or time/ETag changed, and takes ok rows as complete)")
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                  fits_per_worker=args.fits_per_worker,
                   max_attempts=args.max_attempts, wait_for_library_s=args.wait_for_library,
                   storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,

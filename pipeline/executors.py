@@ -34,7 +34,7 @@ def item_dataset(items: list[dict]):
 def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> dict[str, dict]:
     """Fit `items`; returns the rows the workers returned, by source URL."""
     fitted = item_dataset(items).map_batches(
-        FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=1,
+        FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=job.fits_per_worker,
         compute=ray.data.ActorPoolStrategy(size=job.workers, max_tasks_in_flight_per_actor=1),
         num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)
     counts = Counter()

@@ -32,6 +32,11 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     """Run `job` on the Ray cluster at `address` (or $RAY_ADDRESS, or a new local one); return the report."""
     if job.executor not in EXECUTORS:
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
+    if not isinstance(job.fits_per_worker, int) or job.fits_per_worker < 1:
+        raise InputError(f"fits per worker must be a positive integer, got {job.fits_per_worker!r}")
+    if job.fits_per_worker > 1 and job.executor != "actor-pool":
+        raise InputError("--fits-per-worker above 1 needs the actor-pool executor (a Train rank fits one item at "
+                         "a time)")
     job = pin_base_model(job, check_job_settings(job.fit))
     reap_orphans()  # what a killed local job left running on this machine
     store = Store(job.output, job.storage_options)

@@ -22,6 +22,7 @@ class JobSpec:
     workers: int = 1
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
+    fits_per_worker: int = 1  # a worker takes up to this many items at once and trains them together (actor pool)
     max_attempts: int = 3  # an image whose fit killed its worker this often is failed (manifest.crashes)
     # one job writes a library at a time (lease.py): wait this long for another job to finish, else refuse;
     # a job that stopped heartbeating for lease_ttl_s (killed) is taken over

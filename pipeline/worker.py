@@ -1,6 +1,7 @@
-"""One per-item fit worker, used by both executors: loads the base model once, then fits image after image.
+"""One fit worker, used by both executors: loads the base model once, then fits image after image, or
+several images at once (`--fits-per-worker K`: trained together in one batched UNet pass, `unziplora.fit_many`).
 
-For each item, in named steps (`_process`): identify it (read the bytes, derive the item id); reuse it if it
+For each item, in named steps (`process_many`): identify it (read the bytes, derive the item id); reuse it if it
 is complete (its `_SUCCESS` marker exists); admit it (give up on an image that killed its worker too often,
 else record the attempt first, so a crash leaves the record); fit, make the previews and upload the files
 (temporary key -> final key); commit (the marker makes the item count as complete); track it in MLflow (run
@@ -12,6 +13,7 @@ of the process escapes, and the executor retries the item on a fresh worker.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from unziplora import FitConfig, UnZipLoRAError, fit
+from unziplora import UnZipLoRAError, fit_many
 from unziplora.models import load_base_model_for
 
 from .identify import check_job_settings, identify, ids_of, item_config, plain_row
@@ -58,22 +60,47 @@ class FitWorker:
     def __call__(self, batch: dict) -> dict:
         """Ray Data batch (dict of columns) in, manifest rows out, with a `this_run` column."""
         items = [{k: batch[k][i] for k in batch} for i in range(len(batch["source_uri"]))]
-        rows = [self.process(plain_row(item)) for item in items]
+        rows = self.process_many([plain_row(item) for item in items])
         return {k: [r.get(k) for r in rows] for k in rows[0]}
 
     def process(self, item: dict) -> dict:
         """One input -> its manifest row (also stored under sources/), plus `this_run` (fit|reused|failed)."""
-        try:
-            row = self._process(item)
-        except Exception as exc:  # the library could not be read or written: this item fails, the worker lives
-            row = failed_row(item, self._failure_text(item, exc), this_run="failed")
+        return self.process_many([item])[0]
+
+    def process_many(self, items: list[dict]) -> list[dict]:
+        """Several inputs -> their rows, in order. Those to fit train together in one batch (`fit_many`), except
+        an image whose fit already killed a worker: it is fitted alone, its attempt recorded only for its own
+        fit, so a poison image is charged its crashes and its batch mates at most the one it shared with them."""
+        rows: dict[int, dict] = {}
+        ready: list[_Ready] = []
+        for n, item in enumerate(items):
+            try:
+                outcome = self._before_fit(item)
+            except Exception as exc:  # the library could not be read or written: this item fails, the worker lives
+                outcome = failed_row(item, self._failure_text(item, exc), this_run="failed")
+            if isinstance(outcome, _Ready):
+                outcome["n"] = n
+                ready.append(outcome)
+            else:
+                rows[n] = outcome
+        together = [r for r in ready if not r["crashed"]]
+        for group in ([together] if together else []) + [[r] for r in ready if r["crashed"]]:
+            try:
+                rows |= self._fit_group(group)
+            except Exception as exc:
+                rows |= {r["n"]: failed_row(r["item"], self._failure_text(r["item"], exc), this_run="failed")
+                         for r in group if r["n"] not in rows}
+        return [self._report(item, rows[n]) for n, item in enumerate(items)]
+
+    def _report(self, item: dict, row: dict) -> dict:
         try:  # `reported_by`: the driver takes this run's word over its plan (the bytes may have changed)
             self.store.write_json(row | {"reported_by": self.job.run_id}, *source_key(item["source_uri"]))
         except Exception as exc:  # the row still reaches the driver through the executor
             row = row | {"error": row.get("error") or self._failure_text(item, exc)}
         return row
 
-    def _process(self, item: dict) -> dict:
+    def _before_fit(self, item: dict) -> dict:
+        """The item's row when it needs no fit (it fails first, or it is complete), else a `_Ready`."""
         identity, data = identify(item, self.job)
         known = ids_of(identity)
         if identity["error"] or self.base_mismatch:
@@ -81,32 +108,40 @@ class FitWorker:
         done = self._complete(known["item_id"])
         if done:  # e.g. fitted before a Train group restart
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
-        attempt, previous = self._admit(item, known["item_id"])
-        if attempt is None:
+        records = past_attempts(self.store, known["item_id"])
+        crashed = crashes(records, self.job.executor, self.job.run_id)
+        if crashed >= self.job.max_attempts:
             return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
-                              "each time it fitted this image", attempts=previous, this_run="failed", **known)
-        row = self._fit_or_fail(item, data, previous + 1, known)
-        if row["status"] == "ok":
-            self.store.write_json(row, "items", known["item_id"], "_SUCCESS")  # the item now counts as complete
-        self._release(known["item_id"], attempt, complete=row["status"] == "ok")
-        return self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
+                              "each time it fitted this image", attempts=len(records), this_run="failed", **known)
+        return _Ready(item=item, data=data, known=known, records=len(records), crashed=crashed)
+
+    def _fit_group(self, group: list["_Ready"]) -> dict[int, dict]:
+        """Record an attempt for each (first, so a crash leaves it), fit them together, then per item: files,
+        marker, release, tracking."""
+        attempts = [self._admit(r["item"], r["known"]["item_id"], r["records"]) for r in group]
+        rows = self._fit_or_fail(group)
+        out = {}
+        for r, attempt, row in zip(group, attempts, rows):
+            item_id = r["known"]["item_id"]
+            if row["status"] == "ok":
+                self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
+            self._release(item_id, attempt, complete=row["status"] == "ok")
+            out[r["n"]] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
+        return out
 
     def _complete(self, item_id: str) -> dict | None:
         if self.store.exists("items", item_id, "_SUCCESS"):
             return self.store.read_json("items", item_id, "_SUCCESS")
         return None
 
-    def _admit(self, item: dict, item_id: str) -> tuple[str | None, int]:
-        """(the record of this attempt, fits of the item that never came back); no record: give up on it."""
-        records = past_attempts(self.store, item_id)
-        if crashes(records, self.job.executor, self.job.run_id) >= self.job.max_attempts:
-            return None, len(records)
+    def _admit(self, item: dict, item_id: str, records: int) -> str:
+        """Record this attempt (its name is returned) before the fit starts."""
         attempt = start_attempt(self.store, item_id, self.job.run_id,
                                 {"source_uri": item["source_uri"], "worker": self.name})
         if self.inflight is not None:  # Train: which attempt this rank holds, should its process die
             self.store.write_json({"item_id": item_id, "attempt": attempt}, *self.inflight)
-        self._maybe_crash(item["source_uri"], len(records) + 1)
-        return attempt, len(records)
+        self._maybe_crash(item["source_uri"], records + 1)
+        return attempt
 
     def _release(self, item_id: str, attempt: str, complete: bool) -> None:
         """The fit came back: it is no crash (a complete item needs no records at all)."""
@@ -114,14 +149,36 @@ class FitWorker:
         if self.inflight is not None:
             self.store.write_json({"item_id": None}, *self.inflight)
 
-    def _fit_or_fail(self, item: dict, data: bytes, attempts: int, known: dict) -> dict:
-        try:
-            return self._fit(item, data, item_config(item, self.job), attempts, known)
-        except Exception as exc:  # NaN, bad image, out of memory, a full disk ...: a failed row, never a dead job
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            self._discard_files(known["item_id"])  # what was uploaded of a fit that did not finish
-            return failed_row(item, self._failure_text(item, exc), attempts=attempts, worker=self.name, **known)
+    def _fit_or_fail(self, group: list["_Ready"]) -> list[dict]:
+        """Train the group's fits together; each item's ok row, or its failed row (NaN, bad image, out of
+        memory, a full disk ...): a failed row, never a dead job, and never its batch mates' failure."""
+        with contextlib.ExitStack() as stack:
+            folders = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-")))
+                       for _ in group]
+            results: list = [None] * len(group)
+            configs = {}
+            for i, r in enumerate(group):
+                try:
+                    configs[i] = item_config(r["item"], self.job)
+                except Exception as exc:
+                    results[i] = exc
+            fitted = fit_many([io.BytesIO(group[i]["data"]) for i in configs], list(configs.values()),
+                              base=self.base, out_dirs=[folders[i] / "fit" for i in configs], progress=False)
+            for i, result in zip(configs, fitted):
+                results[i] = result
+            rows = []
+            for r, result in zip(group, results):
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    rows.append(self._upload(r, result))
+                except Exception as exc:
+                    if isinstance(exc, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
+                    self._discard_files(r["known"]["item_id"])  # what was uploaded of a fit that did not finish
+                    rows.append(failed_row(r["item"], self._failure_text(r["item"], exc), attempts=r["records"] + 1,
+                                           worker=self.name, **r["known"]))
+            return rows
 
     def _failure_text(self, item: dict, exc: Exception) -> str:
         """Why this item failed, naming its source: one line for expected errors (bad input, a store that
@@ -151,26 +208,30 @@ class FitWorker:
             self.store.write_json(row, "items", row["item_id"], "_SUCCESS")
         return row
 
-    def _fit(self, item: dict, data: bytes, config: FitConfig, attempts: int, known: dict) -> dict:
-        item_id = known["item_id"]
-        with tempfile.TemporaryDirectory(prefix="unziplora-item-") as tmp:
-            result = fit(io.BytesIO(data), config, base=self.base, out_dir=Path(tmp) / "fit", progress=False)
-            # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
-            (result.out_dir / "history.json").write_text(json.dumps(result.history))
-            if self.job.preview_steps > 0:
-                write_previews(self.base, result.out_dir, self.job.preview_steps)
-            files = {}
-            for path in sorted(result.out_dir.iterdir()):
-                self.store.upload_file(str(path), "items", item_id, path.name)
-                files[path.name] = {"uri": self.store.url("items", item_id, path.name),
-                                    "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
-        return ok_row(item, known, result, files, attempts=attempts, worker=self.name,
+    def _upload(self, ready: "_Ready", result) -> dict:
+        """A finished fit's history, previews and files into the library; its ok row."""
+        item, known = ready["item"], ready["known"]
+        # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
+        (result.out_dir / "history.json").write_text(json.dumps(result.history))
+        if self.job.preview_steps > 0:
+            write_previews(self.base, result.out_dir, self.job.preview_steps)
+        files = {}
+        for path in sorted(result.out_dir.iterdir()):
+            self.store.upload_file(str(path), "items", known["item_id"], path.name)
+            files[path.name] = {"uri": self.store.url("items", known["item_id"], path.name),
+                                "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
+        return ok_row(item, known, result, files, attempts=ready["records"] + 1, worker=self.name,
                       code_version=self.job.code_version or code_version(), run_id=self.job.run_id)
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
         if any(s in uri for s in self.job.crash_always_on) or \
                 (attempts == 1 and any(s in uri for s in self.job.crash_once_on)):
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
+
+
+class _Ready(dict):
+    """An item to fit: item, data (its bytes), known (its ids), records (fits of it that never came back),
+    crashed (how many of those killed a worker), n (its place in the worker's batch)."""
 
 
 # a library that cannot be written: a full disk or quota, a read-only or failing store

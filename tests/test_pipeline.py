@@ -77,7 +77,8 @@ def assert_counts(report: dict, dataset, fits: int) -> None:
 @pytest.mark.parametrize("executor", ["actor-pool"])  # Train: test_train_restarts_... (Train's runs cost minutes)
 def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_input, tiny_pipe, tmp_path):
     prefix = f"out-{executor}"
-    job = s3_job(s3, s3_input, prefix, executor=executor)
+    # two fits per worker, trained together in one batched UNet pass (a worker's batch: 2 items)
+    job = s3_job(s3, s3_input, prefix, executor=executor, fits_per_worker=2)
     report = run_job(job, progress=False)
     assert_counts(report, dataset, fits=len(dataset.names("ok")))
     assert report["redone_fits"] == 0
@@ -104,6 +105,7 @@ def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_i
 
     # every artifact of every ok row is on S3 with the recorded sha256; the LoRAs load in a diffusers pipeline
     artifacts = {n: check_artifacts(named[n], s3.get) for n in dataset.names("ok")}
+    assert any(json.loads(a["fit.json"])["timings"]["batch_size"] == 2 for a in artifacts.values())
     assert_lora_loads(tiny_pipe, artifacts["img00.png"], tmp_path / "lora")
     for name in dataset.names("ok"):  # _SUCCESS is the row itself, written after the files
         success = json.loads(s3.get(f"{named[name]['output_uri']}/_SUCCESS"))
@@ -258,10 +260,15 @@ def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
         legacy[row["source_uri"]] = old_id
     shutil.rmtree(library / "sources")
     shutil.rmtree(library / "attempts")
-    for part in library.glob("manifest/*.parquet"):  # and without the columns added since (listing stamps)
+    for part in library.glob("manifest/*.parquet"):  # its rows under the old ids, without the columns since
         table = pq.read_table(part)
-        table = table.set_column(table.schema.get_field_index("source_stat"), "source_stat",
-                                 pa.nulls(len(table), pa.string()))
+        rows = []
+        for row in table.to_pylist():
+            text = json.dumps(row)
+            if row["item_id"]:
+                text = text.replace(row["item_id"], legacy[row["source_uri"]])
+            rows.append(json.loads(text) | {"schema_version": 2, "source_stat": None})
+        table = pa.Table.from_pylist(rows, schema=table.schema)
         pq.write_table(table.replace_schema_metadata({"unziplora.manifest.schema_version": "2"}), part)
     return legacy
 

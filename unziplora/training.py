@@ -135,6 +135,8 @@ def _finish(state: "FitState", prompts, base: BaseModel, timings: dict, out_dir,
     tensors = export.adapter_tensors(state.adapter, config.save_precision)
     record = _record(config, prompts, base, state.adapter, state.history, timings)
     result = FitResult(config=config, record=record, tensors=tensors, history=state.history)
+    if timings.get("batch_size", 1) > 1:  # its own share of the batch: encoding, training share, export
+        start = time.perf_counter() - timings["encode_s"] - timings["train_s"]
     if out_dir is not None:  # fit.json, written last, holds export_s and total_s too
         result.out_dir = export.write_fit(result, out_dir, overwrite=overwrite, started=start)
     else:
