@@ -1,6 +1,7 @@
 """Actor pool vs Ray Train on the same job: 20 tiny images with uneven fit lengths and one worker crash.
 
     .venv/bin/python benchmarks/executors.py [--images 20] [--workers 2] [--min-steps 40] [--max-steps 200]
+        [--executors actor-pool train] [--no-crash] [--fits-per-worker K]
 
 For each executor, prints efficiency = summed fit time / (executor wall time x workers) and the number of
 fits that were done again (a fit interrupted by the crash counts once; a Train group restart that re-runs
@@ -39,15 +40,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--min-steps", type=int, default=40)
     parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--executors", nargs="+", default=["actor-pool", "train"], choices=["actor-pool", "train"])
+    parser.add_argument("--no-crash", dest="crash", action="store_false", help="no injected worker crash")
+    parser.add_argument("--fits-per-worker", type=int, default=1)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="unziplora-bench-"))
     (root / "in").mkdir()
     make_dataset(root / "in", args.images, args.min_steps, args.max_steps)
     ray.init(num_cpus=args.workers + 4, include_dashboard=False, log_to_driver=False)
     results = {}
-    for executor in ("actor-pool", "train"):
+    for executor in args.executors:
         job = JobSpec(input=str(root / "in"), output=str(root / f"out-{executor}"), executor=executor,
-                      workers=args.workers, fit={"rank": 8}, crash_once_on=["img05"])
+                      workers=args.workers, fit={"rank": 8}, crash_once_on=["img05"] if args.crash else [],
+                      fits_per_worker=args.fits_per_worker)
         t = time.perf_counter()
         report = run_job(job, progress=False)
         report["job_wall_s"] = round(time.perf_counter() - t, 2)

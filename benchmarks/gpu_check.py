@@ -32,7 +32,7 @@ from PIL import Image
 
 from unziplora.config import FitConfig
 from unziplora.models import load_base_model
-from unziplora.training import fit, library_versions
+from unziplora.training import fit, fit_many, library_versions
 
 HERE = Path(__file__).resolve().parent
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}  # dense, datasheets
@@ -83,6 +83,39 @@ def measure(base, resolution: int, checkpointing: bool, steps: int, rank: int, c
     }
 
 
+def measure_batch(base, resolution: int, checkpointing: bool, steps: int, rank: int, fits: int) -> dict:
+    """`fits` real fits trained together (fit_many: one batched UNet pass per step); per-step times from the
+    first fit's step callback."""
+    device = base.device
+    images, configs = [], []
+    for n in range(fits):
+        picture = Image.fromarray(np.random.default_rng(n).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+        configs.append(FitConfig(content="sks dog", style="watercolor painting", base_model=base.name, steps=steps,
+                                 recalibrations=2, rank=rank, resolution=resolution, seed=n,
+                                 gradient_checkpointing=checkpointing))
+    stamps = []
+
+    def on_step(step, _):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append((step, time.perf_counter()))
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    results = fit_many(images, configs, base=base, progress=False, on_steps=[on_step] + [None] * (fits - 1))
+    failed = [r for r in results if isinstance(r, Exception)]
+    if failed:
+        raise failed[0]
+    ordinary, _ = step_durations(stamps, set(configs[0].calibration_steps))
+    return {"resolution": resolution, "checkpointing": checkpointing, "fits": fits,
+            "s_per_step": statistics.median(ordinary[1:] or ordinary),
+            "peak_gb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0) / 1e9}
+
+
 def predictions(model: str, smoke: bool) -> dict:
     """The budget's rows by (resolution, checkpointing): counted now for `tiny` (on the CPU itself, which is
     quicker than the meta device at this size), read from benchmarks/sdxl_budget.json (made by
@@ -111,6 +144,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new runs after this")
     parser.add_argument("--compile", action="store_true", help="also a 1024 px fit with compile=True")
     parser.add_argument("--json", help="default: $OUT/gpu_check.json, else gpu_check.json")
+    parser.add_argument("--fits", type=int, default=4, help="fits trained together in the multi-fit runs (0: none)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -152,6 +186,24 @@ def main() -> None:
         report["runs"].append(row)
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps(report, indent=1))  # after every run: a cut-off check keeps what it measured
+    report["multifit"] = []
+    for resolution, checkpointing in ([(64, True)] if args.smoke else [(512, False), (1024, True)]):
+        if not args.fits or (time.perf_counter() - t0 > args.budget_s + 120 and not args.smoke):
+            break
+        single = next((r for r in report["runs"] if (r.get("resolution"), r.get("checkpointing"), r.get("compile"))
+                       == (resolution, checkpointing, False) and "error" not in r), None)
+        try:
+            one = single or measure(base, resolution, checkpointing, steps, rank)
+            row = measure_batch(base, resolution, checkpointing, steps, rank, args.fits)
+            # fits per hour, K together vs one at a time: K x (s/step alone) / (s/step of the batch)
+            row["speedup"] = args.fits * one["s_per_step"] / row["s_per_step"]
+            row["single_s_per_step"] = one["s_per_step"]
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"resolution": resolution, "checkpointing": checkpointing, "fits": args.fits,
+                   "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        report["multifit"].append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(report, indent=1))
     report["total_s"] = time.perf_counter() - t0
     out.write_text(json.dumps(report, indent=1))
     print(table(report))
@@ -174,6 +226,16 @@ def table(report: dict) -> str:
                      f"{'on' if r['compile'] else 'off'} | {r['s_per_step']:.3f} | {r['recalibration_s']:.3f} | "
                      f"{r['setup_s']:.2f} | {r['first_step_s']:.1f} | {r['fit_600_s']:.0f} | "
                      f"{r['peak_gb']:.1f}{predicted} | {flops} |")
+    if report.get("multifit"):
+        lines += ["", "| px | checkpointing | fits together | s/step | s/step alone | fits/hour vs alone | peak GB |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["multifit"]:
+            if "error" in r:
+                lines.append(f"| {r['resolution']} | {r['checkpointing']} | {r['fits']} | {r['error']} |")
+                continue
+            lines.append(f"| {r['resolution']} | {'on' if r['checkpointing'] else 'off'} | {r['fits']} | "
+                         f"{r['s_per_step']:.3f} | {r['single_s_per_step']:.3f} | {r['speedup']:.2f}x | "
+                         f"{r['peak_gb']:.1f} |")
     return "\n".join(lines)
 
 
