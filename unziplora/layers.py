@@ -149,7 +149,7 @@ class StackedDualLoRA(nn.Module):
     """One adapted linear while K fits train together in one batched UNet pass (`FitBatch`): sample k of the
     batch is fit k's, and each fit's own dual LoRA (its `DualLoRALinear`, parameters and gates) applies to its
     own sample. The K fits' factors are stacked for the pass (A (K, 2r, in), gated B (K, out, 2r)) and applied
-    with two `bmm`s: no per-fit loop over layers. One fit alone is its own layer's forward, as in `attach()`."""
+    with two `bmm`s: no per-fit loop over layers."""
 
     def __init__(self, base_layer: nn.Linear, routed: bool, index: int, batch: "FitBatch"):
         super().__init__()
@@ -159,13 +159,6 @@ class StackedDualLoRA(nn.Module):
         self.route: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.fits) == 1:
-            layer = self.fits[0]
-            layer.route = self.route
-            try:
-                return layer(x)
-            finally:
-                layer.route = None
         out = self.base_layer(x)
         k, r = len(self.fits), self.fits[0].rank
         A = torch.stack([f.lora_A for f in self.fits])  # (K, 2r, in)
@@ -187,8 +180,8 @@ def _per_fit(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 class FitBatch:
     """The adapters of K fits of one UNet, attached together: each adapted linear becomes a `StackedDualLoRA`
-    over the fits' own layers. `use(adapters)` changes which fits the next passes hold (a finished fit leaves,
-    a new one may join); every adapter must have been built on this UNet with the same rank."""
+    over the fits' own layers (one fit alone: its own `DualLoRALinear`s). `use(adapters)` changes which fits
+    the next passes hold (a finished fit leaves); every adapter must be built on this UNet with one rank."""
 
     def __init__(self, unet: nn.Module, adapters: list["UnZipLoRA"]):
         self.unet, self.adapters = unet, list(adapters)
@@ -213,6 +206,9 @@ class FitBatch:
         layers = [list(a.layers.values()) for a in adapters]
         for j, stacked in enumerate(self.stacked):
             stacked.fits = [fit_layers[j] for fit_layers in layers]
+        # one fit alone: its own layers in the slots, as `attach()` puts them (no wrapper call per layer)
+        for (_, attn, target, _), module in zip(self.slots, layers[0] if len(adapters) == 1 else self.stacked):
+            _set_child(attn, target, module)
         for hook in self._hooks:
             hook.remove()
         self.adapters = list(adapters)
@@ -222,8 +218,6 @@ class FitBatch:
 
     def __enter__(self) -> "FitBatch":
         self._saved_processors = self.unet.attn_processors
-        for (_, attn, target, _), stacked in zip(self.slots, self.stacked):
-            _set_child(attn, target, stacked)
         self.unet.set_attn_processor(PromptRoutingProcessor())
         self.use(self.adapters)
         return self
@@ -299,8 +293,7 @@ class UnZipLoRA(nn.Module):
                 if not any(role.is_sparse(kind) for kind in KINDS):
                     self.gates.mergeable[cols] = 0.0
         self._unet = [unet]
-        self._saved_processors = None
-        self._hooks = []
+        self._batch: FitBatch | None = None
 
     def named_layers(self):
         for (full_name, *_), layer in zip(self._slots, self.layers.values()):
@@ -310,25 +303,14 @@ class UnZipLoRA(nn.Module):
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     def attach(self) -> "UnZipLoRA":
-        unet = self._unet[0]
-        self._saved_processors = unet.attn_processors
-        for (_, attn, target, _), layer in zip(self._slots, self.layers.values()):
-            _set_child(attn, target, layer)
-        unet.set_attn_processor(PromptRoutingProcessor())
-        self._hooks = [unet.register_forward_pre_hook(self.gates.begin_pass)]
+        self._batch = FitBatch(self._unet[0], [self]).__enter__()
         return self
 
     def detach(self) -> None:
         """Put the UNet back exactly as it was: original linears and attention processors."""
-        unet = self._unet[0]
-        for _, attn, target, base in self._slots:
-            _set_child(attn, target, base)
-        if self._saved_processors is not None:
-            unet.set_attn_processor(self._saved_processors)
-            self._saved_processors = None
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        if self._batch is not None:
+            self._batch.__exit__()
+            self._batch = None
         self.gates.end_pass()
 
     def __enter__(self):
