@@ -61,7 +61,8 @@ class FitWorker:
         """Ray Data batch (dict of columns) in, manifest rows out, with a `this_run` column."""
         items = [{k: batch[k][i] for k in batch} for i in range(len(batch["source_uri"]))]
         rows = self.process_many([plain_row(item) for item in items])
-        return {k: [r.get(k) for r in rows] for k in rows[0]}
+        columns = dict.fromkeys(k for row in rows for k in row)  # a reused marker of an older run may lack some
+        return {k: [r.get(k) for r in rows] for k in columns}
 
     def process(self, item: dict) -> dict:
         """One input -> its manifest row (also stored under sources/), plus `this_run` (fit|reused|failed)."""
