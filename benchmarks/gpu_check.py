@@ -46,15 +46,9 @@ def step_durations(stamps: list[tuple[int, float]], calibration: set[int]) -> tu
     return ordinary, recal
 
 
-def measure(base, resolution: int, checkpointing: bool, steps: int, rank: int, compile_unet: bool = False) -> dict:
-    """One real fit; per-step times from its step callback (synchronised with the GPU)."""
-    device = base.device
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    config = FitConfig(content="sks dog", style="watercolor painting", base_model=base.name, steps=steps,
-                       recalibrations=2, rank=rank, resolution=resolution, gradient_checkpointing=checkpointing,
-                       compile=compile_unet)
+def step_clock(device: torch.device):
+    """(stamps, on_step): a step callback that notes (step, time) once the GPU has finished the step; the
+    peak-memory counter starts afresh."""
     stamps = []
 
     def on_step(step, _):
@@ -65,6 +59,19 @@ def measure(base, resolution: int, checkpointing: bool, steps: int, rank: int, c
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    return stamps, on_step
+
+
+def measure(base, resolution: int, checkpointing: bool, steps: int, rank: int, compile_unet: bool = False) -> dict:
+    """One real fit; per-step times from its step callback (synchronised with the GPU)."""
+    device = base.device
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    config = FitConfig(content="sks dog", style="watercolor painting", base_model=base.name, steps=steps,
+                       recalibrations=2, rank=rank, resolution=resolution, gradient_checkpointing=checkpointing,
+                       compile=compile_unet)
+    stamps, on_step = step_clock(device)
     start = time.perf_counter()
     result = fit(buffer.getvalue(), config, base=base, progress=False, on_step=on_step)
     calibration = set(config.calibration_steps)
@@ -96,16 +103,7 @@ def measure_batch(base, resolution: int, checkpointing: bool, steps: int, rank: 
         configs.append(FitConfig(content="sks dog", style="watercolor painting", base_model=base.name, steps=steps,
                                  recalibrations=2, rank=rank, resolution=resolution, seed=n,
                                  gradient_checkpointing=checkpointing))
-    stamps = []
-
-    def on_step(step, _):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stamps.append((step, time.perf_counter()))
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    stamps, on_step = step_clock(device)
     results = fit_many(images, configs, base=base, progress=False, on_steps=[on_step] + [None] * (fits - 1))
     failed = [r for r in results if isinstance(r, Exception)]
     if failed:
