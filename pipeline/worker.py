@@ -124,10 +124,14 @@ class FitWorker:
         out = {}
         for r, attempt, row in zip(group, attempts, rows):
             item_id = r["known"]["item_id"]
-            if row["status"] == "ok":
-                self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
-            self._release(item_id, attempt, complete=row["status"] == "ok")
-            out[r["n"]] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
+            try:  # each item on its own: one that cannot be committed does not take its mates' rows along
+                if row["status"] == "ok":
+                    self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
+                self._release(item_id, attempt, complete=row["status"] == "ok")
+                out[r["n"]] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
+            except Exception as exc:
+                out[r["n"]] = failed_row(r["item"], self._failure_text(r["item"], exc), this_run="failed",
+                                         **r["known"])
         return out
 
     def _complete(self, item_id: str) -> dict | None:
