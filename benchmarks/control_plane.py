@@ -32,7 +32,7 @@ from pipeline.job import marker_key, pin_base_model, run_job
 from pipeline.manifest import SCHEMA_VERSION, empty_row, source_key, utc_now, write_manifest
 from pipeline.source import read_inputs
 from pipeline.spec import JobSpec
-from pipeline.storage import Store
+from pipeline.storage import Store, sha256_hex
 
 FIT = {"base_model": "toy", "steps": 600, "rank": 4}
 
@@ -77,7 +77,7 @@ def build_library(input_url: str, output_url: str, n: int, storage_options: dict
     rows, files = [], {}
     for item in read_inputs(input_url, storage_options=options).items:
         name = item["source_uri"].rsplit("/", 1)[-1]
-        identity, _ = identify(item, job, image_sha256=_sha(images[name]))
+        identity, _ = identify(item, job, image_sha256=sha256_hex(images[name]))
         row = synthetic_row(item, identity, job, out)
         rows.append(row)
         files[marker_key(row["item_id"])] = json.dumps(row).encode()
@@ -93,7 +93,7 @@ def synthetic_row(item: dict, identity: dict, job: JobSpec, out: Store) -> dict:
     names = ("content_lora.safetensors", "style_lora.safetensors", "content_lora_kohya.safetensors",
              "style_lora_kohya.safetensors", "mergers.safetensors", "masks.safetensors", "fit.json",
              "config.yaml", "README.md", "preview_content.png", "preview_style.png")
-    files = {name: {"uri": f"{folder}/{name}", "sha256": _sha(name.encode() + identity["item_id"].encode()),
+    files = {name: {"uri": f"{folder}/{name}", "sha256": sha256_hex(name.encode() + identity["item_id"].encode()),
                     "bytes": 1000} for name in names}
     return empty_row(item["source_uri"]) | {k: identity[k] for k in ("item_id", "image_sha256", "settings_sha256")} | {
         "schema_version": SCHEMA_VERSION, "status": "ok", "attempts": 1, "content": item["content"],
@@ -106,12 +106,6 @@ def synthetic_row(item: dict, identity: dict, job: JobSpec, out: Store) -> dict:
         "train_s": 60.0, "total_s": 62.0, "worker": "builder", "base_model": "toy",
         "base_model_fingerprint": job.base_fingerprint, "code_version": "builder", "run_id": "built",
         "finished_at": utc_now(), "source_stat": item["source_stat"]}
-
-
-def _sha(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def rerun(job: JobSpec, recheck: bool = False) -> dict:

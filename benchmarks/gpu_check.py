@@ -46,6 +46,13 @@ def step_durations(stamps: list[tuple[int, float]], calibration: set[int]) -> tu
     return ordinary, recal
 
 
+def random_png(resolution: int, seed: int) -> bytes:
+    picture = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def step_clock(device: torch.device):
     """(stamps, on_step): a step callback that notes (step, time) once the GPU has finished the step; the
     peak-memory counter starts afresh."""
@@ -65,15 +72,12 @@ def step_clock(device: torch.device):
 def measure(base, resolution: int, checkpointing: bool, steps: int, rank: int, compile_unet: bool = False) -> dict:
     """One real fit; per-step times from its step callback (synchronised with the GPU)."""
     device = base.device
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
     config = FitConfig(content="sks dog", style="watercolor painting", base_model=base.name, steps=steps,
                        recalibrations=2, rank=rank, resolution=resolution, gradient_checkpointing=checkpointing,
                        compile=compile_unet)
     stamps, on_step = step_clock(device)
     start = time.perf_counter()
-    result = fit(buffer.getvalue(), config, base=base, progress=False, on_step=on_step)
+    result = fit(random_png(resolution, 0), config, base=base, progress=False, on_step=on_step)
     calibration = set(config.calibration_steps)
     ordinary, recal = step_durations(stamps, calibration)
     s_step = statistics.median(ordinary[1:] or ordinary)  # the step after the first recalibration is warm-up
@@ -96,10 +100,7 @@ def measure_batch(base, resolution: int, checkpointing: bool, steps: int, rank: 
     device = base.device
     images, configs = [], []
     for n in range(fits):
-        picture = Image.fromarray(np.random.default_rng(n).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        images.append(buffer.getvalue())
+        images.append(random_png(resolution, n))
         configs.append(FitConfig(content="sks dog", style="watercolor painting", base_model=base.name, steps=steps,
                                  recalibrations=2, rank=rank, resolution=resolution, seed=n,
                                  gradient_checkpointing=checkpointing))

@@ -12,7 +12,7 @@ import time
 import fsspec
 
 from .lease import LibraryLease
-from .manifest import read_manifest, source_key, write_manifest
+from .manifest import manifest_rows, source_key, write_manifest
 from .storage import Store
 
 
@@ -25,11 +25,11 @@ def forget_sources(output: str, prefixes: list[str], *, missing: bool = False, s
     folders = [Store(p, options).url().rstrip("/") for p in prefixes]
     run_id = "forget-" + time.strftime("%Y%m%dT%H%M%S")
     with LibraryLease(store, run_id).acquire(wait_s):
-        rows = read_manifest(store.url(), options).to_pylist()
+        rows = manifest_rows(store.url(), options)
         dropped = [r for r in rows if _under(r["source_uri"], folders) or (missing and not _exists(r, options))]
         gone = {r["source_uri"] for r in dropped}
         if dropped and not dry_run:
-            write_manifest(store, [r for r in rows if r["source_uri"] not in gone], run_id)
+            write_manifest(store, [r for r in rows if r["source_uri"] not in gone], run_id, previous=rows)
             for uri in sorted(gone):
                 if store.exists(*source_key(uri)):
                     store.remove(store.path(*source_key(uri)))

@@ -91,8 +91,18 @@ def identify_row(item: dict, job: JobSpec, image_sha256: str | None = None) -> d
 def identify_batch(batch: dict, job: dict) -> dict:
     """Ray Data `map_batches` form of `identify_row`: many images per task, only small rows come back."""
     spec = JobSpec(**job)
-    rows = [identify_row({k: batch[k][i] for k in batch}, spec) for i in range(len(batch["source_uri"]))]
-    return {k: [r[k] for r in rows] for k in rows[0]}
+    return batch_columns([identify_row(item, spec) for item in batch_rows(batch)])
+
+
+def batch_rows(batch: dict) -> list[dict]:
+    """A Ray Data batch (a dict of columns) as rows."""
+    return [{k: batch[k][i] for k in batch} for i in range(len(batch["source_uri"]))]
+
+
+def batch_columns(rows: list[dict]) -> dict:
+    """Rows as a Ray Data batch: a column for every key any row has (None where a row lacks it)."""
+    columns = dict.fromkeys(k for row in rows for k in row)
+    return {k: [r.get(k) for r in rows] for k in columns}
 
 
 def ids_of(identity: dict) -> dict:

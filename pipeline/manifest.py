@@ -252,9 +252,12 @@ def _by_bucket(rows: list[dict], buckets: int) -> dict[int, list[dict]]:
 def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:
     """Every part of a library's manifest; an item id that is not one (a hostile or broken part) is refused."""
     store = Store(url, storage_options)
-    parts = [p for p in store.list("manifest") if p.endswith(".parquet")]
-    tables = [_read_part(store, part) for part in parts]
+    tables = [_read_part(store, part) for part in _part_paths(store)]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _part_paths(store: Store) -> list[str]:
+    return [p for p in store.list("manifest") if p.endswith(".parquet")]
 
 
 def _read_part(store: Store, part: str) -> pa.Table:
@@ -270,7 +273,7 @@ def manifest_rows(url: str, storage_options: dict | None = None) -> list[dict]:
     dicts are never in memory together)."""
     store = Store(url, storage_options)
     rows = []
-    for part in [p for p in store.list("manifest") if p.endswith(".parquet")]:
+    for part in _part_paths(store):
         rows += _read_part(store, part).to_pylist()
     return rows
 
@@ -278,11 +281,10 @@ def manifest_rows(url: str, storage_options: dict | None = None) -> list[dict]:
 def manifest_schema_versions(store: Store) -> set[int]:
     """The schema versions of the library's manifest parts, from their footers alone."""
     versions = set()
-    for path in store.list("manifest"):
-        if path.endswith(".parquet"):
-            with store.fs.open(path, "rb") as f:
-                metadata = pq.read_schema(f).metadata or {}
-            versions.add(int(metadata.get(b"unziplora.manifest.schema_version", b"1")))
+    for path in _part_paths(store):
+        with store.fs.open(path, "rb") as f:
+            metadata = pq.read_schema(f).metadata or {}
+        versions.add(int(metadata.get(b"unziplora.manifest.schema_version", b"1")))
     return versions
 
 

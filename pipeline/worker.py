@@ -21,14 +21,15 @@ import os
 import socket
 import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from unziplora import UnZipLoRAError, fit_many
+from unziplora import FitConfig, UnZipLoRAError, fit_many
 from unziplora.models import load_base_model_for
 
-from .identify import check_job_settings, identify, ids_of, item_config, plain_row
+from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
 from .manifest import (crashes, end_attempt, failed_row, ok_row, past_attempts, scrubbed, source_key,
                        start_attempt)
 from .previews import write_previews
@@ -59,10 +60,8 @@ class FitWorker:
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data batch (dict of columns) in, manifest rows out, with a `this_run` column."""
-        items = [{k: batch[k][i] for k in batch} for i in range(len(batch["source_uri"]))]
-        rows = self.process_many([plain_row(item) for item in items])
-        columns = dict.fromkeys(k for row in rows for k in row)  # a reused marker of an older run may lack some
-        return {k: [r.get(k) for r in rows] for k in columns}
+        # a column for every key: a reused marker of an older run may lack some
+        return batch_columns(self.process_many([plain_row(item) for item in batch_rows(batch)]))
 
     def process(self, item: dict) -> dict:
         """One input -> its manifest row (also stored under sources/), plus `this_run` (fit|reused|failed)."""
@@ -80,17 +79,17 @@ class FitWorker:
             except Exception as exc:  # the library could not be read or written: this item fails, the worker lives
                 outcome = failed_row(item, self._failure_text(item, exc), this_run="failed")
             if isinstance(outcome, _Ready):
-                outcome["n"] = n
+                outcome.n = n
                 ready.append(outcome)
             else:
                 rows[n] = outcome
-        together = [r for r in ready if not r["crashed"]]
-        for group in ([together] if together else []) + [[r] for r in ready if r["crashed"]]:
+        together = [r for r in ready if not r.crashed]
+        for group in ([together] if together else []) + [[r] for r in ready if r.crashed]:
             try:
                 rows |= self._fit_group(group)
             except Exception as exc:
-                rows |= {r["n"]: failed_row(r["item"], self._failure_text(r["item"], exc), this_run="failed")
-                         for r in group if r["n"] not in rows}
+                rows |= {r.n: failed_row(r.item, self._failure_text(r.item, exc), this_run="failed")
+                         for r in group if r.n not in rows}
         return [self._report(item, rows[n]) for n, item in enumerate(items)]
 
     def _report(self, item: dict, row: dict) -> dict:
@@ -114,24 +113,25 @@ class FitWorker:
         if crashed >= self.job.max_attempts:
             return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
                               "each time it fitted this image", attempts=len(records), this_run="failed", **known)
-        return _Ready(item=item, data=data, known=known, records=len(records), crashed=crashed)
+        return _Ready(item=item, data=data, config=item_config(item, self.job), known=known, records=len(records),
+                      crashed=crashed)
 
     def _fit_group(self, group: list["_Ready"]) -> dict[int, dict]:
         """Record an attempt for each (first, so a crash leaves it), fit them together, then per item: files,
         marker, release, tracking."""
-        attempts = [self._admit(r["item"], r["known"]["item_id"], r["records"]) for r in group]
+        attempts = [self._admit(r.item, r.known["item_id"], r.records) for r in group]
         rows = self._fit_or_fail(group)
         out = {}
         for r, attempt, row in zip(group, attempts, rows):
-            item_id = r["known"]["item_id"]
+            item_id = r.known["item_id"]
             try:  # each item on its own: one that cannot be committed does not take its mates' rows along
                 if row["status"] == "ok":
                     self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
                 self._release(item_id, attempt, complete=row["status"] == "ok")
-                out[r["n"]] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
+                out[r.n] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
             except Exception as exc:
-                out[r["n"]] = failed_row(r["item"], self._failure_text(r["item"], exc), this_run="failed",
-                                         **r["known"])
+                out[r.n] = failed_row(r.item, self._failure_text(r.item, exc), this_run="failed",
+                                         **r.known)
         return out
 
     def _complete(self, item_id: str) -> dict | None:
@@ -160,17 +160,8 @@ class FitWorker:
         with contextlib.ExitStack() as stack:
             folders = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-")))
                        for _ in group]
-            results: list = [None] * len(group)
-            configs = {}
-            for i, r in enumerate(group):
-                try:
-                    configs[i] = item_config(r["item"], self.job)
-                except Exception as exc:
-                    results[i] = exc
-            fitted = fit_many([io.BytesIO(group[i]["data"]) for i in configs], list(configs.values()),
-                              base=self.base, out_dirs=[folders[i] / "fit" for i in configs], progress=False)
-            for i, result in zip(configs, fitted):
-                results[i] = result
+            results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
+                               out_dirs=[folder / "fit" for folder in folders], progress=False)
             rows = []
             for r, result in zip(group, results):
                 try:
@@ -180,9 +171,9 @@ class FitWorker:
                 except Exception as exc:
                     if isinstance(exc, torch.cuda.OutOfMemoryError):
                         torch.cuda.empty_cache()
-                    self._discard_files(r["known"]["item_id"])  # what was uploaded of a fit that did not finish
-                    rows.append(failed_row(r["item"], self._failure_text(r["item"], exc), attempts=r["records"] + 1,
-                                           worker=self.name, **r["known"]))
+                    self._discard_files(r.known["item_id"])  # what was uploaded of a fit that did not finish
+                    rows.append(failed_row(r.item, self._failure_text(r.item, exc), attempts=r.records + 1,
+                                           worker=self.name, **r.known))
             return rows
 
     def _failure_text(self, item: dict, exc: Exception) -> str:
@@ -215,7 +206,7 @@ class FitWorker:
 
     def _upload(self, ready: "_Ready", result) -> dict:
         """A finished fit's history, previews and files into the library; its ok row."""
-        item, known = ready["item"], ready["known"]
+        item, known = ready.item, ready.known
         # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
         (result.out_dir / "history.json").write_text(json.dumps(result.history))
         if self.job.preview_steps > 0:
@@ -225,7 +216,7 @@ class FitWorker:
             self.store.upload_file(str(path), "items", known["item_id"], path.name)
             files[path.name] = {"uri": self.store.url("items", known["item_id"], path.name),
                                 "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
-        return ok_row(item, known, result, files, attempts=ready["records"] + 1, worker=self.name,
+        return ok_row(item, known, result, files, attempts=ready.records + 1, worker=self.name,
                       code_version=self.job.code_version or code_version(), run_id=self.job.run_id)
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
@@ -234,9 +225,17 @@ class FitWorker:
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
 
 
-class _Ready(dict):
-    """An item to fit: item, data (its bytes), known (its ids), records (fits of it that never came back),
-    crashed (how many of those killed a worker), n (its place in the worker's batch)."""
+@dataclass
+class _Ready:
+    """An item to fit."""
+
+    item: dict
+    data: bytes
+    config: FitConfig  # its settings (identify checked them)
+    known: dict  # its ids (identify.ids_of)
+    records: int  # fits of it that never came back
+    crashed: int  # how many of those killed a worker (manifest.crashes)
+    n: int = -1  # its place in the worker's batch
 
 
 # a library that cannot be written: a full disk or quota, a read-only or failing store

@@ -94,10 +94,9 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
         except Exception as exc:  # the pass itself failed (out of memory, ...): every fit in it did
             for state in states:
                 state.error = state.error or exc
+        share = (time.perf_counter() - t) / len(members)
         for i, state in zip(members, states):
-            prepared[i][2]["train_s"] = (time.perf_counter() - t) / len(members)
-            prepared[i][2]["s_per_step"] = prepared[i][2]["train_s"] / state.config.steps
-            prepared[i][2]["batch_size"] = len(members)
+            prepared[i][2].update(train_s=share, s_per_step=share / state.config.steps, batch_size=len(members))
     for i, (state, prompts, timings) in prepared.items():
         if state.error is not None:
             results[i] = state.error
