@@ -26,6 +26,7 @@ Methods (SPEC section 10 and the paper's ablation table), all on the same traini
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -61,6 +62,8 @@ class Method:
     one_prompt: bool = False  # both LoRAs trained under the combined prompt: no prompt separation
     whole: bool = False  # cannot be split: content and style are the whole LoRA
     ortho: bool = True  # the orthogonality loss (only meaningful with sparse columns)
+    # settings changed from the fit's defaults ("{shape}" in a text stands for each image's own shape word)
+    overrides: tuple[tuple[str, object], ...] = ()
 
 
 METHODS = [
@@ -71,10 +74,20 @@ METHODS = [
     Method("dreambooth", "DreamBooth-LoRA (whole LoRA)", "free", one_prompt=True, whole=True, ortho=False),
 ]
 
+# What limits the style LoRA (issue 16): UnZipLoRA with one thing changed, each its own row (`--methods ablations`)
+ABLATIONS = [
+    Method("fresh-columns", "UnZipLoRA, masks grow by fresh columns", "{table}",
+           overrides=(("column_picks", "fresh"),)),
+    Method("wide-style", "UnZipLoRA, style LoRA full on every output block", "{table}-wide-style"),
+    Method("true-class", "UnZipLoRA, style prompt names the true shape", "{table}",
+           overrides=(("class_word", "{shape}"),)),
+    Method("rank-32", "UnZipLoRA, rank 32", "{table}", overrides=(("rank", 32),)),
+]
 
-def held_out_images(n: int) -> world.Batch:
+
+def held_out_images(n: int, seed: int = HELD_OUT_SEED) -> world.Batch:
     """n images in which consecutive ones (the recombination pairs) differ in both shape and style."""
-    rng = np.random.default_rng(HELD_OUT_SEED)
+    rng = np.random.default_rng(seed)
     pairs = [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
     order = rng.permutation(len(pairs))
     chosen = []
@@ -95,15 +108,17 @@ def write_image(image: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def fit_config(method: Method, base_table: str, args) -> FitConfig:
+def fit_config(method: Method, base_table: str, args, factors: world.Factors) -> FitConfig:
     table = method.role_table.format(table=base_table)
     if table not in TABLES:
         raise SystemExit(f"no role table {table!r} for this base model (unziplora/roles.py)")
-    return FitConfig(content=CONTENT, style=STYLE, base_model=args.model, steps=args.steps, rank=args.rank,
-                     lr=args.lr, seed=0, role_table=table, ortho_lambda=0.5 if method.ortho else 0.0,
-                     recalibrations=min(3, args.steps), prompt=COMBINED,
-                     content_prompt=COMBINED if method.one_prompt else None,
-                     style_prompt=COMBINED if method.one_prompt else None)
+    config = FitConfig(content=CONTENT, style=STYLE, base_model=args.model, steps=args.steps, rank=args.rank,
+                       lr=args.lr, seed=0, role_table=table, ortho_lambda=0.5 if method.ortho else 0.0,
+                       recalibrations=min(3, args.steps), prompt=COMBINED,
+                       content_prompt=COMBINED if method.one_prompt else None,
+                       style_prompt=COMBINED if method.one_prompt else None)
+    return config.replace(**{key: value.format(shape=world.SHAPES[factors.shape]) if isinstance(value, str) else
+                             value for key, value in method.overrides})
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -128,7 +143,8 @@ def whole_loras(base, fits, prompt: str, call: dict):
         pipe.unload_lora_weights()
 
 
-def draw(base, method: Method, content=None, style=None, prompt: str = "", call: dict = None) -> torch.Tensor:
+def draw(base, method: Method, content=None, style=None, prompt: str | list[str] = "", call: dict = None
+         ) -> torch.Tensor:
     """Images from the method's content LoRA, style LoRA, or both (recombined when they differ)."""
     if method.whole:
         fits = [f for f in (content, style) if f is not None]
@@ -148,22 +164,22 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
     call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds)
     for i, f in enumerate(batch.factors):
         shape, style = batch.shapes[i].item(), batch.styles[i].item()
-        for other in world.STYLE_NAMES:  # content LoRA in every other style
-            if other == f.style:
-                continue
-            shapes, styles = judges.classify(draw(base, method, content=fits[i],
-                                                  prompt=f"A {CONTENT} in {world.STYLES[other]} style", call=call))
-            add("content_acc", shapes == shape)
-            add("content_style_leak", styles == style)
-            add("content_follows_style", styles == world.STYLE_NAMES.index(other))
-        for other in world.SHAPE_NAMES:  # style LoRA on every other shape
-            if other == f.shape:
-                continue
-            shapes, styles = judges.classify(draw(base, method, style=fits[i],
-                                                  prompt=f"A {world.SHAPES[other]} in {STYLE} style", call=call))
-            add("style_acc", styles == style)
-            add("style_shape_leak", shapes == shape)
-            add("style_follows_shape", shapes == world.SHAPE_NAMES.index(other))
+        # content LoRA in every other style, all prompts in one batch (`seeds` images each, in prompt order)
+        others = [s for s in world.STYLE_NAMES if s != f.style]
+        shapes, styles = judges.classify(draw(base, method, content=fits[i], call=call,
+                                              prompt=[f"A {CONTENT} in {world.STYLES[o]} style" for o in others]))
+        wanted = torch.tensor([world.STYLE_NAMES.index(o) for o in others]).repeat_interleave(seeds)
+        add("content_acc", shapes == shape)
+        add("content_style_leak", styles == style)
+        add("content_follows_style", styles == wanted)
+        # style LoRA on every other shape
+        others = [s for s in world.SHAPE_NAMES if s != f.shape]
+        shapes, styles = judges.classify(draw(base, method, style=fits[i], call=call,
+                                              prompt=[f"A {world.SHAPES[o]} in {STYLE} style" for o in others]))
+        wanted = torch.tensor([world.SHAPE_NAMES.index(o) for o in others]).repeat_interleave(seeds)
+        add("style_acc", styles == style)
+        add("style_shape_leak", shapes == shape)
+        add("style_follows_shape", shapes == wanted)
         shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=COMBINED,
                                               call=call))
         add("recon_both", (shapes == shape) & (styles == style))
@@ -175,6 +191,18 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
                 add("recomb_style", styles == batch.styles[b].item())
                 add("recomb_both", (shapes == batch.shapes[a].item()) & (styles == batch.styles[b].item()))
     return {name: float(np.mean(v)) for name, v in counts.items()}
+
+
+def finished_fit(folder: Path, config: FitConfig, image: Path):
+    """The fit in `folder` if it was made from `image` with `config` (a re-run re-scores without fitting)."""
+    try:
+        saved = json.loads((folder / "fit.json").read_text())["settings"]
+        if (folder / "source.sha256").read_text() != hashlib.sha256(image.read_bytes()).hexdigest():
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    wanted = {k: v for k, v in config.to_dict().items() if v is not None and k != "device"}
+    return load_fit(folder) if all(saved.get(k) == v for k, v in wanted.items()) else None
 
 
 COLUMNS = [  # (key, header); arrows say which way is better
@@ -196,34 +224,42 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy", help="the base model (its role table must have a -blora twin)")
     p.add_argument("--images", type=int, default=8)
+    p.add_argument("--held-out-seed", type=int, default=HELD_OUT_SEED,
+                   help="which held-out images (another seed: a second, independent image set)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt")
     p.add_argument("--steps", type=int, default=600, help="fit steps")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, help="default: the base model's (2.5 for toy)")
-    p.add_argument("--methods", default="all", help=f"comma-separated from {[m.key for m in METHODS]}")
+    p.add_argument("--methods", default="all", help="comma-separated: 'all' (the methods), 'ablations', or "
+                   f"names from {[m.key for m in METHODS + ABLATIONS]}")
     p.add_argument("--out", default="out/disentangle")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     diffusers_logging.set_verbosity_error()  # not one "no LoRA keys for the text encoder" line per image
-    chosen = METHODS if a.methods == "all" else [m for m in METHODS if m.key in a.methods.split(",")]
-    if not chosen:
-        raise SystemExit(f"no such method in {a.methods!r}; choose from {[m.key for m in METHODS]}")
+    groups = {"all": METHODS, "ablations": ABLATIONS}
+    known = {m.key: m for m in METHODS + ABLATIONS}
+    names = a.methods.split(",")
+    unknown = [n for n in names if n not in known and n not in groups]
+    if unknown:
+        raise SystemExit(f"no such method {unknown}; choose from {list(groups) + list(known)}")
+    chosen = list({m.key: m for n in names for m in groups.get(n, [known.get(n)])}.values())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
     a.guidance = base.guidance if a.guidance is None else a.guidance
     judges = judges_mod.load_judges()
-    batch = held_out_images(a.images)
+    batch = held_out_images(a.images, a.held_out_seed)
     print(f"{a.images} held-out images: " + ", ".join(f.prompt for f in batch.factors), flush=True)
     paths = [write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
     results, started = {}, time.time()
     # what a method's scores depend on; a finished method with the same settings is reused, so a long run
     # resumes, and methods can run in parallel processes sharing --out
-    same = {k: vars(a)[k] for k in ("model", "images", "seeds", "steps", "rank", "lr", "sample_steps", "guidance")}
+    same = {k: vars(a)[k] for k in ("model", "images", "held_out_seed", "seeds", "steps", "rank", "lr",
+                                    "sample_steps", "guidance")}
     for method in chosen:
         saved = out / method.key / "scores.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -231,13 +267,18 @@ def main(argv=None) -> dict:
             results[method.name] = previous["scores"]
             print(f"{method.name}: reused {saved}", flush=True)
             continue
-        config = fit_config(method, base.role_table, a)
         fits, seconds = [], []
         for i, path in enumerate(paths):
+            config, folder = fit_config(method, base.role_table, a, batch.factors[i]), out / method.key / f"{i:03d}"
+            done = finished_fit(folder, config, path)
+            if done is not None:
+                fits.append(done)
+                seconds.append(json.loads((folder / "fit.json").read_text())["timings"]["train_s"])
+                continue
             t = time.perf_counter()
-            result = fit(str(path), config, base=base, out_dir=out / method.key / f"{i:03d}", overwrite=True,
-                         progress=False)
+            result = fit(str(path), config, base=base, out_dir=folder, overwrite=True, progress=False)
             seconds.append(time.perf_counter() - t)
+            (folder / "source.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
             fits.append(load_fit(result.out_dir))
         scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance)
         results[method.name] = scores | {"fit_s": float(np.mean(seconds))}

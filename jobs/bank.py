@@ -39,6 +39,10 @@ def add_commands(sub) -> None:
         p.add_argument("--since", help="finished at or after (ISO date or time)")
         p.add_argument("--until", help="finished at or before (ISO date: that whole day)")
         p.add_argument("--run", dest="job_run", help="job run id (or MLflow run id)")
+        p.add_argument("--min-style-score", type=float, help="only fits whose style score (its style LoRA on other "
+                       "subjects) is at least this; unscored fits are left out")
+        p.add_argument("--min-content-score", type=float, help="only fits whose content score is at least this")
+        p.add_argument("--max-leak", type=float, help="only fits whose two leak scores are at most this")
         if name == "search":
             p.add_argument("-k", "--top", type=int, default=10, help="how many results (10)")
             p.add_argument("--json", action="store_true", help="one JSON object per result, every column")
@@ -71,7 +75,8 @@ def _query(args, k):
     bank = Bank(args.library, args.storage_options)
     filters = dict(status=None if args.status == "any" else args.status.split(","), class_word=args.class_word,
                    content=args.content, base_model=args.base_model, since=args.since, until=args.until,
-                   run=args.job_run)
+                   run=args.job_run, min_content_score=args.min_content_score,
+                   min_style_score=args.min_style_score, max_leak=args.max_leak)
     hits = bank.search(args.query, args.image, field=args.field, k=k, text_embedder=args.text_embedder,
                        image_embedder=args.image_embedder, **filters)
     unindexed = bank.unindexed(args.field, args.text_embedder) if args.query else 0
@@ -95,7 +100,7 @@ def _gallery(args) -> int:
 
     bank, hits = _query(args, args.limit or None)
     title = f"{bank.library_name}: {args.query}" if args.query else bank.library_name
-    page = write_gallery(hits, args.out, title=title, storage_options=args.storage_options)
+    page = write_gallery(hits, args.out, title=title, storage_options=args.storage_options, registry=bank.registry)
     print(json.dumps({"gallery": str(page), "items": len(hits)}))
     return 0
 

@@ -63,9 +63,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or a local folder")
     t.add_argument("--preview-steps", type=int, default=8,
                    help="sampling steps of the content/style preview images of each fit (0: no previews)")
+    t.add_argument("--preview-subjects", type=_words, default=[], metavar="A,B,C",
+                   help="what the style preview draws the style LoRA on (default: the base model's; SDXL: "
+                   "house, cat, car, tree; toy: its shapes); the source's own class word is skipped")
+    t.add_argument("--preview-styles", type=_words, default=[], metavar="A,B,C",
+                   help="the styles the content preview draws the content LoRA in (default: the base model's)")
+    t.add_argument("--scorer", default="auto",
+                   help="quality scores of each fit from its previews, into its manifest row and MLflow run: "
+                   "auto (the toy world's judges on the toy model, else none) | none | toy | clip:/local/dir | "
+                   "tiny[:seed] | package.module:factory (an image embedder: cosine similarity to the source, or "
+                   "a scorer)")
     p.add_argument("--config", help="YAML or TOML file of fit settings for every image; flags win")
     add_setting_flags(p, JOB_SETTINGS, "fit settings for every image (per-item ones also as prompt-table "
                       "columns, which win)")
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                   storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
+                  preview_subjects=args.preview_subjects, preview_styles=args.preview_styles, scorer=args.scorer,
                   adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
                   recheck=args.recheck)
     report = run_job(job, address=args.address, progress=not args.quiet)

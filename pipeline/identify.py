@@ -56,7 +56,7 @@ def identify(item: dict, job: JobSpec, image_sha256: str | None = None) -> tuple
     except Exception as exc:  # never a dead job for one item's settings: its row says what went wrong
         return out | {"error": f"{item['source_uri']}: its settings: {type(exc).__name__}: {exc}"}, None
     image_sha = image_sha256 or sha256_hex(data)
-    settings_sha = sha256_hex(json.dumps(config.to_dict() | {"base_model_fingerprint": job.base_fingerprint},
+    settings_sha = sha256_hex(json.dumps(hashed_settings(config) | {"base_model_fingerprint": job.base_fingerprint},
                                          sort_keys=True).encode())
     legacy_sha = legacy_settings_sha256(config) if job.adopt_legacy else None  # only adoption looks for it
     return out | {"item_id": _item_id(image_sha, settings_sha), "image_sha256": image_sha,
@@ -72,10 +72,25 @@ def _item_id(image_sha: str, settings_sha: str) -> str:
 ADDED_WITH_FINGERPRINTS = ("revision", "variant", "base_config", "compile")
 
 
+# settings added later, with the value that does what fits did before the setting existed: at that value a
+# setting is left out of the hash, so a library fitted before it was added is not fitted again
+IMPLIED_BEFORE = {"column_picks": "cumulative"}
+
+
+def hashed_settings(config: FitConfig) -> dict:
+    values = config.to_dict()
+    for name, implied in IMPLIED_BEFORE.items():
+        if values[name] == implied:
+            del values[name]
+    return values
+
+
 def legacy_settings_sha256(config: FitConfig) -> str | None:
     """The settings hash schema-2 libraries used (no fingerprint, none of the settings added since); None
     when this config uses one of those new settings, which no older fit can have had."""
-    values = config.to_dict()
+    if any(getattr(config, name) != implied for name, implied in IMPLIED_BEFORE.items()):
+        return None
+    values = hashed_settings(config)
     added = [values.pop(name) for name in ADDED_WITH_FINGERPRINTS]
     if any(value not in (None, False) for value in added):
         return None

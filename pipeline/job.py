@@ -21,6 +21,7 @@ from .local_ray import reap_orphans, start_local_ray
 from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions, source_key,
                        utc_now, write_manifest)
 from .source import Inputs, read_inputs
+from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
 from .storage import Store
 from .sync import needs_tracking
@@ -37,7 +38,11 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     if job.fits_per_worker > 1 and job.executor != "actor-pool":
         raise InputError("--fits-per-worker above 1 needs the actor-pool executor (a Train rank fits one item at "
                          "a time)")
-    job = pin_base_model(job, check_job_settings(job.fit))
+    settings = check_job_settings(job.fit)
+    scorer = scorer_spec(job.scorer, settings.base_model) if job.preview_steps > 0 else None
+    if scorer:
+        load_scorer(scorer)  # a scorer that cannot load refuses the job here, not in every worker
+    job = pin_base_model(job, settings)
     reap_orphans()  # what a killed local job left running on this machine
     store = Store(job.output, job.storage_options)
     # a copy with this run's id (the caller's spec can be run again and gets a new one), the driver's code

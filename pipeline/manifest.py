@@ -12,8 +12,9 @@ Layout under the job's --output:
   reports/<run>.json             the run's summary
   registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
 
-Schema version 4 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
-fingerprint and the mlflow.diffusers model URIs, version 4 the source's listing stamp; older parts still read).
+Schema version 5 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
+fingerprint and the mlflow.diffusers model URIs, version 4 the source's listing stamp, version 5 the quality
+scores; older parts still read).
 Rows go into hash buckets of about ROWS_PER_PART rows by source URL, one part file each
 (`part-<bucket>of<buckets>-<run>.parquet`); a run rewrites only the buckets whose rows changed. Item ids are sha256(image bytes) + sha256(settings and the base model's
 fingerprint) mixed: the same image with the same settings on the same weights is the same item, whatever its
@@ -38,7 +39,7 @@ from unziplora.redact import scrub
 
 from .storage import Store, url_key
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ROWS_PER_PART = 10_000
 STATUSES = ("ok", "failed", "skipped")
 
@@ -84,6 +85,12 @@ SCHEMA = pa.schema([
     ("style_diffusers_model_uri", pa.string()),
     ("tracking_error", pa.string()),  # why the fit is not (fully) tracked; `unziplora registry sync` retries
     ("source_stat", pa.string()),  # the source's listing stamp when it was identified (source.listing_stamp)
+    # quality scores from the previews (pipeline/scoring.py; null: not scored): content kept, style carried to
+    # other subjects (higher is better), and what each LoRA leaks of the other's factor (lower is better)
+    ("score_content", pa.float64()),
+    ("score_style", pa.float64()),
+    ("score_content_style_leak", pa.float64()),
+    ("score_style_shape_leak", pa.float64()),
 ])
 FIELDS = SCHEMA.names
 

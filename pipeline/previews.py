@@ -1,35 +1,81 @@
-"""Preview images of a fit, stored with its files: the content LoRA alone and the style LoRA alone.
+"""Preview images of a fit, stored with its files: what each LoRA does away from its source.
 
-Few sampling steps and a fixed seed: a cheap, comparable glimpse (for the MLflow run and the style bank),
-not a showcase. A preview that cannot be made never fails the fit.
+- `preview_style.png`: the style LoRA alone on subjects other than the source's ("A house in watercolor
+  painting style"): its style should show, the source's subject should not;
+- `preview_content.png`: the content LoRA alone in styles other than the source's ("A sks dog in pencil sketch
+  style"): the subject should show, the source's style should not.
+Each is a strip of panels, one per prompt, and `previews.json` names the prompts. With a scorer
+(pipeline/scoring.py) the panels are scored against the source image into `scores.json`. Few sampling steps
+and a fixed seed: a cheap, comparable glimpse (MLflow run, model card, style bank), not a showcase. A preview
+that cannot be made never fails the fit.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import sys
 import traceback
 from pathlib import Path
 
+from PIL import Image
+
 from unziplora import load_fit
 from unziplora.card import write_model_card
+from unziplora.config import FitConfig
 from unziplora.generate import generate
 
+from .scoring import checked
+
 SEED = 0
+PANELS = 3  # subjects (styles) per preview
 
 
-def write_previews(base, fit_dir: Path, steps: int) -> list[str]:
-    """`preview_content.png` and `preview_style.png` in `fit_dir` (each with the fit's own prompt)."""
-    written = []
+def preview_prompts(config: FitConfig, subjects: tuple[str, ...] | list[str], styles: tuple[str, ...] | list[str],
+                    panels: int = PANELS) -> dict[str, list[str]]:
+    """The prompts of each preview: the first `panels` subjects that are not the source's class word, the
+    first styles that are not its style."""
+    own_subject, own_style = config.resolved_class_word.lower(), config.style.strip().lower()
+    subjects = [s.strip() for s in subjects if s.strip() and s.strip().lower() != own_subject][:panels]
+    styles = [s.strip() for s in styles if s.strip() and s.strip().lower() != own_style][:panels]
+    return {"content": [f"A {config.content.strip()} in {style} style" for style in styles],
+            "style": [f"A {subject} in {config.style.strip()} style" for subject in subjects]}
+
+
+def strip(images: list[Image.Image]) -> Image.Image:
+    """Panels side by side."""
+    width, height = images[0].size
+    out = Image.new("RGB", (width * len(images), height))
+    for i, image in enumerate(images):
+        out.paste(image.convert("RGB"), (i * width, 0))
+    return out
+
+
+def write_previews(base, fit_dir: Path, steps: int, *, subjects=None, styles=None, scorer=None,
+                   source: bytes | None = None) -> dict:
+    """The previews (and, with `scorer` and the `source` image's bytes, the scores) in `fit_dir`; returns
+    {"files": names written, "scores": {name: value}}. Subjects and styles default to the base model's."""
+    written, scores = [], {}
     # diffusers warns on every load that the LoRA has no text-encoder keys: true, and noise in worker logs
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
         artifacts = load_fit(fit_dir)
+        prompts = preview_prompts(artifacts.config, subjects or base.preview_subjects, styles or base.preview_styles)
+        panels = {}
         for kind in ("content", "style"):
-            image = generate(base, steps=steps, seed=SEED, **{kind: artifacts})[0]
-            image.save(fit_dir / f"preview_{kind}.png")
-            written.append(f"preview_{kind}.png")
-        write_model_card(fit_dir)  # again, now with the previews
-    except Exception:  # a sampling problem is not a fit problem
+            if prompts[kind]:
+                panels[kind] = generate(base, steps=steps, seed=SEED, prompt=prompts[kind], **{kind: artifacts})
+                strip(panels[kind]).save(fit_dir / f"preview_{kind}.png")
+                written.append(f"preview_{kind}.png")
+        (fit_dir / "previews.json").write_text(json.dumps({"prompts": prompts, "steps": steps, "seed": SEED}))
+        written.append("previews.json")
+        if scorer is not None and source is not None and panels:
+            image = Image.open(io.BytesIO(source)).convert("RGB")
+            scores = checked(scorer.score(image, panels.get("content", []), panels.get("style", [])))
+            (fit_dir / "scores.json").write_text(json.dumps({"scorer": scorer.name, "scores": scores}))
+            written.append("scores.json")
+        write_model_card(fit_dir)  # again, now with the previews (and scores)
+    except Exception:  # a sampling or scoring problem is not a fit problem
         print(f"no preview for {fit_dir}:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
-    return written
+    return {"files": written, "scores": scores}

@@ -38,6 +38,9 @@ class JobSpec:
     log_lora_artifacts: bool = False  # also copy the LoRA files into the runs (else referenced by URI)
     log_diffusers_models: bool = False  # also register each LoRA as an mlflow.diffusers model (hub/folder bases)
     preview_steps: int = 8  # sampling steps of the content-only / style-only preview images; 0: none
+    preview_subjects: list[str] = field(default_factory=list)  # style previews draw these (default: the model's)
+    preview_styles: list[str] = field(default_factory=list)  # content previews draw in these
+    scorer: str = "auto"  # quality scores from the previews (pipeline/scoring.py): auto | none | a spec
     # reuse fits a library made before item ids held the base model's fingerprint (manifest schema < 3): the
     # user vouches that they were made with these same weights
     adopt_legacy: bool = False

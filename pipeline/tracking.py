@@ -27,6 +27,7 @@ from unziplora.errors import InputError
 from unziplora.redact import redact, scrub
 
 from .registry_names import KINDS, item_alias, library_name, model_name
+from .scoring import SCORES
 from .storage import Store, open_url
 
 TAG = "unziplora."  # prefix of our run tags
@@ -151,7 +152,7 @@ class Tracker:
     def registry_record(self) -> dict:
         """What `<output>/registry.json` holds: where a library's runs and LoRAs are registered."""
         return {"format": "unziplora-registry/1", "tracking_uri": redact(self.uri), "library": self.library,
-                "experiment": self.library, "models": {k: model_name(self.library, k) for k in KINDS},
+                "experiment": self.library, "experiment_id": self.experiment_id, "models": {k: model_name(self.library, k) for k in KINDS},
                 "alias": "item-<first 16 hex digits of the item id>"}
 
     # -- runs ----------------------------------------------------------------------------------------------
@@ -262,7 +263,8 @@ class Tracker:
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
         with tempfile.TemporaryDirectory(prefix="unziplora-track-") as tmp:
-            for name in ("fit.json", "config.yaml", "preview_content.png", "preview_style.png"):
+            for name in ("fit.json", "config.yaml", "preview_content.png", "preview_style.png", "previews.json",
+                         "scores.json"):
                 if name in files:
                     Path(tmp, name).write_bytes(open_url(files[name]["uri"], self.storage_options))
             if os.listdir(tmp):
@@ -303,6 +305,7 @@ class Tracker:
                         "lora_uri": redact(lora["uri"]), "sha256": lora["sha256"], "library_uri": redact(self.output),
                         "library_key": self.library_key, "base_model": row["base_model"], "base_model_fingerprint": row.get("base_model_fingerprint"),
                         "rank": str(row["rank"]), "steps": str(row["steps"])}
+                tags |= {f"score_{name}": row.get(f"score_{name}") for name in SCORES}  # None: not scored
                 if f"preview_{kind}.png" in files:
                     tags["preview_uri"] = redact(files[f"preview_{kind}.png"]["uri"])
                 description = (f"{kind} LoRA ({tags['lora_file']}) of {tags['source_uri']}: content "
@@ -385,6 +388,7 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
     for role, stats in (record.get("mask_stats") or {}).items():
         out |= {f"final_mask.{role}.{k}": stats[k] for k in ("content", "style", "overlap")}
     out["attempts"] = row.get("attempts") or 0
+    out |= {f"score.{name}": row.get(f"score_{name}") for name in SCORES}  # pipeline/scoring.py
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -33,6 +33,7 @@ from .identify import batch_columns, batch_rows, check_job_settings, identify, i
 from .manifest import (crashes, end_attempt, failed_row, ok_row, past_attempts, scrubbed, source_key,
                        start_attempt)
 from .previews import write_previews
+from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
 from .storage import Store, sha256_hex
 from .tracking import track_row
@@ -57,6 +58,8 @@ class FitWorker:
             f"(fingerprint {self.base.fingerprint}, planned {self.job.base_fingerprint}): make every node hold "
             f"the same weights")
         self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its item
+        spec = scorer_spec(self.job.scorer, self.base.name) if self.job.preview_steps > 0 else None
+        self.scorer = load_scorer(spec) if spec else None
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data batch (dict of columns) in, manifest rows out, with a `this_run` column."""
@@ -209,15 +212,19 @@ class FitWorker:
         item, known = ready.item, ready.known
         # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
         (result.out_dir / "history.json").write_text(json.dumps(result.history))
+        scores = {}
         if self.job.preview_steps > 0:
-            write_previews(self.base, result.out_dir, self.job.preview_steps)
+            scores = write_previews(self.base, result.out_dir, self.job.preview_steps,
+                                    subjects=self.job.preview_subjects, styles=self.job.preview_styles,
+                                    scorer=self.scorer, source=ready.data)["scores"]
         files = {}
         for path in sorted(result.out_dir.iterdir()):
             self.store.upload_file(str(path), "items", known["item_id"], path.name)
             files[path.name] = {"uri": self.store.url("items", known["item_id"], path.name),
                                 "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
         return ok_row(item, known, result, files, attempts=ready.records + 1, worker=self.name,
-                      code_version=self.job.code_version or code_version(), run_id=self.job.run_id)
+                      code_version=self.job.code_version or code_version(), run_id=self.job.run_id,
+                      **{f"score_{name}": value for name, value in scores.items()})
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
         if any(s in uri for s in self.job.crash_always_on) or \

@@ -71,7 +71,10 @@ def write_library(root: str, items: list[dict], storage_options=None, failed: in
             "output_uri": store.url("items", item_id), "files": json.dumps(files),
             "content_lora_uri": files["content_lora.safetensors"]["uri"],
             "style_lora_uri": files["style_lora.safetensors"]["uri"], "image_sha256": item_id,
-            "base_model": item["base_model"], "run_id": item["run_id"], "finished_at": item["finished_at"]})
+            "base_model": item["base_model"], "run_id": item["run_id"], "finished_at": item["finished_at"],
+            # quality scores (pipeline/scoring.py); every fourth fit unscored
+            "score_style": None if n % 4 == 3 else (n % 4) / 3, "score_content": 0.9,
+            "score_content_style_leak": 0.05 if n % 2 else 0.3, "score_style_shape_leak": 0.0})
     for i in range(failed):
         rows.append(empty_row(inputs.url(f"broken{i}.png")) | {"status": "failed", "error": "not an image",
                                                                   "style": WATERCOLOR[0], "content": "sks dog"})
@@ -150,6 +153,16 @@ def test_filters(library, minilm):
         expected = [h["item_id"] for h in everything if check(h)]
         assert [h["item_id"] for h in hits] == expected and hits
     assert bank.search(**query, run="no-such-run") == []
+    # quality: unscored fits never pass a bound
+    for bounds, check in [
+        (dict(min_style_score=0.5), lambda h: h["score_style"] is not None and h["score_style"] >= 0.5),
+        (dict(max_leak=0.1), lambda h: h["score_content_style_leak"] <= 0.1),
+        (dict(min_style_score=0.3, max_leak=0.1, min_content_score=0.8),
+         lambda h: (h["score_style"] or 0) >= 0.3 and h["score_content_style_leak"] <= 0.1),
+    ]:
+        hits = bank.search(**query, **bounds)
+        assert [h["item_id"] for h in hits] == [h["item_id"] for h in everything if check(h)] and hits, bounds
+    assert bank.search(**query, min_content_score=0.95) == []
     newest = bank.search(k=3, class_word="cat")  # no query: metadata only, newest first
     assert [h["class_word"] for h in newest] == ["cat"] * 3 and newest[0]["score"] is None
     assert newest[0]["finished_at"] >= newest[1]["finished_at"] >= newest[2]["finished_at"]
@@ -345,6 +358,26 @@ def test_s3_library(tmp_path, minilm):
         assert len(list((tmp_path / "gallery" / "thumbs").iterdir())) == 3  # 2 sources + 1 style preview
         assert "s3://bucket/lib/items/" in page.read_text()
 
+
+
+def test_gallery_shows_scores_and_links(library, tmp_path):
+    """Each card: the fit's quality scores, a link to its model card and (on an MLflow server) to its run;
+    never a link a browser would run (javascript:) or could not open (s3://)."""
+    bank = Bank(library)
+    hits = bank.search(k=None)
+    hits[0]["files"]["README.md"] = {"uri": "/lib/items/x/README.md"}
+    hits[0]["mlflow_run_id"] = "abc123"
+    hits[1]["files"]["README.md"] = {"uri": "javascript:alert(1)"}
+    hits[2]["files"]["README.md"] = {"uri": "s3://bucket/items/y/README.md"}
+    registry = {"tracking_uri": "http://mlflow.example:5000/", "experiment_id": "7"}
+    page = write_gallery(hits[:3], tmp_path / "g", registry=registry).read_text()
+    cards = page.split('<article class="card"')[1:]
+    assert '<a href="file:///lib/items/x/README.md">model card</a>' in cards[0]
+    assert '<a href="http://mlflow.example:5000/#/experiments/7/runs/abc123">MLflow run</a>' in cards[0]
+    assert "javascript:" not in page and "<a" not in cards[1]
+    assert "s3://bucket/items/y/README.md" not in cards[2]
+    scored = hits[0]
+    assert f"style {scored['score_style']:.2f}" in cards[0] and "content 0.90" in cards[0]
 
 
 def test_gallery_in_headless_chromium(library, tmp_path):

@@ -34,7 +34,8 @@ from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_po
 pytestmark = pytest.mark.timeout(600)  # generous: CI runs two test files at once on 2 cores
 
 SECRET = "sEcReT-do-not-log-42"  # an S3 secret key in storage_options: must never reach MLflow
-JOB = {"fit": dict(FIT), "workers": 2, "preview_steps": 2}
+# scored by a tiny random image embedder (cosine similarity of each preview panel to the source)
+JOB = {"fit": dict(FIT), "workers": 2, "preview_steps": 2, "scorer": "tiny:0"}
 FAST_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
@@ -147,8 +148,14 @@ def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dic
         assert [m.step for m in loss] == list(range(row["steps"]))
         assert {"mse", "ortho", "final_loss", "train_s", "final_mask.shared.content"} <= set(run.data.metrics)
         assert any(k.startswith("mask.") for k in run.data.metrics), sorted(run.data.metrics)  # recalibrations
+        # quality scores: in the row and the run (an embedding scorer gives no leaks)
+        assert -1 <= row["score_content"] <= 1 and -1 <= row["score_style"] <= 1, row
+        assert row["score_content_style_leak"] is None and row["score_style_shape_leak"] is None
+        assert run.data.metrics["score.style"] == pytest.approx(row["score_style"])
+        assert "score.style_shape_leak" not in run.data.metrics
         artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-        assert {"fit.json", "preview_content.png", "preview_style.png"} <= artifacts, artifacts
+        assert {"fit.json", "preview_content.png", "preview_style.png", "previews.json", "scores.json"} <= \
+            artifacts, artifacts
         files = files_of(row)
         assert {"preview_content.png", "preview_style.png", "history.json"} <= set(files)
         for kind in ("content", "style"):
@@ -159,6 +166,7 @@ def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dic
             assert tags["item_id"] == item_id and tags["style"] == row["style"] and tags["content"] == row["content"]
             assert tags["class_word"] == row["class_word"] and tags["source_uri"] == row["source_uri"]
             assert tags["sha256"] == files[f"{kind}_lora.safetensors"]["sha256"]
+            assert float(tags["score_style"]) == pytest.approx(row["score_style"])
     failed = [r for r in c.search_runs([experiment.experiment_id], f"tags.`{TAG}status` = 'failed'")]
     assert len(failed) == 1 and failed[0].info.status == "FAILED" and "garbage" in failed[0].data.tags[TAG + "error"]
     assert SECRET not in everything_logged(c, experiment.experiment_id)

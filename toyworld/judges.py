@@ -193,3 +193,28 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class PreviewScorer:
+    """The judges as a fit's quality scorer (pipeline/scoring.py's protocol): from a fit's previews, how often
+    its content LoRA keeps the source's shape (and leaks its style), and its style LoRA keeps the source's
+    style (and leaks its shape). The source's shape and style are what the judges read off the source image.
+    The toy world's default scorer: `--scorer toy`, or `toyworld.judges:PreviewScorer`."""
+
+    name, spec = "toy-judges", "toyworld.judges:PreviewScorer"
+
+    def __init__(self, path: str | Path = DEFAULT_PATH):
+        self.judges = load_judges(path)
+
+    def score(self, source, content: list, style: list) -> dict[str, float]:
+        images = [source, *content, *style]
+        shapes, styles = self.judges.classify(torch.cat([_prepare(world.from_pil(im)[None]) for im in images]))
+        c, s = slice(1, 1 + len(content)), slice(1 + len(content), len(images))
+        out = {}
+        if content:
+            out |= {"content": (shapes[c] == shapes[0]).float().mean().item(),
+                    "content_style_leak": (styles[c] == styles[0]).float().mean().item()}
+        if style:
+            out |= {"style": (styles[s] == styles[0]).float().mean().item(),
+                    "style_shape_leak": (shapes[s] == shapes[0]).float().mean().item()}
+        return out

@@ -26,9 +26,13 @@ unziplora: each works alone, and together they redraw the source.
 | content | `content_lora.safetensors` / `content_lora_kohya.safetensors` | the subject, `{{ content }}`, without the style | `{{ prompts.content }}` |
 | style | `style_lora.safetensors` / `style_lora_kohya.safetensors` | the style, {{ style }}, without the subject | `{{ prompts.style }}` |
 {% if previews %}
-{% for kind, file in previews.items() %}![{{ kind }} LoRA alone]({{ file }}) {% endfor %}
-
-Previews: each LoRA alone under its own prompt.
+{% for kind, file in previews.items() %}![{{ kind }} LoRA alone]({{ file }})
+{% endfor %}
+Previews, each LoRA alone away from its source, left to right:
+{% for kind in previews %}- {{ kind }}: {% for p in preview_prompts[kind] %}`{{ p }}`{{ "; " if not loop.last }}{% endfor %}
+{% endfor %}{% endif %}
+{% if scores %}Quality scores ({{ scorer }}, from these previews):
+{% for name, value in scores.items() %}{{ name }} {{ "%.2f"|format(value) }}{{ ", " if not loop.last }}{% endfor %}.
 {% endif %}
 The source is `{{ prompts.combined }}`: the base model draws it from that prompt while the content LoRA reads the
 content prompt and the style LoRA the style prompt (UnZipLoRA's prompt separation); `mergers.safetensors` and
@@ -79,20 +83,29 @@ def write_model_card(folder: str | Path) -> Path:
     fingerprint = record.get("base_model_fingerprint") or ""
     hub = fingerprint.startswith("hub:")
     previews = {kind: name for kind, name in PREVIEWS.items() if (folder / name).is_file()}
+    shown = _read(folder / "previews.json").get("prompts") or {}
+    preview_prompts = {kind: shown.get(kind) or [prompts[kind]] for kind in previews}  # older fits: own prompt
+    scored = _read(folder / "scores.json")
     subject = settings["content"] if len(settings["content"]) < 40 else settings["content"][:37] + "..."
     data = ModelCardData(
         base_model=settings["base_model"] if hub else None, library_name="diffusers", pipeline_tag="text-to-image",
         tags=TAGS, instance_prompt=settings["content"], base_model_relation="adapter" if hub else None,
-        widget=[{"text": prompts[kind], "output": {"url": name}} for kind, name in previews.items()] or None)
+        widget=[{"text": preview_prompts[kind][0], "output": {"url": name}} for kind, name in previews.items()]
+        or None)
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, title=f"UnZipLoRA: {subject} / {settings['style']}",
         content=settings["content"], style=settings["style"], prompts=prompts, previews=previews,
+        preview_prompts=preview_prompts, scores=scored.get("scores"), scorer=scored.get("scorer"),
         base_model=settings["base_model"], revision=settings.get("revision"), resolution=settings["resolution"],
         prediction="v-prediction" if record.get("prediction_type") == "v_prediction" else "epsilon prediction",
         fingerprint=fingerprint or "unknown", load_base=_load_base_code(settings, fingerprint),
         settings=[(k, settings[k]) for k in SHOWN_SETTINGS if k in settings], final=record["final"])
     card.save(folder / "README.md")
     return folder / "README.md"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _load_base_code(settings: dict, fingerprint: str) -> str:

@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_LR = 5e-5
 MODEL_LR = {"toy": 1e-3}
 INITS = ("reference", "zeros")
+COLUMN_PICKS = ("cumulative", "fresh")
 
 
 class Prompts(NamedTuple):
@@ -73,6 +74,10 @@ class FitConfig:
     weight_decay: float = setting("AdamW weight decay of the LoRAs", 1e-4)
     grad_clip: float = setting("gradient-norm clip", 1.0)
     column_ratio: float = setting("fraction of columns added to a sparse mask at each recalibration", 0.1)
+    column_picks: str = setting("how recalibrations grow a sparse mask: 'cumulative' ORs each pick's top "
+                                "columns in (the paper's: a column picked again adds nothing, so masks often "
+                                "end near one pick's size) or 'fresh' (each pick takes columns not held yet)",
+                                "cumulative", choices=COLUMN_PICKS)
     recalibrations: int = setting("number of mask recalibrations", 3)
     ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
     init: str = setting("LoRA init", "reference", choices=INITS)

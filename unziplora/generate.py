@@ -29,7 +29,7 @@ def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) ->
 
 
 def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
-             prompt: str | None = None, mode: str = "routed", negative_prompt: str = "", steps: int = 50,
+             prompt: str | list[str] | None = None, mode: str = "routed", negative_prompt: str = "", steps: int = 50,
              guidance: float | None = None, seed: int = 0, resolution: int | None = None,
              num_images: int = 1) -> list[Image.Image]:
     if content is None and style is None:
@@ -50,6 +50,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
                 negative_prompt=negative_prompt, num_images_per_prompt=num_images,
                 generator=torch.Generator().manual_seed(seed))
     if content is not None and style is not None and mode == "routed":
+        if not isinstance(prompt, str):
+            raise InputError("the routed mode takes one prompt; give a list of prompts to one LoRA or mode='direct'")
         return _routed(base, pipe, content, style, prompts._replace(combined=prompt), call)
     fits = {"content": content, "style": style}
     loaded = [kind for kind in KINDS if fits[kind] is not None]

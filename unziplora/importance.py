@@ -45,8 +45,9 @@ def top_k_columns(scores: torch.Tensor, k: int, forbidden: torch.Tensor | None =
 
 
 @torch.no_grad()
-def recalibrate(adapter: UnZipLoRA, ratio: float) -> None:
-    """OR the top `ratio` columns of every sparse LoRA into its mask.
+def recalibrate(adapter: UnZipLoRA, ratio: float, fresh: bool = False) -> None:
+    """OR the top `ratio` columns of every sparse LoRA into its mask; with `fresh`, only among the columns
+    it does not hold yet (so every recalibration adds `ratio` of the columns).
 
     In shared (exclusive) blocks content picks first and neither LoRA may take a column the other holds,
     so the two masks stay strictly disjoint. Full LoRAs of dedicated blocks keep all columns, "off" ones none.
@@ -58,9 +59,11 @@ def recalibrate(adapter: UnZipLoRA, ratio: float) -> None:
         for i, kind in enumerate(KINDS):  # content first
             if not layer.role.is_sparse(kind):
                 continue
-            other = masks[1 - i, cols] if layer.role.exclusive else None
+            forbidden = masks[1 - i, cols] if layer.role.exclusive else torch.zeros_like(masks[i, cols])
+            if fresh:
+                forbidden = torch.maximum(forbidden, masks[i, cols])
             scores = cone_scores(layer, kind, mergers[i, cols])
-            masks[i, cols] = torch.maximum(masks[i, cols], top_k_columns(scores, k, other))
+            masks[i, cols] = torch.maximum(masks[i, cols], top_k_columns(scores, k, forbidden))
 
 
 def mask_stats(adapter: UnZipLoRA) -> dict[str, dict[str, float]]:

@@ -39,11 +39,15 @@ class Packaged(NamedTuple):
     folder: str  # inside the package
     role_table: str
     guidance: float  # the classifier-free guidance its samples are judged best at
+    preview_subjects: tuple[str, ...]  # what previews draw a style LoRA on: subjects the model knows
+    preview_styles: tuple[str, ...]  # and a content LoRA in
 
 
 # toy: a guidance sweep (toyworld.evaluate, 36 prompts x 2 seeds) measured shape/style 92/96 % at 2,
 # 86/96 % at 2.5 and 3, 85/89 % at 4 and 88/89 % at 5: higher guidance exaggerates the watercolour grain
-PACKAGED = {"toy": Packaged("toyworld", "weights/toy-sdxl", "toy", guidance=2.5)}
+PACKAGED = {"toy": Packaged("toyworld", "weights/toy-sdxl", "toy", guidance=2.5,
+                            preview_subjects=("circle", "square", "triangle", "star", "cross", "heart"),
+                            preview_styles=("flat", "striped", "dotted", "outlined", "checkered", "noisy watercolor"))}
 
 HUB_ID_PATTERN = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # org/name, as the Hub spells repository ids
 HUB_ID = re.compile(f"^{HUB_ID_PATTERN}$")

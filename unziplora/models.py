@@ -84,6 +84,9 @@ class BaseModel:
     default_resolution: int = 1024
     role_table: str = "sdxl"
     guidance: float = 5.0  # default classifier-free guidance for its samples
+    # what previews draw a style LoRA on and a content LoRA in (the first few the source is not)
+    preview_subjects: tuple[str, ...] = ("house", "cat", "car", "tree")
+    preview_styles: tuple[str, ...] = ("pencil sketch", "oil painting", "pixel art", "watercolor painting")
     location: BaseLocation | None = None  # where the weights came from; its fingerprint names them
     extra: dict = field(default_factory=dict)
 
@@ -151,7 +154,9 @@ def load_base_model(spec: str = "tiny", *, revision: str | None = None, variant:
     else:
         base = _load_pretrained(location, dtype)
     if location.kind == "packaged":
-        base.role_table, base.guidance = PACKAGED[spec].role_table, PACKAGED[spec].guidance
+        packaged = PACKAGED[spec]
+        base.role_table, base.guidance = packaged.role_table, packaged.guidance
+        base.preview_subjects, base.preview_styles = packaged.preview_subjects, packaged.preview_styles
     base.name, base.location = spec, location
     return place(base, dev)
 

@@ -62,6 +62,14 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         (r"up_blocks\.1\.attentions\.0\.", "shared"),
         (r"up_blocks\.1\.attentions\.1\.", "shared"),
     ],
+    # The toy table with its highest-resolution output blocks (prompt-blind in the probe, but where fine texture
+    # is drawn) given to the style LoRA instead of shared: a measured ablation (benchmarks/disentangle.py)
+    "toy-wide-style": [
+        (r"down_blocks\.1\.attentions\.0\.", "shared"),
+        (r"down_blocks\.2\.attentions\.0\.", "content"),
+        (r"mid_block\.attentions\.0\.", "content"),
+        (r"up_blocks\.[01]\.attentions\.\d+\.", "style"),
+    ],
     "toy-blora": [
         (r"down_blocks\.2\.attentions\.0\.", "content-only"),
         (r"up_blocks\.0\.attentions\.0\.", "style-only"),

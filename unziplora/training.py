@@ -204,7 +204,7 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         self.scaler.unscale_(self.optimizer)  # true gradients for the cone scores and the clip
         if self.calibrating:
-            recalibrate(self.adapter, config.column_ratio)
+            recalibrate(self.adapter, config.column_ratio, fresh=config.column_picks == "fresh")
             gates.mergers.grad = None  # frozen for this step
         else:
             gates.keep_overlap_grad()

@@ -48,7 +48,7 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr
 .card[hidden] { display: none; }
 .images { display: flex; gap: .3rem; }
 .images figure { margin: 0; flex: 0 1 33%; text-align: center; font-size: .75rem; color: #666; }
-.images img { width: 100%; aspect-ratio: 1; object-fit: cover; background: #eee; }
+.images img { width: 100%; aspect-ratio: 1; object-fit: contain; background: #eee; }
 .missing { display: flex; align-items: center; justify-content: center; aspect-ratio: 1; background: #eee; }
 h2 { font-size: 1rem; margin: .4rem 0 .2rem; }
 .style { margin: 0 0 .4rem; font-style: italic; }
@@ -59,8 +59,9 @@ dd { margin: 0; }
 
 
 def write_gallery(hits: list[dict], out_dir: str | Path, *, title: str = "unziplora style bank",
-                  storage_options: dict | None = None, threads: int = 8) -> Path:
-    """Write out_dir/index.html and out_dir/thumbs/ for these hits (from Bank.search); returns the page."""
+                  storage_options: dict | None = None, threads: int = 8, registry: dict | None = None) -> Path:
+    """Write out_dir/index.html and out_dir/thumbs/ for these hits (from Bank.search); returns the page.
+    `registry`: the library's registry.json (Bank.registry), for links to each fit's MLflow run."""
     out = Path(out_dir)
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     wanted = {}  # uri -> thumbnail file name; each image read once however many hits show it
@@ -71,7 +72,7 @@ def write_gallery(hits: list[dict], out_dir: str | Path, *, title: str = "unzipl
         made = dict(zip(wanted, pool.map(lambda u: _thumbnail(u, out / "thumbs" / wanted[u], storage_options),
                                          wanted)))
     cards = "\n".join(_card(hit, {label: f"thumbs/{wanted[uri]}" if made[uri] else None
-                                  for label, uri in _images(hit).items()}) for hit in hits)
+                                  for label, uri in _images(hit).items()}, registry or {}) for hit in hits)
     script_hash = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -101,7 +102,7 @@ def _thumbnail(uri: str, target: Path, storage_options) -> bool:
         return True
     try:
         image = ImageOps.exif_transpose(Image.open(io.BytesIO(open_url(uri, storage_options))))  # as shot
-        image.thumbnail((THUMB, THUMB))
+        image.thumbnail((THUMB * 3, THUMB))  # previews are strips of up to three panels
         image.convert("RGB").save(target, "JPEG", quality=85)
         return True
     except Exception:  # a missing or undecodable image becomes a placeholder, not a broken page
@@ -116,14 +117,46 @@ def _score_text(hit: dict) -> str | None:
     return f"{hit['score']:.3f}{detail}"
 
 
-def _card(hit: dict, thumbs: dict[str, str | None]) -> str:
+QUALITY = (("content", "score_content"), ("style", "score_style"), ("content's style leak", "score_content_style_leak"),
+           ("style's shape leak", "score_style_shape_leak"))
+
+
+def _quality(hit: dict) -> str | None:
+    """The fit's quality scores (pipeline/scoring.py), when it was scored."""
+    parts = [f"{label} {hit[key]:.2f}" for label, key in QUALITY if hit.get(key) is not None]
+    return ", ".join(parts) or None
+
+
+def _href(target: str | None) -> str | None:
+    """A link a browser opens from a page on disk: http(s) and local files only (never javascript: and the
+    like; an s3:// object is shown as text)."""
+    if not target:
+        return None
+    if target.startswith(("http://", "https://", "file://")):
+        return target
+    return Path(target).as_uri() if target.startswith("/") else None
+
+
+def _links(hit: dict, registry: dict) -> dict[str, str]:
+    """label -> URL: the fit's model card and, on an MLflow server, its run page."""
+    out = {}
+    card = _href((hit.get("files") or {}).get("README.md", {}).get("uri"))
+    if card:
+        out["model card"] = card
+    server, experiment = registry.get("tracking_uri") or "", registry.get("experiment_id")
+    if hit.get("mlflow_run_id") and experiment and server.startswith(("http://", "https://")):
+        out["MLflow run"] = f"{server.rstrip('/')}/#/experiments/{experiment}/runs/{hit['mlflow_run_id']}"
+    return out
+
+
+def _card(hit: dict, thumbs: dict[str, str | None], registry: dict | None = None) -> str:
     e = html.escape
     figures = "".join(
         f'<figure><img src="{e(src)}" alt="{e(label)}" loading="lazy"><figcaption>{e(label)}</figcaption></figure>'
         if src else f'<figure><div class="missing">no image</div><figcaption>{e(label)}</figcaption></figure>'
         for label, src in thumbs.items())
     fields = {
-        "score": _score_text(hit), "item": hit.get("item_id"), "status": hit.get("status"),
+        "score": _score_text(hit), "quality": _quality(hit), "item": hit.get("item_id"), "status": hit.get("status"),
         "class": hit.get("class_word"),
         "combined prompt": hit.get("prompt_combined"), "content prompt": hit.get("prompt_content"),
         "style prompt": hit.get("prompt_style"), "content LoRA": hit.get("content_lora_uri"),
@@ -132,6 +165,8 @@ def _card(hit: dict, thumbs: dict[str, str | None]) -> str:
         "source": hit.get("source_uri"),
     }
     rows = "".join(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in fields.items() if v not in (None, ""))
+    links = " · ".join(f'<a href="{e(url)}">{e(label)}</a>' for label, url in _links(hit, registry or {}).items())
+    rows += f"<dt>links</dt><dd>{links}</dd>" if links else ""
     search = " ".join(str(v) for v in [hit.get("content"), hit.get("style"), *fields.values()] if v).lower()
     return (f'<article class="card" data-item="{e(hit.get("item_id") or "")}" data-search="{e(search)}">'
             f'<div class="images">{figures}</div><h2>{e(hit.get("content") or "")}</h2>'
