@@ -78,10 +78,16 @@ METHODS = [
 ABLATIONS = [
     Method("fresh-columns", "UnZipLoRA, masks grow by fresh columns", "{table}",
            overrides=(("column_picks", "fresh"),)),
-    Method("wide-style", "UnZipLoRA, style LoRA full on every output block", "{table}-wide-style"),
+    Method("probe-table", "UnZipLoRA, up_blocks.1 shared (the probe's table)", "{table}-probe"),
     Method("true-class", "UnZipLoRA, style prompt names the true shape", "{table}",
            overrides=(("class_word", "{shape}"),)),
     Method("rank-32", "UnZipLoRA, rank 32", "{table}", overrides=(("rank", 32),)),
+    Method("style-alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone", "{table}",
+           overrides=(("style_alone", 0.25),)),
+    Method("alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone, 1 in 4 the content LoRA", "{table}",
+           overrides=(("style_alone", 0.25), ("content_alone", 0.25))),
+    Method("paper", "UnZipLoRA, the paper's recipe (every step joint)", "{table}", overrides=(("recipe", "paper"),)),
+    Method("style-lr-3x", "UnZipLoRA, style LoRA at 3x the learning rate", "{table}", overrides=(("style_lr", 3e-3),)),
 ]
 
 
@@ -236,6 +242,7 @@ def main(argv=None) -> dict:
                    f"names from {[m.key for m in METHODS + ABLATIONS]}")
     p.add_argument("--out", default="out/disentangle")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--plot", help="also draw the table as grouped bars (per metric, one bar per method) into this PNG")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -273,11 +280,10 @@ def main(argv=None) -> dict:
             done = finished_fit(folder, config, path)
             if done is not None:
                 fits.append(done)
-                seconds.append(json.loads((folder / "fit.json").read_text())["timings"]["train_s"])
+                seconds.append(json.loads((folder / "fit.json").read_text())["timings"]["total_s"])
                 continue
-            t = time.perf_counter()
             result = fit(str(path), config, base=base, out_dir=folder, overwrite=True, progress=False)
-            seconds.append(time.perf_counter() - t)
+            seconds.append(result.record["timings"]["total_s"])
             (folder / "source.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
             fits.append(load_fit(result.out_dir))
         scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance)
@@ -289,7 +295,32 @@ def main(argv=None) -> dict:
                   images=[asdict(f) for f in batch.factors], results=results)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(table(results))
+    if a.plot:
+        plot(results, a.plot, f"{base.name} base, {a.images} held-out images (seed {a.held_out_seed}) x {a.seeds} seeds")
     return report
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [(k, h) for k, h in COLUMNS if k != "fit_s"]
+    figure, axes = plt.subplots(figsize=(8, 3.6), dpi=100)
+    width = 0.8 / len(results)
+    for i, (name, scores) in enumerate(results.items()):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))]
+        axes.bar(xs, [100 * scores[k] for k, _ in metrics], width, label=name)
+    axes.set_xticks(range(len(metrics)), [h for _, h in metrics], fontsize=8)
+    axes.set_ylabel("% of judged images")
+    axes.set_ylim(0, 100)
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

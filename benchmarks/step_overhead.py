@@ -64,7 +64,7 @@ def plain_lora_step_times(base, embeds, latents, config, target_names, fused: bo
             timestep = torch.randint(0, 1000, (1,), generator=rng)
             noisy = base.scheduler.add_noise(latents, noise, timestep)
             pred = unet(noisy, timestep, encoder_hidden_states=embeds["combined"],
-                        added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids}).sample
+                        added_cond_kwargs={"text_embeds": embeds["pooled_combined"], "time_ids": time_ids}).sample
             loss = F.mse_loss(pred, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -74,11 +74,13 @@ ADDED_WITH_FINGERPRINTS = ("revision", "variant", "base_config", "compile")
 
 # settings added later, with the value that does what fits did before the setting existed: at that value a
 # setting is left out of the hash, so a library fitted before it was added is not fitted again
-IMPLIED_BEFORE = {"column_picks": "cumulative"}
+IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0}
 
 
 def hashed_settings(config: FitConfig) -> dict:
+    """The settings an item id holds: all but the recipe's name (what it resolved to is there)."""
     values = config.to_dict()
+    del values["recipe"]
     for name, implied in IMPLIED_BEFORE.items():
         if values[name] == implied:
             del values[name]

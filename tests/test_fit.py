@@ -121,3 +121,62 @@ def test_prediction_target_follows_the_scheduler_config():
     assert torch.allclose(prediction_target(v_sched, x0, noise, t), expected, atol=1e-6)
     with pytest.raises(InputError, match="prediction_type"):
         prediction_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
+
+
+def test_style_lr_stretches_only_the_style_loras_step(tiny_base, sample_image):
+    """style_lr = 3 x lr: after one optimizer step the style LoRA moved 3x as far as with the shared rate, the
+    content LoRA exactly as far (free table: every column of both, so the saved tensors are the raw factors)."""
+    from unziplora.export import adapter_tensors
+    from unziplora.layers import UnZipLoRA
+
+    config = FitConfig(content="sks dog", style="ink", steps=1, recalibrations=1, rank=2, lr=1e-3,
+                       role_table="free", save_precision="fp32")
+    start = adapter_tensors(UnZipLoRA(tiny_base.unet, 2, "free", "reference", 0), "fp32")
+    plain = fit(sample_image, config, base=tiny_base, progress=False).tensors
+    stretched = fit(sample_image, config.replace(style_lr=3e-3), base=tiny_base, progress=False).tensors
+    moved = 0.0
+    for kind, factor in (("content", 1.0), ("style", 3.0)):
+        for key, value in start[kind].items():
+            expected = factor * (plain[kind][key] - value)
+            torch.testing.assert_close(stretched[kind][key] - value, expected, rtol=1e-4, atol=1e-7)
+            moved += float(expected.abs().sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize("kind", ["style", "content"])
+def test_alone_steps_train_one_lora_on_its_own_blocks(tiny_base, sample_image, kind):
+    """{kind}_alone 0.5: step 0 recalibrates (joint); style's alone steps are the odd ones, content's the even
+    ones (half a period later). Against the same fit stopped one step earlier: the other LoRA, and this one
+    outside its own blocks (role == kind), did not move at all, not even by the optimizer's momentum; inside
+    them it did."""
+    from unziplora.roles import role_for
+
+    steps = 2 if kind == "style" else 3
+    config = FitConfig(content="sks dog", style="ink", steps=steps, recalibrations=1, rank=2, save_precision="fp32",
+                       **{f"{kind}_alone": 0.5})
+    two = fit(sample_image, config, base=tiny_base, progress=False)
+    one = fit(sample_image, config.replace(steps=steps - 1), base=tiny_base, progress=False)
+    assert [h.get("alone") for h in two.history][-2:] == [None, kind]
+    moved = set()
+    for lora in ("content", "style"):
+        for key, value in two.tensors[lora].items():
+            if not torch.equal(value, one.tensors[lora][key]):
+                moved.add((lora, key.rsplit(".lora_", 1)[0]))
+    home = {(lora, name) for lora, name in moved if lora == kind and role_for(name, two.config.role_table).name == kind}
+    assert moved == home and moved  # only this LoRA, only on its own blocks, and it did move there
+
+
+def test_alone_steps_are_spread_and_never_collide():
+    from unziplora.training import FitState
+
+    state = FitState.__new__(FitState)
+    state.config = FitConfig(content="a", style="b", steps=16, recalibrations=2, style_alone=0.25, content_alone=0.25)
+    state.calibration_steps = set(state.config.calibration_steps)  # 0 and 8
+    kinds = []
+    for step in range(16):
+        state.step = step
+        kinds.append(state.alone)
+    assert kinds == [None, "content", None, "style"] * 4
+    state.calibration_steps = {1, 3}  # a recalibration step is never an alone step
+    state.step = 1
+    assert state.alone is None

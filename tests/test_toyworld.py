@@ -269,7 +269,13 @@ def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path, monkeypat
     assert (tmp_path / "results.json").is_file() and len(loras) == 5
     # a second run with the same settings reuses every finished method instead of fitting again
     stamps = [p.stat().st_mtime_ns for p in loras]
-    assert bench.main(args)["results"] == report["results"]
+    assert bench.main(args + ["--plot", str(tmp_path / "bars.png")])["results"] == report["results"]
+    assert [p.stat().st_mtime_ns for p in loras] == stamps
+    assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
+    # scores lost, fits kept: the method is scored again from its finished fits (same images, same scores)
+    (tmp_path / "unziplora" / "scores.json").unlink()
+    again = bench.main(args + ["--methods", "unziplora"])["results"]
+    assert again == {bench.METHODS[0].name: report["results"][bench.METHODS[0].name]}
     assert [p.stat().st_mtime_ns for p in loras] == stamps
 
 
@@ -283,7 +289,7 @@ def test_probe_results_become_role_tables():
              "down_blocks.1.attentions.0": dict(content=0.0, style=0.3),
              "(all blocks)": dict(content=1.0, style=1.0)}
     tables = suggest_role_table(probe)
-    roles = {block: role_for(block + ".transformer_blocks.0.attn2.to_k", tables["toy"]).name for block in probe
+    roles = {block: role_for(block + ".transformer_blocks.0.attn2.to_k", tables["toy-probe"]).name for block in probe
              if not block.startswith("(")}
     assert roles == {"up_blocks.0.attentions.0": "content", "up_blocks.0.attentions.1": "style",
                      "mid_block.attentions.0": "shared", "down_blocks.1.attentions.0": "style"}

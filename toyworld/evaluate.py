@@ -1,5 +1,5 @@
 """Measure a toy base model with the judges: does it draw the prompted shape in the prompted style, and which
-UNet blocks carry content vs style (the measured probe behind `roles.TABLES["toy"]`).
+UNet blocks carry content vs style (the measured probe behind `roles.TABLES["toy-probe"]`).
 
     python -m toyworld.evaluate MODEL_DIR [--seeds 4] [--probe] [--prompt-gap]
 
@@ -183,7 +183,9 @@ def suggest_role_table(probe: dict, margin: float = 0.1) -> dict[str, list[tuple
     """The role tables a probe measures: a block whose swap moves the shape at least `margin` more often than
     the style is "content", the reverse "style", the rest "shared"; the most content-leaning and the most
     style-leaning block are always content and style (the method needs one of each). The B-LoRA twin puts
-    its one LoRA on exactly those two blocks."""
+    its one LoRA on exactly those two blocks. The probe sees only what a block takes from the prompt: blocks
+    that draw texture without reading the prompt come out "shared" (see roles.TABLES["toy"] for what that
+    cost in the toy world), so the suggestion is named "toy-probe"."""
     blocks = {b: r for b, r in probe.items() if not b.startswith("(")}
     lean = {b: r["content"] - r["style"] for b, r in blocks.items()}
     top_content = max(lean, key=lean.get)
@@ -198,7 +200,7 @@ def suggest_role_table(probe: dict, margin: float = 0.1) -> dict[str, list[tuple
             role = "shared"
         rows.append((re.escape(block + "."), role))
     blora = [(re.escape(top_content + "."), "content-only"), (re.escape(top_style + "."), "style-only"), (".*", "off")]
-    return {"toy": rows, "toy-blora": blora}
+    return {"toy-probe": rows, "toy-blora": blora}
 
 
 def main(argv=None) -> None:

@@ -43,12 +43,18 @@ class ColumnGates(nn.Module):
         # (layers with a sparse LoRA; where both LoRAs are full there is no column separation to learn)
         self.register_buffer("reachable", torch.ones(2, total))
         self.register_buffer("mergeable", torch.ones(total))
+        # per LoRA, the columns of its own blocks (role "content" / "style"): all an alone step lets it use
+        self.register_buffer("home", torch.zeros(2, total))
         self.masks_enabled = True
+        self.alone: str | None = None  # "content" / "style": a step training that LoRA alone, on its own blocks
         self._per_layer = None  # the gates split per layer, computed once per UNet forward pass
 
     def gates(self) -> torch.Tensor:
         """m * M while masks are on; m alone (where the LoRA is not "off") during a recalibration step."""
-        return self.mergers * (self.masks if self.masks_enabled else self.reachable)
+        gates = self.mergers * (self.masks if self.masks_enabled else self.reachable)
+        if self.alone is not None:  # the other LoRA off, this one on its own blocks only
+            gates = gates * self.home * self.home.new_tensor([[k == self.alone] for k in KINDS])
+        return gates
 
     def begin_pass(self, *_) -> None:
         """Compute every layer's gates in one op and one split (whose backward is one concatenation),
@@ -61,7 +67,8 @@ class ColumnGates(nn.Module):
         self._per_layer = None
 
     def _state(self) -> tuple:
-        return self.mergers._version, self.masks._version, self.masks_enabled, torch.is_grad_enabled()
+        return (self.mergers._version, self.masks._version, self.masks_enabled, self.alone,
+                torch.is_grad_enabled())
 
     def layer_gates(self, index: int, columns: slice) -> torch.Tensor:
         """(out, 2): one layer's gates, from the pass cache or (outside a UNet pass) computed directly."""
@@ -292,6 +299,9 @@ class UnZipLoRA(nn.Module):
                         self.gates.reachable[i, cols] = 0.0
                 if not any(role.is_sparse(kind) for kind in KINDS):
                     self.gates.mergeable[cols] = 0.0
+                for i, kind in enumerate(KINDS):
+                    if role.name == kind:  # the blocks of its role: full for it, sparse for the other
+                        self.gates.home[i, cols] = 1.0
         self._unet = [unet]
         self._batch: FitBatch | None = None
 

@@ -26,6 +26,7 @@ from .images import image_to_tensor, load_image
 from .importance import mask_stats, recalibrate
 from .layers import FitBatch, UnZipLoRA
 from .models import BaseModel, load_base_model_for
+from .roles import KINDS
 
 StepCallback = Callable[[int, dict], None]
 
@@ -182,6 +183,9 @@ class FitState:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.latents.dtype == torch.float16)
         self.trainable = self.adapter.lora_parameters() + [gates.mergers]
         self.calibration_steps = set(config.calibration_steps)
+        # the style LoRA's own learning rate: its half of each optimizer step is stretched by this ratio
+        # (both LoRAs share stacked tensors, so they cannot be two parameter groups)
+        self.style_step_ratio = (config.style_lr or config.lr) / config.lr
 
     @property
     def running(self) -> bool:
@@ -190,6 +194,20 @@ class FitState:
     @property
     def calibrating(self) -> bool:
         return self.step in self.calibration_steps
+
+    @property
+    def alone(self) -> str | None:
+        """The LoRA this step trains alone, if any: `style_alone` and `content_alone` of the steps, each spread
+        evenly, half a period apart (so up to a half each, they never fall on one step); never a
+        recalibration step."""
+        if self.calibrating:
+            return None
+        s = self.step
+        for kind, phase in (("style", 0.0), ("content", 0.5)):
+            f = getattr(self.config, f"{kind}_alone")
+            if f and math.floor((s + 1) * f + phase) > math.floor(s * f + phase):
+                return kind
+        return None
 
     def draw(self, base: BaseModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's latent crop, noise and timestep, from this fit's own RNG stream."""
@@ -209,17 +227,39 @@ class FitState:
         else:
             gates.keep_overlap_grad()
         torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
+        alone = gates.alone
+        adjust = alone is not None or self.style_step_ratio != 1
+        before = [p.detach().clone() for p in self.adapter.lora_parameters()] if adjust else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if adjust:
+            self._adjust_step(before, alone)
         gates.clamp_()
         metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}
         if self.calibrating:
             metrics["mask_stats"] = mask_stats(self.adapter)
-        gates.masks_enabled = True
+        if alone:
+            metrics["alone"] = alone
+        gates.masks_enabled, gates.alone = True, None
         self.history.append(metrics)
         if self.on_step is not None:
             self.on_step(self.step, metrics)
         self.step += 1
+
+
+    @torch.no_grad()
+    def _adjust_step(self, before: list[torch.Tensor], alone: str | None) -> None:
+        """What the optimizer step did, per LoRA half (both share stacked tensors, so they cannot be two
+        parameter groups): the style half moved `style_step_ratio` times as far; on an alone step only that
+        LoRA's half on its own blocks moves at all (no momentum drift of what the step did not train)."""
+        for layer, a0, b0 in zip(self.adapter.layers.values(), before[0::2], before[1::2]):
+            r = layer.rank
+            for i, kind in enumerate(KINDS):
+                if alone is not None and (kind != alone or layer.role.name != kind):
+                    layer.lora_A[i * r:(i + 1) * r], layer.lora_B[:, i] = a0[i * r:(i + 1) * r], b0[:, i]
+                elif kind == "style" and self.style_step_ratio != 1:
+                    layer.lora_A[r:] = torch.lerp(a0[r:], layer.lora_A[r:], self.style_step_ratio)
+                    layer.lora_B[:, 1] = torch.lerp(b0[:, 1], layer.lora_B[:, 1], self.style_step_ratio)
 
 
 def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = True) -> None:
@@ -251,7 +291,7 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
     finally:
         bar.close()
         for state in states:
-            state.adapter.gates.masks_enabled = True
+            state.adapter.gates.masks_enabled, state.adapter.gates.alone = True, None
         if checkpointing and not checkpointing_before:
             unet.disable_gradient_checkpointing()
 
@@ -259,6 +299,7 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
 def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int, device, dtype) -> None:
     for state in live:
         state.adapter.gates.masks_enabled = not state.calibrating  # recalibration: unmasked, mergers frozen
+        state.adapter.gates.alone = state.alone
     draws = [state.draw(base) for state in live]
     x0 = torch.cat([d[0] for d in draws])
     noise = torch.cat([d[1] for d in draws])
@@ -266,7 +307,11 @@ def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int,
     noisy = base.scheduler.add_noise(x0, noise, timesteps).to(dtype)
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(live),
                             device=device, dtype=dtype)
-    embeds = {key: torch.cat([s.embeds[key] for s in live]) for key in ("combined", "pooled", "content", "style")}
+    # the base reads the combined prompt, or on an alone step that LoRA's own prompt
+    base_prompt = [(s.adapter.gates.alone or "combined", f"pooled_{s.adapter.gates.alone or 'combined'}") for s in live]
+    embeds = {key: torch.cat([s.embeds[key] for s in live]) for key in ("content", "style")}
+    embeds["combined"] = torch.cat([s.embeds[text] for s, (text, _) in zip(live, base_prompt)])
+    embeds["pooled"] = torch.cat([s.embeds[pooled] for s, (_, pooled) in zip(live, base_prompt)])  # add_text_embeds
     pred = forward(noisy, timesteps.to(device), encoder_hidden_states=embeds["combined"],
                    added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids},
                    cross_attention_kwargs={"content_states": embeds["content"], "style_states": embeds["style"]}
@@ -310,7 +355,7 @@ def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep
 @torch.no_grad()
 def encode_prompts(base: BaseModel, prompts: Prompts) -> dict[str, torch.Tensor]:
     """Each prompt through both text encoders once (penultimate states, concatenated to one context).
-    Only the combined prompt's pooled embedding is used (it feeds add_text_embeds)."""
+    The combined prompt's pooled embedding feeds add_text_embeds (an alone step's: its LoRA's prompt's)."""
     for name, text in prompts._asdict().items():
         n_tokens = len(base.tokenizer(text).input_ids)
         if n_tokens > base.tokenizer.model_max_length:
@@ -321,8 +366,7 @@ def encode_prompts(base: BaseModel, prompts: Prompts) -> dict[str, torch.Tensor]
     for name, text in prompts._asdict().items():
         embeds, _, pooled, _ = pipe.encode_prompt(text, device=base.device, do_classifier_free_guidance=False)
         out[name] = embeds.to(base.dtype)
-        if name == "combined":
-            out["pooled"] = pooled.to(base.dtype)
+        out[f"pooled_{name}"] = pooled.to(base.dtype)
     return out
 
 
