@@ -86,7 +86,6 @@ ABLATIONS = [
            overrides=(("style_alone", 0.25),)),
     Method("alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone, 1 in 4 the content LoRA", "{table}",
            overrides=(("style_alone", 0.25), ("content_alone", 0.25))),
-    Method("paper", "UnZipLoRA, the paper's recipe (every step joint)", "{table}", overrides=(("recipe", "paper"),)),
     Method("style-lr-3x", "UnZipLoRA, style LoRA at 3x the learning rate", "{table}", overrides=(("style_lr", 3e-3),)),
 ]
 
@@ -296,7 +295,8 @@ def main(argv=None) -> dict:
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(table(results))
     if a.plot:
-        plot(results, a.plot, f"{base.name} base, {a.images} held-out images (seed {a.held_out_seed}) x {a.seeds} seeds")
+        plot(results, a.plot,
+             f"{base.name} base, {a.images} held-out images (seed {a.held_out_seed}) x {a.seeds} seeds")
     return report
 
 

@@ -78,9 +78,7 @@ IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone
 
 
 def hashed_settings(config: FitConfig) -> dict:
-    """The settings an item id holds: all but the recipe's name (what it resolved to is there)."""
     values = config.to_dict()
-    del values["recipe"]
     for name, implied in IMPLIED_BEFORE.items():
         if values[name] == implied:
             del values[name]

@@ -97,7 +97,7 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
     parts = write_manifest(store, rows + kept, job.run_id, previous)
     report = summarize(job, rows, wall, parts) | inputs.notes() | {"library_rows": len(rows) + len(kept)}
-    report["tracking"] = end_job(job, report)
+    report["tracking"] = end_job(job, report, rows)
     if report["tracking_incomplete"] and progress:
         print(f"{report['tracking_incomplete']} fits are not fully tracked in MLflow: run `unziplora registry sync "
               f"{redact(job.output)}`", file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 from unziplora.errors import InputError
 from unziplora.redact import redact, scrub
 
+from .figures import job_figure, loss_figure
 from .registry_names import KINDS, item_alias, library_name, model_name
 from .scoring import SCORES
 from .storage import Store, open_url
@@ -152,7 +153,8 @@ class Tracker:
     def registry_record(self) -> dict:
         """What `<output>/registry.json` holds: where a library's runs and LoRAs are registered."""
         return {"format": "unziplora-registry/1", "tracking_uri": redact(self.uri), "library": self.library,
-                "experiment": self.library, "experiment_id": self.experiment_id, "models": {k: model_name(self.library, k) for k in KINDS},
+                "experiment": self.library, "experiment_id": self.experiment_id,
+                "models": {k: model_name(self.library, k) for k in KINDS},
                 "alias": "item-<first 16 hex digits of the item id>"}
 
     # -- runs ----------------------------------------------------------------------------------------------
@@ -211,13 +213,28 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=_params(flat_params(params)))
         return run.info.run_id
 
-    def end_job(self, parent_run_id: str, report: dict) -> None:
+    def end_job(self, parent_run_id: str, report: dict, rows: list[dict] | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
+        if rows:
+            self._log_figure(parent_run_id, lambda: job_figure(rows, report["run_id"]), "job_summary.png")
         self.client.set_terminated(parent_run_id, "FINISHED")
+
+    def _log_figure(self, run_id: str, draw, name: str) -> None:
+        """A figure beside the run's metrics; one that cannot be drawn is left out."""
+        try:
+            figure = draw()
+        except Exception:
+            return
+        try:
+            self.client.log_figure(run_id, figure, name)
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
 
     def track_fit(self, row: dict, parent_run_id: str | None) -> dict:
         """One fit's nested run (and for an ok row its registered versions); returns the row's new columns.
@@ -257,11 +274,14 @@ class Tracker:
         params |= {"base_model": str(record.get("base_model") or row.get("base_model")),
                    "base_model_fingerprint": str(row.get("base_model_fingerprint")),
                    "code_version": str(row.get("code_version"))}
-        metrics = step_metrics(self._read_json(files, "history.json") or [], run.info.start_time)
+        history = self._read_json(files, "history.json") or []
+        metrics = step_metrics(history, run.info.start_time)
         metrics += [Metric(k, float(v), run.info.start_time, 0) for k, v in final_metrics(row, record).items()]
         self.client.log_batch(run_id, params=_params(params))
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + METRICS_PER_BATCH])
+        if history:
+            self._log_figure(run_id, lambda: loss_figure(history), "loss_curves.png")
         with tempfile.TemporaryDirectory(prefix="unziplora-track-") as tmp:
             for name in ("fit.json", "config.yaml", "preview_content.png", "preview_style.png", "previews.json",
                          "scores.json"):
@@ -445,7 +465,7 @@ def start_job(job, store: Store, progress: bool = True):
     return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent)
 
 
-def end_job(job, report: dict) -> dict:
+def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:
     """Close the parent run with the job's counts; returns the report's `tracking` entry."""
     if not job.tracking:
         return {"enabled": False}
@@ -453,7 +473,8 @@ def end_job(job, report: dict) -> dict:
            "parent_run_id": job.mlflow_parent_run_id or None, "error": job.tracking_error or None}
     if job.mlflow_parent_run_id:
         try:
-            retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id, report))
+            retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id, report,
+                                                                                 rows))
         except Exception as exc:
             out["error"] = describe(exc)
     return out

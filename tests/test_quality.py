@@ -78,26 +78,18 @@ def test_column_picks_in_item_ids(tmp_path):
         FitConfig(content="a", style="b", column_picks="sometimes")
 
 
-def test_recipes_resolve_the_alone_steps_and_item_ids_hold_what_they_resolved_to(tmp_path):
-    from unziplora.config import RECIPES
-
-    paper = FitConfig(content="a", style="b", recipe="paper")
-    assert (paper.content_alone, paper.style_alone) == (0.0, 0.0)
-    ours = FitConfig(content="a", style="b")
-    assert ours.recipe == "unziplora" and ours.style_alone == RECIPES["unziplora"]["style_alone"]
-    assert FitConfig(content="a", style="b", recipe="paper", style_alone=0.25).style_alone == 0.25  # given wins
-    with pytest.raises(InputError, match="recipe"):
-        FitConfig(content="a", style="b", recipe="mine")
-    # the recipe's name is not hashed, what it resolved to is: the paper's recipe is what every fit did before
-    # these settings existed, so its ids are a library's old ids
-    hashed = hashed_settings(paper)
-    assert not {"recipe", "content_alone", "style_alone", "style_lr", "column_picks"} & set(hashed)
+def test_settings_added_later_keep_old_item_ids_at_their_old_value(tmp_path):
+    """Every fit before these settings existed was a paper-recipe fit: at those values the settings are left
+    out of the hash, so a library made before is not fitted again; any other value is another item."""
+    assert not {"content_alone", "style_alone", "style_lr", "column_picks"} & set(
+        hashed_settings(FitConfig(content="a", style="b")))
     (tmp_path / "a.png").write_bytes(b"identify only hashes it")
     item = {"source_uri": str(tmp_path / "a.png"), "content": "sks dog", "style": "ink", "overrides": "{}"}
     ids = [identify(item, JobSpec(input="", output="", fit=settings))[0]["item_id"] for settings in (
-        {"recipe": "paper"}, {"recipe": "unziplora", "content_alone": 0.0, "style_alone": 0.0}, {})]
-    assert ids[0] == ids[1]
-    assert (ids[2] == ids[0]) == (RECIPES["unziplora"] == RECIPES["paper"])
+        {}, {"content_alone": 0.0, "style_alone": 0.0, "style_lr": None}, {"style_alone": 0.25}, {"style_lr": 1e-2})]
+    assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
+    with pytest.raises(InputError, match="style_alone"):
+        FitConfig(content="a", style="b", style_alone=0.75)
 
 
 def test_toy_judges_score_previews_against_the_source():

@@ -154,8 +154,9 @@ def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dic
         assert run.data.metrics["score.style"] == pytest.approx(row["score_style"])
         assert "score.style_shape_leak" not in run.data.metrics
         artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-        assert {"fit.json", "preview_content.png", "preview_style.png", "previews.json", "scores.json"} <= \
-            artifacts, artifacts
+        assert {"fit.json", "preview_content.png", "preview_style.png", "previews.json", "scores.json",
+                "loss_curves.png"} <= artifacts, artifacts
+        assert "job_summary.png" in {a.path for a in c.list_artifacts(parent.info.run_id)}  # MLflow's log_figure
         files = files_of(row)
         assert {"preview_content.png", "preview_style.png", "history.json"} <= set(files)
         for kind in ("content", "style"):

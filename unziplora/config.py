@@ -23,13 +23,6 @@ DEFAULT_LR = 5e-5
 MODEL_LR = {"toy": 1e-3}
 INITS = ("reference", "zeros")
 COLUMN_PICKS = ("cumulative", "fresh")
-# Named recipes: the values they give the settings they name, where those are not given. "paper" is the published
-# recipe (SPEC section 6); "unziplora", the default, differs from it only where the toy world's benchmark
-# measured a gain (benchmarks/disentangle.py; README "Disentanglement benchmark")
-RECIPES = {
-    "unziplora": {"content_alone": 0.0, "style_alone": 0.0},
-    "paper": {"content_alone": 0.0, "style_alone": 0.0},
-}
 
 
 class Prompts(NamedTuple):
@@ -88,15 +81,13 @@ class FitConfig:
                                 "cumulative", choices=COLUMN_PICKS)
     recalibrations: int = setting("number of mask recalibrations", 3)
     ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
-    recipe: str = setting("named recipe the alone-step settings below default to: 'unziplora' (this project's "
-                          "measured defaults) or 'paper' (the published recipe: every step joint)", "unziplora",
-                          choices=tuple(RECIPES))
-    content_alone: float | None = setting("fraction of steps that train the content LoRA alone, on its own blocks (role "
+    content_alone: float = setting("fraction of steps that train the content LoRA alone, on its own blocks (role "
                                    "'content') under the content prompt, the style LoRA off (0: the paper's recipe, "
-                                   "every step joint; default: the recipe's)", None)
-    style_alone: float | None = setting("fraction of steps that train the style LoRA alone, on its own blocks (role "
-                                 "'style') under the style prompt, the content LoRA off: alone, each LoRA must draw its "
-                                 "factor by itself, as it will be used (0: the paper's recipe; default: the recipe's)", None)
+                                   "every step joint)", 0.0)
+    style_alone: float = setting("fraction of steps that train the style LoRA alone, on its own blocks (role "
+                                 "'style') under the style prompt, the content LoRA off: alone, it must draw the style "
+                                 "by itself, as it will be used (0: the paper's recipe; measured: the style carries "
+                                 "further, content and recombination suffer)", 0.0)
     init: str = setting("LoRA init", "reference", choices=INITS)
     role_table: str | None = setting("block-role table (default: the base model's)", None)
     precision: str = setting("UNet dtype on an accelerator (always fp32 on CPU)", "bf16", scope="worker",
@@ -112,9 +103,6 @@ class FitConfig:
         self._split_revision()
         if self.lr is None:  # resolved here, so saved settings and item ids always hold the number
             self.lr = MODEL_LR.get(self.base_model, DEFAULT_LR)
-        for name, value in RECIPES.get(self.recipe, {}).items():  # an unknown recipe: validate() says so
-            if getattr(self, name) is None:
-                setattr(self, name, value)
         self.validate()
 
     def _split_revision(self) -> None:

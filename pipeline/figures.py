@@ -1,0 +1,58 @@
+"""Small matplotlib figures for MLflow runs: a fit's loss curves, a job's fit times and outcomes.
+
+Made with the Agg backend (no display) and closed by the caller; a figure that cannot be drawn is skipped,
+never a failed fit or job.
+"""
+
+from __future__ import annotations
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_figure(history: list[dict]):
+    """Prediction MSE per step (raw and a 25-step moving mean) and the orthogonality loss; recalibration
+    steps marked."""
+    plt = _pyplot()
+    steps = range(len(history))
+    mse = [h["mse"] for h in history]
+    window = 25
+    mean = [sum(mse[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in steps]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 4), dpi=100, sharex=True)
+    top.plot(steps, mse, color="#bbb", linewidth=0.7, label="mse")
+    top.plot(steps, mean, color="#1f77b4", label=f"mse, {window}-step mean")
+    top.set(ylabel="prediction MSE", yscale="log")
+    bottom.plot(steps, [h["ortho"] for h in history], color="#d62728")
+    bottom.set(ylabel="orthogonality", xlabel="step")
+    for ax in (top, bottom):
+        for step, h in enumerate(history):
+            if "mask_stats" in h:
+                ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7)
+    top.set_title("loss (dotted: mask recalibrations)", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def job_figure(rows: list[dict], run_id: str):
+    """Fit time of each item fitted by this run (slowest first) and how many items ended how."""
+    plt = _pyplot()
+    fitted = sorted((r["total_s"] or 0 for r in rows if r["status"] == "ok" and r.get("run_id") == run_id),
+                    reverse=True)
+    statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
+    left.bar(range(len(fitted)), fitted, color="#1f77b4")
+    left.set(xlabel="fits of this run (slowest first)", ylabel="fit time (s)")
+    left.grid(axis="y", alpha=0.3)
+    right.bar(list(statuses), list(statuses.values()), color=["#2ca02c", "#d62728", "#999"])
+    right.set(ylabel="items")
+    figure.suptitle(f"job {run_id}", fontsize=9)
+    figure.tight_layout()
+    return figure
