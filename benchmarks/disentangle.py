@@ -307,16 +307,16 @@ def plot(results: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [(k, h) for k, h in COLUMNS if k != "fit_s"]
-    figure, axes = plt.subplots(figsize=(8, 3.6), dpi=100)
+    figure, axes = plt.subplots(figsize=(8, 4.4), dpi=100)
     width = 0.8 / len(results)
     for i, (name, scores) in enumerate(results.items()):
         xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))]
         axes.bar(xs, [100 * scores[k] for k, _ in metrics], width, label=name)
-    axes.set_xticks(range(len(metrics)), [h for _, h in metrics], fontsize=8)
+    axes.set_xticks(range(len(metrics)), [h.replace(" ", "\n", 1) for _, h in metrics], fontsize=8)
     axes.set_ylabel("% of judged images")
     axes.set_ylim(0, 100)
     axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)

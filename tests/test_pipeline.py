@@ -154,26 +154,6 @@ def test_a_crash_is_retried_once_and_a_poison_image_is_given_up(s3, ray_cluster,
     assert any(f["source_uri"].endswith(poison) and "gave up" in f["error"] for f in report["failures"])
 
 
-def test_a_poison_image_in_a_batch_of_two_fails_alone(ray_cluster, tmp_path):
-    """Actor pool, two fits per worker: `b_poison` kills its worker each time it is fitted, taking its batch
-    mate down with it once. The mate is charged that one crash and fitted alone next; the poison image is given
-    up after max_attempts; every other image is fitted once."""
-    (tmp_path / "in").mkdir()
-    for n, name in enumerate(("a_mate", "b_poison", "c_next", "d_last")):
-        (tmp_path / "in" / f"{name}.png").write_bytes(png_bytes(n + 1, 64, 64))
-    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), workers=1,
-                  fits_per_worker=2, crash_always_on=["b_poison"], max_attempts=2, preview_steps=0, tracking=False,
-                  default_content="sks thing", default_style="plain")
-    report = run_job(job, progress=False)
-    named = by_name(read_manifest(job.output).to_pylist())
-    assert named["b_poison.png"]["status"] == "failed" and "gave up after 2 attempts" in named["b_poison.png"]["error"]
-    assert {n: named[n]["status"] for n in ("a_mate.png", "c_next.png", "d_last.png")} == dict.fromkeys(
-        ("a_mate.png", "c_next.png", "d_last.png"), "ok")
-    charged = {n: named[n]["attempts"] for n in ("a_mate.png", "c_next.png", "d_last.png")}
-    assert sum(charged.values()) <= 4 and max(charged.values()) <= 2, charged  # only the poison's mate, once
-    assert report["ok"] == 3 and report["failed"] == 1
-
-
 def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_path):
     """Train, 2 workers, 3 images: `b_poison` kills its worker at once, every time; `a_slow` (a valid image,
     60 steps) is in flight on the other worker whenever that happens, and Train then restarts the whole
