@@ -56,8 +56,8 @@ def main(library: str, out: str) -> None:
         images = [Image.open(io.BytesIO(open_url(row["source_uri"]))),
                   first_panel(Image.open(folder / "preview_content.png")),
                   first_panel(Image.open(folder / "preview_style.png")), recombined]
-        captions = [f"{row['content']}, {row['style']}", prompts["content"][0].removeprefix("A "),
-                    prompts["style"][0].removeprefix("A "), f"{row['content']}, {nxt.config.style}"]
+        short = [p.removeprefix("A ").removesuffix(" style") for p in (prompts["content"][0], prompts["style"][0])]
+        captions = [f"{row['content']}, {row['style']}", *short, f"{row['content']}, {nxt.config.style}"]
         top = HEADER + i * (CELL + CAPTION)
         for j, (image, caption) in enumerate(zip(images, captions)):
             sheet.paste(cell(image), (j * CELL, top))
