@@ -167,24 +167,27 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
         counts.setdefault(name, []).extend(hits.float().tolist())
 
     call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds)
+
+    def alone(kind: str, fit, names: tuple[str, ...], own: str, prompt):
+        """One LoRA alone for every other value of `names`, all prompts in one batch (`seeds` images each, in
+        prompt order): the judged shapes and styles, and the index of the value each image was asked for."""
+        others = [n for n in names if n != own]
+        shapes, styles = judges.classify(draw(base, method, call=call, prompt=[prompt(o) for o in others],
+                                              **{kind: fit}))
+        return shapes, styles, torch.tensor([names.index(o) for o in others]).repeat_interleave(seeds)
+
     for i, f in enumerate(batch.factors):
         shape, style = batch.shapes[i].item(), batch.styles[i].item()
-        # content LoRA in every other style, all prompts in one batch (`seeds` images each, in prompt order)
-        others = [s for s in world.STYLE_NAMES if s != f.style]
-        shapes, styles = judges.classify(draw(base, method, content=fits[i], call=call,
-                                              prompt=[f"A {CONTENT} in {world.STYLES[o]} style" for o in others]))
-        wanted = torch.tensor([world.STYLE_NAMES.index(o) for o in others]).repeat_interleave(seeds)
+        shapes, styles, asked = alone("content", fits[i], world.STYLE_NAMES, f.style,
+                                      lambda o: f"A {CONTENT} in {world.STYLES[o]} style")
         add("content_acc", shapes == shape)
         add("content_style_leak", styles == style)
-        add("content_follows_style", styles == wanted)
-        # style LoRA on every other shape
-        others = [s for s in world.SHAPE_NAMES if s != f.shape]
-        shapes, styles = judges.classify(draw(base, method, style=fits[i], call=call,
-                                              prompt=[f"A {world.SHAPES[o]} in {STYLE} style" for o in others]))
-        wanted = torch.tensor([world.SHAPE_NAMES.index(o) for o in others]).repeat_interleave(seeds)
+        add("content_follows_style", styles == asked)
+        shapes, styles, asked = alone("style", fits[i], world.SHAPE_NAMES, f.shape,
+                                      lambda o: f"A {world.SHAPES[o]} in {STYLE} style")
         add("style_acc", styles == style)
         add("style_shape_leak", shapes == shape)
-        add("style_follows_shape", shapes == wanted)
+        add("style_follows_shape", shapes == asked)
         shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=COMBINED,
                                               call=call))
         add("recon_both", (shapes == shape) & (styles == style))

@@ -246,7 +246,6 @@ class FitState:
             self.on_step(self.step, metrics)
         self.step += 1
 
-
     @torch.no_grad()
     def _adjust_step(self, before: list[torch.Tensor], alone: str | None) -> None:
         """What the optimizer step did, per LoRA half (both share stacked tensors, so they cannot be two
@@ -308,10 +307,10 @@ def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int,
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(live),
                             device=device, dtype=dtype)
     # the base reads the combined prompt, or on an alone step that LoRA's own prompt
-    base_prompt = [(s.adapter.gates.alone or "combined", f"pooled_{s.adapter.gates.alone or 'combined'}") for s in live]
+    base_prompts = [s.adapter.gates.alone or "combined" for s in live]
     embeds = {key: torch.cat([s.embeds[key] for s in live]) for key in ("content", "style")}
-    embeds["combined"] = torch.cat([s.embeds[text] for s, (text, _) in zip(live, base_prompt)])
-    embeds["pooled"] = torch.cat([s.embeds[pooled] for s, (_, pooled) in zip(live, base_prompt)])  # add_text_embeds
+    embeds["combined"] = torch.cat([s.embeds[p] for s, p in zip(live, base_prompts)])
+    embeds["pooled"] = torch.cat([s.embeds[f"pooled_{p}"] for s, p in zip(live, base_prompts)])  # add_text_embeds
     pred = forward(noisy, timesteps.to(device), encoder_hidden_states=embeds["combined"],
                    added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids},
                    cross_attention_kwargs={"content_states": embeds["content"], "style_states": embeds["style"]}
