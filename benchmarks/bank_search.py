@@ -4,6 +4,7 @@ when installed, FAISS (flat = exact; fp16 = exact scan of float16 storage; IVF =
 (flat scan over a Lance table on disk).
 
     .venv/bin/python benchmarks/bank_search.py [--sizes 1000 100000 1000000] [--backends all|...] [--threads 1]
+        [--plot latency.png] [--json results.json]
 
 Each (backend, size) runs in its own child process so that its memory is its own: `index MB` is the child's
 resident memory once the index is built (the float32 source vectors freed unless they are the index), above
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads (1: a shared 2-core box)")
     parser.add_argument("--one", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--write", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--plot", help="also draw the median latency against entries (log-log) into this PNG")
+    parser.add_argument("--json", help="also write every measurement to this JSON file")
     args = parser.parse_args()
     if args.backends == ["all"]:
         args.backends = list(BACKENDS)
@@ -165,6 +168,7 @@ def main() -> None:
     env_threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     print(f"{'backend':<14}{'entries':>10}{'build s':>10}{'median ms':>11}{'p95 ms':>9}{'index MB':>10}"
           f"{'recall@10':>10}{'load s':>8}")
+    results = []
     for n in args.sizes:
         for backend in args.backends:
             proc = subprocess.run([sys.executable, __file__, "--one", backend, str(n), "--threads", str(args.threads)],
@@ -173,8 +177,31 @@ def main() -> None:
                 print(f"{backend:<14}{n:>10}  failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(r)
             print(f"{backend:<14}{n:>10}{r['build_s']:>10}{r['median_ms']:>11}{r['p95_ms']:>9}{r['rss_mb']:>10}"
                   f"{r['recall']:>10}{r.get('load_s', ''):>8}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.4), dpi=100)
+    for backend in dict.fromkeys(r["backend"] for r in results):  # in measured order
+        points = sorted((r["n"], r["median_ms"]) for r in results if r["backend"] == backend)
+        axes.plot(*zip(*points), marker="o", label=backend, linewidth=2.5 if backend == "bank" else 1)
+    axes.set(xscale="log", yscale="log", xlabel="entries in the bank", ylabel="median query (ms, top-10)",
+             title=f"Style bank search ({DIM}-d, one query at a time)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 if __name__ == "__main__":
