@@ -243,7 +243,7 @@ def test_committed_toy_model_draws_the_prompted_shape_in_the_prompted_style(toy_
     from toyworld import evaluate, judges
 
     # all 36 prompts, one seed, the judges decide; chance is 1/6. Thresholds sit a margin below the
-    # measured accuracy of the committed weights (README, "Toy world").
+    # measured accuracy of the committed weights (docs/toy-world.md).
     acc = evaluate.judged_accuracy(toy_base, judges.load_judges(), seeds=1, steps=20)
     assert acc["shape"] >= TOY_SHAPE_THRESHOLD, acc["per_shape"]
     assert acc["style"] >= TOY_STYLE_THRESHOLD, acc["per_style"]

@@ -18,7 +18,7 @@ from .locate import HUB_ID_PATTERN
 PRECISIONS = ("fp32", "fp16", "bf16")
 # SPEC's learning rate is sized for SDXL; a LoRA on the toy world's 4 M-parameter UNet needs a larger step
 # (measured on examples/sample_set/dotted_circle.png, 600 steps, rank 64: mean MSE of the last 50 steps
-# 0.033 at 1e-3, 0.047 at 5e-5; the README's benchmark uses 1e-3)
+# 0.033 at 1e-3, 0.047 at 5e-5; the disentanglement benchmark, docs/toy-world.md, uses 1e-3)
 DEFAULT_LR = 5e-5
 MODEL_LR = {"toy": 1e-3}
 INITS = ("reference", "zeros")
