@@ -141,7 +141,8 @@ def whole_loras(base, fits, prompt: str, call: dict):
                 pipe.load_lora_weights(str(f.path), weight_name=file, adapter_name=name)
                 names.append(name)
         pipe.set_adapters(names, [1.0] * len(names))
-        return pipe(prompt, num_inference_steps=call["steps"], guidance_scale=call["guidance"],
+        return pipe(prompt, negative_prompt=call["negative_prompt"], num_inference_steps=call["steps"],
+                    guidance_scale=call["guidance"],
                     num_images_per_prompt=call["num_images"], generator=torch.Generator().manual_seed(call["seed"]),
                     height=base.default_resolution, width=base.default_resolution).images
     finally:
@@ -160,13 +161,13 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
 
 
 def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list, seeds: int, steps: int,
-                    guidance: float) -> dict:
+                    guidance: float, negative_prompt: str | None = None) -> dict:
     counts: dict[str, list[float]] = {}
 
     def add(name, hits: torch.Tensor):
         counts.setdefault(name, []).extend(hits.float().tolist())
 
-    call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds)
+    call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds, negative_prompt=negative_prompt)
 
     def alone(kind: str, fit, names: tuple[str, ...], own: str, prompt):
         """One LoRA alone for every other value of `names`, all prompts in one batch (`seeds` images each, in
@@ -240,6 +241,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, help="default: the base model's (2.5 for toy)")
+    p.add_argument("--negative-prompt", help="default: none, as diffusers' pipe(prompt) draws (SDXL zeroes the "
+                   "unconditional embedding); '' encodes an empty prompt instead")
     p.add_argument("--methods", default="all", help="comma-separated: 'all' (the methods), 'ablations', or "
                    f"names from {[m.key for m in METHODS + ABLATIONS]}")
     p.add_argument("--out", default="out/disentangle")
@@ -268,7 +271,7 @@ def main(argv=None) -> dict:
     # what a method's scores depend on; a finished method with the same settings is reused, so a long run
     # resumes, and methods can run in parallel processes sharing --out
     same = {k: vars(a)[k] for k in ("model", "images", "held_out_seed", "seeds", "steps", "rank", "lr",
-                                    "sample_steps", "guidance")}
+                                    "sample_steps", "guidance", "negative_prompt")}
     for method in chosen:
         saved = out / method.key / "scores.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -288,7 +291,8 @@ def main(argv=None) -> dict:
             seconds.append(result.record["timings"]["total_s"])
             (folder / "source.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
             fits.append(load_fit(result.out_dir))
-        scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance)
+        scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance,
+                                 a.negative_prompt)
         results[method.name] = scores | {"fit_s": float(np.mean(seconds))}
         saved.write_text(json.dumps({"settings": same, "scores": results[method.name]}, indent=1))
         print(f"{method.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[method.name].items())

@@ -330,3 +330,22 @@ def test_generate_several_images_routed(tiny_base, fitted):
     _, art = fitted
     images = generate(tiny_base, content=art, style=art, steps=1, num_images=2)
     assert len(images) == 2
+
+
+def test_generate_draws_as_diffusers_does(tiny_base, fitted):
+    """No negative prompt by default, as diffusers' `pipe(prompt)` draws (SDXL zeroes the unconditional
+    embedding); an encoded "" is another draw, in both the one-LoRA and the routed mode."""
+    _, art = fitted
+    pipe = tiny_base.pipeline()
+    pipe.load_lora_weights(str(art.path), weight_name=FILES["content"], adapter_name="content")
+    try:
+        theirs = pipe(art.record["prompts"]["content"], num_inference_steps=2, height=64, width=64,
+                      guidance_scale=tiny_base.guidance, generator=torch.Generator().manual_seed(3)).images[0]
+    finally:
+        pipe.unload_lora_weights()
+    assert generate(tiny_base, content=art, steps=2, seed=3)[0].tobytes() == theirs.tobytes()
+    assert generate(tiny_base, content=art, steps=2, seed=3, negative_prompt="")[0].tobytes() != theirs.tobytes()
+
+    def routed(negative):
+        return generate(tiny_base, content=art, style=art, steps=2, negative_prompt=negative)[0].tobytes()
+    assert routed(None) != routed("")

@@ -54,7 +54,8 @@ def add_commands(sub) -> None:
     g.add_argument("--mode", default="routed", choices=("routed", "direct"),
                    help="with both LoRAs: three-prompt routing with mergers (routed) or plain addition (direct)")
     g.add_argument("--prompt", help="prompt (default: the fit's content, style or combined prompt)")
-    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--negative-prompt",
+                   help="default: none (SDXL zeroes the unconditional embedding, as diffusers' pipe(prompt) does)")
     g.add_argument("--out", required=True, help="PNG path; with --num-images > 1, a suffix _N is added")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--steps", type=int, default=50, help="sampling steps (50)")

@@ -29,9 +29,12 @@ def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) ->
 
 
 def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
-             prompt: str | list[str] | None = None, mode: str = "routed", negative_prompt: str = "", steps: int = 50,
-             guidance: float | None = None, seed: int = 0, resolution: int | None = None,
+             prompt: str | list[str] | None = None, mode: str = "routed", negative_prompt: str | None = None,
+             steps: int = 50, guidance: float | None = None, seed: int = 0, resolution: int | None = None,
              num_images: int = 1) -> list[Image.Image]:
+    """`negative_prompt=None` draws as diffusers' `pipe(prompt)` does: SDXL zeroes the unconditional embedding
+    (`force_zeros_for_empty_prompt`). An encoded "" is a different, weaker guidance for these LoRAs
+    (docs/toy-world.md, disentanglement benchmark)."""
     if content is None and style is None:
         raise InputError("give a content fit, a style fit, or both")
     if mode not in MODES:
