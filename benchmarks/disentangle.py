@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toyworld import judges as judges_mod  # noqa: E402
 from toyworld import world  # noqa: E402
-from unziplora.config import FitConfig  # noqa: E402
+from unziplora.config import IMPLIED_BEFORE, FitConfig  # noqa: E402
 from unziplora.export import FILES, load_fit  # noqa: E402
 from unziplora.generate import generate  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
@@ -211,7 +211,8 @@ def finished_fit(folder: Path, config: FitConfig, image: Path):
     except (OSError, ValueError, KeyError):
         return None
     wanted = {k: v for k, v in config.to_dict().items() if v is not None and k != "device"}
-    return load_fit(folder) if all(saved.get(k) == v for k, v in wanted.items()) else None
+    # a fit made before a setting existed did what the setting's implied value does (as item ids count it)
+    return load_fit(folder) if all(saved.get(k, IMPLIED_BEFORE.get(k)) == v for k, v in wanted.items()) else None
 
 
 COLUMNS = [  # (key, header); arrows say which way is better

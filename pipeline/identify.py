@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from unziplora.config import FitConfig, settings
+from unziplora.config import IMPLIED_BEFORE, FitConfig, settings
 from unziplora.errors import InputError, UnZipLoRAError
 
 from .spec import JobSpec
@@ -72,9 +72,8 @@ def _item_id(image_sha: str, settings_sha: str) -> str:
 ADDED_WITH_FINGERPRINTS = ("revision", "variant", "base_config", "compile")
 
 
-# settings added later, with the value that does what fits did before the setting existed: at that value a
-# setting is left out of the hash, so a library fitted before it was added is not fitted again
-IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0}
+# a setting added later is left out of the hash at its IMPLIED_BEFORE value: a library fitted before it was added
+# is not fitted again
 
 
 def hashed_settings(config: FitConfig) -> dict:
