@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="fit workers (one base model each)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--train-start-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="executor train: a worker group that cannot start within this (a node lost, a cluster "
+                   "smaller than --workers) goes on with the workers the live nodes hold, or the job fails")
     p.add_argument("--max-attempts", type=int, default=3, help="give up on an image after this many crashes")
     p.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
                    help="if another job is writing --output, wait up to this long for it (default: refuse at "
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                  fits_per_worker=args.fits_per_worker,
+                  fits_per_worker=args.fits_per_worker, train_start_timeout_s=args.train_start_timeout,
                   max_attempts=args.max_attempts, wait_for_library_s=args.wait_for_library,
                   storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,

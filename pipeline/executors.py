@@ -12,18 +12,29 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
+import uuid
 from collections import Counter
 
 import pyarrow as pa
 import ray
 from tqdm.auto import tqdm
 
+from unziplora.errors import UnZipLoRAError
+
 from .identify import plain_row
 from .manifest import SCHEMA, charge_crash
 from .spec import JobSpec
 from .storage import Store
 from .worker import FitWorker
+
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class JobError(UnZipLoRAError, RuntimeError):
+    """The job cannot go on (no fit worker can start); the items not fitted keep no row of this run."""
 
 
 def item_dataset(items: list[dict]):
@@ -62,7 +73,57 @@ def manifest_row(row: dict) -> dict:
 
 
 def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_path: str | None = None) -> dict:
-    """Fit `items`; the workers store their rows (Train returns no rows)."""
+    """Fit `items`; the workers store their rows (Train returns no rows).
+
+    Train waits for its whole worker group: after a node is lost, or on a cluster smaller than asked, it would
+    wait for CPUs forever. Here a group that cannot start within `train_start_timeout_s` goes on with the
+    workers the cluster's live nodes hold (finished items are skipped), or the job fails in one line."""
+    from ray.train import ControllerError
+
+    workers, retries = job.workers, 0
+    while True:
+        try:
+            _fit_with_train(job, items, workers, storage_path)
+            return {}
+        except ControllerError as error:
+            cause = type(error.controller_failure).__name__
+            if cause not in ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError",
+                             "WorkerGroupStartupFailedError"):
+                raise
+            held = min(job.workers, workers_the_cluster_holds(job))
+            need = _worker_resources(job)
+            if held == 0:
+                raise JobError(f"Ray Train could not start a fit worker within {job.train_start_timeout_s:.0f} s: "
+                               f"no live node has {need} (lower --cpus-per-worker/--gpus-per-worker, or add a node)"
+                               ) from None
+            if held >= workers:  # the cluster holds them, yet they did not start: another job, a node starting
+                retries += 1
+                if retries > 2:
+                    raise JobError(f"Ray Train could not start {workers} fit workers of {need} within "
+                                   f"{job.train_start_timeout_s:.0f} s, three times ({cause}); the cluster holds "
+                                   f"{held}: is another job using them?") from None
+                continue
+            print(f"Ray Train could not start {workers} fit workers within {job.train_start_timeout_s:.0f} s; "
+                  f"going on with {held}, what the live nodes hold", file=sys.stderr, flush=True)
+            workers = held
+
+
+def workers_the_cluster_holds(job: JobSpec) -> int:
+    """How many fit workers the live nodes' resources hold in all (each worker on one node)."""
+    need = {k: v for k, v in _worker_resources(job).items() if v > 0}
+    held = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            held += int(min(have.get(k, 0.0) // v for k, v in need.items()))
+    return held
+
+
+def _worker_resources(job: JobSpec) -> dict[str, float]:
+    return {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
+
+
+def _fit_with_train(job: JobSpec, items: list[dict], workers: int, storage_path: str | None) -> None:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
 
@@ -90,25 +151,33 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
                     charge_crash(store, held["item_id"], held["attempt"])
                     store.write_json({"item_id": None}, *key)
 
-    resources = {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job.to_dict()},
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(job.gpus_per_worker),
+                                     resources_per_worker=_worker_resources(job)),
         datasets={"items": item_dataset(items)},
         dataset_config=UnevenSplit(),
         run_config=RunConfig(
-            name=f"unziplora-{job.run_id}",
+            name=f"unziplora-{job.run_id}-{workers}w-{uuid.uuid4().hex[:6]}",
             storage_path=storage_path or tempfile.mkdtemp(prefix="unziplora-train-"),
             # each restart makes progress (finished items are skipped, crashing ones are counted and given
-            # up on after max_attempts), so this bound is only against crashes outside any item
-            failure_config=FailureConfig(max_failures=job.max_attempts * len(items) + 1),
+            # up on after max_attempts), so this bound is only against crashes outside any item; a group that
+            # cannot start is not retried by the controller (it would wait forever) but by run_train
+            failure_config=FailureConfig(max_failures=job.max_attempts * len(items) + 1, controller_failure_limit=0),
             callbacks=[ChargeCrashedRanks()],
         ),
     )
-    trainer.fit()
-    return {}
+    # the controller reads its start timeout from this variable, which Train hands from the driver to it
+    previous = os.environ.get(START_TIMEOUT_VAR)
+    os.environ[START_TIMEOUT_VAR] = str(job.train_start_timeout_s)
+    try:
+        trainer.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT_VAR, None)
+        else:
+            os.environ[START_TIMEOUT_VAR] = previous
 
 
 def _train_loop(config: dict) -> None:

@@ -24,6 +24,9 @@ class JobSpec:
     cpus_per_worker: float = 1.0
     fits_per_worker: int = 1  # a worker takes up to this many items at once and trains them together (actor pool)
     max_attempts: int = 3  # an image whose fit killed its worker this often is failed (manifest.crashes)
+    # Ray Train: a worker group that cannot start within this (a node lost, a cluster smaller than asked) goes on
+    # with the workers the live nodes hold (executors.run_train)
+    train_start_timeout_s: float = 120.0
     # one job writes a library at a time (lease.py): wait this long for another job to finish, else refuse;
     # a job that stopped heartbeating for lease_ttl_s (killed) is taken over
     wait_for_library_s: float = 0.0
