@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,52 +29,28 @@ import pytest
 
 from pipeline.manifest import read_manifest
 from pipeline_fixtures import check_artifacts, check_rows, free_port, make_dataset, write_local
+from ray_nodes import RAY, RayNode
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-RAY = str(BIN / "ray")
 # Working-dir upload: only what the job imports. .venv alone is gigabytes (over Ray's package size limit).
 EXCLUDES = ["/.venv/", "/.git/", "/out/", "/build/", "/infra/", "/benchmarks/", "/tests/", "/.pytest_cache/",
             "**/__pycache__/", "*.egg-info", "*.pyc"]
 
 
-def _session_processes(sid: int, marker: str) -> list[int]:
-    """Pids of the processes that belong to our cluster: in the session `ray start` got (start_new_session),
-    or naming our private temp dir on their command line (in case one started a session of its own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        pid = int(entry.name)
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
-                continue  # killed already, only not reaped yet by its parent
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if os.getsid(pid) == sid or marker in cmdline:
-                found.append(pid)
-        except (OSError, ProcessLookupError):
-            continue
-    return found
-
-
-class RayHead:
-    """`ray start --head --block` in a new session with a private temp dir; `stop()` kills only its processes."""
+class RayHead(RayNode):
+    """A head node with the dashboard (the job API) on free ports."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
-        # short path: Ray puts unix sockets under it (108-byte limit), so not under pytest's deep tmp_path
-        self.temp_dir = tempfile.mkdtemp(prefix="ujs-", dir="/tmp")
         self.gcs_port, self.dashboard_port, agent_port = free_port(), free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = env
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-             f"--port={self.gcs_port}", "--num-cpus=6", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+        super().__init__(
+            ["--head", f"--port={self.gcs_port}", "--num-cpus=6", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
              # not the default 52365: a local Ray in a test running alongside (pytest-xdist) holds that port,
              # and an agent that cannot bind never registers ("No available agent to submit job")
-             f"--dashboard-agent-listen-port={agent_port}"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir)
+             f"--dashboard-agent-listen-port={agent_port}"], env, log_path)
 
     def get(self, path: str, token: str | None) -> int:
         """The HTTP status of GET `path` on the dashboard, with `token` as the bearer token (or none)."""
@@ -109,35 +82,6 @@ class RayHead:
                 pass
             time.sleep(1)
         raise AssertionError(f"the job API at {self.dashboard} did not come up in {timeout} s: {self.log_text()}")
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        sid = self.proc.pid  # the session id of a start_new_session child is its pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # --block: ray start then stops the processes it started
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        for _ in range(20):  # whatever is left of this cluster (workers, the job driver, agents)
-            left = _session_processes(sid, self.temp_dir)
-            if not left:
-                break
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        assert not _session_processes(sid, self.temp_dir), "processes of the test cluster survived stop()"
 
 
 @pytest.mark.timeout(600)
