@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toyworld import judges as judges_mod  # noqa: E402
 from toyworld import world  # noqa: E402
 from unziplora.config import IMPLIED_BEFORE, FitConfig  # noqa: E402
+from unziplora.errors import UnZipLoRAError  # noqa: E402
 from unziplora.export import FILES, load_fit  # noqa: E402
 from unziplora.generate import generate  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
@@ -163,9 +164,12 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
 def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list, seeds: int, steps: int,
                     guidance: float, negative_prompt: str | None = None) -> dict:
     counts: dict[str, list[float]] = {}
+    per_image: list[dict[str, list[float]]] = [{} for _ in fits]  # which images a method fails on
 
-    def add(name, hits: torch.Tensor):
+    def add(name, hits: torch.Tensor, image: int | None = None):
         counts.setdefault(name, []).extend(hits.float().tolist())
+        if image is not None:
+            per_image[image].setdefault(name, []).extend(hits.float().tolist())
 
     call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds, negative_prompt=negative_prompt)
 
@@ -181,17 +185,17 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
         shape, style = batch.shapes[i].item(), batch.styles[i].item()
         shapes, styles, asked = alone("content", fits[i], world.STYLE_NAMES, f.style,
                                       lambda o: f"A {CONTENT} in {world.STYLES[o]} style")
-        add("content_acc", shapes == shape)
-        add("content_style_leak", styles == style)
-        add("content_follows_style", styles == asked)
+        add("content_acc", shapes == shape, i)
+        add("content_style_leak", styles == style, i)
+        add("content_follows_style", styles == asked, i)
         shapes, styles, asked = alone("style", fits[i], world.SHAPE_NAMES, f.shape,
                                       lambda o: f"A {world.SHAPES[o]} in {STYLE} style")
-        add("style_acc", styles == style)
-        add("style_shape_leak", shapes == shape)
-        add("style_follows_shape", shapes == asked)
+        add("style_acc", styles == style, i)
+        add("style_shape_leak", shapes == shape, i)
+        add("style_follows_shape", shapes == asked, i)
         shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=COMBINED,
                                               call=call))
-        add("recon_both", (shapes == shape) & (styles == style))
+        add("recon_both", (shapes == shape) & (styles == style), i)
         if i % 2 == 0 and i + 1 < len(fits):  # content of A with style of B, and the other way round
             for a, b in ((i, i + 1), (i + 1, i)):
                 shapes, styles = judges.classify(draw(base, method, content=fits[a], style=fits[b],
@@ -199,7 +203,8 @@ def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list
                 add("recomb_shape", shapes == batch.shapes[a].item())
                 add("recomb_style", styles == batch.styles[b].item())
                 add("recomb_both", (shapes == batch.shapes[a].item()) & (styles == batch.styles[b].item()))
-    return {name: float(np.mean(v)) for name, v in counts.items()}
+    return {name: float(np.mean(v)) for name, v in counts.items()} | {
+        "per_image": [{name: round(float(np.mean(v)), 3) for name, v in scores.items()} for scores in per_image]}
 
 
 def finished_fit(folder: Path, config: FitConfig, image: Path):
@@ -212,7 +217,12 @@ def finished_fit(folder: Path, config: FitConfig, image: Path):
         return None
     wanted = {k: v for k, v in config.to_dict().items() if v is not None and k != "device"}
     # a fit made before a setting existed did what the setting's implied value does (as item ids count it)
-    return load_fit(folder) if all(saved.get(k, IMPLIED_BEFORE.get(k)) == v for k, v in wanted.items()) else None
+    if not all(saved.get(k, IMPLIED_BEFORE.get(k)) == v for k, v in wanted.items()):
+        return None
+    try:
+        return load_fit(folder)
+    except UnZipLoRAError:  # a fit this code cannot read (a setting since removed): fitted again
+        return None
 
 
 COLUMNS = [  # (key, header); arrows say which way is better
@@ -296,8 +306,11 @@ def main(argv=None) -> dict:
                                  a.negative_prompt)
         results[method.name] = scores | {"fit_s": float(np.mean(seconds))}
         saved.write_text(json.dumps({"settings": same, "scores": results[method.name]}, indent=1))
-        print(f"{method.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[method.name].items())
+        means = {k: v for k, v in results[method.name].items() if k != "per_image"}
+        print(f"{method.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
               + f" ({time.time() - started:.0f} s so far)", flush=True)
+        for factors, image in zip(batch.factors, scores["per_image"]):
+            print(f"  {factors.prompt}: " + ", ".join(f"{k} {v:.2f}" for k, v in image.items()), flush=True)
     report = dict(settings=vars(a), base_model=base.name, role_table=base.role_table,
                   images=[asdict(f) for f in batch.factors], results=results)
     (out / "results.json").write_text(json.dumps(report, indent=1))
