@@ -85,6 +85,8 @@ ABLATIONS = [
     Method("rank-32", "UnZipLoRA, rank 32", "{table}", overrides=(("rank", 32),)),
     Method("style-alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone", "{table}",
            overrides=(("style_alone", 0.25),)),
+    Method("content-alone-25", "UnZipLoRA, 1 step in 4 trains the content LoRA alone", "{table}",
+           overrides=(("content_alone", 0.25),)),
     Method("alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone, 1 in 4 the content LoRA", "{table}",
            overrides=(("style_alone", 0.25), ("content_alone", 0.25))),
     Method("style-lr-3x", "UnZipLoRA, style LoRA at 3x the learning rate", "{table}", overrides=(("style_lr", 3e-3),)),
