@@ -55,9 +55,9 @@ class RayNode:
         """SIGKILL every process of this node at once, as when its machine is lost."""
         self._kill_all(self.proc.pid)
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
         sid = self.proc.pid  # the session id of a start_new_session child is its pid
-        if self.proc.poll() is None:
+        if graceful and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # --block: ray start then stops the processes it started
             try:
                 self.proc.wait(timeout=20)
