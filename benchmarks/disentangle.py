@@ -83,6 +83,7 @@ ABLATIONS = [
     Method("true-class", "UnZipLoRA, style prompt names the true shape", "{table}",
            overrides=(("class_word", "{shape}"),)),
     Method("rank-32", "UnZipLoRA, rank 32", "{table}", overrides=(("rank", 32),)),
+    Method("steps-1000", "UnZipLoRA, 1000 steps", "{table}", overrides=(("steps", 1000),)),
     Method("style-alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone", "{table}",
            overrides=(("style_alone", 0.25),)),
     Method("content-alone-25", "UnZipLoRA, 1 step in 4 trains the content LoRA alone", "{table}",
