@@ -72,11 +72,9 @@ def _item_id(image_sha: str, settings_sha: str) -> str:
 ADDED_WITH_FINGERPRINTS = ("revision", "variant", "base_config", "compile")
 
 
-# a setting added later is left out of the hash at its IMPLIED_BEFORE value: a library fitted before it was added
-# is not fitted again
-
-
 def hashed_settings(config: FitConfig) -> dict:
+    """The settings an item id hashes: a setting added later is left out at its IMPLIED_BEFORE value, so a
+    library fitted before it was added is not fitted again."""
     values = config.to_dict()
     for name, implied in IMPLIED_BEFORE.items():
         if values[name] == implied:
