@@ -174,7 +174,7 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--one", backend, str(n), "--threads", str(args.threads)],
                                   capture_output=True, text=True, env={**os.environ, **env_threads})
             if proc.returncode:
-                print(f"{backend:<14}{n:>10}  failed: {proc.stderr.strip().splitlines()[-1:]}")
+                print(f"{backend:<14}{n:>10}  failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-5:]}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)

@@ -16,7 +16,7 @@ def test_bank_search_benchmark_measures_and_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert sorted((r["backend"], r["n"]) for r in results) == [("bank", 200), ("bank", 2000),
-                                                                 ("numpy-f32", 200), ("numpy-f32", 2000)]
+                                                                 ("numpy-f32", 200), ("numpy-f32", 2000)], proc.stdout
     assert all(r["recall"] == 1.0 and r["median_ms"] > 0 for r in results)
     assert all("load_s" in r for r in results if r["backend"] == "bank")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
