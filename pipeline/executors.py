@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from unziplora.errors import UnZipLoRAError
 
-from .identify import plain_row
+from .identify import item_config, plain_row
 from .manifest import SCHEMA, charge_crash
 from .spec import JobSpec
 from .storage import Store
@@ -35,6 +35,19 @@ START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 class JobError(UnZipLoRAError, RuntimeError):
     """The job cannot go on (no fit worker can start); the items not fitted keep no row of this run."""
+
+
+def longest_first(items: list[dict], job: JobSpec) -> list[dict]:
+    """The items in the order to hand them out: the costliest fits (steps x pixels) first, so that the job does
+    not end with one worker on a long fit while the others idle, and fits of one length share a batch."""
+    def cost(item: dict) -> int:
+        try:
+            config = item_config(item, job)
+        except Exception:  # a bad override fails in its worker, with its own error
+            return 0
+        return config.steps * (config.resolution or 1024) ** 2
+
+    return sorted(items, key=cost, reverse=True)  # stable: equal costs keep their order
 
 
 def item_dataset(items: list[dict]):

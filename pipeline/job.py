@@ -14,7 +14,7 @@ from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
 from unziplora.redact import redact, scrub
 
-from .executors import EXECUTORS
+from .executors import EXECUTORS, longest_first
 from .identify import check_job_settings, identify_batch, identify_row, plain_row
 from .lease import LibraryLease
 from .local_ray import reap_orphans, start_local_ray
@@ -82,12 +82,14 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     start = time.perf_counter()
     returned = {}
     if plan.to_fit:  # Ray only now: a re-run with nothing to fit starts no cluster
+        # no worker without work: each one loads the base model and holds its CPUs or GPU for the whole job
+        job = dataclasses.replace(job, workers=min(job.workers, -(-len(plan.to_fit) // job.fits_per_worker)))
         _init_ray(address, job)
         if job.gpus_per_worker is None:
             import ray
 
             job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        returned = EXECUTORS[job.executor](job, plan.to_fit, progress)
+        returned = EXECUTORS[job.executor](job, longest_first(plan.to_fit, job), progress)
     wall = time.perf_counter() - start
 
     rows = collect_rows(store, items, plan, returned, job.run_id)
