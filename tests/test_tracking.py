@@ -7,6 +7,7 @@ Fits are tiny (4-6 steps, rank 2, 2-step previews): the bookkeeping is under tes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -223,7 +224,7 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
 
 
 def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dataset, monkeypatch):
-    job = s3_job(s3, dataset, "lib-b", mlflow_server.url)
+    job = dataclasses.replace(s3_job(s3, dataset, "lib-b", mlflow_server.url), workers=1)  # 2: the test above
     started = pipeline.job.start_job
 
     def start_then_stop(*args, **kwargs):  # the parent run exists, then the server goes away
