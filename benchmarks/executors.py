@@ -1,9 +1,9 @@
 """Actor pool vs Ray Train on the same job: 20 tiny images with uneven fit lengths and one worker crash.
 
     .venv/bin/python benchmarks/executors.py [--images 20] [--workers 2] [--min-steps 40] [--max-steps 200]
-        [--executors actor-pool train] [--no-crash] [--fits-per-worker K]
+        [--executors actor-pool train] [--no-crash] [--fits-per-worker K] [--orders longest-first as-listed]
 
-For each executor, prints efficiency = summed fit time / (executor wall time x workers) and the number of
+For each executor (and order of handing out the fits), prints efficiency = summed fit time / (executor wall time x workers) and the number of
 fits that were done again (a fit interrupted by the crash counts once; a Train group restart that re-runs
 fits other workers had in progress counts each of those).
 """
@@ -20,6 +20,8 @@ import numpy as np
 import ray
 from PIL import Image
 
+import pipeline.job
+from pipeline.executors import longest_first
 from pipeline.job import run_job
 from pipeline.spec import JobSpec
 
@@ -43,26 +45,31 @@ def main() -> None:
     parser.add_argument("--executors", nargs="+", default=["actor-pool", "train"], choices=["actor-pool", "train"])
     parser.add_argument("--no-crash", dest="crash", action="store_false", help="no injected worker crash")
     parser.add_argument("--fits-per-worker", type=int, default=1)
+    parser.add_argument("--orders", nargs="+", default=["longest-first"], choices=["longest-first", "as-listed"],
+                        help="the job's order (costliest fits first), or the input order it had before")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="unziplora-bench-"))
     (root / "in").mkdir()
     make_dataset(root / "in", args.images, args.min_steps, args.max_steps)
     ray.init(num_cpus=args.workers + 4, include_dashboard=False, log_to_driver=False)
     results = {}
-    for executor in args.executors:
-        job = JobSpec(input=str(root / "in"), output=str(root / f"out-{executor}"), executor=executor,
-                      workers=args.workers, fit={"rank": 8}, crash_once_on=["img05"] if args.crash else [],
-                      fits_per_worker=args.fits_per_worker)
-        t = time.perf_counter()
-        report = run_job(job, progress=False)
-        report["job_wall_s"] = round(time.perf_counter() - t, 2)
-        results[executor] = report
-        print(json.dumps({k: report[k] for k in ("executor", "ok", "failed", "fits_this_run", "redone_fits",
-                                                 "fit_s", "wall_s", "job_wall_s", "efficiency")}))
+    for order in args.orders:
+        pipeline.job.longest_first = longest_first if order == "longest-first" else lambda items, job: items
+        for executor in args.executors:
+            name = executor if len(args.orders) == 1 else f"{executor}/{order}"
+            job = JobSpec(input=str(root / "in"), output=str(root / f"out-{executor}-{order}"), executor=executor,
+                          workers=args.workers, fit={"rank": 8}, crash_once_on=["img05"] if args.crash else [],
+                          fits_per_worker=args.fits_per_worker)
+            t = time.perf_counter()
+            report = run_job(job, progress=False)
+            report["job_wall_s"] = round(time.perf_counter() - t, 2)
+            results[name] = report
+            print(json.dumps({"run": name} | {k: report[k] for k in ("ok", "failed", "fits_this_run", "redone_fits",
+                                                                     "fit_s", "wall_s", "job_wall_s", "efficiency")}))
     ray.shutdown()
-    print(f"{'executor':<12} {'efficiency':>10} {'redone fits':>12} {'wall s':>8} {'fit s':>8}")
+    print(f"{'run':<26} {'efficiency':>10} {'redone fits':>12} {'wall s':>8} {'fit s':>8}")
     for name, r in results.items():
-        print(f"{name:<12} {r['efficiency']:>10.3f} {r['redone_fits']:>12d} {r['wall_s']:>8.1f} {r['fit_s']:>8.1f}")
+        print(f"{name:<26} {r['efficiency']:>10.3f} {r['redone_fits']:>12d} {r['wall_s']:>8.1f} {r['fit_s']:>8.1f}")
 
 
 if __name__ == "__main__":
