@@ -1,7 +1,7 @@
 """Helpers for the dataset-pipeline tests: a local S3 (moto), a small image collection with known outcomes,
 an in-process Ray with a deliberate auth mode, and manifest/artifact checks.
 
-Imported by tests/test_pipeline.py and tests/test_job_submit.py (plain module, not a conftest).
+Imported by tests/test_pipeline.py and tests/test_cluster.py (plain module, not a conftest).
 """
 
 from __future__ import annotations
@@ -53,16 +53,17 @@ class Dataset:
         return sorted(n for n, s in self.expected.items() if s == status)
 
 
-def make_dataset(valid: int = 8, corrupt: bool = True, no_prompt: bool = True, duplicate: bool = True) -> Dataset:
-    """`valid` small random PNGs (64-80 px, uneven steps 4..8), a garbage .png and a truncated PNG (both with
-    prompt rows), one valid PNG without a prompt row, one byte-identical copy of a valid image whose prompt
-    row is identical too (a duplicate), and prompts.csv (image,content,style,steps)."""
+def make_dataset(valid: int = 8, corrupt: bool = True, no_prompt: bool = True, duplicate: bool = True,
+                 steps_each: int | None = None) -> Dataset:
+    """`valid` small random PNGs (64-80 px, uneven steps 4..8, or `steps_each`), a garbage .png and a truncated
+    PNG (both with prompt rows), one valid PNG without a prompt row, one byte-identical copy of a valid image
+    whose prompt row is identical too (a duplicate), and prompts.csv (image,content,style,steps)."""
     files, expected, steps, rows = {}, {}, {}, []
     for i in range(valid):
         name = f"img{i:02d}.png"
         files[name] = png_bytes(100 + i, 64 + (5 * i) % 17, 64 + (3 * i) % 17)
         expected[name] = "ok"
-        steps[name] = 4 + i % 5  # 4..8, uneven across images
+        steps[name] = steps_each or 4 + i % 5  # 4..8, uneven across images
         rows.append({"image": name, "content": f"sks thing{i}", "style": f"style number {i}", "steps": steps[name]})
     duplicate_of = {}
     if duplicate:
@@ -208,7 +209,7 @@ def environ(values: dict[str, str | None]):
 # API, best effort) so that a shell which exported RAY_AUTH_MODE=token cannot split driver and cluster either.
 # Trade-off, accepted for a throwaway test cluster: it listens on the machine's interfaces without auth for the
 # module's duration (Ray binds to the node IP; _node_ip_address does not change that). The token path - the
-# default of real 2.60 clusters - is covered end to end by test_job_submit.py, whose cluster runs in fresh
+# default of real 2.60 clusters - is covered end to end by test_cluster.py, whose cluster runs in fresh
 # processes with RAY_AUTH_MODE=token and a per-test RAY_AUTH_TOKEN.
 
 

@@ -4,6 +4,7 @@ like a lost machine, by killing exactly its own processes (`ray stop` would stop
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -82,3 +85,51 @@ class RayNode:
                 except ProcessLookupError:
                     pass
             time.sleep(0.5)
+
+
+class RayHead(RayNode):
+    """A head node with the dashboard (the job API) on free ports; `args`: its other flags (CPUs)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        from pipeline_fixtures import free_port
+
+        self.gcs_port, self.dashboard_port, agent_port = free_port(), free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        super().__init__(
+            ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}",
+             # not the default 52365: a local Ray in a test running alongside (pytest-xdist) holds that port,
+             # and an agent that cannot bind never registers ("No available agent to submit job")
+             f"--dashboard-agent-listen-port={agent_port}", *args], env, log_path)
+
+    def get(self, path: str, token: str | None) -> int:
+        """The HTTP status of GET `path` on the dashboard, with `token` as the bearer token (or none)."""
+        return self._request(path, token)[0]
+
+    def get_json(self, path: str, token: str):
+        status, body = self._request(path, token)
+        assert status == 200, (path, status, body[:500])
+        return json.loads(body)
+
+    def _request(self, path: str, token: str | None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.dashboard + path)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_ready(self, token: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"ray start exited with {self.proc.returncode}: {self.log_text()}"
+            try:
+                if self.get("/api/jobs/", token) == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"the job API at {self.dashboard} did not come up in {timeout} s: {self.log_text()}")
