@@ -259,7 +259,7 @@ def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path, monkeypat
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "disentangle", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
-    args = ["--images", "2", "--seeds", "1", "--steps", "12", "--sample-steps", "3", "--out", str(tmp_path)]
+    args = ["--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2", "--out", str(tmp_path)]
     report = bench.main(args)
     assert list(report["results"]) == [m.name for m in bench.METHODS]
     for scores in report["results"].values():
