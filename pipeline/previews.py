@@ -24,7 +24,7 @@ from PIL import Image
 from unziplora import load_fit
 from unziplora.card import write_model_card
 from unziplora.config import FitConfig
-from unziplora.generate import generate
+from unziplora.generate import generate_each
 
 from .scoring import checked
 
@@ -62,12 +62,11 @@ def write_previews(base, fit_dir: Path, steps: int, *, subjects=None, styles=Non
     try:
         artifacts = load_fit(fit_dir)
         prompts = preview_prompts(artifacts.config, subjects or base.preview_subjects, styles or base.preview_styles)
-        panels = {}
-        for kind in ("content", "style"):
-            if prompts[kind]:
-                panels[kind] = generate(base, steps=steps, seed=SEED, prompt=prompts[kind], **{kind: artifacts})
-                strip(panels[kind]).save(fit_dir / f"preview_{kind}.png")
-                written.append(f"preview_{kind}.png")
+        kinds = [kind for kind in ("content", "style") if prompts[kind]]
+        panels = generate_each(base, {kind: artifacts for kind in kinds}, prompts, steps=steps, seed=SEED)
+        for kind in kinds:
+            strip(panels[kind]).save(fit_dir / f"preview_{kind}.png")
+            written.append(f"preview_{kind}.png")
         (fit_dir / "previews.json").write_text(json.dumps({"prompts": prompts, "steps": steps, "seed": SEED}))
         written.append("previews.json")
         if scorer is not None and source is not None and panels:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from unziplora import FitConfig, InputError, fit, load_fit
 from unziplora.export import FILES, KOHYA_FILES, kohya_module_name
-from unziplora.generate import generate
+from unziplora.generate import generate, generate_each
 
 
 @pytest.fixture(scope="module")
@@ -330,6 +330,34 @@ def test_generate_several_images_routed(tiny_base, fitted):
     _, art = fitted
     images = generate(tiny_base, content=art, style=art, steps=1, num_images=2)
     assert len(images) == 2
+
+
+def _random_image(folder):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(folder / "b.png")
+    return folder / "b.png"
+
+
+def test_generate_each_draws_each_lora_as_generate_does(tiny_base, fitted, tmp_path):
+    """The previews' way (both LoRAs loaded once, each drawn with only its own adapter active) gives the very
+    pixels of drawing each LoRA alone, and leaves the pipeline without adapters."""
+    _, art = fitted
+    prompts = {"content": ["a sks thing in pixel art", "a sks thing in ink"], "style": "a cat in the style"}
+    each = generate_each(tiny_base, {"content": art, "style": art}, prompts, steps=2, seed=3)
+    for kind in ("content", "style"):
+        alone = generate(tiny_base, steps=2, seed=3, prompt=prompts[kind], **{kind: art})
+        assert [i.tobytes() for i in each[kind]] == [i.tobytes() for i in alone], kind
+    assert not getattr(tiny_base.pipeline().unet, "peft_config", None)
+    # LoRAs of two fits (here of two ranks: a hotswap would draw other pixels, silently) load the plain way
+    other = tmp_path / "rank2"
+    fit(_random_image(tmp_path), art.config.replace(rank=2, steps=2, recalibrations=1), base=tiny_base, out_dir=other,
+        progress=False)
+    other = load_fit(other)
+    each = generate_each(tiny_base, {"content": art, "style": other}, prompts, steps=2, seed=3)
+    alone = generate(tiny_base, steps=2, seed=3, prompt=prompts["style"], style=other)
+    assert [i.tobytes() for i in each["style"]] == [i.tobytes() for i in alone]
 
 
 def test_generate_draws_as_diffusers_does(tiny_base, fitted):
