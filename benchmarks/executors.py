@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/executors.py [--images 20] [--workers 2] [--min-steps 40] [--max-steps 200]
         [--executors actor-pool train] [--no-crash] [--fits-per-worker K] [--orders longest-first as-listed]
 
-For each executor (and order of handing out the fits), prints efficiency = summed fit time / (executor wall time x workers) and the number of
-fits that were done again (a fit interrupted by the crash counts once; a Train group restart that re-runs
-fits other workers had in progress counts each of those).
+For each executor (and order of handing out the fits), prints efficiency = summed fit time / (executor wall
+time x workers) and the number of fits that were done again (a fit interrupted by the crash counts once; a
+Train group restart that re-runs fits other workers had in progress counts each of those).
 """
 
 from __future__ import annotations

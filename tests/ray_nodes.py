@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline_fixtures import free_port
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -91,8 +93,6 @@ class RayHead(RayNode):
     """A head node with the dashboard (the job API) on free ports; `args`: its other flags (CPUs)."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        from pipeline_fixtures import free_port
-
         self.gcs_port, self.dashboard_port, agent_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"

@@ -15,15 +15,20 @@ from unziplora.generate import generate, generate_each
 @pytest.fixture(scope="module")
 def fitted(tiny_base, tmp_path_factory):
     """One short fit, saved in fp32 so file contents can be compared exactly."""
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("fit")
-    image = root / "img.png"
-    Image.fromarray(np.random.default_rng(7).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(image)
+    image = _random_image(root / "img.png", seed=7)
     config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, save_precision="fp32")
     result = fit(image, config, base=tiny_base, out_dir=root / "out", progress=False)
     return result, load_fit(root / "out")
+
+
+def _random_image(path, seed: int):
+    """A 72 px noise PNG at `path`."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(path)
+    return path
 
 
 def _unet_out(unet, inputs):
@@ -332,17 +337,9 @@ def test_generate_several_images_routed(tiny_base, fitted):
     assert len(images) == 2
 
 
-def _random_image(folder):
-    import numpy as np
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(8).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(folder / "b.png")
-    return folder / "b.png"
-
-
 def test_generate_each_draws_each_lora_as_generate_does(tiny_base, fitted, tmp_path):
-    """The previews' way (both LoRAs loaded once, each drawn with only its own adapter active) gives the very
-    pixels of drawing each LoRA alone, and leaves the pipeline without adapters."""
+    """The previews' way (one adapter: the fit's first LoRA loaded, its second swapped in) gives the very pixels
+    of drawing each LoRA alone, and leaves the pipeline without adapters."""
     _, art = fitted
     prompts = {"content": ["a sks thing in pixel art", "a sks thing in ink"], "style": "a cat in the style"}
     each = generate_each(tiny_base, {"content": art, "style": art}, prompts, steps=2, seed=3)
@@ -352,8 +349,8 @@ def test_generate_each_draws_each_lora_as_generate_does(tiny_base, fitted, tmp_p
     assert not getattr(tiny_base.pipeline().unet, "peft_config", None)
     # LoRAs of two fits (here of two ranks: a hotswap would draw other pixels, silently) load the plain way
     other = tmp_path / "rank2"
-    fit(_random_image(tmp_path), art.config.replace(rank=2, steps=2, recalibrations=1), base=tiny_base, out_dir=other,
-        progress=False)
+    fit(_random_image(tmp_path / "b.png", seed=8), art.config.replace(rank=2, steps=2, recalibrations=1),
+        base=tiny_base, out_dir=other, progress=False)
     other = load_fit(other)
     each = generate_each(tiny_base, {"content": art, "style": other}, prompts, steps=2, seed=3)
     alone = generate(tiny_base, steps=2, seed=3, prompt=prompts["style"], style=other)
