@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(manifest schema < 3), vouching that they were made with these same weights")
     p.add_argument("--fits-per-worker", type=int, default=1, metavar="K",
                    help="each worker trains up to K images together, one batched UNet pass per step (more fits "
-                   "per hour per device; benchmarks/multifit.py); actor-pool executor")
+                   "per hour per device; benchmarks/multifit.py)")
     p.add_argument("--recheck", action="store_true",
                    help="read every image and completion marker again instead of trusting the manifest (a "
                    "re-run reads only images whose size or time/ETag changed, and takes ok rows as complete)")

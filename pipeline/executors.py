@@ -152,17 +152,17 @@ def _fit_with_train(job: JobSpec, items: list[dict], workers: int, storage_path:
             return splits
 
     class ChargeCrashedRanks(UserCallback):
-        """Runs in the Train controller: when workers fail, charge a crash to the item each failed rank held
-        (the other ranks' items were only interrupted by the group restart)."""
+        """Runs in the Train controller: when workers fail, charge a crash to the items each failed rank held
+        (its batch: which of them killed it cannot be told; the other ranks' items were only interrupted by the
+        group restart)."""
 
         def after_exception(self, run_context, worker_exceptions):
             store = Store(job.output, job.storage_options)
             for rank in worker_exceptions:
                 key = inflight_key(job, rank)
-                held = store.read_json(*key) if store.exists(*key) else {}
-                if held.get("item_id") and held.get("attempt"):
+                for held in (store.read_json(*key) if store.exists(*key) else {}).get("held", []):
                     charge_crash(store, held["item_id"], held["attempt"])
-                    store.write_json({"item_id": None}, *key)
+                store.write_json({"held": []}, *key)
 
     trainer = TorchTrainer(
         _train_loop,
@@ -201,9 +201,9 @@ def _train_loop(config: dict) -> None:
     worker.inflight = inflight_key(worker.job, ray.train.get_context().get_world_rank())
     shard = ray.train.get_dataset_shard("items")
     done = 0
-    for batch in shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-        worker(batch)
-        done += 1
+    for batch in shard.iter_batches(batch_size=worker.job.fits_per_worker, batch_format="numpy",
+                                    prefetch_batches=0):
+        done += len(worker(batch)["source_uri"])
     ray.train.report({"items": done})  # a barrier: exactly once per worker
 
 

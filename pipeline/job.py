@@ -35,9 +35,6 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
         raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
     if not isinstance(job.fits_per_worker, int) or job.fits_per_worker < 1:
         raise InputError(f"fits per worker must be a positive integer, got {job.fits_per_worker!r}")
-    if job.fits_per_worker > 1 and job.executor != "actor-pool":
-        raise InputError("--fits-per-worker above 1 needs the actor-pool executor (a Train rank fits one item at "
-                         "a time)")
     settings = check_job_settings(job.fit)
     scorer = scorer_spec(job.scorer, settings.base_model) if job.preview_steps > 0 else None
     if scorer:

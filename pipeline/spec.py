@@ -22,7 +22,7 @@ class JobSpec:
     workers: int = 1
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
-    fits_per_worker: int = 1  # a worker takes up to this many items at once and trains them together (actor pool)
+    fits_per_worker: int = 1  # a worker takes up to this many items at once and trains them together
     max_attempts: int = 3  # an image whose fit killed its worker this often is failed (manifest.crashes)
     # Ray Train: a worker group that cannot start within this (a node lost, a cluster smaller than asked) goes on
     # with the workers the live nodes hold (executors.run_train)

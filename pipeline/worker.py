@@ -57,7 +57,8 @@ class FitWorker:
             f"the base model {self.base.name} on {socket.gethostname()} is not the one the job planned with "
             f"(fingerprint {self.base.fingerprint}, planned {self.job.base_fingerprint}): make every node hold "
             f"the same weights")
-        self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its item
+        self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its items
+        self.held: list[dict] = []  # Train: the attempts this rank holds now (its batch)
         spec = scorer_spec(self.job.scorer, self.base.name) if self.job.preview_steps > 0 else None
         self.scorer = load_scorer(spec) if spec else None
 
@@ -146,8 +147,9 @@ class FitWorker:
         """Record this attempt (its name is returned) before the fit starts."""
         attempt = start_attempt(self.store, item_id, self.job.run_id,
                                 {"source_uri": item["source_uri"], "worker": self.name})
-        if self.inflight is not None:  # Train: which attempt this rank holds, should its process die
-            self.store.write_json({"item_id": item_id, "attempt": attempt}, *self.inflight)
+        if self.inflight is not None:  # Train: which attempts this rank holds, should its process die
+            self.held.append({"item_id": item_id, "attempt": attempt})
+            self.store.write_json({"held": self.held}, *self.inflight)
         self._maybe_crash(item["source_uri"], records + 1)
         return attempt
 
@@ -155,7 +157,8 @@ class FitWorker:
         """The fit came back: it is no crash (a complete item needs no records at all)."""
         end_attempt(self.store, item_id, attempt, all_records=complete)
         if self.inflight is not None:
-            self.store.write_json({"item_id": None}, *self.inflight)
+            self.held = [h for h in self.held if h["attempt"] != attempt]
+            self.store.write_json({"held": self.held}, *self.inflight)
 
     def _fit_or_fail(self, group: list["_Ready"]) -> list[dict]:
         """Train the group's fits together; each item's ok row, or its failed row (NaN, bad image, out of

@@ -100,8 +100,8 @@ def test_submitted_train_job_goes_on_with_the_node_left_after_losing_one(tmp_pat
 
         deadline = time.monotonic() + 300
         while True:  # both workers hold an item (Train's per-rank in-flight records)
-            held = [json.loads(p.read_text()).get("item_id") for p in library.glob("inflight/*/rank-*.json")]
-            if len([h for h in held if h]) == 2:
+            held = [h for p in library.glob("inflight/*/rank-*.json") for h in json.loads(p.read_text())["held"]]
+            if len(held) == 2:
                 break
             assert job()["status"] in ("PENDING", "RUNNING"), logs()[-4000:]
             assert time.monotonic() < deadline, logs()[-4000:]

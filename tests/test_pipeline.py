@@ -158,26 +158,29 @@ def test_a_crash_is_retried_once_and_a_poison_image_is_given_up(s3, ray_cluster,
 
 
 def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_path):
-    """Train, 2 workers, 3 images: `b_poison` kills its worker at once; `a_slow` (a valid image, 60 steps) is in
-    flight on the other worker when that happens, and Train then restarts the whole worker group. With
-    max_attempts=1 a single crash charged to the wrong item would give that item up: the poison image must be
-    given up, the valid ones fitted; and the uneven split (3 rows on 2 workers, equal=False) drops no row."""
+    """Train, 2 workers, two fits per worker, 4 images: `b_poison` kills its worker each time; `a_slow` (a valid
+    image, 60 steps) is in flight when that happens, and Train then restarts the whole worker group. Only the
+    dead rank's batch is charged: `b_poison` twice (then given up, max_attempts=2) and at most one batch mate
+    once (the crash it shared, after which it is fitted alone). A healthy item charged for another rank's
+    crash too would reach 2 and be given up. And the uneven split (equal=False) drops no row."""
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a_slow.png").write_bytes(png_bytes(1, 64, 64))
-    (tmp_path / "in" / "b_poison.png").write_bytes(png_bytes(2, 64, 64))
-    (tmp_path / "in" / "c_quick.png").write_bytes(png_bytes(3, 64, 64))
-    (tmp_path / "in" / "prompts.csv").write_text(
-        "image,content,style,steps\na_slow.png,sks a,style a,60\nb_poison.png,sks b,style b,4\n"
-        "c_quick.png,sks c,style c,4\n")
+    names = ["a_slow", "b_poison", "c_quick", "d_quick"]
+    for seed, name in enumerate(names):
+        (tmp_path / "in" / f"{name}.png").write_bytes(png_bytes(seed + 1, 64, 64))
+    (tmp_path / "in" / "prompts.csv").write_text("image,content,style,steps\n" + "".join(
+        f"{name}.png,sks {name[0]},style {name[0]},{60 if name == 'a_slow' else 4}\n" for name in names))
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), executor="train",
-                  workers=2, crash_always_on=["b_poison"], max_attempts=1, preview_steps=0)
+                  workers=2, fits_per_worker=2, crash_always_on=["b_poison"], max_attempts=2, preview_steps=0)
     report = run_job(job, progress=False)
     named = by_name(read_manifest(job.output).to_pylist())
-    assert sorted(named) == ["a_slow.png", "b_poison.png", "c_quick.png"]
+    assert sorted(named) == [f"{name}.png" for name in names]
     assert named["b_poison.png"]["status"] == "failed" and "gave up" in named["b_poison.png"]["error"]
-    # every group restart leaves a_slow's attempt unfinished; only the dead rank's item is charged
-    assert named["a_slow.png"]["status"] == "ok", named["a_slow.png"]["error"]
-    assert named["c_quick.png"]["status"] == "ok" and report["ok"] == 2
+    for name in ("a_slow.png", "c_quick.png", "d_quick.png"):
+        assert named[name]["status"] == "ok", named[name]["error"]
+    assert report["ok"] == 3
+    # the poison image's records stay (it never completed): two crashes, each charged to it
+    crashed = list((tmp_path / "out" / "attempts" / named["b_poison.png"]["item_id"]).glob("*.crashed"))
+    assert len(crashed) == 2, crashed
 
 
 def test_local_folders_and_cli(ray_cluster, tmp_path, capsys):
