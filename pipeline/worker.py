@@ -123,6 +123,7 @@ class FitWorker:
     def _fit_group(self, group: list["_Ready"]) -> dict[int, dict]:
         """Record an attempt for each (first, so a crash leaves it), fit them together, then per item: files,
         marker, release, tracking."""
+        self.held = []  # an earlier group's item whose release failed is not this group's
         attempts = [self._admit(r.item, r.known["item_id"], r.records) for r in group]
         rows = self._fit_or_fail(group)
         out = {}
