@@ -197,8 +197,13 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    worker = FitWorker(config["job"], device=ray.train.torch.get_device())
-    worker.inflight = inflight_key(worker.job, ray.train.get_context().get_world_rank())
+    job = JobSpec(**config["job"])
+    inflight = inflight_key(job, ray.train.get_context().get_world_rank())
+    # what this rank held in an earlier group was interrupted, not crashed: should this process die before it
+    # holds anything (loading the model, say), nothing is charged
+    Store(job.output, job.storage_options).write_json({"held": []}, *inflight)
+    worker = FitWorker(job, device=ray.train.torch.get_device())
+    worker.inflight = inflight
     shard = ray.train.get_dataset_shard("items")
     done = 0
     for batch in shard.iter_batches(batch_size=worker.job.fits_per_worker, batch_format="numpy",
