@@ -1,13 +1,14 @@
 """Two ways to drive the same FitWorker over a Ray Dataset of small item rows (URLs + prompts).
 
-- actor pool (default): Ray Data `map_batches` with a pool of FitWorker actors, one row per batch and at
-  most one task in flight per actor, so an idle worker pulls the next image; a crashed actor is restarted
-  and only its item is retried (Ray Data's defaults for actors: max_restarts=-1, max_task_retries=-1).
-- Ray Train: a TorchTrainer whose workers each consume a streaming shard. Train V2's traps, handled:
-  the default DataConfig splits with equal=True and DROPS rows, so we split with equal=False; report() is a
-  barrier, so every worker calls it exactly once, at the end; a worker failure restarts the whole group,
-  which re-streams from row 0 - finished items are skipped through their markers; max_failures is set
-  (its default, 0, would end the job at the first crash).
+- actor pool (default): Ray Data `map_batches` with a pool of FitWorker actors, one row per batch (K with
+  `fits_per_worker`) and at most one task in flight per actor, so an idle worker pulls the next image; a
+  crashed actor is restarted and only its batch is retried (Ray Data's defaults for actors: max_restarts=-1,
+  max_task_retries=-1).
+- Ray Train: a TorchTrainer whose workers each consume a streaming shard, K rows at a time. Train V2's traps,
+  handled: the default DataConfig splits with equal=True and DROPS rows, so we split with equal=False;
+  report() is a barrier, so every worker calls it exactly once, at the end; a worker failure restarts the
+  whole group, which re-streams from row 0 - finished items are skipped through their markers; max_failures
+  is set (its default, 0, would end the job at the first crash).
 """
 
 from __future__ import annotations
