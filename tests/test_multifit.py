@@ -79,3 +79,41 @@ def test_fit_many_reports_each_fits_own_error(tiny_base, tmp_path):
     assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
     assert isinstance(results[1], Exception) and "image" in str(results[1]).lower()
     assert results[0].record["timings"]["batch_size"] == 1 and results[2].config.resolution == 128
+
+
+def test_a_batch_out_of_memory_trains_again_in_halves(tiny_base, monkeypatch):
+    """Simulated: every pass of more than one fit runs out of device memory at its third step. A batch of 3
+    starts again as 1 + 2, the 2 again as 1 + 1, and each fit still ends as it would alone. A fit that runs out
+    of memory alone fails with its own error, and its batch mate is fitted."""
+    from unziplora import training
+
+    configs = [_config(0), _config(1), _config(2)]
+    alone = [fit(image, config, base=tiny_base, progress=False) for image, config in zip(IMAGES, configs)]
+    real_step = training._batch_step
+
+    def step(base, forward, live, *args):
+        if len(live) > 1 and live[0].step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        real_step(base, forward, live, *args)
+
+    monkeypatch.setattr(training, "_batch_step", step)
+    with pytest.warns(RuntimeWarning) as caught:
+        together = fit_many(IMAGES, configs, base=tiny_base, progress=False)
+    assert [str(w.message).split(";")[1].split("(")[0].strip() for w in caught] == \
+        ["training them again as 1 and 2", "training them again as 1 and 1"]
+    for result, single in zip(together, alone):
+        assert not isinstance(result, Exception), result
+        _assert_same_fit(result, single)
+        assert result.record["timings"]["batch_size"] == 1
+
+    def step_without_room_for_fit_1(base, forward, live, *args):
+        if any(s.config.seed == configs[1].seed for s in live) and live[0].step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        real_step(base, forward, live, *args)
+
+    monkeypatch.setattr(training, "_batch_step", step_without_room_for_fit_1)
+    with pytest.warns(RuntimeWarning, match="ran out of memory"):
+        results = fit_many(IMAGES[:2], configs[:2], base=tiny_base, progress=False)
+    assert isinstance(results[1], torch.OutOfMemoryError)
+    _assert_same_fit(results[0], alone[0])
+    assert not any("lora" in name for name, _ in tiny_base.unet.named_parameters())  # the UNet as it was

@@ -88,16 +88,7 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
     for i, (state, _, _) in prepared.items():
         groups.setdefault((state.config.resolution, state.config.rank), []).append(i)
     for members in groups.values():
-        states = [prepared[i][0] for i in members]
-        t = time.perf_counter()
-        try:
-            train_batch(base, states, progress=progress)
-        except Exception as exc:  # the pass itself failed (out of memory, ...): every fit in it did
-            for state in states:
-                state.error = state.error or exc
-        share = (time.perf_counter() - t) / len(members)
-        for i, state in zip(members, states):
-            prepared[i][2].update(train_s=share, s_per_step=share / state.config.steps, batch_size=len(members))
+        _train_halving(base, prepared, members, progress)
     for i, (state, prompts, timings) in prepared.items():
         if state.error is not None:
             results[i] = state.error
@@ -107,6 +98,41 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
         except Exception as exc:
             results[i] = exc
     return results
+
+
+def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress: bool) -> None:
+    """Train the fits `members` (keys of `prepared`) together. A batch that runs out of device memory starts
+    again from step 0 as two halves, down to one fit, whose out-of-memory error is its own: a K too large for
+    the device costs time, not fits. Restarted fits end as they would alone (same seed, fresh adapters)."""
+    states = [prepared[i][0] for i in members]
+    t = time.perf_counter()
+    halve = False
+    try:
+        train_batch(base, states, progress=progress)
+    except torch.OutOfMemoryError as exc:
+        if len(members) == 1:
+            states[0].error = exc
+        else:
+            halve = True  # after this block: its traceback holds the failed pass's tensors
+    except Exception as exc:  # the pass itself failed: every fit in it did
+        for state in states:
+            state.error = state.error or exc
+    if halve:
+        del states
+        for i in members:
+            prepared[i] = (prepared[i][0].restarted(base), *prepared[i][1:])
+        if base.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(members) // 2
+        warnings.warn(f"{len(members)} fits trained together ran out of memory on {base.device}; training them "
+                      f"again as {half} and {len(members) - half} (a lower --fits-per-worker saves the time)",
+                      RuntimeWarning)
+        _train_halving(base, prepared, members[:half], progress)
+        _train_halving(base, prepared, members[half:], progress)
+        return
+    share = (time.perf_counter() - t) / len(members)
+    for i, state in zip(members, states):
+        prepared[i][2].update(train_s=share, s_per_step=share / state.config.steps, batch_size=len(members))
 
 
 def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | None,
@@ -123,8 +149,11 @@ def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | 
     embeds = encode_prompts(base, prompts)
     latents = encode_image(base, picture)
     timings["encode_s"] = time.perf_counter() - t
-    adapter = UnZipLoRA(base.unet, config.rank, config.role_table, config.init, config.seed).to(base.device)
-    return FitState(config, adapter, embeds, latents, on_step=on_step), prompts, timings
+    return FitState(config, _new_adapter(base, config), embeds, latents, on_step=on_step), prompts, timings
+
+
+def _new_adapter(base: BaseModel, config: FitConfig) -> UnZipLoRA:
+    return UnZipLoRA(base.unet, config.rank, config.role_table, config.init, config.seed).to(base.device)
 
 
 def _finish(state: "FitState", prompts, base: BaseModel, timings: dict, out_dir, overwrite: bool,
@@ -186,6 +215,10 @@ class FitState:
         # the style LoRA's own learning rate: its half of each optimizer step is stretched by this ratio
         # (both LoRAs share stacked tensors, so they cannot be two parameter groups)
         self.style_step_ratio = (config.style_lr or config.lr) / config.lr
+
+    def restarted(self, base: BaseModel) -> "FitState":
+        """This fit from step 0 again: a fresh adapter from its seed, its encoded prompts and image kept."""
+        return FitState(self.config, _new_adapter(base, self.config), self.embeds, self.latents, on_step=self.on_step)
 
     @property
     def running(self) -> bool:
