@@ -109,6 +109,9 @@ def measure_batch(base, resolution: int, checkpointing: bool, steps: int, rank: 
     failed = [r for r in results if isinstance(r, Exception)]
     if failed:
         raise failed[0]
+    sizes = sorted({r.record["timings"]["batch_size"] for r in results})
+    if sizes != [fits]:  # fit_many trained them again in smaller batches: no figure for K
+        raise torch.cuda.OutOfMemoryError(f"{fits} fits together did not fit; fit_many trained batches of {sizes}")
     ordinary, _ = step_durations(stamps, set(configs[0].calibration_steps))
     return {"resolution": resolution, "checkpointing": checkpointing, "fits": fits,
             "s_per_step": statistics.median(ordinary[1:] or ordinary),
