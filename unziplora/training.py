@@ -110,8 +110,8 @@ def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress
     try:
         train_batch(base, states, progress=progress)
     except torch.OutOfMemoryError as exc:
-        if len(members) == 1:
-            states[0].error = exc
+        if len(members) == 1:  # without its traceback, which holds the failed pass's tensors
+            states[0].error = exc.with_traceback(None)
         else:
             halve = True  # after this block: its traceback holds the failed pass's tensors
     except Exception as exc:  # the pass itself failed: every fit in it did
