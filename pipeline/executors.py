@@ -207,7 +207,7 @@ def _train_loop(config: dict) -> None:
     worker.inflight = inflight
     shard = ray.train.get_dataset_shard("items")
     done = 0
-    for batch in shard.iter_batches(batch_size=worker.job.fits_per_worker, batch_format="numpy",
+    for batch in shard.iter_batches(batch_size=job.fits_per_worker, batch_format="numpy",
                                     prefetch_batches=0):
         done += len(worker(batch)["source_uri"])
     ray.train.report({"items": done})  # a barrier: exactly once per worker
