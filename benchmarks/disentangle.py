@@ -80,6 +80,8 @@ ABLATIONS = [
     Method("fresh-columns", "UnZipLoRA, masks grow by fresh columns", "{table}",
            overrides=(("column_picks", "fresh"),)),
     Method("probe-table", "UnZipLoRA, up_blocks.1 shared (the probe's table)", "{table}-probe"),
+    Method("content-down1", "UnZipLoRA, the 16 px input block the content LoRA's", "{table}-content-down1"),
+    Method("style-down1", "UnZipLoRA, the 16 px input block the style LoRA's", "{table}-style-down1"),
     Method("true-class", "UnZipLoRA, style prompt names the true shape", "{table}",
            overrides=(("class_word", "{shape}"),)),
     Method("rank-32", "UnZipLoRA, rank 32", "{table}", overrides=(("rank", 32),)),
@@ -90,6 +92,10 @@ ABLATIONS = [
            overrides=(("content_alone", 0.25),)),
     Method("alone-25", "UnZipLoRA, 1 step in 4 trains the style LoRA alone, 1 in 4 the content LoRA", "{table}",
            overrides=(("style_alone", 0.25), ("content_alone", 0.25))),
+    Method("content-lr-2x", "UnZipLoRA, content LoRA at 2x the learning rate", "{table}",
+           overrides=(("lr", 2e-3), ("style_lr", 1e-3))),
+    Method("content-noise-30", "UnZipLoRA, the noisiest 30 % of timesteps train the content LoRA only", "{table}",
+           overrides=(("content_noise", 0.3),)),
     Method("style-lr-3x", "UnZipLoRA, style LoRA at 3x the learning rate", "{table}", overrides=(("style_lr", 3e-3),)),
 ]
 

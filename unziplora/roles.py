@@ -70,6 +70,20 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         (r"up_blocks\.0\.attentions\.[01]\.", "style"),
         (r"up_blocks\.1\.attentions\.[01]\.", "shared"),
     ],
+    # Ablation (issue 16): the 16 px input block given to the content LoRA, for shapes too small to draw at 8 px.
+    "toy-content-down1": [
+        (r"down_blocks\.1\.attentions\.0\.", "content"),
+        (r"down_blocks\.2\.attentions\.0\.", "content"),
+        (r"mid_block\.attentions\.0\.", "content"),
+        (r"up_blocks\.[01]\.attentions\.\d+\.", "style"),
+    ],
+    # Ablation (issue 16): the 16 px input block given to the style LoRA.
+    "toy-style-down1": [
+        (r"down_blocks\.1\.attentions\.0\.", "style"),
+        (r"down_blocks\.2\.attentions\.0\.", "content"),
+        (r"mid_block\.attentions\.0\.", "content"),
+        (r"up_blocks\.[01]\.attentions\.\d+\.", "style"),
+    ],
     "toy-blora": [
         (r"down_blocks\.2\.attentions\.0\.", "content-only"),
         (r"up_blocks\.0\.attentions\.0\.", "style-only"),
