@@ -94,8 +94,6 @@ ABLATIONS = [
            overrides=(("style_alone", 0.25), ("content_alone", 0.25))),
     Method("content-lr-2x", "UnZipLoRA, content LoRA at 2x the learning rate", "{table}",
            overrides=(("lr", 2e-3), ("style_lr", 1e-3))),
-    Method("content-noise-30", "UnZipLoRA, the noisiest 30 % of timesteps train the content LoRA only", "{table}",
-           overrides=(("content_noise", 0.3),)),
     Method("style-lr-3x", "UnZipLoRA, style LoRA at 3x the learning rate", "{table}", overrides=(("style_lr", 3e-3),)),
 ]
 

@@ -81,7 +81,7 @@ def test_column_picks_in_item_ids(tmp_path):
 def test_settings_added_later_keep_old_item_ids_at_their_old_value(tmp_path):
     """Every fit before these settings existed was a paper-recipe fit: at those values the settings are left
     out of the hash, so a library made before is not fitted again; any other value is another item."""
-    assert not {"content_alone", "style_alone", "style_lr", "column_picks", "content_noise"} & set(
+    assert not {"content_alone", "style_alone", "style_lr", "column_picks"} & set(
         hashed_settings(FitConfig(content="a", style="b")))
     (tmp_path / "a.png").write_bytes(b"identify only hashes it")
     item = {"source_uri": str(tmp_path / "a.png"), "content": "sks dog", "style": "ink", "overrides": "{}"}

@@ -25,8 +25,7 @@ INITS = ("reference", "zeros")
 COLUMN_PICKS = ("cumulative", "fresh")
 # settings added later, with the value that does what fits did before the setting existed (a fit record
 # without the setting had it): item ids leave them out at that value, the benchmark's reuse of fits reads it
-IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0,
-                  "content_noise": 0.0}
+IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0}
 
 
 class Prompts(NamedTuple):
@@ -92,9 +91,6 @@ class FitConfig:
                                  "'style') under the style prompt, the content LoRA off: alone, it must draw the style "
                                  "by itself, as it will be used (0: the paper's recipe; measured: the style carries "
                                  "further, content and recombination suffer)", 0.0)
-    content_noise: float = setting("fraction of the noisiest timesteps at which only the content LoRA learns (the "
-                                   "style LoRA's update is skipped): the coarse layout is drawn there, so the style "
-                                   "LoRA cannot take up part of the subject (0: the paper's recipe)", 0.0)
     init: str = setting("LoRA init", "reference", choices=INITS)
     role_table: str | None = setting("block-role table (default: the base model's)", None)
     precision: str = setting("UNet dtype on an accelerator (always fp32 on CPU)", "bf16", scope="worker",
@@ -139,8 +135,6 @@ class FitConfig:
         for name in ("content_alone", "style_alone"):
             if not 0 <= getattr(self, name) <= 0.5:
                 raise InputError(f"{name} must lie in [0, 0.5], got {getattr(self, name)}")
-        if not 0 <= self.content_noise < 1:
-            raise InputError(f"content_noise must lie in [0, 1), got {self.content_noise}")
         if self.style_lr is not None and not self.style_lr > 0:
             raise InputError(f"style_lr must be positive, got {self.style_lr}")
         if self.recalibrations > self.steps:

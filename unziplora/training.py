@@ -196,7 +196,6 @@ class FitState:
     history: list[dict] = field(default_factory=list)
     error: Exception | None = None
     step: int = 0
-    style_held: bool = False  # this step leaves the style LoRA as it is (content_noise)
 
     def __post_init__(self):
         gates, config = self.adapter.gates, self.config
@@ -248,11 +247,7 @@ class FitState:
         size = self.config.resolution // base.vae_scale_factor
         x0 = _random_crop(self.latents, size, self.rng)
         noise = torch.randn(x0.shape, generator=self.rng).to(self.latents.device, self.latents.dtype)
-        timesteps = base.scheduler.config.num_train_timesteps
-        timestep = torch.randint(0, timesteps, (1,), generator=self.rng)
-        # content_noise: at the noisiest timesteps, where the coarse layout is drawn, only the content LoRA learns
-        self.style_held = (self.config.content_noise > 0 and not self.calibrating and self.alone is None
-                           and timestep.item() >= (1 - self.config.content_noise) * timesteps)
+        timestep = torch.randint(0, base.scheduler.config.num_train_timesteps, (1,), generator=self.rng)
         return x0, noise, timestep
 
     def update(self, loss: torch.Tensor, mse: torch.Tensor, ortho: torch.Tensor, timestep: torch.Tensor) -> None:
@@ -264,13 +259,9 @@ class FitState:
             gates.mergers.grad = None  # frozen for this step
         else:
             gates.keep_overlap_grad()
-        if self.style_held:  # no gradient into the style half's moments either
-            for layer in self.adapter.layers.values():
-                layer.lora_A.grad[layer.rank:] = 0
-                layer.lora_B.grad[:, 1] = 0
         torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
         alone = gates.alone
-        adjust = alone is not None or self.style_step_ratio != 1 or self.style_held
+        adjust = alone is not None or self.style_step_ratio != 1
         before = [p.detach().clone() for p in self.adapter.lora_parameters()] if adjust else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -282,8 +273,6 @@ class FitState:
             metrics["mask_stats"] = mask_stats(self.adapter)
         if alone:
             metrics["alone"] = alone
-        if self.style_held:
-            metrics["style_held"] = True
         gates.masks_enabled, gates.alone = True, None
         self.history.append(metrics)
         if self.on_step is not None:
@@ -294,13 +283,11 @@ class FitState:
     def _adjust_step(self, before: list[torch.Tensor], alone: str | None) -> None:
         """What the optimizer step did, per LoRA half (both share stacked tensors, so they cannot be two
         parameter groups): the style half moved `style_step_ratio` times as far; on an alone step only that
-        LoRA's half on its own blocks moves at all (no momentum drift of what the step did not train); on a step
-        of `content_noise`, the style half stays where it was."""
+        LoRA's half on its own blocks moves at all (no momentum drift of what the step did not train)."""
         for layer, a0, b0 in zip(self.adapter.layers.values(), before[0::2], before[1::2]):
             r = layer.rank
             for i, kind in enumerate(KINDS):
-                if (alone is not None and (kind != alone or layer.role.name != kind)) or \
-                        (kind == "style" and self.style_held):
+                if alone is not None and (kind != alone or layer.role.name != kind):
                     layer.lora_A[i * r:(i + 1) * r], layer.lora_B[:, i] = a0[i * r:(i + 1) * r], b0[:, i]
                 elif kind == "style" and self.style_step_ratio != 1:
                     layer.lora_A[r:] = torch.lerp(a0[r:], layer.lora_A[r:], self.style_step_ratio)
