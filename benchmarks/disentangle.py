@@ -77,11 +77,16 @@ METHODS = [
 
 # What limits the style LoRA (issue 16): UnZipLoRA with one thing changed, each its own row (`--methods ablations`)
 ABLATIONS = [
+    # the defaults again with another fit seed: how far a row moves by chance alone
+    Method("seed-1", "UnZipLoRA, fit seed 1 (the defaults otherwise)", "{table}", overrides=(("seed", 1),)),
     Method("fresh-columns", "UnZipLoRA, masks grow by fresh columns", "{table}",
            overrides=(("column_picks", "fresh"),)),
     Method("probe-table", "UnZipLoRA, up_blocks.1 shared (the probe's table)", "{table}-probe"),
     Method("content-down1", "UnZipLoRA, the 16 px input block the content LoRA's", "{table}-content-down1"),
     Method("style-down1", "UnZipLoRA, the 16 px input block the style LoRA's", "{table}-style-down1"),
+    # the mergers start at 1 and, at the paper's merger rate, fall together on overlapping columns (both to
+    # about 0.05-0.1): frozen, both LoRAs keep every column they picked
+    Method("mergers-frozen", "UnZipLoRA, mergers frozen at 1", "{table}", overrides=(("merger_lr", 1e-12),)),
     Method("true-class", "UnZipLoRA, style prompt names the true shape", "{table}",
            overrides=(("class_word", "{shape}"),)),
     Method("rank-32", "UnZipLoRA, rank 32", "{table}", overrides=(("rank", 32),)),
