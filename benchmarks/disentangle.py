@@ -85,7 +85,7 @@ ABLATIONS = [
     Method("content-down1", "UnZipLoRA, the 16 px input block the content LoRA's", "{table}-content-down1"),
     Method("style-down1", "UnZipLoRA, the 16 px input block the style LoRA's", "{table}-style-down1"),
     # the mergers start at 1 and, at the paper's merger rate, fall together on overlapping columns (both to
-    # about 0.05-0.1): frozen, both LoRAs keep every column they picked
+    # 0.01-0.12): frozen, both LoRAs keep every column they picked
     Method("mergers-frozen", "UnZipLoRA, mergers frozen at 1", "{table}", overrides=(("merger_lr", 1e-12),)),
     Method("true-class", "UnZipLoRA, style prompt names the true shape", "{table}",
            overrides=(("class_word", "{shape}"),)),
