@@ -79,6 +79,7 @@ METHODS = [
 ABLATIONS = [
     # the defaults again with another fit seed: how far a row moves by chance alone
     Method("seed-1", "UnZipLoRA, fit seed 1 (the defaults otherwise)", "{table}", overrides=(("seed", 1),)),
+    Method("seed-2", "UnZipLoRA, fit seed 2 (the defaults otherwise)", "{table}", overrides=(("seed", 2),)),
     Method("fresh-columns", "UnZipLoRA, masks grow by fresh columns", "{table}",
            overrides=(("column_picks", "fresh"),)),
     Method("probe-table", "UnZipLoRA, up_blocks.1 shared (the probe's table)", "{table}-probe"),
