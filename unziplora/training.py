@@ -119,8 +119,9 @@ def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress
             state.error = state.error or exc
     if halve:
         del states
-        for i in members:
-            prepared[i] = (prepared[i][0].restarted(base), *prepared[i][1:])
+        for i in members:  # a fit that had already failed on its own (diverged) keeps its error
+            if prepared[i][0].error is None:
+                prepared[i] = (prepared[i][0].restarted(base), *prepared[i][1:])
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
         half = len(members) // 2
