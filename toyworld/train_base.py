@@ -94,13 +94,19 @@ class Settings:
     # mostly copies its input and the prompt's shape is a 1 % residual that the sampler divides by
     # sqrt(alpha_bar) (70x at t = 990); a v model predicts the (blurry) image itself there, from the prompt
     prediction: str = "v_prediction"
-    # start the UNet (and text encoders) from another run's state.pt instead of from scratch; its VAE and
+    # start the UNet (and text encoders) from another run's state.pt, or from a saved pipeline directory (its
+    # fp16 EMA weights, e.g. the committed toyworld/weights/toy-sdxl), instead of from scratch; its VAE and
     # latent scale are kept, its optimizer and step count are not
     init_from: str = ""
     stop_after: int = 0  # end after this step (0: at `steps`); the learning-rate schedule still spans `steps`
     # relative sampling weights for styles the model draws poorly, e.g. "checkered=3" (unnamed styles weigh 1);
     # empty: every style equally often
     style_weights: str = ""
+    # oversample the cells (shape x style prompts) a model draws worst: the JSON of `toyworld.evaluate --json`
+    # for the model being trained on; each cell is drawn in proportion to 1 + weak_boost x (its miss rate),
+    # times its style weight
+    weak_cells: str = ""
+    weak_boost: float = 4.0
     save_every: int = 250
     seed: int = 0
     threads: int = 1
@@ -159,6 +165,42 @@ def style_probabilities(weights: str) -> np.ndarray | None:
     if (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"style_weights must be non-negative with a positive sum, got {weights!r}")
     return p / p.sum()
+
+
+def cell_probabilities(s: Settings) -> np.ndarray | None:
+    """Sampling probabilities over the world's (shape, style) cells in `world` order, or None when no cell is
+    weighted (then batches draw shape and style as before, so earlier stages' runs stay reproducible)."""
+    if not s.weak_cells:
+        return None
+    per_pair = json.loads(Path(s.weak_cells).read_text())["accuracy"]["per_pair"]
+    style_p = style_probabilities(s.style_weights)
+    weights = []
+    for shape in world.SHAPE_NAMES:
+        for j, style in enumerate(world.STYLE_NAMES):
+            shape_ok, style_ok = per_pair[f"{shape}/{style}"]
+            miss = 1 - (shape_ok + style_ok) / 2
+            weights.append((1 + s.weak_boost * miss) * (1.0 if style_p is None else style_p[j]))
+    p = np.array(weights)
+    return p / p.sum()
+
+
+def state_from_pipeline(path: str, names: list[str]) -> dict:
+    """A state.pt-like dict from a saved pipeline directory: its (EMA) weights start both the model and the
+    EMA; its VAE and latent scaling factor are kept as they are."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    kinds = dict(unet=UNet2DConditionModel, text_encoder=CLIPTextModel, text_encoder_2=CLIPTextModelWithProjection)
+    weights, frozen = {}, {}
+    for name, kind in kinds.items():
+        module = kind.from_pretrained(path, subfolder=name, torch_dtype=torch.float32)
+        if name in names:
+            weights.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        else:  # kept as they are, but they must be the pipeline's: the UNet learned to read them
+            frozen[name] = module.state_dict()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    return dict(model=weights, ema=weights, vae=vae.state_dict(), scaling_factor=vae.config.scaling_factor,
+                frozen=frozen)
 
 
 def param_count(module) -> int:
@@ -251,6 +293,7 @@ def train(s: Settings) -> None:
     from diffusers import DDPMScheduler
 
     style_p = style_probabilities(s.style_weights)  # first, so a typo fails before any work
+    cell_p = cell_probabilities(s)
     torch.set_num_threads(s.threads)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,13 +319,20 @@ def train(s: Settings) -> None:
 
     parts = build_components(s.seed)
     rng = np.random.default_rng(s.seed)
+    # what trains (and is averaged): the UNet, and the text encoders when asked
+    names = ["unet"] + (["text_encoder", "text_encoder_2"] if s.train_text_encoders else [])
     if resume:
         parts["vae"].load_state_dict(state["vae"])
         parts["vae"].eval().requires_grad_(False)
         scaling = state["scaling_factor"]
         rng.bit_generator.state = state["rng"]
+        for name, weights in state.get("frozen", {}).items():
+            parts[name].load_state_dict(weights)
     elif s.init_from:
-        state = torch.load(s.init_from, weights_only=False)
+        state = (state_from_pipeline(s.init_from, names) if Path(s.init_from).is_dir()
+                 else torch.load(s.init_from, weights_only=False))
+        for name, weights in state.get("frozen", {}).items():
+            parts[name].load_state_dict(weights)
         parts["vae"].load_state_dict(state["vae"])
         parts["vae"].eval().requires_grad_(False)
         scaling = state["scaling_factor"]
@@ -300,8 +350,6 @@ def train(s: Settings) -> None:
     res = world.RESOLUTION
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(s.batch, 1)
 
-    # what trains (and is averaged): the UNet, and the text encoders when asked
-    names = ["unet"] + (["text_encoder", "text_encoder_2"] if s.train_text_encoders else [])
     model = torch.nn.ModuleDict({n: parts[n] for n in names})
     for n in names:
         parts[n].requires_grad_(True).train()
@@ -333,7 +381,10 @@ def train(s: Settings) -> None:
         lr = s.lr * min(1.0, (step + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        if style_p is None:
+        if cell_p is not None:
+            pairs_drawn = rng.choice(len(pairs), size=s.batch, p=cell_p)
+            batch = world.batch_of([world.sample_factors(rng, *pairs[i]) for i in pairs_drawn])
+        elif style_p is None:
             batch = world.sample_batch(rng, s.batch)
         else:
             styles = rng.choice(world.STYLE_NAMES, size=s.batch, p=style_p)
@@ -377,6 +428,8 @@ def train(s: Settings) -> None:
             save_pipeline(parts | dict(ema.items()), scaling, out / "pipeline", dict(noise_sched.config))
             torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step + 1,
                             vae=vae.state_dict(), scaling_factor=scaling, rng=rng.bit_generator.state,
+                            frozen={n: parts[n].state_dict() for n in ("text_encoder", "text_encoder_2")
+                                    if n not in names},
                             torch_rng=torch.get_rng_state()), str(state_path) + ".tmp")
             os.replace(str(state_path) + ".tmp", state_path)
     loss_file.close()
