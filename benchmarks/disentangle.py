@@ -1,9 +1,11 @@
 """Does a method separate content from style? Measured against the toy world's ground truth (issue 6).
 
-    python benchmarks/disentangle.py [--images 8] [--seeds 2] [--steps 600] [--methods all] [--out DIR]
+    python benchmarks/disentangle.py [--set A|B|C] [--images 12] [--fit-seeds 0 1 2] [--methods all]
+                                     [--compare A B] [--quick] [--out DIR] [--plot PNG]
 
 A fixed, seeded set of held-out toy-world images (each one shape in one style, seeds the base model never
-saw). Each image is fitted by every method; then, with fixed seeds and the shape/style judges:
+saw). Each image is fitted by every method once per fit seed (a unit: one image, one fit seed); then, with
+fixed sampling seeds and the shape/style judges:
 
 - content LoRA alone, asked for each OTHER style:  shape accuracy (higher is better) and source-style
   leakage (how often the judge still sees the source style: lower is better);
@@ -13,6 +15,13 @@ saw). Each image is fitted by every method; then, with fixed seeds and the shape
 
 The content and style are named with words the base model never learned ("sks shape", "zwx"), so only the
 LoRAs can supply them: the base cannot draw the right answer from the prompt alone.
+
+Each metric is reported as its mean over units with a 95 % interval (a bootstrap over images, then fit seeds
+within each image: `disentangle_stats`), for all images and for the "reconstructable" ones: those that the
+whole-image DreamBooth LoRA redraws under its own prompt (what the base can draw at all). `--compare A B` gives
+B - A per metric over the same units with its interval, and says "better", "worse" or "no measurable
+difference". Fits and each unit's judged hits are kept under --out and reused, so a row can be built up over
+several sittings (another fit seed, more images) and methods can run in parallel processes sharing --out.
 
 Methods (SPEC section 10 and the paper's ablation table), all on the same training loop and settings:
 - unziplora      prompt + column + block separation (the base model's measured role table);
@@ -39,6 +48,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from toyworld import judges as judges_mod  # noqa: E402
 from toyworld import world  # noqa: E402
@@ -48,7 +58,9 @@ from unziplora.export import FILES, load_fit  # noqa: E402
 from unziplora.generate import generate  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 from unziplora.roles import TABLES  # noqa: E402
-from unziplora.training import fit  # noqa: E402
+from unziplora.training import fit_many  # noqa: E402
+
+import disentangle_stats as stats  # noqa: E402  (beside this file)
 
 HELD_OUT_SEED = 424242  # the base model trains on fresh random draws, the judges on seeds 0-10,000
 CONTENT, STYLE = "sks shape", "zwx"  # words the base model never saw in training
@@ -77,9 +89,6 @@ METHODS = [
 
 # What limits the style LoRA (issue 16): UnZipLoRA with one thing changed, each its own row (`--methods ablations`)
 ABLATIONS = [
-    # the defaults again with another fit seed: how far a row moves by chance alone
-    Method("seed-1", "UnZipLoRA, fit seed 1 (the defaults otherwise)", "{table}", overrides=(("seed", 1),)),
-    Method("seed-2", "UnZipLoRA, fit seed 2 (the defaults otherwise)", "{table}", overrides=(("seed", 2),)),
     Method("fresh-columns", "UnZipLoRA, masks grow by fresh columns", "{table}",
            overrides=(("column_picks", "fresh"),)),
     Method("probe-table", "UnZipLoRA, up_blocks.1 shared (the probe's table)", "{table}-probe"),
@@ -127,12 +136,12 @@ def write_image(image: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def fit_config(method: Method, base_table: str, args, factors: world.Factors) -> FitConfig:
+def fit_config(method: Method, base_table: str, args, factors: world.Factors, seed: int) -> FitConfig:
     table = method.role_table.format(table=base_table)
     if table not in TABLES:
         raise SystemExit(f"no role table {table!r} for this base model (unziplora/roles.py)")
     config = FitConfig(content=CONTENT, style=STYLE, base_model=args.model, steps=args.steps, rank=args.rank,
-                       lr=args.lr, seed=0, role_table=table, ortho_lambda=0.5 if method.ortho else 0.0,
+                       lr=args.lr, seed=seed, role_table=table, ortho_lambda=0.5 if method.ortho else 0.0,
                        recalibrations=min(3, args.steps), prompt=COMBINED,
                        content_prompt=COMBINED if method.one_prompt else None,
                        style_prompt=COMBINED if method.one_prompt else None)
@@ -174,50 +183,49 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
     return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode, **call))
 
 
-def evaluate_method(base, judges, method: Method, batch: world.Batch, fits: list, seeds: int, steps: int,
-                    guidance: float, negative_prompt: str | None = None) -> dict:
-    counts: dict[str, list[float]] = {}
-    per_image: list[dict[str, list[float]]] = [{} for _ in fits]  # which images a method fails on
+def hit_lists(base, judges, method: Method, batch: world.Batch, i: int, own, partner, partner_index: int | None,
+              call: dict) -> dict[str, list[float]]:
+    """The judged hits (1.0 / 0.0 per image) of one unit: image i's fit `own`, and for recombination its content
+    with the style of image `partner_index`'s fit `partner` (same fit seed)."""
+    hits: dict[str, list[float]] = {}
 
-    def add(name, hits: torch.Tensor, image: int | None = None):
-        counts.setdefault(name, []).extend(hits.float().tolist())
-        if image is not None:
-            per_image[image].setdefault(name, []).extend(hits.float().tolist())
+    def add(name, values: torch.Tensor):
+        hits.setdefault(name, []).extend(values.float().tolist())
 
-    call = dict(steps=steps, guidance=guidance, seed=0, num_images=seeds, negative_prompt=negative_prompt)
-
-    def alone(kind: str, fit, names: tuple[str, ...], own: str, prompt):
-        """One LoRA alone for every other value of `names`, all prompts in one batch (`seeds` images each, in
+    def alone(kind: str, names: tuple[str, ...], exclude: str, prompt):
+        """One LoRA alone for every other value of `names`, all prompts in one batch (`num_images` each, in
         prompt order): the judged shapes and styles, and the index of the value each image was asked for."""
-        others = [n for n in names if n != own]
+        others = [n for n in names if n != exclude]
         shapes, styles = judges.classify(draw(base, method, call=call, prompt=[prompt(o) for o in others],
-                                              **{kind: fit}))
-        return shapes, styles, torch.tensor([names.index(o) for o in others]).repeat_interleave(seeds)
+                                              **{kind: own}))
+        return shapes, styles, torch.tensor([names.index(o) for o in others]).repeat_interleave(call["num_images"])
 
-    for i, f in enumerate(batch.factors):
-        shape, style = batch.shapes[i].item(), batch.styles[i].item()
-        shapes, styles, asked = alone("content", fits[i], world.STYLE_NAMES, f.style,
-                                      lambda o: f"A {CONTENT} in {world.STYLES[o]} style")
-        add("content_acc", shapes == shape, i)
-        add("content_style_leak", styles == style, i)
-        add("content_follows_style", styles == asked, i)
-        shapes, styles, asked = alone("style", fits[i], world.SHAPE_NAMES, f.shape,
-                                      lambda o: f"A {world.SHAPES[o]} in {STYLE} style")
-        add("style_acc", styles == style, i)
-        add("style_shape_leak", shapes == shape, i)
-        add("style_follows_shape", shapes == asked, i)
-        shapes, styles = judges.classify(draw(base, method, content=fits[i], style=fits[i], prompt=COMBINED,
-                                              call=call))
-        add("recon_both", (shapes == shape) & (styles == style), i)
-        if i % 2 == 0 and i + 1 < len(fits):  # content of A with style of B, and the other way round
-            for a, b in ((i, i + 1), (i + 1, i)):
-                shapes, styles = judges.classify(draw(base, method, content=fits[a], style=fits[b],
-                                                      prompt=COMBINED, call=call))
-                add("recomb_shape", shapes == batch.shapes[a].item())
-                add("recomb_style", styles == batch.styles[b].item())
-                add("recomb_both", (shapes == batch.shapes[a].item()) & (styles == batch.styles[b].item()))
-    return {name: float(np.mean(v)) for name, v in counts.items()} | {
-        "per_image": [{name: round(float(np.mean(v)), 3) for name, v in scores.items()} for scores in per_image]}
+    f = batch.factors[i]
+    shape, style = batch.shapes[i].item(), batch.styles[i].item()
+    shapes, styles, asked = alone("content", world.STYLE_NAMES, f.style,
+                                  lambda o: f"A {CONTENT} in {world.STYLES[o]} style")
+    add("content_acc", shapes == shape)
+    add("content_style_leak", styles == style)
+    add("content_follows_style", styles == asked)
+    shapes, styles, asked = alone("style", world.SHAPE_NAMES, f.shape, lambda o: f"A {world.SHAPES[o]} in {STYLE} style")
+    add("style_acc", styles == style)
+    add("style_shape_leak", shapes == shape)
+    add("style_follows_shape", shapes == asked)
+    shapes, styles = judges.classify(draw(base, method, content=own, style=own, prompt=COMBINED, call=call))
+    add("recon_both", (shapes == shape) & (styles == style))
+    if partner is not None:  # content of this image with the style of its partner
+        shapes, styles = judges.classify(draw(base, method, content=own, style=partner, prompt=COMBINED, call=call))
+        other = batch.styles[partner_index].item()
+        add("recomb_shape", shapes == shape)
+        add("recomb_style", styles == other)
+        add("recomb_both", (shapes == shape) & (styles == other))
+    return hits
+
+
+def partner_of(i: int, n: int) -> int | None:
+    """Recombination pairs are (0, 1), (2, 3), ...: each image's content meets its partner's style."""
+    j = i ^ 1
+    return j if j < n else None
 
 
 def finished_fit(folder: Path, config: FitConfig, image: Path):
@@ -238,28 +246,121 @@ def finished_fit(folder: Path, config: FitConfig, image: Path):
         return None
 
 
-COLUMNS = [  # (key, header); arrows say which way is better
-    ("content_acc", "content shape ↑"), ("content_style_leak", "style leak ↓"),
-    ("style_acc", "style ↑"), ("style_shape_leak", "shape leak ↓"),
-    ("recomb_both", "recombined ↑"), ("recon_both", "reconstructed ↑"), ("fit_s", "s/fit"),
+def unit_folder(out: Path, method: Method, image: int, seed: int) -> Path:
+    return out / method.key / f"{image:03d}-seed{seed}"
+
+
+def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, out: Path) -> dict:
+    """Every (image, fit seed) fit of `method`: finished ones reused, the rest trained `a.fits_together` at a
+    time in one batched pass (fit_many; each fit ends as it would alone)."""
+    units = [(i, seed) for i in range(len(paths)) for seed in a.fit_seeds]
+    fits, todo = {}, []
+    for i, seed in units:
+        config = fit_config(method, base.role_table, a, batch.factors[i], seed)
+        done = finished_fit(unit_folder(out, method, i, seed), config, paths[i])
+        if done is None:
+            todo.append((i, seed, config))
+        else:
+            fits[i, seed] = done
+    for start in range(0, len(todo), a.fits_together):
+        chunk = todo[start:start + a.fits_together]
+        t = time.time()
+        folders = [unit_folder(out, method, i, seed) for i, seed, _ in chunk]
+        results = fit_many([str(paths[i]) for i, _, _ in chunk], [c for _, _, c in chunk], base=base,
+                           out_dirs=folders, overwrite=True, progress=False)
+        for (i, seed, _), folder, result in zip(chunk, folders, results):
+            if isinstance(result, Exception):
+                raise result
+            (folder / "source.sha256").write_text(hashlib.sha256(paths[i].read_bytes()).hexdigest())
+            fits[i, seed] = load_fit(folder)
+        print(f"  {method.key}: fitted {min(start + a.fits_together, len(todo))}/{len(todo)} "
+              f"({(time.time() - t) / len(chunk):.0f} s per fit)", flush=True)
+    return fits
+
+
+def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a, out: Path) -> dict:
+    """(image, fit seed) -> {metric: mean of its hits, "fit_s", "score_s"}. Each unit's hits are kept in its fit
+    folder (`scores.json`) with what they depend on (the sampling protocol, its own fit and its partner's), so a
+    re-run, another fit seed or another method re-scores only what changed."""
+    call = dict(steps=a.sample_steps, guidance=a.guidance, seed=0, num_images=a.seeds, negative_prompt=a.negative_prompt)
+    n, units = len(batch.factors), {}
+    for (i, seed), own in fits.items():
+        j = partner_of(i, n)
+        partner = fits.get((j, seed)) if j is not None else None
+        key = dict(call, fit=_digest(own), partner=_digest(partner) if partner is not None else None)
+        cache = unit_folder(out, method, i, seed) / "scores.json"
+        saved = json.loads(cache.read_text()) if cache.is_file() else {}
+        if saved.get("key") != key:
+            t = time.time()
+            saved = dict(key=key, hits=hit_lists(base, judges, method, batch, i, own, partner, j, call),
+                         score_s=time.time() - t)
+            tmp = cache.with_name(f".scores.{os.getpid()}")
+            tmp.write_text(json.dumps(saved))
+            os.replace(tmp, cache)
+        units[i, seed] = {name: float(np.mean(h)) for name, h in saved["hits"].items()} | {
+            "fit_s": own.record["timings"]["total_s"], "score_s": saved["score_s"]}
+    return units
+
+
+def _digest(fit) -> str:
+    return hashlib.sha256((fit.path / "fit.json").read_bytes()).hexdigest()[:16]
+
+
+COLUMNS = [  # (key, header, higher is better)
+    ("content_acc", "content shape ↑", True), ("content_style_leak", "style leak ↓", False),
+    ("style_acc", "style ↑", True), ("style_shape_leak", "shape leak ↓", False),
+    ("recomb_both", "recombined ↑", True), ("recon_both", "reconstructed ↑", True),
 ]
+METRICS = [k for k, _, _ in COLUMNS]
+HIGHER = {k: h for k, _, h in COLUMNS}
 
 
-def table(results: dict) -> str:
-    lines = ["| method | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for name, r in results.items():
-        cells = [f"{r[k]:.1f}" if k == "fit_s" else f"{100 * r[k]:.0f} %" for k, _ in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+def cell(stat) -> str:
+    if stat is None:
+        return "-"
+    mean, low, high = stat
+    return f"{100 * mean:.0f} % ({100 * low:.0f}-{100 * high:.0f})"
+
+
+def table(rows: dict[str, dict], subset: str) -> str:
+    """Markdown: per method, each metric's mean and 95 % interval over the `subset` ("all" or "reconstructable")."""
+    lines = ["| method | " + " | ".join(h for _, h, _ in COLUMNS) + " | s/fit |",
+             "|---|" + "---|" * (len(COLUMNS) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cell(r[subset][k]) for k in METRICS) + f" | {r['fit_s']:.0f} |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def comparison_table(comparison: dict) -> str:
+    lines = ["| metric | B - A, points (95 % interval) | B is | units |", "|---|---|---|---|"]
+    for _, header, _ in COLUMNS:
+        c = comparison[header_key(header)]
+        if c["diff"] is None:
+            lines.append(f"| {header} | - | {c['verdict']} | 0 |")
+            continue
+        lines.append(f"| {header} | {100 * c['diff']:+.0f} ({100 * c['low']:+.0f} to {100 * c['high']:+.0f}) "
+                     f"| {c['verdict']} | {c['units']} |")
+    return "\n".join(lines)
+
+
+def header_key(header: str) -> str:
+    return next(k for k, h, _ in COLUMNS if h == header)
+
+
+SETS = {"A": HELD_OUT_SEED, "B": 7, "C": 2026}  # the image sets the docs report (by held-out seed)
+REFERENCE = "dreambooth"  # whose reconstruction says which images the base can draw at all
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy", help="the base model (its role table must have a -blora twin)")
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--held-out-seed", type=int, default=HELD_OUT_SEED,
-                   help="which held-out images (another seed: a second, independent image set)")
-    p.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    p.add_argument("--images", type=int, default=12)
+    p.add_argument("--set", choices=sorted(SETS), help=f"a named image set: {SETS} (default A)")
+    p.add_argument("--held-out-seed", type=int, help="which held-out images: any other seed is another, "
+                   "independent image set")
+    p.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="every method is fitted once per image and fit seed")
+    p.add_argument("--seeds", type=int, default=2, help="sampling seeds: images per prompt")
     p.add_argument("--steps", type=int, default=600, help="fit steps")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -269,89 +370,132 @@ def main(argv=None) -> dict:
                    "unconditional embedding); '' encodes an empty prompt instead")
     p.add_argument("--methods", default="all", help="comma-separated: 'all' (the methods), 'ablations', or "
                    f"names from {[m.key for m in METHODS + ABLATIONS]}")
-    p.add_argument("--out", default="out/disentangle")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="paired comparison of two methods: B - A per metric with its 95 %% interval (repeatable; "
+                   "both are fitted if needed)")
+    p.add_argument("--fits-together", type=int, default=4, help="fits trained together in one batched pass")
+    p.add_argument("--quick", action="store_true", help="development only, NOT a measurement: 2 images, 1 fit "
+                   "seed, 100 steps, 1 sampling seed, 10 sampling steps (explicit flags still win)")
+    p.add_argument("--out", help="default: out/disentangle-<set> (out/disentangle-quick with --quick)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--plot", help="also draw the table as grouped bars (per metric, one bar per method) into this PNG")
+    p.add_argument("--plot", help="also draw the tables as bars with their 95 %% intervals into this PNG")
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     a = p.parse_args(argv)
+    if a.quick:
+        for flag, value in (("images", 2), ("fit_seeds", [0]), ("steps", 100), ("seeds", 1), ("sample_steps", 10)):
+            if f"--{flag.replace('_', '-')}" not in given:
+                setattr(a, flag, value)
+    if a.set and a.held_out_seed is not None:
+        raise SystemExit("give --set or --held-out-seed, not both")
+    a.held_out_seed = SETS[a.set or "A"] if a.held_out_seed is None else a.held_out_seed
+    name = a.set or ("A" if a.held_out_seed == SETS["A"] else f"seed{a.held_out_seed}")
+    a.out = a.out or ("out/disentangle-quick" if a.quick else f"out/disentangle-{name}")
+    if a.images < 1 or a.seeds < 1 or a.fits_together < 1 or len(set(a.fit_seeds)) != len(a.fit_seeds):
+        raise SystemExit("--images, --seeds and --fits-together must be >= 1, and --fit-seeds distinct")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     diffusers_logging.set_verbosity_error()  # not one "no LoRA keys for the text encoder" line per image
     groups = {"all": METHODS, "ablations": ABLATIONS}
     known = {m.key: m for m in METHODS + ABLATIONS}
-    names = a.methods.split(",")
+    names = a.methods.split(",") + [k for pair in a.compare for k in pair]
     unknown = [n for n in names if n not in known and n not in groups]
     if unknown:
         raise SystemExit(f"no such method {unknown}; choose from {list(groups) + list(known)}")
-    chosen = list({m.key: m for n in names for m in groups.get(n, [known.get(n)])}.values())
+    # the reference comes first: its fits say which images are reconstructable at all
+    chosen = list({m.key: m for n in [REFERENCE, *names] for m in groups.get(n, [known.get(n)])}.values())
+    if a.quick:
+        print("QUICK MODE: a plumbing check with too few images, fit seeds and steps; NOT a measurement", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
     a.guidance = base.guidance if a.guidance is None else a.guidance
     judges = judges_mod.load_judges()
     batch = held_out_images(a.images, a.held_out_seed)
-    print(f"{a.images} held-out images: " + ", ".join(f.prompt for f in batch.factors), flush=True)
+    print(f"{a.images} held-out images (seed {a.held_out_seed}) x fit seeds {a.fit_seeds}: "
+          + ", ".join(f.prompt for f in batch.factors), flush=True)
     paths = [write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
-    results, started = {}, time.time()
-    # what a method's scores depend on; a finished method with the same settings is reused, so a long run
-    # resumes, and methods can run in parallel processes sharing --out
-    same = {k: vars(a)[k] for k in ("model", "images", "held_out_seed", "seeds", "steps", "rank", "lr",
-                                    "sample_steps", "guidance", "negative_prompt")}
+    images = list(range(a.images))
+    units, started = {}, time.time()
     for method in chosen:
-        saved = out / method.key / "scores.json"
-        previous = json.loads(saved.read_text()) if saved.is_file() else {}
-        if previous.get("settings") == same:
-            results[method.name] = previous["scores"]
-            print(f"{method.name}: reused {saved}", flush=True)
-            continue
-        fits, seconds = [], []
-        for i, path in enumerate(paths):
-            config, folder = fit_config(method, base.role_table, a, batch.factors[i]), out / method.key / f"{i:03d}"
-            done = finished_fit(folder, config, path)
-            if done is not None:
-                fits.append(done)
-                seconds.append(json.loads((folder / "fit.json").read_text())["timings"]["total_s"])
-                continue
-            result = fit(str(path), config, base=base, out_dir=folder, overwrite=True, progress=False)
-            seconds.append(result.record["timings"]["total_s"])
-            (folder / "source.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
-            fits.append(load_fit(result.out_dir))
-        scores = evaluate_method(base, judges, method, batch, fits, a.seeds, a.sample_steps, a.guidance,
-                                 a.negative_prompt)
-        results[method.name] = scores | {"fit_s": float(np.mean(seconds))}
-        saved.write_text(json.dumps({"settings": same, "scores": results[method.name]}, indent=1))
-        means = {k: v for k, v in results[method.name].items() if k != "per_image"}
-        print(f"{method.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
-              + f" ({time.time() - started:.0f} s so far)", flush=True)
-        for factors, image in zip(batch.factors, scores["per_image"]):
-            print(f"  {factors.prompt}: " + ", ".join(f"{k} {v:.2f}" for k, v in image.items()), flush=True)
-    report = dict(settings=vars(a), base_model=base.name, role_table=base.role_table,
-                  images=[asdict(f) for f in batch.factors], results=results)
+        t = time.time()
+        fits = fit_units(base, method, batch, paths, a, out)
+        units[method.key] = score_units(base, judges, method, batch, fits, a, out)
+        cost = sum(u["fit_s"] + u["score_s"] for u in units[method.key].values())
+        print(f"{method.name}: {len(fits)} fits; row cost {cost / 60:.1f} CPU-min "
+              f"({time.time() - t:.0f} s now, {time.time() - started:.0f} s so far)", flush=True)
+    reference = units[REFERENCE]
+    recon = {i: np.mean([reference[i, s]["recon_both"] for s in a.fit_seeds]) for i in images}
+    drawable = [i for i in images if recon[i] >= 0.5]
+    subsets = {"all": images, "reconstructable": drawable}
+    print(f"reconstructable (the whole-image DreamBooth LoRA redraws it under its own prompt in >= half of its "
+          f"samples): {len(drawable)} of {len(images)}; not: "
+          + (", ".join(f"{batch.factors[i].prompt} ({100 * recon[i]:.0f} %)" for i in images if i not in drawable)
+             or "none"), flush=True)
+    rows = {}
+    for method in chosen:
+        u = units[method.key]
+        rows[method.name] = {name: stats.summarize(u, METRICS, subset, a.fit_seeds) for name, subset in
+                             subsets.items()} | {"fit_s": float(np.mean([x["fit_s"] for x in u.values()])),
+                                                 "cost_cpu_min": sum(x["fit_s"] + x["score_s"] for x in u.values()) / 60}
+        (out / method.key / "scores.json").write_text(json.dumps(dict(
+            settings=protocol(a), summary=rows[method.name],
+            units={f"{i:03d}-seed{s}": v for (i, s), v in sorted(u.items())}), indent=1))
+    comparisons = {}
+    for ka, kb in a.compare:
+        comparisons[f"{kb} - {ka}"] = {name: stats.compare(units[ka], units[kb], HIGHER, subset, a.fit_seeds)
+                                       for name, subset in subsets.items()}
+    label = "QUICK, not a measurement: " if a.quick else ""
+    title = (f"{label}{base.name} base, {a.images} images (seed {a.held_out_seed}) x fit seeds "
+             f"{','.join(map(str, a.fit_seeds))} x {a.seeds} sampling seeds")
+    report = dict(settings=vars(a) | {"quick": a.quick}, title=title, base_model=base.name,
+                  role_table=base.role_table, images=[asdict(f) for f in batch.factors],
+                  reconstructable=drawable, reference_reconstruction={i: recon[i] for i in images},
+                  results=rows, comparisons=comparisons,
+                  units={m: {f"{i:03d}-seed{s}": v for (i, s), v in sorted(u.items())} for m, u in units.items()})
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    print(table(results))
+    print(f"\n{title}; mean (95 % interval), bootstrap over images x fit seeds\n\nall {len(images)} images:\n"
+          + table(rows, "all") + f"\n\nthe {len(drawable)} reconstructable images:\n" + table(rows, "reconstructable"))
+    for name, c in comparisons.items():
+        for subset in subsets:
+            print(f"\n{name} ({subset} images):\n" + comparison_table(c[subset]))
     if a.plot:
-        plot(results, a.plot,
-             f"{base.name} base, {a.images} held-out images (seed {a.held_out_seed}) x {a.seeds} seeds")
+        plot(rows, a.plot, title, {name: len(s) for name, s in subsets.items()})
     return report
 
 
-def plot(results: dict, path: str, title: str) -> None:
+def protocol(a) -> dict:
+    """What a row's numbers depend on, besides the method."""
+    return {k: vars(a)[k] for k in ("model", "images", "held_out_seed", "fit_seeds", "seeds", "steps", "rank", "lr",
+                                    "sample_steps", "guidance", "negative_prompt", "quick")}
+
+
+def plot(rows: dict, path: str, title: str, sizes: dict[str, int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(k, h) for k, h in COLUMNS if k != "fit_s"]
-    figure, axes = plt.subplots(figsize=(8, 4.4), dpi=100)
-    width = 0.8 / len(results)
-    for i, (name, scores) in enumerate(results.items()):
-        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))]
-        axes.bar(xs, [100 * scores[k] for k, _ in metrics], width, label=name)
-    axes.set_xticks(range(len(metrics)), [h.replace(" ", "\n", 1) for _, h in metrics], fontsize=8)
-    axes.set_ylabel("% of judged images")
-    axes.set_ylim(0, 100)
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    axes.grid(axis="y", alpha=0.3)
+    figure, panels = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100, sharey=True)
+    width = 0.8 / len(rows)
+    for axes, (subset, size) in zip(panels, sizes.items()):
+        for i, (name, row) in enumerate(rows.items()):
+            xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(METRICS))]
+            stat = [row[subset][k] or (np.nan,) * 3 for k in METRICS]
+            means, lows, highs = (np.array(column, dtype=float) * 100 for column in zip(*stat))
+            axes.bar(xs, np.nan_to_num(means), width, label=name,
+                     yerr=np.nan_to_num([means - lows, highs - means]), capsize=1.5, error_kw=dict(lw=0.7))
+        axes.set_xticks(range(len(METRICS)), [h.replace(" ", "\n", 1) for _, h, _ in COLUMNS], fontsize=8)
+        axes.set_title(f"{subset} images ({size})", fontsize=9)
+        axes.set_ylim(0, 100)
+        axes.grid(axis="y", alpha=0.3)
+    panels[0].set_ylabel("% of judged images (95 % interval)")
+    figure.suptitle(title, fontsize=9)
+    panels[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.0, -0.16), ncol=3)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -1,5 +1,7 @@
 """The toy world: its factors are what they claim to be; the judges and the training script work."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -175,6 +177,15 @@ def test_training_script_writes_a_pipeline_our_loader_reads(tmp_path, monkeypatc
     assert base.scheduler.config.prediction_type == "v_prediction"
     size = sum(p.stat().st_size for p in (out / "pipeline").rglob("*") if p.is_file())
     assert size < 30e6
+    # a further stage starts from a saved pipeline (as toyworld/weights/toy-sdxl is committed: no state.pt);
+    # at a vanishing learning rate it writes back the weights it started from, text encoders included
+    from safetensors.torch import load_file
+
+    train_base.main(["--out", str(tmp_path / "next"), "--init-from", str(out / "pipeline"), "--steps", "1",
+                     "--batch", "4", "--lr", "1e-12", "--train-text-encoders"])
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model", "vae/diffusion_pytorch_model"):
+        before, after = (load_file(str(d / f"{part}.safetensors")) for d in (out / "pipeline", tmp_path / "next" / "pipeline"))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), part
 
 
 def test_style_weights_oversample_the_named_styles():
@@ -188,6 +199,22 @@ def test_style_weights_oversample_the_named_styles():
     for bad in ("checker=3", "checkered", "flat=-1", "flat=0," + ",".join(f"{s}=0" for s in world.STYLE_NAMES)):
         with pytest.raises(ValueError, match="style_weights"):
             train_base.style_probabilities(bad)
+
+
+def test_weak_cells_are_oversampled_by_their_miss_rate(tmp_path):
+    from toyworld import train_base
+
+    per_pair = {f"{sh}/{st}": (1.0, 1.0) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES}
+    per_pair["star/outlined"] = (0.5, 1.0)  # missed 1 time in 4
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"accuracy": {"per_pair": per_pair}}))
+    assert train_base.cell_probabilities(train_base.Settings()) is None  # no weighting: batches as before
+    p = train_base.cell_probabilities(train_base.Settings(weak_cells=str(evaluation), weak_boost=4))
+    star = world.SHAPE_NAMES.index("star") * len(world.STYLE_NAMES) + world.STYLE_NAMES.index("outlined")
+    assert p.sum() == pytest.approx(1.0) and p[star] == pytest.approx(2 * p[0])  # 1 + 4 x 0.25
+    # with style weights too, the two multiply
+    p = train_base.cell_probabilities(train_base.Settings(weak_cells=str(evaluation), style_weights="outlined=2"))
+    assert p[star] == pytest.approx(2 * (1 + 4 * 0.25) * p[0])
 
 
 def test_toy_preset_says_how_to_get_it_when_missing(monkeypatch):
@@ -249,34 +276,94 @@ def test_committed_toy_model_draws_the_prompted_shape_in_the_prompted_style(toy_
     assert acc["style"] >= TOY_STYLE_THRESHOLD, acc["per_style"]
 
 
-def test_disentangle_benchmark_runs_end_to_end_on_two_images(tmp_path, monkeypatch):
+def _benchmark_module(monkeypatch, name: str):
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "disentangle.py"
-    spec = importlib.util.spec_from_file_location("disentangle", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "disentangle", bench)  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    args = ["--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2", "--out", str(tmp_path)]
+    folder = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_disentangle_benchmark_runs_end_to_end_and_builds_rows_up(tmp_path, monkeypatch):
+    bench = _benchmark_module(monkeypatch, "disentangle")
+    common = ["--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2", "--out", str(tmp_path)]
+    args = common + ["--fit-seeds", "0"]
     report = bench.main(args)
-    assert list(report["results"]) == [m.name for m in bench.METHODS]
-    for scores in report["results"].values():
-        assert all(0 <= scores[k] <= 1 for k, _ in bench.COLUMNS if k != "fit_s")
-        assert scores["fit_s"] > 0
-    loras = sorted(tmp_path.glob("*/001/content_lora.safetensors"))
+    # the reference (whose reconstructions mark the drawable images) first, then every method
+    assert list(report["results"]) == [m.name for m in bench.METHODS if m.key == bench.REFERENCE] + [
+        m.name for m in bench.METHODS if m.key != bench.REFERENCE]
+    for row in report["results"].values():
+        for metric in bench.METRICS:
+            mean, low, high = row["all"][metric]
+            assert 0 <= low <= mean <= high <= 1, (metric, row["all"][metric])
+            assert report["reconstructable"] or row["reconstructable"][metric] is None
+        assert row["fit_s"] > 0 and row["cost_cpu_min"] > 0
+    assert set(report["reconstructable"]) <= {0, 1}
+    loras = sorted(tmp_path.glob("*/001-seed0/content_lora.safetensors"))
     assert (tmp_path / "results.json").is_file() and len(loras) == 5
-    # a second run with the same settings reuses every finished method instead of fitting again
-    stamps = [p.stat().st_mtime_ns for p in loras]
+    # a second run with the same settings fits nothing and scores nothing again
+    stamps = [p.stat().st_mtime_ns for p in tmp_path.glob("*/*-seed0/*.json")]
     assert bench.main(args + ["--plot", str(tmp_path / "bars.png")])["results"] == report["results"]
-    assert [p.stat().st_mtime_ns for p in loras] == stamps
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("*/*-seed0/*.json")] == stamps
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
-    # scores lost, fits kept: the method is scored again from its finished fits (same images, same scores)
-    (tmp_path / "unziplora" / "scores.json").unlink()
-    again = bench.main(args + ["--methods", "unziplora"])["results"]
-    assert again == {bench.METHODS[0].name: report["results"][bench.METHODS[0].name]}
-    assert [p.stat().st_mtime_ns for p in loras] == stamps
+    # a unit's judged hits lost, its fit kept: scored again from the same fit, to the same numbers
+    (tmp_path / "unziplora" / "001-seed0" / "scores.json").unlink()
+    again = bench.main(args + ["--methods", "unziplora"])
+
+    def judged(units):  # without the timings
+        return {u: {k: v for k, v in scores.items() if k in bench.METRICS} for u, scores in units.items()}
+
+    assert judged(again["units"]["unziplora"]) == judged(report["units"]["unziplora"])
+    assert [p.stat().st_mtime_ns for p in loras] == [p.stat().st_mtime_ns for p in
+                                                     sorted(tmp_path.glob("*/001-seed0/content_lora.safetensors"))]
+    # another fit seed builds the row up: only the new units are fitted; a paired comparison over them
+    grown = bench.main(common + ["--fit-seeds", "0", "1", "--methods", "unziplora", "--compare", "dreambooth",
+                                 "unziplora"])
+    assert set(grown["units"]["unziplora"]) == {"000-seed0", "000-seed1", "001-seed0", "001-seed1"}
+    assert grown["units"]["unziplora"]["001-seed0"] == again["units"]["unziplora"]["001-seed0"]  # reused
+    assert list(grown["results"]) == [bench.METHODS[-1].name, bench.METHODS[0].name]
+    comparison = grown["comparisons"]["unziplora - dreambooth"]["all"]
+    for metric in bench.METRICS:
+        c = comparison[metric]
+        assert c["units"] == 4 and c["low"] <= c["diff"] <= c["high"] and c["verdict"].startswith("too few")
+    json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+
+
+def test_benchmark_intervals_and_paired_verdicts(monkeypatch):
+    stats = _benchmark_module(monkeypatch, "disentangle_stats")
+    rng = np.random.default_rng(0)
+    images, seeds = list(range(12)), [0, 1, 2]
+    difficulty = rng.uniform(0.2, 0.9, 12)  # images differ far more than fit seeds do
+    a = {(i, s): {"style_acc": float(np.clip(difficulty[i] + rng.normal(0, 0.05), 0, 1)), "leak": 0.1}
+         for i in images for s in seeds}
+    b = {k: {"style_acc": v["style_acc"] + 0.08 + rng.normal(0, 0.02), "leak": 0.1 + 0.05} for k, v in a.items()}
+    mean, low, high = stats.summarize(a, ["style_acc"], images, seeds)["style_acc"]
+    assert low < mean < high and high - low > 0.1  # the spread of images shows in the interval
+    # ... but it cancels in the paired difference: 8 points with an interval far narrower than the row's
+    c = stats.compare(a, b, {"style_acc": True, "leak": False}, images, seeds)
+    assert c["style_acc"]["diff"] == pytest.approx(0.08, abs=0.02) and c["style_acc"]["verdict"] == "better"
+    assert c["style_acc"]["high"] - c["style_acc"]["low"] < 0.05
+    assert c["leak"]["verdict"] == "worse"  # lower is better for a leak
+    same = stats.compare(a, a, {"style_acc": True}, images, seeds)["style_acc"]
+    assert same["diff"] == 0 and same["verdict"] == "no measurable difference"
+    noisy = {k: {"style_acc": v["style_acc"] + rng.normal(0, 0.2)} for k, v in a.items()}
+    assert stats.compare(a, noisy, {"style_acc": True}, images, seeds)["style_acc"]["verdict"] == (
+        "no measurable difference")
+    # units only one side has do not count; too few images give no verdict; no units at all: not measured
+    partial = {k: v for k, v in b.items() if k[0] < 3}
+    few = stats.compare(a, partial, {"style_acc": True}, images, seeds)["style_acc"]
+    assert few["units"] == 9 and few["verdict"].startswith("too few")
+    none = stats.compare(a, {}, {"style_acc": True}, images, seeds)["style_acc"]
+    assert none["verdict"] == "not measured" and none["diff"] is None
+    # NaN units (an image without a recombination partner) are left out of the mean
+    grid = np.array([[1.0, 0.0], [np.nan, np.nan]])
+    assert stats.bootstrap(grid)[0] == 0.5
 
 
 def test_probe_results_become_role_tables():
