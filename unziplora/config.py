@@ -23,9 +23,11 @@ DEFAULT_LR = 5e-5
 MODEL_LR = {"toy": 1e-3}
 INITS = ("reference", "zeros")
 COLUMN_PICKS = ("cumulative", "fresh")
+SHARED_COLUMNS = ("mergers", "owner")
 # settings added later, with the value that does what fits did before the setting existed (a fit record
 # without the setting had it): item ids leave them out at that value, the benchmark's reuse of fits reads it
-IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0}
+IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0,
+                  "shared_columns": "mergers", "style_stage": 0.0}
 
 
 class Prompts(NamedTuple):
@@ -82,6 +84,10 @@ class FitConfig:
                                 "columns in (the paper's: a column picked again adds nothing, so masks often "
                                 "end near one pick's size) or 'fresh' (each pick takes columns not held yet)",
                                 "cumulative", choices=COLUMN_PICKS)
+    shared_columns: str = setting("a column both LoRAs would hold: 'mergers' (the paper's: both hold it, learned "
+                                  "mergers and the orthogonality loss are to separate them) or 'owner' (it goes to "
+                                  "the LoRA whose importance score is higher when it is picked; the other loses it)",
+                                  "mergers", choices=SHARED_COLUMNS)
     recalibrations: int = setting("number of mask recalibrations", 3)
     ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
     content_alone: float = setting("fraction of steps that train the content LoRA alone, on its own blocks (role "
@@ -91,6 +97,10 @@ class FitConfig:
                                  "'style') under the style prompt, the content LoRA off: alone, it must draw the style "
                                  "by itself, as it will be used (0: the paper's recipe; measured: the style carries "
                                  "further, content and recombination suffer)", 0.0)
+    style_stage: float = setting("share of further steps, after the joint ones, that train the style LoRA alone "
+                                 "with the content LoRA frozen but applied, under a style prompt that names no "
+                                 "subject ('An image in {style} style'): it learns what the content LoRA does not "
+                                 "draw (0: the paper's recipe)", 0.0)
     init: str = setting("LoRA init", "reference", choices=INITS)
     role_table: str | None = setting("block-role table (default: the base model's)", None)
     precision: str = setting("UNet dtype on an accelerator (always fp32 on CPU)", "bf16", scope="worker",
@@ -135,6 +145,8 @@ class FitConfig:
         for name in ("content_alone", "style_alone"):
             if not 0 <= getattr(self, name) <= 0.5:
                 raise InputError(f"{name} must lie in [0, 0.5], got {getattr(self, name)}")
+        if not 0 <= self.style_stage <= 1:
+            raise InputError(f"style_stage must lie in [0, 1], got {self.style_stage}")
         if self.style_lr is not None and not self.style_lr > 0:
             raise InputError(f"style_lr must be positive, got {self.style_lr}")
         if self.recalibrations > self.steps:
@@ -158,6 +170,16 @@ class FitConfig:
             content=self.content_prompt or f"A {content}",
             style=self.style_prompt or f"A {self.resolved_class_word} in {style} style",
         )
+
+    @property
+    def total_steps(self) -> int:
+        """The joint steps and the style stage's after them."""
+        return self.steps + round(self.style_stage * self.steps)
+
+    @property
+    def stage_style_prompt(self) -> str:
+        """The style LoRA's prompt in the style stage: the style alone, no subject to tie it to."""
+        return f"An image in {self.style.strip()} style"
 
     @property
     def calibration_steps(self) -> list[int]:

@@ -45,25 +45,37 @@ def top_k_columns(scores: torch.Tensor, k: int, forbidden: torch.Tensor | None =
 
 
 @torch.no_grad()
-def recalibrate(adapter: UnZipLoRA, ratio: float, fresh: bool = False) -> None:
+def recalibrate(adapter: UnZipLoRA, ratio: float, fresh: bool = False, owner: bool = False) -> None:
     """OR the top `ratio` columns of every sparse LoRA into its mask; with `fresh`, only among the columns
     it does not hold yet (so every recalibration adds `ratio` of the columns).
 
-    In shared (exclusive) blocks content picks first and neither LoRA may take a column the other holds,
-    so the two masks stay strictly disjoint. Full LoRAs of dedicated blocks keep all columns, "off" ones none.
+    The paper's rule: in shared (exclusive) blocks content picks first and neither LoRA may take a column the
+    other holds, so the two masks stay strictly disjoint there; in a LoRA's own blocks it holds every column and
+    the other's sparse picks overlap it (the mergers and the orthogonality loss are to separate them).
+    With `owner`, no column is ever held by both: a sparse LoRA picks only among columns where its importance
+    beats the other LoRA's, and a column it takes is taken from the other (full or sparse). "Off" LoRAs hold none.
     """
     masks, mergers = adapter.gates.masks, adapter.gates.mergers
     for _, layer in adapter.named_layers():
         cols = layer.columns()
         k = int(ratio * layer.out_features)
-        for i, kind in enumerate(KINDS):  # content first
-            if not layer.role.is_sparse(kind):
-                continue
-            forbidden = masks[1 - i, cols] if layer.role.exclusive else torch.zeros_like(masks[i, cols])
+        sparse = [i for i, kind in enumerate(KINDS) if layer.role.is_sparse(kind)]
+        if not sparse:
+            continue
+        scores = {i: cone_scores(layer, kind, mergers[i, cols]) for i, kind in enumerate(KINDS)
+                  if i in sparse or (owner and layer.role.is_full(kind))}
+        for i in sparse:  # content first
+            other = 1 - i
+            if owner:
+                forbidden = (scores[other] >= scores[i]) if other in scores else torch.zeros_like(masks[i, cols])
+            else:
+                forbidden = masks[other, cols] if layer.role.exclusive else torch.zeros_like(masks[i, cols])
             if fresh:
-                forbidden = torch.maximum(forbidden, masks[i, cols])
-            scores = cone_scores(layer, kind, mergers[i, cols])
-            masks[i, cols] = torch.maximum(masks[i, cols], top_k_columns(scores, k, forbidden))
+                forbidden = torch.maximum(forbidden.float(), masks[i, cols])
+            picked = top_k_columns(scores[i], k, forbidden)
+            masks[i, cols] = torch.maximum(masks[i, cols], picked)
+            if owner:  # what this LoRA won, the other no longer holds
+                masks[other, cols] = masks[other, cols] * (1 - picked)
 
 
 def mask_stats(adapter: UnZipLoRA) -> dict[str, dict[str, float]]:

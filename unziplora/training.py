@@ -133,7 +133,7 @@ def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress
         return
     share = (time.perf_counter() - t) / len(members)
     for i, state in zip(members, states):
-        prepared[i][2].update(train_s=share, s_per_step=share / state.config.steps, batch_size=len(members))
+        prepared[i][2].update(train_s=share, s_per_step=share / state.config.total_steps, batch_size=len(members))
 
 
 def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | None,
@@ -148,6 +148,8 @@ def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | 
     picture = load_image(image, resolution)
     prompts = config.prompts()
     embeds = encode_prompts(base, prompts)
+    if config.style_stage:
+        embeds["style_stage"] = encode_prompts(base, {"style": config.stage_style_prompt})["style"]
     latents = encode_image(base, picture)
     timings["encode_s"] = time.perf_counter() - t
     return FitState(config, _new_adapter(base, config), embeds, latents, on_step=on_step), prompts, timings
@@ -223,7 +225,12 @@ class FitState:
 
     @property
     def running(self) -> bool:
-        return self.error is None and self.step < self.config.steps
+        return self.error is None and self.step < self.config.total_steps
+
+    @property
+    def in_style_stage(self) -> bool:
+        """After the joint steps: the style LoRA trains, the content LoRA is frozen (`style_stage`)."""
+        return self.step >= self.config.steps
 
     @property
     def calibrating(self) -> bool:
@@ -234,7 +241,7 @@ class FitState:
         """The LoRA this step trains alone, if any: `style_alone` and `content_alone` of the steps, each spread
         evenly, half a period apart (so up to a half each, they never fall on one step); never a
         recalibration step."""
-        if self.calibrating:
+        if self.calibrating or self.in_style_stage:
             return None
         s = self.step
         for kind, phase in (("style", 0.0), ("content", 0.5)):
@@ -256,20 +263,26 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         self.scaler.unscale_(self.optimizer)  # true gradients for the cone scores and the clip
         if self.calibrating:
-            recalibrate(self.adapter, config.column_ratio, fresh=config.column_picks == "fresh")
+            recalibrate(self.adapter, config.column_ratio, fresh=config.column_picks == "fresh",
+                        owner=config.shared_columns == "owner")
             gates.mergers.grad = None  # frozen for this step
+        elif self.in_style_stage:
+            gates.mergers.grad = None  # the columns are settled
         else:
             gates.keep_overlap_grad()
         torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
         alone = gates.alone
-        adjust = alone is not None or self.style_step_ratio != 1
+        frozen = "content" if self.in_style_stage else None
+        adjust = alone is not None or frozen is not None or self.style_step_ratio != 1
         before = [p.detach().clone() for p in self.adapter.lora_parameters()] if adjust else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if adjust:
-            self._adjust_step(before, alone)
+            self._adjust_step(before, alone, frozen)
         gates.clamp_()
         metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}
+        if frozen:
+            metrics["stage"] = "style"
         if self.calibrating:
             metrics["mask_stats"] = mask_stats(self.adapter)
         if alone:
@@ -281,14 +294,15 @@ class FitState:
         self.step += 1
 
     @torch.no_grad()
-    def _adjust_step(self, before: list[torch.Tensor], alone: str | None) -> None:
+    def _adjust_step(self, before: list[torch.Tensor], alone: str | None, frozen: str | None = None) -> None:
         """What the optimizer step did, per LoRA half (both share stacked tensors, so they cannot be two
         parameter groups): the style half moved `style_step_ratio` times as far; on an alone step only that
-        LoRA's half on its own blocks moves at all (no momentum drift of what the step did not train)."""
+        LoRA's half on its own blocks moves at all, and a `frozen` LoRA's half not at all (no momentum drift
+        of what the step did not train)."""
         for layer, a0, b0 in zip(self.adapter.layers.values(), before[0::2], before[1::2]):
             r = layer.rank
             for i, kind in enumerate(KINDS):
-                if alone is not None and (kind != alone or layer.role.name != kind):
+                if kind == frozen or (alone is not None and (kind != alone or layer.role.name != kind)):
                     layer.lora_A[i * r:(i + 1) * r], layer.lora_B[:, i] = a0[i * r:(i + 1) * r], b0[:, i]
                 elif kind == "style" and self.style_step_ratio != 1:
                     layer.lora_A[r:] = torch.lerp(a0[r:], layer.lora_A[r:], self.style_step_ratio)
@@ -310,7 +324,8 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
     if checkpointing:
         unet.enable_gradient_checkpointing()
     forward = compiled_unet(base) if any(s.config.compile for s in states) else unet
-    bar = tqdm(total=sum(s.config.steps for s in states), desc="unziplora fit", disable=not progress, leave=False)
+    bar = tqdm(total=sum(s.config.total_steps for s in states), desc="unziplora fit", disable=not progress,
+               leave=False)
     try:
         with FitBatch(unet, [s.adapter for s in states]) as batch:
             while live := [s for s in states if s.running]:
@@ -342,7 +357,8 @@ def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int,
                             device=device, dtype=dtype)
     # the base reads the combined prompt, or on an alone step that LoRA's own prompt
     base_prompts = [s.adapter.gates.alone or "combined" for s in live]
-    embeds = {key: torch.cat([s.embeds[key] for s in live]) for key in ("content", "style")}
+    embeds = {"content": torch.cat([s.embeds["content"] for s in live]),
+              "style": torch.cat([s.embeds["style_stage" if s.in_style_stage else "style"] for s in live])}
     embeds["combined"] = torch.cat([s.embeds[p] for s, p in zip(live, base_prompts)])
     embeds["pooled"] = torch.cat([s.embeds[f"pooled_{p}"] for s, p in zip(live, base_prompts)])  # add_text_embeds
     pred = forward(noisy, timesteps.to(device), encoder_hidden_states=embeds["combined"],
@@ -386,17 +402,18 @@ def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep
 
 
 @torch.no_grad()
-def encode_prompts(base: BaseModel, prompts: Prompts) -> dict[str, torch.Tensor]:
+def encode_prompts(base: BaseModel, prompts: Prompts | dict[str, str]) -> dict[str, torch.Tensor]:
     """Each prompt through both text encoders once (penultimate states, concatenated to one context).
     The combined prompt's pooled embedding feeds add_text_embeds (an alone step's: its LoRA's prompt's)."""
-    for name, text in prompts._asdict().items():
+    prompts = prompts if isinstance(prompts, dict) else prompts._asdict()
+    for name, text in prompts.items():
         n_tokens = len(base.tokenizer(text).input_ids)
         if n_tokens > base.tokenizer.model_max_length:
             warnings.warn(f"the {name} prompt has {n_tokens} tokens; CLIP reads only the first "
                           f"{base.tokenizer.model_max_length} (the rest is truncated): {text!r}", UserWarning)
     pipe = base.pipeline()
     out = {}
-    for name, text in prompts._asdict().items():
+    for name, text in prompts.items():
         embeds, _, pooled, _ = pipe.encode_prompt(text, device=base.device, do_classifier_free_guidance=False)
         out[name] = embeds.to(base.dtype)
         out[f"pooled_{name}"] = pooled.to(base.dtype)
