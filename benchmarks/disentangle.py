@@ -113,6 +113,18 @@ ABLATIONS = [
 ]
 
 
+# Issue 28's candidates for a split that holds: each one change from the paper's recipe (`--methods candidates`)
+CANDIDATES = [
+    Method("owner", "UnZipLoRA, a column both LoRAs pick goes to the more important one", "{table}",
+           overrides=(("shared_columns", "owner"),)),
+    Method("lambda-0", "UnZipLoRA, no orthogonality loss (lambda 0)", "{table}", ortho=False),
+    Method("style-stage-25", "UnZipLoRA + 25 % style-only steps, content frozen", "{table}",
+           overrides=(("style_stage", 0.25),)),
+    Method("class-free", "UnZipLoRA, style prompt names no subject", "{table}",
+           overrides=(("style_prompt", f"An image in {STYLE} style"),)),
+]
+
+
 def held_out_images(n: int, seed: int = HELD_OUT_SEED) -> world.Batch:
     """n images in which consecutive ones (the recombination pairs) differ in both shape and style."""
     rng = np.random.default_rng(seed)
@@ -368,8 +380,8 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, help="default: the base model's (2.5 for toy)")
     p.add_argument("--negative-prompt", help="default: none, as diffusers' pipe(prompt) draws (SDXL zeroes the "
                    "unconditional embedding); '' encodes an empty prompt instead")
-    p.add_argument("--methods", default="all", help="comma-separated: 'all' (the methods), 'ablations', or "
-                   f"names from {[m.key for m in METHODS + ABLATIONS]}")
+    p.add_argument("--methods", default="all", help="comma-separated: 'all' (the methods), 'ablations', "
+                   f"'candidates', or names from {[m.key for m in METHODS + ABLATIONS + CANDIDATES]}")
     p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="paired comparison of two methods: B - A per metric with its 95 %% interval (repeatable; "
                    "both are fitted if needed)")
@@ -400,8 +412,8 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     diffusers_logging.set_verbosity_error()  # not one "no LoRA keys for the text encoder" line per image
-    groups = {"all": METHODS, "ablations": ABLATIONS}
-    known = {m.key: m for m in METHODS + ABLATIONS}
+    groups = {"all": METHODS, "ablations": ABLATIONS, "candidates": CANDIDATES}
+    known = {m.key: m for m in METHODS + ABLATIONS + CANDIDATES}
     names = a.methods.split(",") + [k for pair in a.compare for k in pair]
     unknown = [n for n in names if n not in known and n not in groups]
     if unknown:
