@@ -59,7 +59,7 @@ with a LoraLoader node. A1111 / Forge: copy it into `models/Lora` and prompt
 the `sshs_*` hashes these tools identify LoRAs by. The previews were drawn as diffusers' `pipe(prompt)` draws,
 with no negative prompt (SDXL's unconditional embedding zeroed). ComfyUI draws that way when the sampler's
 negative goes through a `ConditioningZeroOut` node; an encoded empty negative prompt (ComfyUI's text node, A1111)
-carried such LoRAs less far on the project's toy world (content 89 -> 82 %, style 82 -> 66 %).
+draws them differently, and in the project's measurements carried them less far.
 
 unziplora: `unziplora generate FOLDER --out combined.png` (both, three-prompt routing),
 `--content-from`/`--style-from` to recombine the content of one fit with the style of another.
