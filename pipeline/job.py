@@ -18,8 +18,8 @@ from .executors import EXECUTORS, longest_first
 from .identify import check_job_settings, identify_batch, identify_row, plain_row
 from .lease import LibraryLease
 from .local_ray import reap_orphans, start_local_ray
-from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions, source_key,
-                       utc_now, write_manifest)
+from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions,
+                       marker_problems, source_key, utc_now, write_manifest)
 from .source import Inputs, read_inputs
 from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
@@ -76,6 +76,9 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
         print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
               f"{len(plan.duplicates)} duplicates, {plan.unfit} failed before fitting"
               + _accounting_line(inputs), file=sys.stderr)
+        if plan.refit:
+            print(f"{len(plan.refit)} fits no longer hold what their marker vouches for, and are fitted again "
+                  f"(e.g. {next(iter(plan.refit.values()))})", file=sys.stderr)
     start = time.perf_counter()
     returned = {}
     if plan.to_fit:  # Ray only now: a re-run with nothing to fit starts no cluster
@@ -138,6 +141,7 @@ class Plan:
     complete: int = 0
     unfit: int = 0
     unchanged: dict[str, dict] = field(default_factory=dict)  # source URL -> its manifest row, which stands
+    refit: dict[str, str] = field(default_factory=dict)  # item id -> why its marker no longer holds
 
 
 INLINE_IDENTIFY = 32  # at most this many images to read: hashed in the driver, without a Ray Data pass
@@ -169,6 +173,14 @@ def plan_items(job: JobSpec, items: list[dict], store: Store, index: dict[str, d
         {marker_key(r["item_id"]) for r in rows if r["item_id"] and r["item_id"] not in complete})).items()}
     legacy = _legacy_markers(job, rows, markers, store)
     plan = Plan(item_ids={}, to_fit=[], duplicates={})
+    # a marker vouches for its fit's files: one that no longer holds (a file deleted or truncated behind the
+    # library's back) is no fit, and goes, so that no later run trusts it either
+    found = {key: marker for key, marker in (markers | legacy).items() if marker and "adopted_from" not in marker}
+    for item_id, problem in marker_problems(store, {key.split("/")[1]: m for key, m in found.items()}).items():
+        plan.refit[item_id] = problem
+        markers.pop(marker_key(item_id), None)
+        legacy.pop(marker_key(item_id), None)
+        store.remove(store.path(marker_key(item_id)))
     first: dict[str, str] = {}
     for row in rows:
         uri, item_id = row["source_uri"], row["item_id"]

@@ -2,7 +2,10 @@
 
 Layout under the job's --output:
   items/<item_id>/...            the fit's files (content/style LoRAs, diffusers + kohya, mergers, masks,
-                                 fit.json, config.yaml); `_SUCCESS` (the row, JSON) is written last
+                                 fit.json, config.yaml); `_SUCCESS` (the row, JSON) is written last: its
+                                 `files` names every file it vouches for, with size and sha256; the worker
+                                 checks them in the library before writing it, `--recheck` checks them again
+                                 (`marker_problems`)
   sources/<key>.json             the latest row for one source URL (ok or failed), written by the worker
   attempts/<item_id>/<run>.<t>.<r>.json   one record per fit of the item started and not come back yet (a
                                  crash or an interruption; removed when the fit ends); `.crashed` beside one:
@@ -34,7 +37,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unziplora.errors import InputError
+from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import scrub
 
 from .storage import Store, url_key
@@ -136,12 +139,46 @@ def scrubbed(row: dict) -> dict:
 ITEM_ID = re.compile(r"^[0-9a-f]{16,64}$")  # ours are 24; any hex name is a safe folder name
 
 
+class LibraryChangedError(UnZipLoRAError):
+    """Files of the library went missing while this process wrote them (a library moved or deleted mid-job)."""
+
+
 def check_item_id(value, where: str) -> str:
     """An item id read from data (a manifest, a marker, a bank): hex digits, or a clear error. Item ids
     become folder names (items/<id>/, a bank's cache), so nothing else may pass."""
     if not isinstance(value, str) or not ITEM_ID.match(value):
         raise InputError(f"{where}: {str(value)[:80]!r} is not an item id (hex digits)")
     return value
+
+
+def marker_problems(store: Store, markers: dict[str, dict]) -> dict[str, str]:
+    """Why completion markers do not hold: {item id: reason} for each of `markers` ({item id: marker}) that
+    vouches for a file missing from items/<id>/ or of another size than it records; items whose marker holds
+    are absent. A marker is the item's ok row: its `files` names every file of the fit with its size and
+    sha256. One listing per item (concurrent on object stores); no file's bytes are read."""
+    vouched, out = {}, {}
+    for item_id, marker in markers.items():
+        try:
+            files = json.loads(marker.get("files") or "{}")
+            vouched[item_id] = {store.path("items", item_id, name): info.get("bytes") for name, info in files.items()}
+        except (ValueError, TypeError, AttributeError, InputError) as exc:
+            out[item_id] = f"its completion marker is unreadable ({exc})"
+            continue
+        if not vouched[item_id]:
+            del vouched[item_id]
+            out[item_id] = "its completion marker names no files"
+    listings = store.sizes_many([f"items/{item_id}" for item_id in vouched])
+    for item_id, files in vouched.items():
+        found = listings[f"items/{item_id}"]
+        for path, size in sorted(files.items()):
+            name = path.rsplit("/", 1)[-1]
+            if name not in found:
+                out[item_id] = f"{store.url_prefix + path} is missing"
+                break
+            if size is not None and found[name] != size:
+                out[item_id] = f"{store.url_prefix + path} has {found[name]} bytes, not the {size} its marker vouches for"
+                break
+    return out
 
 
 def utc_now() -> str:

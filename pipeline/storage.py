@@ -17,6 +17,7 @@ import os
 import uuid
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem, _run_coros_in_chunks, sync
 from fsspec.core import url_to_fs
 
 from unziplora.errors import InputError
@@ -113,6 +114,31 @@ class Store:
         for rel, f in zip(paths, full):
             value = found.get(f, found.get(self.fs._strip_protocol(f)))
             out[rel] = value if isinstance(value, bytes) else None
+        return out
+
+    def sizes_many(self, folders: list[str]) -> dict[str, dict[str, int]]:
+        """{folder: {file name: size}} of the files directly in each folder (paths relative to the root; a
+        missing folder maps to {}). Listed afresh, never from a listing cache (another process may have
+        deleted files meanwhile); concurrently on object stores."""
+        full = [self.path(*folder.split("/")) for folder in folders]
+        if isinstance(self.fs, AsyncFileSystem) and self.fs.async_impl:
+            coros = [self.fs._ls(path, detail=True, refresh=True) for path in full]
+            listings = sync(self.fs.loop, _run_coros_in_chunks, coros, return_exceptions=True) if coros else []
+        else:
+            listings = []
+            for path in full:
+                try:
+                    listings.append(self.fs.ls(path, detail=True))
+                except Exception as exc:  # noqa: BLE001 - sorted out below, as for the concurrent listings
+                    listings.append(exc)
+        out = {}
+        for folder, listing in zip(folders, listings):
+            if isinstance(listing, FileNotFoundError):
+                listing = []
+            elif isinstance(listing, BaseException):
+                raise listing
+            out[folder] = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry["size"]) for entry in listing
+                           if entry.get("type") == "file"}
         return out
 
     def list(self, *parts: str) -> list[str]:

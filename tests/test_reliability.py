@@ -488,3 +488,41 @@ def monkeypatch_module():
     job_module.EXECUTORS["actor-pool"] = in_process
     yield
     job_module.EXECUTORS.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 1: a marker vouches for its fit's files, and is checked
+
+
+def test_a_fit_whose_files_are_gone_is_not_ok(monkeypatch_module, monkeypatch, tmp_path):
+    """The library's items folder removed while a fit's files are uploaded: the item fails in one line and no
+    marker claims it; fitted again, it is ok. A LoRA file deleted by hand afterwards: a plain re-run trusts the
+    manifest, --recheck checks every file the marker vouches for and fits the image again."""
+    import shutil
+
+    folder = small_input(tmp_path / "in", n=1)
+    library = tmp_path / "lib"
+    job = JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), tracking=False, preview_steps=0)
+    upload = Store.upload_file
+
+    def upload_then_lose_the_library(store, local_path, *parts):
+        upload(store, local_path, *parts)
+        if parts[-1] == "style_lora_kohya.safetensors":  # the last file of a fit (sorted names)
+            shutil.rmtree(library / "items")
+
+    monkeypatch.setattr(Store, "upload_file", upload_then_lose_the_library)
+    report = run_job(job, progress=False)
+    assert report["failed"] == 1 and report["ok"] == 0, report
+    row = read_manifest(job.output).to_pylist()[0]
+    assert "lost the fit's files before its marker was written" in row["error"] and "is missing" in row["error"]
+    assert "\n" not in row["error"] and not list(library.glob("items/*/_SUCCESS"))
+    monkeypatch.setattr(Store, "upload_file", upload)
+    assert run_job(job, progress=False)["fits_this_run"] == 1
+
+    row = read_manifest(job.output).to_pylist()[0]
+    lora = Path(json.loads(row["files"])["content_lora.safetensors"]["uri"])
+    lora.unlink()
+    assert run_job(job, progress=False)["fits_this_run"] == 0  # the manifest is the index (documented)
+    again = run_job(dataclasses.replace(job, recheck=True), progress=False)
+    assert again["fits_this_run"] == 1 and again["ok"] == 1, again
+    check_artifacts(read_manifest(job.output).to_pylist()[0], lambda uri: Path(uri).read_bytes())
