@@ -7,8 +7,9 @@ Prompt table (CSV or Parquet), one row per image:
   class_word, prompt, content_prompt, style_prompt                                (optional)
   steps, seed, rank, lr, ... : every per-item fit setting (FitConfig's "item" scope), optional overrides
 An image without a row gets the job's default prompts when given, else a clear per-item failure; so does a
-cell that is not a value of its setting (the error names the column and the value), and an image that two
-rows name (which row wins would be a guess).
+cell that is not a value of its setting (the error names the column and the value), a cell that is not valid
+UTF-8 text or holds a NUL byte (naming the row and column; cells are decoded, never `str(bytes)`), and an image
+that two rows name (which row wins would be a guess). An `image` cell that is not text refuses the table.
 Every input is accounted for (`Inputs`): files that are not images by their extension, keys that cannot be
 read safely (a `..` segment) and prompt rows that name no image are listed by name in the plan and report.
 Each item carries its listing stamp (`source_stat`: size and ETag or mtime), kept in its manifest row: a re-run
@@ -94,10 +95,15 @@ def read_prompt_table(url: str, storage_options: dict | None = None) -> list[dic
         table = pq.read_table(io.BytesIO(data)) if url.endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
     except Exception as exc:
         raise InputError(f"cannot read prompt table {url}: {exc}") from exc
-    rows = table.to_pylist()
     missing = {"image", "content", "style"} - set(table.column_names)
     if missing:
         raise InputError(f"prompt table {url} lacks the column(s) {sorted(missing)}")
+    rows = table.to_pylist()
+    for n, row in enumerate(rows):  # the image cell says which image a row is for: without it, no row is usable
+        try:
+            row["image"] = cell_text(row["image"])
+        except ValueError as exc:
+            raise InputError(f"prompt table {url}, data row {n + 1}, column image: {exc}") from None
     per_job = sorted({f.name for f in settings("worker", "local")} & set(table.column_names))
     if per_job:  # every worker loads one base model: these cannot differ between images
         raise InputError(f"prompt table {url} has the column(s) {per_job}, which are set for the whole job "
@@ -140,7 +146,7 @@ def read_inputs(input_url: str, prompts_url: str | None = None, *, default_conte
             item["prompt_error"] = (f"prompt table {prompts_url} has {len(found)} rows for {relative} (data rows "
                                     f"{', '.join(str(n + 1) for n in found)}): keep one")
         elif found:
-            item |= _prompt_columns(table[found[0]], prompts_url)
+            item |= _prompt_columns(table[found[0]], prompts_url, found[0] + 1)
         elif default_content and default_style:
             item |= {"content": default_content, "style": default_style}
         else:
@@ -152,17 +158,40 @@ def read_inputs(input_url: str, prompts_url: str | None = None, *, default_conte
     return Inputs(items, ignored, unmatched)
 
 
-def _prompt_columns(row: dict, prompts_url: str) -> dict:
-    """An item's prompts and overrides from its row; a cell that is not a value of its setting fails the
-    item (naming the column and the value), never the job."""
-    item = {f: _text(row.get(f)) for f in PROMPT_FIELDS}
+def _prompt_columns(row: dict, prompts_url: str, number: int) -> dict:
+    """An item's prompts and overrides from its row (`number`: its data row); a cell that is not text or not a
+    value of its setting fails the item (naming the row, the column and the value), never the job."""
+    item = {}
     try:
-        overrides = {f.name: parse_value(f, row.get(f.name)) for f in OVERRIDE_FIELDS}
+        for f in PROMPT_FIELDS:
+            value = _decoded(f, row.get(f))
+            item[f] = "" if value is None else str(value).strip()  # a number is text too ("content: 5")
+        overrides = {f.name: parse_value(f, _decoded(f.name, row.get(f.name))) for f in OVERRIDE_FIELDS}
         item["overrides"] = json.dumps({k: v for k, v in overrides.items() if v is not None})
     except InputError as exc:
-        item["prompt_error"] = f"prompt table {prompts_url}, row of {row['image']}: column {exc}"
+        return {f: "" for f in PROMPT_FIELDS} | {
+            "prompt_error": f"prompt table {prompts_url}, data row {number} (image {row['image']}): column {exc}"}
     return item
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
+def _decoded(column: str, value):
+    try:
+        return cell_text(value)
+    except ValueError as exc:
+        raise InputError(f"{column}: {exc}") from None
+
+
+def cell_text(value):
+    """A prompt-table cell as text: bytes (pyarrow reads a CSV column holding invalid UTF-8 as binary, and a
+    Parquet column may be binary) decoded as UTF-8; other values as they are. ValueError for a cell that is not
+    valid UTF-8 or that holds a NUL byte: never a `str(bytes)` such as "b'sks a'" as a prompt."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not valid UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} of "
+                             f"{data[:40]!r})") from None
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError(f"holds a NUL byte ({value[:40]!r})")
+    return value

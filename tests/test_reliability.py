@@ -409,21 +409,30 @@ def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
 IMAGES = ["a.png", "b.png", "c.jpg", "sub/d.png", "e.webp", "Weird name 'x'.png"]
 OTHERS = ["f.svg", "g.heic", "notes.txt"]
 CELLS = st.sampled_from(["", "", "", "1", "2", "abc", "4.7", "-3", "nan"])
+# cells are written with errors="surrogateescape": "\udcff" becomes the byte 0xff, invalid UTF-8
+
+
+def not_text(cell: str) -> bool:
+    return "\x00" in cell or any(0xDC80 <= ord(c) <= 0xDCFF for c in cell)
+
+CONTENTS = st.sampled_from(["sks a", "sks a", "sks b", "sks b", "", "sks \udcff a", "sks\x00a"])
 
 
 @st.composite
 def collections(draw):
     """Files (images, byte-identical copies, garbage, other kinds) and a prompt table with 0-2 rows per file,
-    cells good and bad, and rows that name no file or try to leave the folder, in any order."""
+    cells good, bad and not text (invalid UTF-8, a NUL byte), and rows that name no file, try to leave the
+    folder or name no text at all, in any order."""
     names = draw(st.lists(st.sampled_from(IMAGES), unique=True, min_size=1, max_size=4)) + \
         draw(st.lists(st.sampled_from(OTHERS), unique=True, max_size=2))
     kinds = {n: draw(st.sampled_from(["image", "image", "copy", "garbage"])) for n in names}
     rows = []
     for name in names:
         for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
-            rows.append({"image": name, "content": draw(st.sampled_from(["sks a", "sks a", "sks b", "sks b", ""])),
+            rows.append({"image": name, "content": draw(CONTENTS),
                          "style": draw(st.sampled_from(["ink", "ink", "ink", " "])), "steps": draw(CELLS)})
-    strays = st.fixed_dictionaries({"image": st.sampled_from(["missing.png", "../../etc/passwd", ""]),
+    stray = ["missing.png", "../../etc/passwd", ""] * 3 + ["bad\udcfe.png"]
+    strays = st.fixed_dictionaries({"image": st.sampled_from(stray),
                                     "content": st.just("sks a"), "style": st.just("ink"), "steps": st.just("")})
     rows += draw(st.lists(strays, max_size=2))
     return kinds, draw(st.permutations(rows))
@@ -443,18 +452,23 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
             data = {"image": png_bytes(n, 12, 12), "copy": png_bytes(0, 12, 12), "garbage": b"\x89PNG junk"}[kind]
             path.write_bytes(data)
         folder.mkdir(exist_ok=True)
-        with open(folder / "prompts.csv", "w", newline="") as f:
+        with open(folder / "prompts.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "content", "style", "steps"])
             writer.writeheader()
             writer.writerows(rows)
         images = sorted(str(folder / n) for n in kinds if n.endswith((".png", ".jpg", ".webp")))
         job = JobSpec(input=str(folder), output=str(Path(tmp, "lib")), fit={"steps": 1, "rank": 1, "recalibrations": 1},
                       tracking=False, preview_steps=0)
+        event(f"a prompt cell that is not text: {any(not_text(r['content'] + r['image']) for r in rows)}")
         try:
             report = run_job(job, progress=False)
-        except InputError as exc:  # the one refusal allowed: no image at all
-            assert not images and "no images found" in str(exc), exc
+        except InputError as exc:  # the refusals allowed: no image at all; an image cell that is not text
+            if any(not_text(r["image"]) for r in rows):
+                assert "column image: not valid UTF-8" in str(exc) and "data row" in str(exc), exc
+            else:
+                assert not images and "no images found" in str(exc), exc
             return
+        assert not any(not_text(r["image"]) for r in rows)
         manifest = read_manifest(job.output).to_pylist()
         event(f"rows: {sorted({r['status'] for r in manifest})}")
         assert sorted(r["source_uri"] for r in manifest) == images
@@ -464,9 +478,15 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
         for row in manifest:
             assert row["status"] in ("ok", "failed", "skipped")
             assert (row["status"] == "failed") == bool(row["error"]) or row["status"] == "skipped", row
+            assert not any(str(row[k] or "").startswith("b'") or "\x00" in str(row[k] or "") for k in
+                           ("content", "style", "prompt_combined", "prompt_content", "prompt_style")), row
             relative = row["source_uri"][len(str(folder)) + 1:]
-            if sum(str(r["image"]).strip() == relative for r in rows) > 1:
+            mine = [r for r in rows if str(r["image"]).strip() == relative]
+            if len(mine) > 1:
                 assert row["status"] == "failed" and "rows for" in row["error"], row
+            elif mine and not_text(mine[0]["content"]):
+                assert row["status"] == "failed" and "column content: " in row["error"] and (
+                    "not valid UTF-8" in row["error"] or "NUL byte" in row["error"]), row
             if relative not in named:
                 assert row["status"] == "failed" and "no prompt row" in row["error"], row
 
@@ -526,3 +546,35 @@ def test_a_fit_whose_files_are_gone_is_not_ok(monkeypatch_module, monkeypatch, t
     again = run_job(dataclasses.replace(job, recheck=True), progress=False)
     assert again["fits_this_run"] == 1 and again["ok"] == 1, again
     check_artifacts(read_manifest(job.output).to_pylist()[0], lambda uri: Path(uri).read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 2: prompt cells are decoded as text
+
+
+def test_prompt_cells_are_decoded_never_read_as_str_of_bytes(tmp_path):
+    """pyarrow reads a CSV column holding one invalid UTF-8 cell as binary (and a Parquet column may be binary):
+    every cell is decoded, the one that is not text (or holds a NUL byte) fails its own image naming the row and
+    column, and an `image` cell that is not text refuses the table in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = small_input(tmp_path / "in", n=3)
+    (folder / "prompts.csv").write_bytes(b"image,content,style\nim0.png,sks a,ink\nim1.png,sks \xff b,ink\n"
+                                         b"im2.png,sks\x00c,ink\n")
+    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in read_inputs(str(folder)).items}
+    assert items["im0.png"]["content"] == "sks a" and not items["im0.png"]["prompt_error"]
+    assert "data row 2 (image im1.png): column content: not valid UTF-8 text (byte 0xff at offset 4" in \
+        items["im1.png"]["prompt_error"]
+    assert "data row 3 (image im2.png): column content: holds a NUL byte" in items["im2.png"]["prompt_error"]
+    (folder / "prompts.csv").unlink()
+    table = pa.table({"image": ["im0.png", "im1.png", "im2.png"], "content": pa.array([b"sks a", b"sks b", b"\xfe"]),
+                      "style": ["ink", "ink", "ink"], "steps": pa.array([b"3", b"4", b"5"])})
+    pq.write_table(table, folder / "prompts.parquet")
+    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in read_inputs(str(folder)).items}
+    assert (items["im1.png"]["content"], json.loads(items["im1.png"]["overrides"])) == ("sks b", {"steps": 4})
+    assert "column content: not valid UTF-8" in items["im2.png"]["prompt_error"]
+    pq.write_table(table.set_column(0, "image", pa.array([b"im0.png", b"im\xff.png", b"im2.png"])),
+                   folder / "prompts.parquet")
+    with pytest.raises(InputError, match=r"prompts.parquet, data row 2, column image: not valid UTF-8 text"):
+        read_inputs(str(folder))
