@@ -47,7 +47,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
                               code_version=job.code_version or code_version(), output=store.url())
     inputs = read_inputs(job.input, job.prompts, default_content=job.default_content,
-                         default_style=job.default_style, storage_options=job.storage_options)
+                         default_style=job.default_style, storage_options=job.storage_options, library=job.output)
     items = inputs.items
     if not items:
         raise InputError(f"no images found under {job.input}" + (
@@ -110,6 +110,8 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
 def _accounting_line(inputs: Inputs) -> str:
     """The plan line's tail: what was found that is not an input, with the first few names."""
     out = ""
+    if inputs.library_files:
+        out += f"; {inputs.library_files} files of the library itself (--output inside --input) skipped"
     if inputs.ignored:
         names = ", ".join(i["uri"].rsplit("/", 1)[-1] for i in inputs.ignored[:5])
         out += f"; {len(inputs.ignored)} files ignored ({names}{', ...' if len(inputs.ignored) > 5 else ''})"

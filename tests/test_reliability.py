@@ -422,7 +422,7 @@ CONTENTS = st.sampled_from(["sks a", "sks a", "sks b", "sks b", "", "sks \udcff 
 def collections(draw):
     """Files (images, byte-identical copies, garbage, other kinds) and a prompt table with 0-2 rows per file,
     cells good, bad and not text (invalid UTF-8, a NUL byte), and rows that name no file, try to leave the
-    folder or name no text at all, in any order."""
+    folder or name no text at all, in any order; the library inside the input folder or beside it."""
     names = draw(st.lists(st.sampled_from(IMAGES), unique=True, min_size=1, max_size=4)) + \
         draw(st.lists(st.sampled_from(OTHERS), unique=True, max_size=2))
     kinds = {n: draw(st.sampled_from(["image", "image", "copy", "garbage"])) for n in names}
@@ -435,7 +435,7 @@ def collections(draw):
     strays = st.fixed_dictionaries({"image": st.sampled_from(stray),
                                     "content": st.just("sks a"), "style": st.just("ink"), "steps": st.just("")})
     rows += draw(st.lists(strays, max_size=2))
-    return kinds, draw(st.permutations(rows))
+    return kinds, draw(st.permutations(rows)), draw(st.booleans())
 
 
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -443,7 +443,7 @@ def collections(draw):
 def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeypatch_module, case):
     import csv
 
-    kinds, rows = case
+    kinds, rows, library_inside = case
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "in")
         for n, (name, kind) in enumerate(sorted(kinds.items())):
@@ -456,9 +456,14 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
             writer = csv.DictWriter(f, fieldnames=["image", "content", "style", "steps"])
             writer.writeheader()
             writer.writerows(rows)
+        library = folder / "lib" if library_inside else Path(tmp, "lib")
+        if library_inside:  # a library holds images of its own (previews): never inputs
+            (library / "items" / ("0" * 24)).mkdir(parents=True)
+            (library / "items" / ("0" * 24) / "preview_style.png").write_bytes(png_bytes(99, 12, 12))
         images = sorted(str(folder / n) for n in kinds if n.endswith((".png", ".jpg", ".webp")))
-        job = JobSpec(input=str(folder), output=str(Path(tmp, "lib")), fit={"steps": 1, "rank": 1, "recalibrations": 1},
+        job = JobSpec(input=str(folder), output=str(library), fit={"steps": 1, "rank": 1, "recalibrations": 1},
                       tracking=False, preview_steps=0)
+        event(f"library inside the input: {library_inside}")
         event(f"a prompt cell that is not text: {any(not_text(r['content'] + r['image']) for r in rows)}")
         try:
             report = run_job(job, progress=False)
@@ -474,6 +479,7 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
         assert sorted(r["source_uri"] for r in manifest) == images
         assert report["inputs"] == len(images) == report["ok"] + report["failed"] + report["skipped"]
         assert report["ignored_files"] == len(kinds) - len(images)
+        assert report["library_files_skipped"] == (1 if library_inside else 0)
         named = {str(r["image"]).strip() for r in rows}
         for row in manifest:
             assert row["status"] in ("ok", "failed", "skipped")
@@ -549,7 +555,7 @@ def test_a_fit_whose_files_are_gone_is_not_ok(monkeypatch_module, monkeypatch, t
 
 
 # ---------------------------------------------------------------------------------------------------------
-# round 3, 2: prompt cells are decoded as text
+# round 3, 2 and 3: prompt cells are decoded as text; the library is never its own input
 
 
 def test_prompt_cells_are_decoded_never_read_as_str_of_bytes(tmp_path):
@@ -578,3 +584,28 @@ def test_prompt_cells_are_decoded_never_read_as_str_of_bytes(tmp_path):
                    folder / "prompts.parquet")
     with pytest.raises(InputError, match=r"prompts.parquet, data row 2, column image: not valid UTF-8 text"):
         read_inputs(str(folder))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_library_inside_the_input_is_never_input(where, tmp_path, s3):
+    """--output inside --input: the library's files (previews, plots) are skipped and counted, under any
+    spelling of either (a symlink locally); --output equal to --input is refused in one line."""
+    names = {"im0.png": png_bytes(1, 12, 12), "prompts.csv": b"image,content,style\nim0.png,sks a,ink\n",
+             "lib/items/" + "0" * 24 + "/preview_style.png": png_bytes(2, 12, 12), "lib/plot.png": b"x"}
+    if where == "local":
+        for name, data in names.items():
+            (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "in" / name).write_bytes(data)
+        (tmp_path / "link").symlink_to(tmp_path / "in")
+        root, library, options = str(tmp_path / "in"), str(tmp_path / "link" / "lib"), {}
+    else:
+        prefix = f"in-{time.time_ns()}"
+        for name, data in names.items():
+            s3.client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{name}", Body=data)
+        root, options = f"s3://{s3.bucket}/{prefix}", s3.storage_options
+        library = root + "/lib/"
+    inputs = read_inputs(root, storage_options=options, library=library)
+    assert [i["source_uri"].rsplit("/", 1)[-1] for i in inputs.items] == ["im0.png"]
+    assert inputs.library_files == 2 and inputs.ignored == []
+    with pytest.raises(InputError, match="is the --input folder itself"):
+        read_inputs(root, storage_options=options, library=root + "/")
