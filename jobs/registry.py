@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.registry_names import KINDS, item_alias
 from pipeline.sync import sync_library
 from pipeline.tracking import literal, redact
+from unziplora.config import check_number
 from unziplora.errors import InputError
 
 SEARCHED_TAGS = ("style", "content", "class_word", "prompt")
@@ -61,6 +62,7 @@ def _client(args):
 
 
 def search(args: argparse.Namespace) -> int:
+    check_number("--limit", args.limit, integer=True, minimum=1)
     client = _client(args)
     text = args.text
     scope = f" AND name LIKE {literal(args.library + '-%')}" if args.library else ""

@@ -31,10 +31,7 @@ from .worker import code_version
 
 def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:
     """Run `job` on the Ray cluster at `address` (or $RAY_ADDRESS, or a new local one); return the report."""
-    if job.executor not in EXECUTORS:
-        raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
-    if not isinstance(job.fits_per_worker, int) or job.fits_per_worker < 1:
-        raise InputError(f"fits per worker must be a positive integer, got {job.fits_per_worker!r}")
+    job.check()  # every number and choice, before anything starts
     settings = check_job_settings(job.fit)
     scorer = scorer_spec(job.scorer, settings.base_model) if job.preview_steps > 0 else None
     if scorer:

@@ -609,3 +609,37 @@ def test_the_library_inside_the_input_is_never_input(where, tmp_path, s3):
     assert inputs.library_files == 2 and inputs.ignored == []
     with pytest.raises(InputError, match="is the --input folder itself"):
         read_inputs(root, storage_options=options, library=root + "/")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 4: one line, not a traceback
+
+
+NUMERIC_FLAGS = [("decompose", "--workers", "0"), ("decompose", "--workers", "-1"),
+                 ("decompose", "--max-attempts", "0"), ("decompose", "--cpus-per-worker", "0"),
+                 ("decompose", "--preview-steps", "-5"), ("decompose", "--fits-per-worker", "0"),
+                 ("decompose", "--gpus-per-worker", "-1"), ("decompose", "--train-start-timeout", "0"),
+                 ("decompose", "--wait-for-library", "-1"), ("decompose", "--cpus-per-worker", "nan"),
+                 ("generate", "--steps", "0"), ("generate", "--num-images", "-2"), ("fit", "--threads", "0"),
+                 ("registry", "--limit", "0"), ("forget", "--wait-for-library", "-3"), ("bank", "--top", "0")]
+
+
+def test_every_numeric_flag_is_checked_before_anything_starts(tmp_path, capsys):
+    """A bad number is one line naming its flag, exit status 2, and nothing started: no library folder, no
+    lease, no MLflow store (the job checks its numbers before Ray, the lease and the parent run)."""
+    from jobs.cli import main
+
+    folder = small_input(tmp_path / "in", n=1)
+    (tmp_path / "lib").mkdir()
+    commands = {"decompose": ["decompose", "--input", str(folder), "--output", str(tmp_path / "out")],
+                "generate": ["generate", str(tmp_path / "fit"), "--out", str(tmp_path / "x.png")],
+                "fit": ["fit", str(folder / "im0.png"), "--content", "sks a", "--style", "ink", "--out",
+                        str(tmp_path / "fit")],
+                "registry": ["registry", "search", "ink", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                "forget": ["forget", str(tmp_path / "lib"), str(folder)],
+                "bank": ["bank", "search", str(tmp_path / "lib"), "ink"]}
+    for command, flag, value in NUMERIC_FLAGS:
+        assert main(commands[command] + [flag, value]) == 2, (flag, value)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be ") and ", got " in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "lib"] and not list((tmp_path / "lib").iterdir())
