@@ -237,10 +237,12 @@ def crashes(records: list[dict], executor: str, run_id: str) -> int:
     return sum(n if run == run_id else n - 1 for run, n in runs.items())
 
 
-def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[dict] | None = None) -> list[str]:
+def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[dict] | None = None,
+                   replace: frozenset[str] = frozenset()) -> list[str]:
     """Make the manifest hold exactly `rows`; returns the URLs of its parts. Only buckets whose rows changed
     get a new part (written before the old one goes): a re-run that changed nothing writes nothing.
-    `previous`: the manifest's rows as read by the caller, if it has them (else read here)."""
+    `previous`: the manifest's rows as read by the caller, if it has them (else read here). `replace`: parts
+    (paths) that are rewritten or removed whatever they hold (unreadable ones, `repair_manifest`)."""
     # no copies of rows that need no scrubbing: at 100k rows every copy of the rows costs hundreds of MB
     rows = sorted((scrubbed(r) if r.get("error") or r.get("tracking_error") else r for r in rows),
                   key=lambda r: r["source_uri"])
@@ -260,7 +262,8 @@ def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[d
     out = []
     for bucket in range(buckets):
         old = parts.get(bucket, [])
-        if len(old) == 1 and not stale and _same_rows(had.get(bucket, []), wanted.get(bucket, [])):
+        if len(old) == 1 and not stale and old[0] not in replace and \
+                _same_rows(had.get(bucket, []), wanted.get(bucket, [])):
             out.append(store.url_prefix + old[0])
             continue
         table = pa.Table.from_pylist(wanted.get(bucket, []), schema=SCHEMA)
@@ -304,8 +307,21 @@ def _part_paths(store: Store) -> list[str]:
     return [p for p in store.list("manifest") if p.endswith(".parquet")]
 
 
+class ManifestPartError(InputError):
+    """A manifest part that cannot be read (truncated, not Parquet, columns of other types)."""
+
+    def __init__(self, store: Store, part: str, exc: Exception):
+        self.part = part
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        super().__init__(f"manifest part {store.url_prefix + part} cannot be read ({cause}): run `unziplora repair "
+                         f"{store.url()}` to rebuild it from the library's records (sources/ and the fits' markers)")
+
+
 def _read_part(store: Store, part: str) -> pa.Table:
-    table = _upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(part))))
+    try:
+        table = _upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(part))))
+    except (pa.ArrowException, ValueError, TypeError) as exc:  # a truncated or foreign file: name it
+        raise ManifestPartError(store, part, exc) from None
     for n, item_id in enumerate(table["item_id"].to_pylist()):
         if item_id is not None:
             check_item_id(item_id, f"manifest part {part}, row {n}: item_id")
@@ -326,8 +342,11 @@ def manifest_schema_versions(store: Store) -> set[int]:
     """The schema versions of the library's manifest parts, from their footers alone."""
     versions = set()
     for path in _part_paths(store):
-        with store.fs.open(path, "rb") as f:
-            metadata = pq.read_schema(f).metadata or {}
+        try:
+            with store.fs.open(path, "rb") as f:
+                metadata = pq.read_schema(f).metadata or {}
+        except (pa.ArrowException, ValueError) as exc:
+            raise ManifestPartError(store, path, exc) from None
         versions.add(int(metadata.get(b"unziplora.manifest.schema_version", b"1")))
     return versions
 

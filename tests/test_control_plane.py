@@ -6,7 +6,6 @@ own item ids (benchmarks/control_plane.py builds it), is re-run and planned.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -20,6 +19,7 @@ from pipeline.manifest import read_manifest, write_manifest
 from pipeline.source import read_inputs
 from pipeline.spec import JobSpec
 from pipeline.storage import Store
+from pipeline_fixtures import with_fit_files
 
 
 def _pinned(job: JobSpec) -> JobSpec:
@@ -67,20 +67,13 @@ def test_a_complete_library_reruns_reading_nothing_per_item(tmp_path, reads, mon
     assert [p.stat().st_mtime_ns for p in sources] == times
 
 
-def _with_files(library) -> None:
-    """The synthetic library's fits as files of the sizes their markers vouch for (build_library writes none)."""
-    for marker in library.glob("items/*/_SUCCESS"):
-        for name, info in json.loads(json.loads(marker.read_text())["files"]).items():
-            (marker.parent / name).write_bytes(b"\0" * info["bytes"])
-
-
 def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     """A changed image (new size/time) and a new one are read and planned; the rest stand on the manifest,
     even an item whose marker went missing behind the library's back, or whose LoRA file was deleted or
     truncated - until --recheck reads everything and checks every file a marker vouches for."""
     inp, lib = tmp_path / "in", tmp_path / "lib"
     build_library(str(inp), str(lib), 12)
-    _with_files(lib)
+    with_fit_files(lib)
     (inp / "img000003.png").write_bytes(image_bytes(1003))  # changed bytes
     (inp / "new.png").write_bytes(image_bytes(2000))
     with open(inp / "prompts.csv", "a") as f:

@@ -643,3 +643,41 @@ def test_every_numeric_flag_is_checked_before_anything_starts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {flag} must be ") and ", got " in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "lib"] and not list((tmp_path / "lib").iterdir())
+
+
+def test_a_truncated_manifest_part_is_named_and_repaired(tmp_path, capsys):
+    """A manifest part cut in half: the job refuses in one line naming the part and `unziplora repair`, which
+    rebuilds it from sources/ (a row whose fit lost a file comes back failed, so the next run fits it again)."""
+    from benchmarks.control_plane import build_library
+    from jobs.cli import main
+    from pipeline.job import check_job_settings, pin_base_model, plan_items
+    from pipeline_fixtures import with_fit_files
+
+    inp, lib = tmp_path / "in", tmp_path / "lib"
+    job = build_library(str(inp), str(lib), 6)
+    with_fit_files(lib)
+    rows = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
+    lost = rows[str(inp / "img000002.png")]
+    (lib / "items" / lost["item_id"] / "style_lora.safetensors").unlink()
+    [part] = (lib / "manifest").iterdir()
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    for argv in (["decompose", "--input", str(inp), "--output", str(lib), "--no-tracking", "--quiet"],
+                 ["forget", str(lib), str(inp / "img000001.png")], ["bank", "build", str(lib)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"manifest part {part} cannot be read" in err and \
+            f"run `unziplora repair {lib}`" in err and "Traceback" not in err, err
+    assert main(["repair", str(lib), "--dry-run"]) == 0 and part.exists()
+    assert main(["repair", str(lib)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert (summary["unreadable_parts"], summary["rows_recovered"], summary["recovered_as_failed"]) == \
+        ([str(part)], 6, 1) and summary["repaired"], summary
+    assert not part.exists()
+    repaired = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
+    assert set(repaired) == set(rows) and repaired[lost["source_uri"]]["status"] == "failed"
+    assert "style_lora.safetensors is missing" in repaired[lost["source_uri"]]["error"]
+    assert all(r["status"] == "ok" and r["files"] == rows[u]["files"] for u, r in repaired.items() if r is not
+               repaired[lost["source_uri"]])
+    pinned = pin_base_model(job, check_job_settings(job.fit))
+    plan = plan_items(pinned, read_inputs(str(inp)).items, Store(str(lib)), repaired)
+    assert [i["source_uri"] for i in plan.to_fit] == [lost["source_uri"]] and plan.complete == 5
