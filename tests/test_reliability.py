@@ -681,3 +681,40 @@ def test_a_truncated_manifest_part_is_named_and_repaired(tmp_path, capsys):
     pinned = pin_base_model(job, check_job_settings(job.fit))
     plan = plan_items(pinned, read_inputs(str(inp)).items, Store(str(lib)), repaired)
     assert [i["source_uri"] for i in plan.to_fit] == [lost["source_uri"]] and plan.complete == 5
+
+
+def test_generate_names_each_base_and_the_lora_file_that_does_not_fit(tiny_base, sample_image, tmp_path, capsys):
+    """A content and a style LoRA of different base models: refused before any weights load, naming each base;
+    a LoRA file whose keys name no layer of the base, or whose factors have other widths: one line naming it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jobs.cli import main
+    from unziplora import FitConfig, fit
+
+    fit(sample_image, FitConfig(content="sks dog", style="ink", steps=3, rank=2), base=tiny_base,
+        out_dir=tmp_path / "a", progress=False)
+    for name in ("toy", "foreign", "wide"):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+    record = json.loads((tmp_path / "toy" / "fit.json").read_text())
+    (tmp_path / "toy" / "fit.json").write_text(json.dumps(record | {"base_model": "toy",
+                                                                    "base_model_fingerprint": "preset:toy"}))
+    save_file({"unet.foo.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "foreign" / "content_lora.safetensors")
+    tensors = load_file(tmp_path / "a" / "style_lora.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    save_file(tensors | {key: torch.zeros(2, tensors[key].shape[1] + 1)}, tmp_path / "wide" / "style_lora.safetensors")
+    run = ["--out", str(tmp_path / "x.png"), "--steps", "1", "--device", "cpu"]
+    cases = {("--content-from", "a", "--style-from", "toy"): [f"({tmp_path / 'a'}) was fitted on tiny (preset:tiny)",
+                                                                f"({tmp_path / 'toy'}) on toy (preset:toy)"],
+             ("--content-from", "foreign"): [f"{tmp_path / 'foreign' / 'content_lora.safetensors'}: not a LoRA of",
+                                             "1 of its 1 keys name no layer of it, e.g. 'unet.foo.lora_A.weight'"],
+             ("--style-from", "wide"): [f"{tmp_path / 'wide' / 'style_lora.safetensors'}: a LoRA of another base",
+                                        f"{key} has the shape [2, {tensors[key].shape[1] + 1}]"]}
+    for args, says in cases.items():
+        argv = ["generate"] + [a if a.startswith("--") else str(tmp_path / a) for a in args] + run
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(s in err for s in says), err
+    assert not (tmp_path / "x.png").exists()

@@ -108,7 +108,7 @@ def setting_values(args: argparse.Namespace, fields) -> dict:
 
 def _generate(args) -> int:
     from .export import load_fit
-    from .generate import generate
+    from .generate import check_same_base, generate
     from .models import load_base_model_for
 
     check_number("--steps", args.steps, integer=True, minimum=1)
@@ -119,6 +119,7 @@ def _generate(args) -> int:
     style = load_fit(args.style_from or args.fit_dir) if (args.style_from or args.fit_dir) else None
     if content is None and style is None:
         raise SystemExit("unziplora generate: give FIT_DIR, --content-from or --style-from")
+    check_same_base(content, style)  # before a base model is loaded
     first = content or style
     # the fit's own base model (a hub model at the commit it was fitted on), unless told otherwise
     overrides = {"spec": args.base_model, "revision": None, "variant": None, "config": None} if args.base_model else {}
