@@ -55,7 +55,8 @@ def sync_library(output: str, *, tracking_uri: str | None = None, library: str |
     if not todo:
         return summary
 
-    tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts)
+    tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts,
+                      create_store=True)
     retrying(tracker.ensure_registered_models)
     store.write_json(tracker.registry_record(), REGISTRY_FILE)
     parents: dict[str, str] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from unziplora.errors import InputError
+from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import redact, scrub
 
 from .figures import job_figure, loss_figure
@@ -102,6 +103,20 @@ def retrying(call, attempts: int = 6):
             time.sleep(0.2 * 2 ** n * (1 + random.random()))
 
 
+class TrackingStoreGoneError(UnZipLoRAError):
+    """The job's SQLite tracking store was deleted or moved while the job ran."""
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:// tracking URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return None if database in (None, "", ":memory:") else os.path.abspath(database)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tracker
 
@@ -111,12 +126,21 @@ class Tracker:
 
     def __init__(self, uri: str, library: str, output: str, storage_options: dict | None = None,
                  experiment_id: str | None = None, log_lora_artifacts: bool = False,
-                 diffusers_models: bool = False):
+                 diffusers_models: bool = False, create_store: bool = False):
         _bound_http_retries()
+        # every error of the store reaches the caller, which records it (a row's tracking_error, the report):
+        # MLflow's own log of it is a SQLAlchemy traceback per fit, and its retries of a store that is gone take
+        # minutes
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         from mlflow import MlflowClient
 
         self.uri, self.library = uri, library
         self.output = Store(output, storage_options).url()  # one spelling of the library, however it was given
+        # a SQLite store is created when a job starts (or a sync runs), never later: a worker would make a new
+        # empty one where the job's was deleted, and track its fits into runs nobody finds
+        self.store_file = sqlite_file(uri)
+        if not create_store:
+            self.check_store()
         self.library_key = library_key(self.output)
         self.storage_options = storage_options or {}
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -124,6 +148,14 @@ class Tracker:
         self.copy_loras = log_lora_artifacts or (is_local(output) and uri.startswith(("http:", "https:")))
         self.diffusers_models = diffusers_models  # also mlflow.diffusers-flavour models (`*-diffusers`)
         self.experiment_id = experiment_id or retrying(self._experiment)
+
+    def check_store(self) -> None:
+        """Raise one line if the SQLite file this tracker writes was deleted or moved."""
+        if self.store_file and not os.path.exists(self.store_file):
+            raise TrackingStoreGoneError(
+                f"the MLflow store {redact(self.uri)} is gone (deleted or moved while the job ran): not tracked; "
+                f"the fits are safe in the library, and `unziplora registry sync {redact(self.output)}` tracks "
+                f"them into a store again")
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.library)
@@ -216,6 +248,7 @@ class Tracker:
     def end_job(self, parent_run_id: str, report: dict, rows: list[dict] | None = None) -> None:
         from mlflow.entities import Metric
 
+        self.check_store()
         now = int(time.time() * 1000)
         numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
@@ -239,6 +272,7 @@ class Tracker:
     def track_fit(self, row: dict, parent_run_id: str | None) -> dict:
         """One fit's nested run (and for an ok row its registered versions); returns the row's new columns.
         Idempotent: a run already complete for this item is reused, an incomplete one replaced."""
+        self.check_store()
         return retrying(lambda: self._track_fit(row, parent_run_id))
 
     def _track_fit(self, row: dict, parent_run_id: str | None) -> dict:
@@ -416,10 +450,10 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
 # A job's tracking: start (driver), per fit (workers), end (driver)
 
 
-def tracker_for(job, experiment_id: str | None = None) -> Tracker:
+def tracker_for(job, experiment_id: str | None = None, create_store: bool = False) -> Tracker:
     return Tracker(job.tracking_uri, job.library or library_name(job.output), job.output, job.storage_options,
                    experiment_id=experiment_id, log_lora_artifacts=job.log_lora_artifacts,
-                   diffusers_models=job.log_diffusers_models)
+                   diffusers_models=job.log_diffusers_models, create_store=create_store)
 
 
 def job_params(job) -> dict:
@@ -446,7 +480,7 @@ def start_job(job, store: Store, progress: bool = True):
     job = dataclasses.replace(job, tracking_uri=uri, library=job.library or library_name(job.output))
     for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
         try:
-            tracker = tracker_for(job)
+            tracker = tracker_for(job, create_store=True)
             retrying(tracker.ensure_registered_models)
             parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
             closed = retrying(lambda: tracker.close_dead_jobs(job.run_id))
@@ -497,5 +531,11 @@ def track_row(job, row: dict) -> dict:
 
 
 def describe(exc: Exception) -> str:
-    """An exception as text for a row."""
-    return scrub(f"{type(exc).__name__}: {exc}")[:2000]
+    """An exception as one line of text for a row or the report: a SQLAlchemy error without its statement,
+    parameters and links (a multi-line, kilobyte text otherwise)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(NOISE)]
+    return scrub(f"{type(exc).__name__}: {'; '.join(kept) or type(exc).__name__}")[:2000]
+
+
+NOISE = ("[SQL:", "[parameters:", "(Background on this error at:", "(raised as a result of Query-invoked autoflush")

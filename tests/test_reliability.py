@@ -520,7 +520,7 @@ def monkeypatch_module():
 # round 3, 1: a marker vouches for its fit's files, and is checked
 
 
-def test_a_fit_whose_files_are_gone_is_not_ok(monkeypatch_module, monkeypatch, tmp_path):
+def test_a_fit_whose_files_are_gone_is_not_ok(ray_cluster, monkeypatch_module, monkeypatch, tmp_path):
     """The library's items folder removed while a fit's files are uploaded: the item fails in one line and no
     marker claims it; fitted again, it is ok. A LoRA file deleted by hand afterwards: a plain re-run trusts the
     manifest, --recheck checks every file the marker vouches for and fits the image again."""
@@ -718,3 +718,31 @@ def test_generate_names_each_base_and_the_lora_file_that_does_not_fit(tiny_base,
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(s in err for s in says), err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_tracking_store_vanishing_mid_job_is_one_line(ray_cluster, monkeypatch_module, monkeypatch, tmp_path, capfd):
+    """The library's SQLite MLflow store deleted after the job opened its parent run: every fit is ok, each
+    row says in one line that the store is gone (no worker makes a new empty one), the report says so, and no
+    SQLAlchemy traceback reaches the terminal."""
+    import pipeline.job
+
+    folder = small_input(tmp_path / "in", n=2)
+    library = tmp_path / "lib"
+    started = pipeline.job.start_job
+
+    def start_then_delete_the_store(*args, **kwargs):
+        job = started(*args, **kwargs)
+        (library / "mlflow.db").unlink()
+        return job
+
+    monkeypatch.setattr(pipeline.job, "start_job", start_then_delete_the_store)
+    report = run_job(JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), preview_steps=0),
+                     progress=True)
+    err = capfd.readouterr().err
+    assert report["ok"] == 2 and report["tracking_errors"] == 2, report
+    assert "Traceback" not in err and "[SQL:" not in err, err
+    assert not (library / "mlflow.db").exists()  # no empty store made in its place
+    for row in read_manifest(str(library)).to_pylist():
+        assert "\n" not in row["tracking_error"] and f"the MLflow store sqlite:///{library}/mlflow.db is gone" in \
+            row["tracking_error"], row["tracking_error"]
+    assert "is gone" in report["tracking"]["error"] and "\n" not in report["tracking"]["error"], report["tracking"]
