@@ -23,7 +23,7 @@ from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, man
 from .source import Inputs, read_inputs
 from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
-from .storage import Store
+from .storage import Store, library_store
 from .sync import needs_tracking
 from .tracking import end_job, start_job
 from .worker import code_version
@@ -38,7 +38,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
         load_scorer(scorer)  # a scorer that cannot load refuses the job here, not in every worker
     job = pin_base_model(job, settings)
     reap_orphans()  # what a killed local job left running on this machine
-    store = Store(job.output, job.storage_options)
+    store = library_store(job.output, job.storage_options)
     # a copy with this run's id (the caller's spec can be run again and gets a new one), the driver's code
     # version, which workers cannot find out themselves under `ray job submit`, and the library's one spelling
     job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],

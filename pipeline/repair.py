@@ -21,13 +21,13 @@ from unziplora.errors import InputError
 from .lease import LibraryLease
 from .manifest import (FIELDS, SCHEMA, SCHEMA_VERSION, ManifestPartError, _part_paths, _read_part, check_item_id,
                        failed_row, marker_problems, write_manifest)
-from .storage import Store, url_key
+from .storage import library_store, url_key
 
 
 def repair_manifest(output: str, *, storage_options: dict | None = None, dry_run: bool = False,
                     wait_s: float = 0.0) -> dict:
     """Make the manifest readable and whole again, under the library's lease; returns what was done."""
-    store = Store(output, storage_options)
+    store = library_store(output, storage_options)
     if not store.list("manifest") and not store.list("sources"):
         raise InputError(f"{store.url()} holds no manifest and no source records: not a library (the --output "
                          "of decompose), or no job has written one yet")

@@ -151,6 +151,22 @@ class Store:
         self.fs.rm(path)
 
 
+def library_store(url: str, storage_options: dict | None = None) -> Store:
+    """The Store of a library under its one spelling: a local path resolved (relative, `..`, symlinks), so that
+    every way of naming one library is one library, with one lease and one set of MLflow runs."""
+    store = Store(url, storage_options)
+    if store.url_prefix == "":
+        store = Store(os.path.realpath(store.root), storage_options)
+    return store
+
+
+def require_library(store: Store) -> None:
+    """Refuse, creating nothing, a folder that holds no library manifest (a mistyped path, say)."""
+    if not store.list("manifest"):
+        raise InputError(f"{store.url()} holds no library manifest (manifest/*.parquet): not the --output of a "
+                         "decompose job, or none has finished there yet")
+
+
 class UnsafePathError(InputError):
     """A path part from data that would leave its folder."""
 

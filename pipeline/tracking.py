@@ -30,7 +30,7 @@ from unziplora.redact import redact, scrub
 from .figures import job_figure, loss_figure
 from .registry_names import KINDS, item_alias, library_name, model_name
 from .scoring import SCORES
-from .storage import Store, open_url
+from .storage import Store, library_store, open_url
 
 TAG = "unziplora."  # prefix of our run tags
 REGISTRY_FILE = "registry.json"
@@ -135,7 +135,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri, self.library = uri, library
-        self.output = Store(output, storage_options).url()  # one spelling of the library, however it was given
+        self.output = library_store(output, storage_options).url()  # one spelling of the library
         # a SQLite store is created when a job starts (or a sync runs), never later: a worker would make a new
         # empty one where the job's was deleted, and track its fits into runs nobody finds
         self.store_file = sqlite_file(uri)
@@ -477,7 +477,8 @@ def start_job(job, store: Store, progress: bool = True):
             print("tracking off: no MLflow tracking URI for a remote --output (give --tracking-uri or "
                   "$MLFLOW_TRACKING_URI)", flush=True)
         return dataclasses.replace(job, tracking=False)
-    job = dataclasses.replace(job, tracking_uri=uri, library=job.library or library_name(job.output))
+    job = dataclasses.replace(job, tracking_uri=uri, library=job.library or recorded_library(store)
+                              or library_name(job.output))
     for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
         try:
             tracker = tracker_for(job, create_store=True)
@@ -497,6 +498,15 @@ def start_job(job, store: Store, progress: bool = True):
     if closed and progress:
         print(f"closed {len(closed)} MLflow run(s) of earlier jobs that died (KILLED)", flush=True)
     return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent)
+
+
+def recorded_library(store: Store) -> str | None:
+    """The registry prefix registry.json recorded: a library keeps its name, however it is spelled now (a
+    library once named through a symlink keeps the link's folder name)."""
+    try:
+        return store.read_json(REGISTRY_FILE).get("library") if store.exists(REGISTRY_FILE) else None
+    except (OSError, ValueError, AttributeError):  # half-written: the default name
+        return None
 
 
 def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:

@@ -329,6 +329,24 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     assert main(["registry", "sync", f"./{quoted.name}/", "--all"]) == 0
     assert len(client.search_runs([experiment], "tags.`unziplora.kind` = 'fit'")) == 2
     assert len(client.search_model_versions(f"name = '{first['tracking']['library']}-style'")) == 2
+    # ... and so is a symlink to it
+    (tmp_path / "link").symlink_to(quoted)
+    runs = len(client.search_runs([experiment]))
+    assert main(["registry", "sync", str(tmp_path / "link"), "--all"]) == 0
+    assert len(client.search_runs([experiment])) == runs
+    assert len(client.search_model_versions(f"name = '{first['tracking']['library']}-style'")) == 2
+    # `registry sync` takes the library's lease, as a job does: it cannot race a job's manifest
+    capsys = capfd
+    capsys.readouterr()
+    with LibraryLease(Store(str(quoted)), "job-busy", ttl_s=30).acquire():
+        assert main(["registry", "sync", str(quoted), "--all"]) == 2
+    assert "being written by job job-busy" in capsys.readouterr().err
+    # `forget` on a path that is no library, or of a prefix naming no source: refused, nothing made or changed
+    assert main(["forget", str(tmp_path / "no-such-lib"), str(other)]) == 2
+    assert "holds no library manifest" in capsys.readouterr().err and not (tmp_path / "no-such-lib").exists()
+    assert main(["forget", str(quoted), str(other), str(tmp_path / "elsewhere")]) == 2
+    assert f"{tmp_path / 'elsewhere'} names no source of {quoted}" in capsys.readouterr().err
+    assert len(read_manifest(job.output).to_pylist()) == 2
     # removing sources is explicit, and keeps their fits
     assert main(["forget", str(quoted), str(other)]) == 0
     rows = read_manifest(job.output).to_pylist()
