@@ -23,6 +23,9 @@ from fsspec.core import url_to_fs
 from unziplora.errors import InputError
 
 
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write failed because the destination is full
+
+
 class Store:
     """One root URL and its filesystem; every path method takes paths relative to that root."""
 
@@ -72,8 +75,11 @@ class Store:
             self.fs.mv(temporary, final)
         except BaseException as exc:
             self._discard(temporary)
-            if isinstance(exc, OSError) and exc.errno and exc.filename == temporary:  # name the real file
-                raise OSError(exc.errno, exc.strerror, final if "://" in final else self.url_prefix + final) from exc
+            # name the library's file: not our temporary key, nor the local source a copy was reading (shutil
+            # names the source first when the destination's disk fills up)
+            if isinstance(exc, OSError) and exc.errno and (exc.errno in FULL or temporary in (exc.filename,
+                                                                                               exc.filename2)):
+                raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), self.url_prefix + final) from exc
             raise
 
     def create(self, data: bytes, *parts: str) -> None:

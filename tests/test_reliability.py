@@ -764,3 +764,24 @@ def test_the_tracking_store_vanishing_mid_job_is_one_line(ray_cluster, monkeypat
         assert "\n" not in row["tracking_error"] and f"the MLflow store sqlite:///{library}/mlflow.db is gone" in \
             row["tracking_error"], row["tracking_error"]
     assert "is gone" in report["tracking"]["error"] and "\n" not in report["tracking"]["error"], report["tracking"]
+
+
+def test_a_full_library_disk_names_the_library_file(tmp_path, monkeypatch):
+    """The library's disk fills up while a fit's files are copied into it: shutil names the local scratch file
+    it was reading (sendfile's error carries the source first); the row names the library file instead."""
+    from pipeline.worker import FitWorker
+
+    folder = small_input(tmp_path / "in", n=1)
+    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), tracking=False,
+                  preview_steps=0, run_id="run-full")
+    worker = FitWorker(job, device="cpu")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", full)  # what copying a file onto a full local disk meets
+    row = worker.process(read_inputs(job.input).items[0])
+    assert row["status"] == "failed" and "No space left on device" in row["error"], row["error"]
+    assert f"could not write {tmp_path / 'lib' / 'items' / row['item_id']}/" in row["error"], row["error"]
+    assert tempfile.gettempdir() + "/unziplora-item-" not in row["error"] and "\n" not in row["error"]
+    assert not list((tmp_path / "lib").glob("items/*/_SUCCESS"))
