@@ -50,6 +50,8 @@ class JobSpec:
     # read every image and every completion marker, not trusting the manifest's index (job.plan_items): after
     # files were changed behind the library's back (an image rewritten with its old size and time, a fit deleted)
     recheck: bool = False
+    # the share of inputs that may fail with the job still a success (exit status 0); more: exit status 3
+    max_failed_fraction: float = 0.0
     # set by run_job for the workers
     base_fingerprint: str = ""  # the exact base weights (unziplora.locate): part of every item id
     code_version: str = ""  # the driver's (worker.code_version): rows and runs name the code that made them
@@ -74,6 +76,8 @@ class JobSpec:
             raise InputError(f"--executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
         for name, flag, rule in NUMBERS:
             check_number(flag, getattr(self, name), **rule)
+        if self.max_failed_fraction > 1:
+            raise InputError(f"--max-failed-fraction must be at most 1, got {self.max_failed_fraction!r}")
 
 
 # the job's numbers: (field, flag, check_number's rule)
@@ -87,4 +91,5 @@ NUMBERS = (
     ("train_start_timeout_s", "--train-start-timeout", dict(above=0)),
     ("wait_for_library_s", "--wait-for-library", dict(minimum=0)),
     ("lease_ttl_s", "lease_ttl_s", dict(above=0)),
+    ("max_failed_fraction", "--max-failed-fraction", dict(minimum=0)),
 )

@@ -68,6 +68,9 @@ def _sync(store: Store, lease: LibraryLease, tracking_uri: str | None, library: 
     tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts,
                       create_store=True)
     retrying(tracker.ensure_registered_models)
+    # holding the lease, every job run still RUNNING is over: one that stored its report ended while MLflow was
+    # away (FINISHED with its metrics), any other died (KILLED)
+    summary["closed_job_runs"] = len(retrying(lambda: tracker.close_dead_jobs("sync", store)))
     store.write_json(tracker.registry_record(), REGISTRY_FILE)
     parents: dict[str, str] = {}
     updates: dict[str, dict] = {}

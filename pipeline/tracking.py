@@ -219,18 +219,31 @@ class Tracker:
         except InputError:  # a URI no filter can quote was never matched by one either
             return None
 
-    def close_dead_jobs(self, live_run_id: str) -> list[str]:
-        """Mark KILLED the parent runs of this library's jobs still RUNNING: the caller holds the library's
-        lease, so their jobs died (killed drivers, lost head nodes) before they could close them."""
+    def close_dead_jobs(self, live_run_id: str, store: Store | None = None) -> list[str]:
+        """Close the parent runs of this library's jobs still RUNNING: the caller holds the library's lease, so
+        their jobs are over. A job that stored its report ended while MLflow was away (a server that came back):
+        its run gets the report's metrics and FINISHED; any other died (a killed driver, a lost head node) and
+        is KILLED."""
         query = (f"tags.`{TAG}kind` = 'job' AND tags.`{TAG}library_key` = '{self.library_key}' "
                  f"AND attributes.status = 'RUNNING'")
         closed = []
         for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
-            if run.data.tags.get(TAG + "job_run_id") != live_run_id:
-                self.client.set_tag(run.info.run_id, TAG + "closed_by", live_run_id)
+            job_run_id = run.data.tags.get(TAG + "job_run_id")
+            if job_run_id == live_run_id:
+                continue
+            self.client.set_tag(run.info.run_id, TAG + "closed_by", live_run_id)
+            report = _stored_report(store, job_run_id)
+            if report:
+                self.end_job(run.info.run_id, report)
+            else:
                 self.client.set_terminated(run.info.run_id, "KILLED")
-                closed.append(run.info.run_id)
+            closed.append(run.info.run_id)
         return closed
+
+    def abort_job(self, parent_run_id: str, status: str, reason: str) -> None:
+        self.check_store()
+        self.client.set_tag(parent_run_id, TAG + "error", reason[:4000])
+        self.client.set_terminated(parent_run_id, status)
 
     def job_run(self, run_id: str, params: dict | None = None) -> str:
         """The parent run of the job `run_id`: found by its tag, else created (RUNNING until end_job)."""
@@ -464,9 +477,18 @@ def job_params(job) -> dict:
             "fit": job.fit, "base_model_fingerprint": job.base_fingerprint, "code_version": job.code_version}
 
 
-def start_job(job, store: Store, progress: bool = True):
+def _stored_report(store: Store | None, job_run_id: str | None) -> dict | None:
+    """The report a job stored when it ended (reports/<run>.json), if any."""
+    try:
+        return store.read_json("reports", f"{job_run_id}.json") if store and job_run_id else None
+    except (OSError, ValueError):  # none (the job died), or unreadable
+        return None
+
+
+def start_job(job, store: Store, progress: bool = True, parent: bool = True):
     """Resolve the tracking URI, open the job's parent run, write registry.json; returns the job with
-    `tracking_uri`, `mlflow_experiment_id`, `mlflow_parent_run_id` set (or `tracking_error` when it failed)."""
+    `tracking_uri`, `mlflow_experiment_id`, `mlflow_parent_run_id` set (or `tracking_error` when it failed).
+    Without `parent` (a job with nothing to fit) no run is opened: the runs of jobs that died are closed."""
     import dataclasses
 
     if not job.tracking:
@@ -479,12 +501,20 @@ def start_job(job, store: Store, progress: bool = True):
         return dataclasses.replace(job, tracking=False)
     job = dataclasses.replace(job, tracking_uri=uri, library=job.library or recorded_library(store)
                               or library_name(job.output))
+    if not parent:
+        try:
+            tracker = tracker_for(job)
+            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
+        except Exception as exc:  # nothing of this job to track: the next job closes them
+            return dataclasses.replace(job, tracking_error=describe(exc))
+        _say_closed(closed, progress)
+        return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id)
     for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
         try:
             tracker = tracker_for(job, create_store=True)
             retrying(tracker.ensure_registered_models)
-            parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
-            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id))
+            run = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
+            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
             store.write_json(tracker.registry_record(), REGISTRY_FILE)
             break
         except Exception as exc:
@@ -495,9 +525,13 @@ def start_job(job, store: Store, progress: bool = True):
                 print(f"tracking unavailable ({redact(uri)}) after {SETUP_ATTEMPTS} tries: {describe(exc)}; fits "
                       "go on, `unziplora registry sync` backfills them", flush=True)
             return dataclasses.replace(job, tracking_error=describe(exc))
+    _say_closed(closed, progress)
+    return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=run)
+
+
+def _say_closed(closed: list[str], progress: bool) -> None:
     if closed and progress:
-        print(f"closed {len(closed)} MLflow run(s) of earlier jobs that died (KILLED)", flush=True)
-    return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent)
+        print(f"closed {len(closed)} MLflow run(s) of earlier jobs that ended without closing them", flush=True)
 
 
 def recorded_library(store: Store) -> str | None:
@@ -516,12 +550,33 @@ def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:
     out = {"enabled": True, "tracking_uri": redact(job.tracking_uri), "library": job.library,
            "parent_run_id": job.mlflow_parent_run_id or None, "error": job.tracking_error or None}
     if job.mlflow_parent_run_id:
-        try:
-            retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id, report,
-                                                                                 rows))
-        except Exception as exc:
-            out["error"] = describe(exc)
+        out["closed"] = False
+        for attempt in range(SETUP_ATTEMPTS):  # a server that is back within seconds still gets the run closed
+            try:
+                retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id,
+                                                                                     report, rows))
+                out["closed"] = True
+                break
+            except TrackingStoreGoneError as exc:
+                out["error"] = describe(exc)
+                break
+            except Exception as exc:  # the next job, or `registry sync`, closes it with this report's metrics
+                out["error"] = describe(exc)
+                if attempt < SETUP_ATTEMPTS - 1:
+                    time.sleep(2 ** attempt)
     return out
+
+
+def abort_job(job, exc: BaseException) -> None:
+    """Close the job's parent run on any exit but its end: FAILED for an error, KILLED for an interruption
+    (Ctrl-C, SIGTERM from `ray job stop`). Never raises: what cannot be closed now, the next job closes."""
+    if not (job.tracking and job.mlflow_parent_run_id):
+        return
+    status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+    try:
+        tracker_for(job, job.mlflow_experiment_id).abort_job(job.mlflow_parent_run_id, status, describe(exc))
+    except Exception:
+        pass
 
 
 _trackers: dict[tuple, Tracker] = {}

@@ -305,11 +305,13 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     assert row["mlflow_run_id"] and row["content_model_uri"] and not row["tracking_error"]
     client = MlflowClient(first["tracking"]["tracking_uri"])
     experiment = client.get_experiment_by_name(first["tracking"]["library"]).experiment_id
-    # a job that died: its parent run stays RUNNING; the next job on the library closes it as KILLED
+    # a job that died: its parent run stays RUNNING and it stored no report; the next job on the library (even
+    # one with nothing to fit, which opens no run of its own) closes it as KILLED
     client.update_run(first["tracking"]["parent_run_id"], status="RUNNING")
+    (quoted / "reports" / f"{first['run_id']}.json").unlink()
     second = run_job(job, progress=False)
     assert client.get_run(first["tracking"]["parent_run_id"]).info.status == "KILLED"
-    assert client.get_run(second["tracking"]["parent_run_id"]).info.status == "FINISHED"
+    assert second["fits_this_run"] == 0 and second["tracking"]["parent_run_id"] is None
     fits = client.search_runs([experiment], "tags.`unziplora.kind` = 'fit'")
     assert len(fits) == 1, [r.data.tags for r in fits]
     versions = client.search_model_versions(f"name = '{first['tracking']['library']}-content'")
@@ -785,3 +787,57 @@ def test_a_full_library_disk_names_the_library_file(tmp_path, monkeypatch):
     assert f"could not write {tmp_path / 'lib' / 'items' / row['item_id']}/" in row["error"], row["error"]
     assert tempfile.gettempdir() + "/unziplora-item-" not in row["error"] and "\n" not in row["error"]
     assert not list((tmp_path / "lib").glob("items/*/_SUCCESS"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 7: the job's MLflow run is closed on every exit path
+
+
+def test_the_parent_run_is_closed_on_every_exit_path(ray_cluster, monkeypatch_module, monkeypatch, tmp_path, capfd):
+    """An uncaught error: the job's run is FAILED (with the error); an interruption: KILLED; MLflow away at the
+    job's end: the run stays RUNNING, the job says so, and the next job (here one with nothing to fit) closes it
+    FINISHED with the stored report's metrics."""
+    from mlflow import MlflowClient
+
+    import pipeline.tracking
+    from pipeline import job as job_module
+
+    folder = small_input(tmp_path / "in", n=1)
+    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), preview_steps=0)
+    client = MlflowClient(f"sqlite:///{tmp_path}/lib/mlflow.db")
+
+    def job_runs() -> list:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(experiments, "tags.`unziplora.kind` = 'job'", order_by=["attributes.start_time"])
+
+    in_process = job_module.EXECUTORS["actor-pool"]
+    for exc, status in ((RuntimeError("a bug in the executor"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        def failing(job, items, progress=True, exc=exc):
+            raise exc
+
+        monkeypatch.setitem(job_module.EXECUTORS, "actor-pool", failing)
+        with pytest.raises(type(exc)):
+            run_job(job, progress=False)
+        run = job_runs()[-1]
+        assert run.info.status == status and type(exc).__name__ in run.data.tags["unziplora.error"], run
+    assert [r.info.status for r in job_runs()] == ["FAILED", "KILLED"]
+
+    monkeypatch.setitem(job_module.EXECUTORS, "actor-pool", in_process)
+    monkeypatch.setattr(pipeline.tracking, "SETUP_ATTEMPTS", 1)
+    end_job = pipeline.tracking.Tracker.end_job
+
+    def away(*args, **kwargs):
+        raise ConnectionError("the tracking server is away")
+
+    monkeypatch.setattr(pipeline.tracking.Tracker, "end_job", away)
+    ended = run_job(job, progress=True)
+    assert ended["ok"] == 1 and not ended["tracking"]["closed"] and "is away" in ended["tracking"]["error"]
+    assert "the job's MLflow run could not be closed (ConnectionError: the tracking server is away)" in \
+        capfd.readouterr().err
+    assert client.get_run(ended["tracking"]["parent_run_id"]).info.status == "RUNNING"
+    monkeypatch.setattr(pipeline.tracking.Tracker, "end_job", end_job)  # the server is back
+    noop = run_job(job, progress=False)
+    assert noop["fits_this_run"] == 0 and noop["tracking"]["parent_run_id"] is None
+    run = client.get_run(ended["tracking"]["parent_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["ok"] == 1 and run.data.metrics["exit_code"] == 0
+    assert len(job_runs()) == 3
