@@ -502,6 +502,8 @@ def start_job(job, store: Store, progress: bool = True, parent: bool = True):
     job = dataclasses.replace(job, tracking_uri=uri, library=job.library or recorded_library(store)
                               or library_name(job.output))
     if not parent:
+        if sqlite_file(uri) and not os.path.exists(sqlite_file(uri)):
+            return job  # no store yet (the library was never tracked): no run to close, none made
         try:
             tracker = tracker_for(job)
             closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
