@@ -71,6 +71,14 @@ def _build(args) -> int:
 
 def _query(args, k):
     from pipeline.bank import Bank
+    from unziplora.config import check_number
+
+    for flag in ("min_style_score", "min_content_score", "max_leak"):
+        check_number("--" + flag.replace("_", "-"), getattr(args, flag), optional=True)
+    if hasattr(args, "top"):
+        check_number("--top", args.top, integer=True, minimum=1)
+    else:
+        check_number("--limit", args.limit, integer=True, minimum=0)
 
     bank = Bank(args.library, args.storage_options)
     filters = dict(status=None if args.status == "any" else args.status.split(","), class_word=args.class_word,

@@ -7,7 +7,7 @@ import sys
 
 from unziplora import cli as single_image
 
-from . import bank, decompose, forget, registry
+from . import bank, decompose, forget, registry, repair
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_commands(sub)  # `registry search|get|sync`: LoRAs in the MLflow model registry
     bank.add_commands(sub)  # `bank ...`, and `generate --content/--style` resolved through a bank
     forget.add_commands(sub)  # `forget`: remove sources from a library's manifest
+    repair.add_commands(sub)  # `repair`: rebuild a manifest part that cannot be read
     return parser
 
 

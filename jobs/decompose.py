@@ -2,6 +2,11 @@
 
     ray job submit --working-dir . -- python -m jobs.decompose --input s3://bucket/images/ --output s3://bucket/library/
     unziplora decompose --input DIR_OR_URL --output DIR_OR_URL          # starts a local Ray if none is given
+
+Exit status: 0 done (no input failed, or no more than --max-failed-fraction of them); 1 the library cannot be
+written (a full disk, a store that went away); 2 refused (bad input or flags, a library another job writes, an
+unreadable manifest part: one line says why); 3 more inputs failed than --max-failed-fraction tolerates (the
+report's exit_reason, and one `failed:` line per input, say why).
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recheck", action="store_true",
                    help="read every image and completion marker again instead of trusting the manifest (a "
                    "re-run reads only images whose size or time/ETag changed, and takes ok rows as complete)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.0, metavar="F",
+                   help="exit status 0 while at most this share of the inputs failed (default 0: any failed input "
+                   "makes the exit status 3, so a RayJob in which images failed is not reported as succeeded)")
     p.add_argument("--quiet", action="store_true")
     t = p.add_argument_group("MLflow tracking and model registry")
     t.add_argument("--tracking-uri", help="MLflow tracking/registry URI, e.g. http://mlflow:5000 (default: "
@@ -97,12 +105,14 @@ def run(args: argparse.Namespace) -> int:
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
                   preview_subjects=args.preview_subjects, preview_styles=args.preview_styles, scorer=args.scorer,
                   adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
-                  recheck=args.recheck)
+                  recheck=args.recheck, max_failed_fraction=args.max_failed_fraction)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:
         print(f"failed: {failure['source_uri']}: {failure['error'].splitlines()[0]}", file=sys.stderr)
-    return 0
+    if report["exit_code"]:
+        print(f"exit status {report['exit_code']}: {report['exit_reason']}", file=sys.stderr)
+    return report["exit_code"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from unziplora.config import check_number
 from unziplora.errors import InputError
 
 
@@ -23,6 +24,7 @@ def add_commands(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.forget import forget_sources
 
+    check_number("--wait-for-library", args.wait_for_library, minimum=0)
     if not args.prefixes and not args.missing:
         raise InputError("name the sources to forget (PREFIX ...) or give --missing")
     print(json.dumps(forget_sources(args.library, args.prefixes, missing=args.missing, dry_run=args.dry_run,

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.registry_names import KINDS, item_alias
 from pipeline.sync import sync_library
 from pipeline.tracking import literal, redact
+from unziplora.config import check_number
 from unziplora.errors import InputError
 
 SEARCHED_TAGS = ("style", "content", "class_word", "prompt")
@@ -44,6 +45,8 @@ def add_commands(sub) -> None:
     y.add_argument("--log-lora-artifacts", action="store_true", help="copy the LoRA files into the runs")
     y.add_argument("--all", dest="everything", action="store_true",
                    help="check every ok row, not only those without a run or version (e.g. a new server)")
+    y.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
+                   help="if a job is writing the library, wait up to this long for it (default: refuse at once)")
     y.set_defaults(run=sync)
 
     for p in (s, g, y):
@@ -61,6 +64,7 @@ def _client(args):
 
 
 def search(args: argparse.Namespace) -> int:
+    check_number("--limit", args.limit, integer=True, minimum=1)
     client = _client(args)
     text = args.text
     scope = f" AND name LIKE {literal(args.library + '-%')}" if args.library else ""
@@ -126,8 +130,9 @@ def get(args: argparse.Namespace) -> int:
 
 
 def sync(args: argparse.Namespace) -> int:
+    check_number("--wait-for-library", args.wait_for_library, minimum=0)
     summary = sync_library(args.library_uri, tracking_uri=args.tracking_uri, library=args.library,
                            storage_options=args.storage_options, log_lora_artifacts=args.log_lora_artifacts,
-                           everything=args.everything)
+                           everything=args.everything, wait_s=args.wait_for_library)
     print(json.dumps(summary, indent=1))
     return 1 if summary["errors"] else 0

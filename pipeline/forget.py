@@ -11,24 +11,33 @@ import time
 
 import fsspec
 
+from unziplora.errors import InputError
+
 from .lease import LibraryLease
 from .manifest import manifest_rows, source_key, write_manifest
-from .storage import Store
+from .storage import Store, library_store, require_library
 
 
 def forget_sources(output: str, prefixes: list[str], *, missing: bool = False, storage_options: dict | None = None,
                    dry_run: bool = False, wait_s: float = 0.0) -> dict:
     """Drop the rows whose source lies under one of `prefixes` (a folder, a URL prefix or one file), and with
-    `missing` those whose source file no longer exists. Returns counts and the first names."""
+    `missing` those whose source file no longer exists. Returns counts and the first names. A path that is no
+    library, or a prefix that names no source of it, is refused before anything changes (or is created)."""
     options = storage_options or {}
-    store = Store(output, options)
+    store = library_store(output, options)
+    require_library(store)
     folders = [Store(p, options).url().rstrip("/") for p in prefixes]
     run_id = "forget-" + time.strftime("%Y%m%dT%H%M%S")
-    with LibraryLease(store, run_id).acquire(wait_s):
+    with LibraryLease(store, run_id).acquire(wait_s) as lease:
         rows = manifest_rows(store.url(), options)
+        unknown = [p for p, f in zip(prefixes, folders) if not any(_under(r["source_uri"], [f]) for r in rows)]
+        if unknown:
+            example = f" (its sources look like {rows[0]['source_uri']})" if rows else ""
+            raise InputError(f"{', '.join(unknown)} names no source of {store.url()}: nothing forgotten{example}")
         dropped = [r for r in rows if _under(r["source_uri"], folders) or (missing and not _exists(r, options))]
         gone = {r["source_uri"] for r in dropped}
         if dropped and not dry_run:
+            lease.check()
             write_manifest(store, [r for r in rows if r["source_uri"] not in gone], run_id, previous=rows)
             for uri in sorted(gone):
                 if store.exists(*source_key(uri)):

@@ -17,37 +17,35 @@ from unziplora.redact import redact, scrub
 from .executors import EXECUTORS, longest_first
 from .identify import check_job_settings, identify_batch, identify_row, plain_row
 from .lease import LibraryLease
-from .local_ray import reap_orphans, start_local_ray
-from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions, source_key,
-                       utc_now, write_manifest)
+from .local_ray import exit_cleanly_on_signals, reap_orphans, start_local_ray
+from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions,
+                       marker_problems, source_key, utc_now, write_manifest)
 from .source import Inputs, read_inputs
 from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
-from .storage import Store
+from .storage import Store, library_store
 from .sync import needs_tracking
-from .tracking import end_job, start_job
+from .tracking import abort_job, end_job, start_job
 from .worker import code_version
 
 
 def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) -> dict:
     """Run `job` on the Ray cluster at `address` (or $RAY_ADDRESS, or a new local one); return the report."""
-    if job.executor not in EXECUTORS:
-        raise InputError(f"executor must be one of {sorted(EXECUTORS)}, got {job.executor!r}")
-    if not isinstance(job.fits_per_worker, int) or job.fits_per_worker < 1:
-        raise InputError(f"fits per worker must be a positive integer, got {job.fits_per_worker!r}")
+    job.check()  # every number and choice, before anything starts
+    exit_cleanly_on_signals()  # SIGTERM (`ray job stop`), SIGHUP: an exit that closes the MLflow run and the lease
     settings = check_job_settings(job.fit)
     scorer = scorer_spec(job.scorer, settings.base_model) if job.preview_steps > 0 else None
     if scorer:
         load_scorer(scorer)  # a scorer that cannot load refuses the job here, not in every worker
     job = pin_base_model(job, settings)
     reap_orphans()  # what a killed local job left running on this machine
-    store = Store(job.output, job.storage_options)
+    store = library_store(job.output, job.storage_options)
     # a copy with this run's id (the caller's spec can be run again and gets a new one), the driver's code
     # version, which workers cannot find out themselves under `ray job submit`, and the library's one spelling
     job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
                               code_version=job.code_version or code_version(), output=store.url())
     inputs = read_inputs(job.input, job.prompts, default_content=job.default_content,
-                         default_style=job.default_style, storage_options=job.storage_options)
+                         default_style=job.default_style, storage_options=job.storage_options, library=job.output)
     items = inputs.items
     if not items:
         raise InputError(f"no images found under {job.input}" + (
@@ -63,7 +61,6 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
 def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease, address: str | None,
                 progress: bool) -> dict:
     items = inputs.items
-    job = start_job(job, store, progress)  # the parent MLflow run, before any worker tracks a fit
     legacy = {v for v in manifest_schema_versions(store) if v < 3}
     if legacy and not job.adopt_legacy:
         print(f"note: {job.output} was written before item ids held the base model's fingerprint (manifest "
@@ -76,6 +73,22 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
         print(f"{len(items)} inputs: {len(plan.to_fit)} to fit, {plan.complete} already complete, "
               f"{len(plan.duplicates)} duplicates, {plan.unfit} failed before fitting"
               + _accounting_line(inputs), file=sys.stderr)
+        if plan.refit:
+            print(f"{len(plan.refit)} fits no longer hold what their marker vouches for, and are fitted again "
+                  f"(e.g. {next(iter(plan.refit.values()))})", file=sys.stderr)
+    # the parent MLflow run, before any worker tracks a fit; a job with nothing to fit opens none (it only closes
+    # the runs of jobs that died)
+    job = start_job(job, store, progress, parent=bool(plan.to_fit))
+    try:
+        return _fit_and_report(job, inputs, plan, index, previous, store, lease, address, progress)
+    except BaseException as exc:  # an error, or an interruption (Ctrl-C, SIGTERM: `ray job stop`)
+        abort_job(job, exc)
+        raise
+
+
+def _fit_and_report(job: JobSpec, inputs: Inputs, plan: "Plan", index: dict, previous: list[dict], store: Store,
+                    lease: LibraryLease, address: str | None, progress: bool) -> dict:
+    items = inputs.items
     start = time.perf_counter()
     returned = {}
     if plan.to_fit:  # Ray only now: a re-run with nothing to fit starts no cluster
@@ -95,8 +108,13 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     kept = [row for uri, row in index.items() if uri not in sources]
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
     parts = write_manifest(store, rows + kept, job.run_id, previous)
-    report = summarize(job, rows, wall, parts) | inputs.notes() | {"library_rows": len(rows) + len(kept)}
+    report = summarize(job, rows, wall, parts) | inputs.notes() | {"library_rows": len(rows) + len(kept),
+                                                                   "refitted_markers": len(plan.refit)}
+    report |= outcome(job, report)
     report["tracking"] = end_job(job, report, rows)
+    if progress and report["tracking"].get("parent_run_id") and not report["tracking"].get("closed"):
+        print(f"the job's MLflow run could not be closed ({report['tracking']['error']}); the next job or "
+              f"`unziplora registry sync` closes it", file=sys.stderr)
     if report["tracking_incomplete"] and progress:
         print(f"{report['tracking_incomplete']} fits are not fully tracked in MLflow: run `unziplora registry sync "
               f"{redact(job.output)}`", file=sys.stderr)
@@ -104,9 +122,26 @@ def _run_leased(job: JobSpec, inputs: Inputs, store: Store, lease: LibraryLease,
     return report
 
 
+EXIT_FAILED_INPUTS = 3  # `decompose`'s exit status when more inputs failed than --max-failed-fraction allows
+
+
+def outcome(job: JobSpec, report: dict) -> dict:
+    """The job's exit status and why: 0, or EXIT_FAILED_INPUTS when the failed inputs are more than the
+    tolerated fraction (0 by default: any failed input), so that a RayJob that fitted nothing is no success."""
+    failed, inputs = report["failed"], report["inputs"]
+    share = f"{failed} of {inputs} inputs failed ({100 * failed / max(1, inputs):.0f} %)"
+    if failed > job.max_failed_fraction * inputs:
+        return {"exit_code": EXIT_FAILED_INPUTS, "exit_reason": f"{share}, more than --max-failed-fraction "
+                f"{job.max_failed_fraction:g} tolerates; their rows say why (`failures`)"}
+    return {"exit_code": 0, "exit_reason": f"{share}, within --max-failed-fraction {job.max_failed_fraction:g}"
+            if failed else f"no input failed ({inputs} inputs)"}
+
+
 def _accounting_line(inputs: Inputs) -> str:
     """The plan line's tail: what was found that is not an input, with the first few names."""
     out = ""
+    if inputs.library_files:
+        out += f"; {inputs.library_files} files of the library itself (--output inside --input) skipped"
     if inputs.ignored:
         names = ", ".join(i["uri"].rsplit("/", 1)[-1] for i in inputs.ignored[:5])
         out += f"; {len(inputs.ignored)} files ignored ({names}{', ...' if len(inputs.ignored) > 5 else ''})"
@@ -138,6 +173,7 @@ class Plan:
     complete: int = 0
     unfit: int = 0
     unchanged: dict[str, dict] = field(default_factory=dict)  # source URL -> its manifest row, which stands
+    refit: dict[str, str] = field(default_factory=dict)  # item id -> why its marker no longer holds
 
 
 INLINE_IDENTIFY = 32  # at most this many images to read: hashed in the driver, without a Ray Data pass
@@ -169,6 +205,14 @@ def plan_items(job: JobSpec, items: list[dict], store: Store, index: dict[str, d
         {marker_key(r["item_id"]) for r in rows if r["item_id"] and r["item_id"] not in complete})).items()}
     legacy = _legacy_markers(job, rows, markers, store)
     plan = Plan(item_ids={}, to_fit=[], duplicates={})
+    # a marker vouches for its fit's files: one that no longer holds (a file deleted or truncated behind the
+    # library's back) is no fit, and goes, so that no later run trusts it either
+    found = {key: marker for key, marker in (markers | legacy).items() if marker and "adopted_from" not in marker}
+    for item_id, problem in marker_problems(store, {key.split("/")[1]: m for key, m in found.items()}).items():
+        plan.refit[item_id] = problem
+        markers.pop(marker_key(item_id), None)
+        legacy.pop(marker_key(item_id), None)
+        store.remove(store.path(marker_key(item_id)))
     first: dict[str, str] = {}
     for row in rows:
         uri, item_id = row["source_uri"], row["item_id"]

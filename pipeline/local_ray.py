@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 MARK = "UNZIPLORA_LOCAL_RAY"
@@ -23,10 +24,18 @@ def start_local_ray(num_cpus: int) -> None:
 
     reap_orphans()
     os.environ[MARK] = _identity(os.getpid())  # inherited by every process the cluster starts
+    exit_cleanly_on_signals()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def exit_cleanly_on_signals() -> None:
+    """SIGTERM and SIGHUP raise SystemExit in the main thread (where nobody handles them yet): `finally` blocks
+    and atexit run (the job's MLflow run is closed KILLED, its lease released, a local Ray stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set there; a job run in a thread keeps its process's handling
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) in (signal.SIG_DFL, None):
             signal.signal(sig, _exit_on_signal)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def reap_orphans() -> list[int]:

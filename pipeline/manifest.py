@@ -2,7 +2,10 @@
 
 Layout under the job's --output:
   items/<item_id>/...            the fit's files (content/style LoRAs, diffusers + kohya, mergers, masks,
-                                 fit.json, config.yaml); `_SUCCESS` (the row, JSON) is written last
+                                 fit.json, config.yaml); `_SUCCESS` (the row, JSON) is written last: its
+                                 `files` names every file it vouches for, with size and sha256; the worker
+                                 checks them in the library before writing it, `--recheck` checks them again
+                                 (`marker_problems`)
   sources/<key>.json             the latest row for one source URL (ok or failed), written by the worker
   attempts/<item_id>/<run>.<t>.<r>.json   one record per fit of the item started and not come back yet (a
                                  crash or an interruption; removed when the fit ends); `.crashed` beside one:
@@ -34,7 +37,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unziplora.errors import InputError
+from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import scrub
 
 from .storage import Store, url_key
@@ -136,12 +139,46 @@ def scrubbed(row: dict) -> dict:
 ITEM_ID = re.compile(r"^[0-9a-f]{16,64}$")  # ours are 24; any hex name is a safe folder name
 
 
+class LibraryChangedError(UnZipLoRAError):
+    """Files of the library went missing while this process wrote them (a library moved or deleted mid-job)."""
+
+
 def check_item_id(value, where: str) -> str:
     """An item id read from data (a manifest, a marker, a bank): hex digits, or a clear error. Item ids
     become folder names (items/<id>/, a bank's cache), so nothing else may pass."""
     if not isinstance(value, str) or not ITEM_ID.match(value):
         raise InputError(f"{where}: {str(value)[:80]!r} is not an item id (hex digits)")
     return value
+
+
+def marker_problems(store: Store, markers: dict[str, dict]) -> dict[str, str]:
+    """Why completion markers do not hold: {item id: reason} for each of `markers` ({item id: marker}) that
+    vouches for a file missing from items/<id>/ or of another size than it records; items whose marker holds
+    are absent. A marker is the item's ok row: its `files` names every file of the fit with its size and
+    sha256. One listing per item (concurrent on object stores); no file's bytes are read."""
+    vouched, out = {}, {}
+    for item_id, marker in markers.items():
+        try:
+            files = json.loads(marker.get("files") or "{}")
+            vouched[item_id] = {store.path("items", item_id, name): info.get("bytes") for name, info in files.items()}
+        except (ValueError, TypeError, AttributeError, InputError) as exc:
+            out[item_id] = f"its completion marker is unreadable ({exc})"
+            continue
+        if not vouched[item_id]:
+            del vouched[item_id]
+            out[item_id] = "its completion marker names no files"
+    listings = store.sizes_many([f"items/{item_id}" for item_id in vouched])
+    for item_id, files in vouched.items():
+        found = listings[f"items/{item_id}"]
+        for path, size in sorted(files.items()):
+            name = path.rsplit("/", 1)[-1]
+            if name not in found:
+                out[item_id] = f"{store.url_prefix + path} is missing"
+                break
+            if size is not None and found[name] != size:
+                out[item_id] = f"{store.url_prefix + path} has {found[name]} bytes, not the {size} its marker vouches for"
+                break
+    return out
 
 
 def utc_now() -> str:
@@ -200,10 +237,12 @@ def crashes(records: list[dict], executor: str, run_id: str) -> int:
     return sum(n if run == run_id else n - 1 for run, n in runs.items())
 
 
-def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[dict] | None = None) -> list[str]:
+def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[dict] | None = None,
+                   replace: frozenset[str] = frozenset()) -> list[str]:
     """Make the manifest hold exactly `rows`; returns the URLs of its parts. Only buckets whose rows changed
     get a new part (written before the old one goes): a re-run that changed nothing writes nothing.
-    `previous`: the manifest's rows as read by the caller, if it has them (else read here)."""
+    `previous`: the manifest's rows as read by the caller, if it has them (else read here). `replace`: parts
+    (paths) that are rewritten or removed whatever they hold (unreadable ones, `repair_manifest`)."""
     # no copies of rows that need no scrubbing: at 100k rows every copy of the rows costs hundreds of MB
     rows = sorted((scrubbed(r) if r.get("error") or r.get("tracking_error") else r for r in rows),
                   key=lambda r: r["source_uri"])
@@ -223,7 +262,8 @@ def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[d
     out = []
     for bucket in range(buckets):
         old = parts.get(bucket, [])
-        if len(old) == 1 and not stale and _same_rows(had.get(bucket, []), wanted.get(bucket, [])):
+        if len(old) == 1 and not stale and old[0] not in replace and \
+                _same_rows(had.get(bucket, []), wanted.get(bucket, [])):
             out.append(store.url_prefix + old[0])
             continue
         table = pa.Table.from_pylist(wanted.get(bucket, []), schema=SCHEMA)
@@ -267,8 +307,21 @@ def _part_paths(store: Store) -> list[str]:
     return [p for p in store.list("manifest") if p.endswith(".parquet")]
 
 
+class ManifestPartError(InputError):
+    """A manifest part that cannot be read (truncated, not Parquet, columns of other types)."""
+
+    def __init__(self, store: Store, part: str, exc: Exception):
+        self.part = part
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        super().__init__(f"manifest part {store.url_prefix + part} cannot be read ({cause}): run `unziplora repair "
+                         f"{store.url()}` to rebuild it from the library's records (sources/ and the fits' markers)")
+
+
 def _read_part(store: Store, part: str) -> pa.Table:
-    table = _upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(part))))
+    try:
+        table = _upgrade(pq.read_table(io.BytesIO(store.fs.cat_file(part))))
+    except (pa.ArrowException, ValueError, TypeError) as exc:  # a truncated or foreign file: name it
+        raise ManifestPartError(store, part, exc) from None
     for n, item_id in enumerate(table["item_id"].to_pylist()):
         if item_id is not None:
             check_item_id(item_id, f"manifest part {part}, row {n}: item_id")
@@ -289,8 +342,11 @@ def manifest_schema_versions(store: Store) -> set[int]:
     """The schema versions of the library's manifest parts, from their footers alone."""
     versions = set()
     for path in _part_paths(store):
-        with store.fs.open(path, "rb") as f:
-            metadata = pq.read_schema(f).metadata or {}
+        try:
+            with store.fs.open(path, "rb") as f:
+                metadata = pq.read_schema(f).metadata or {}
+        except (pa.ArrowException, ValueError) as exc:
+            raise ManifestPartError(store, path, exc) from None
         versions.add(int(metadata.get(b"unziplora.manifest.schema_version", b"1")))
     return versions
 

@@ -50,6 +50,8 @@ class JobSpec:
     # read every image and every completion marker, not trusting the manifest's index (job.plan_items): after
     # files were changed behind the library's back (an image rewritten with its old size and time, a fit deleted)
     recheck: bool = False
+    # the share of inputs that may fail with the job still a success (exit status 0); more: exit status 3
+    max_failed_fraction: float = 0.0
     # set by run_job for the workers
     base_fingerprint: str = ""  # the exact base weights (unziplora.locate): part of every item id
     code_version: str = ""  # the driver's (worker.code_version): rows and runs name the code that made them
@@ -63,3 +65,31 @@ class JobSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Every setting of the job that is a number or a choice, refused in one line naming its flag before
+        anything starts (Ray, the library's lease, an MLflow run): a bad value never costs a cluster."""
+        from unziplora.config import check_number
+        from unziplora.errors import InputError
+
+        if self.executor not in EXECUTORS:
+            raise InputError(f"--executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
+        for name, flag, rule in NUMBERS:
+            check_number(flag, getattr(self, name), **rule)
+        if self.max_failed_fraction > 1:
+            raise InputError(f"--max-failed-fraction must be at most 1, got {self.max_failed_fraction!r}")
+
+
+# the job's numbers: (field, flag, check_number's rule)
+NUMBERS = (
+    ("workers", "--workers", dict(integer=True, minimum=1)),
+    ("fits_per_worker", "--fits-per-worker", dict(integer=True, minimum=1)),
+    ("cpus_per_worker", "--cpus-per-worker", dict(above=0)),
+    ("gpus_per_worker", "--gpus-per-worker", dict(minimum=0, optional=True)),
+    ("max_attempts", "--max-attempts", dict(integer=True, minimum=1)),
+    ("preview_steps", "--preview-steps", dict(integer=True, minimum=0)),
+    ("train_start_timeout_s", "--train-start-timeout", dict(above=0)),
+    ("wait_for_library_s", "--wait-for-library", dict(minimum=0)),
+    ("lease_ttl_s", "lease_ttl_s", dict(above=0)),
+    ("max_failed_fraction", "--max-failed-fraction", dict(minimum=0)),
+)

@@ -17,9 +17,13 @@ import os
 import uuid
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem, _run_coros_in_chunks, sync
 from fsspec.core import url_to_fs
 
 from unziplora.errors import InputError
+
+
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write failed because the destination is full
 
 
 class Store:
@@ -71,8 +75,11 @@ class Store:
             self.fs.mv(temporary, final)
         except BaseException as exc:
             self._discard(temporary)
-            if isinstance(exc, OSError) and exc.errno and exc.filename == temporary:  # name the real file
-                raise OSError(exc.errno, exc.strerror, final if "://" in final else self.url_prefix + final) from exc
+            # name the library's file: not our temporary key, nor the local source a copy was reading (shutil
+            # names the source first when the destination's disk fills up)
+            if isinstance(exc, OSError) and exc.errno and (exc.errno in FULL or temporary in (exc.filename,
+                                                                                               exc.filename2)):
+                raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), self.url_prefix + final) from exc
             raise
 
     def create(self, data: bytes, *parts: str) -> None:
@@ -115,6 +122,31 @@ class Store:
             out[rel] = value if isinstance(value, bytes) else None
         return out
 
+    def sizes_many(self, folders: list[str]) -> dict[str, dict[str, int]]:
+        """{folder: {file name: size}} of the files directly in each folder (paths relative to the root; a
+        missing folder maps to {}). Listed afresh, never from a listing cache (another process may have
+        deleted files meanwhile); concurrently on object stores."""
+        full = [self.path(*folder.split("/")) for folder in folders]
+        if isinstance(self.fs, AsyncFileSystem) and self.fs.async_impl:
+            coros = [self.fs._ls(path, detail=True, refresh=True) for path in full]
+            listings = sync(self.fs.loop, _run_coros_in_chunks, coros, return_exceptions=True) if coros else []
+        else:
+            listings = []
+            for path in full:
+                try:
+                    listings.append(self.fs.ls(path, detail=True))
+                except Exception as exc:  # noqa: BLE001 - sorted out below, as for the concurrent listings
+                    listings.append(exc)
+        out = {}
+        for folder, listing in zip(folders, listings):
+            if isinstance(listing, FileNotFoundError):
+                listing = []
+            elif isinstance(listing, BaseException):
+                raise listing
+            out[folder] = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry["size"]) for entry in listing
+                           if entry.get("type") == "file"}
+        return out
+
     def list(self, *parts: str) -> list[str]:
         try:
             return sorted(self.fs.ls(self.path(*parts), detail=False))
@@ -123,6 +155,22 @@ class Store:
 
     def remove(self, path: str) -> None:
         self.fs.rm(path)
+
+
+def library_store(url: str, storage_options: dict | None = None) -> Store:
+    """The Store of a library under its one spelling: a local path resolved (relative, `..`, symlinks), so that
+    every way of naming one library is one library, with one lease and one set of MLflow runs."""
+    store = Store(url, storage_options)
+    if store.url_prefix == "":
+        store = Store(os.path.realpath(store.root), storage_options)
+    return store
+
+
+def require_library(store: Store) -> None:
+    """Refuse, creating nothing, a folder that holds no library manifest (a mistyped path, say)."""
+    if not store.list("manifest"):
+        raise InputError(f"{store.url()} holds no library manifest (manifest/*.parquet): not the --output of a "
+                         "decompose job, or none has finished there yet")
 
 
 class UnsafePathError(InputError):

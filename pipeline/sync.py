@@ -15,7 +15,8 @@ from unziplora.errors import InputError
 
 from .manifest import read_manifest, source_key, write_manifest
 from .registry_names import library_name
-from .storage import Store
+from .lease import LibraryLease
+from .storage import Store, library_store, require_library
 from .tracking import REGISTRY_FILE, Tracker, default_tracking_uri, describe, is_local, redact, retrying
 
 
@@ -37,10 +38,19 @@ def needs_tracking(row: dict) -> bool:
 
 def sync_library(output: str, *, tracking_uri: str | None = None, library: str | None = None,
                  storage_options: dict | None = None, log_lora_artifacts: bool = False,
-                 everything: bool = False) -> dict:
-    """Track every ok item that needs it (all ok items with `everything`); returns counts."""
-    store = Store(output, storage_options)
-    output = store.url()  # one spelling: `./lib` and `/abs/lib` are one library with one set of runs
+                 everything: bool = False, wait_s: float = 0.0) -> dict:
+    """Track every ok item that needs it (all ok items with `everything`); returns counts. Under the library's
+    lease, as a job and `forget` write it: a sync cannot race a job's manifest."""
+    # one spelling: `./lib`, `/abs/lib` and a symlink to it are one library with one set of runs
+    store = library_store(output, storage_options)
+    require_library(store)
+    with LibraryLease(store, "sync-" + time.strftime("%Y%m%dT%H%M%S")).acquire(wait_s) as lease:
+        return _sync(store, lease, tracking_uri, library, storage_options, log_lora_artifacts, everything)
+
+
+def _sync(store: Store, lease: LibraryLease, tracking_uri: str | None, library: str | None,
+          storage_options: dict | None, log_lora_artifacts: bool, everything: bool) -> dict:
+    output = store.url()
     recorded = store.read_json(REGISTRY_FILE) if store.exists(REGISTRY_FILE) else {}
     uri = resolve_uri(output, tracking_uri, recorded.get("tracking_uri"))
     library = library or recorded.get("library") or library_name(output)
@@ -55,8 +65,12 @@ def sync_library(output: str, *, tracking_uri: str | None = None, library: str |
     if not todo:
         return summary
 
-    tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts)
+    tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts,
+                      create_store=True)
     retrying(tracker.ensure_registered_models)
+    # holding the lease, every job run still RUNNING is over: one that stored its report ended while MLflow was
+    # away (FINISHED with its metrics), any other died (KILLED)
+    summary["closed_job_runs"] = len(retrying(lambda: tracker.close_dead_jobs("sync", store)))
     store.write_json(tracker.registry_record(), REGISTRY_FILE)
     parents: dict[str, str] = {}
     updates: dict[str, dict] = {}
@@ -82,5 +96,6 @@ def sync_library(output: str, *, tracking_uri: str | None = None, library: str |
     for item_id, update in updates.items():
         marker = store.read_json("items", item_id, "_SUCCESS")
         store.write_json(marker | update, "items", item_id, "_SUCCESS")
+    lease.check()
     write_manifest(store, rows, "sync-" + time.strftime("%Y%m%dT%H%M%S"))
     return summary

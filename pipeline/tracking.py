@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -23,13 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from unziplora.errors import InputError
+from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import redact, scrub
 
 from .figures import job_figure, loss_figure
 from .registry_names import KINDS, item_alias, library_name, model_name
 from .scoring import SCORES
-from .storage import Store, open_url
+from .storage import Store, library_store, open_url
 
 TAG = "unziplora."  # prefix of our run tags
 REGISTRY_FILE = "registry.json"
@@ -102,6 +103,20 @@ def retrying(call, attempts: int = 6):
             time.sleep(0.2 * 2 ** n * (1 + random.random()))
 
 
+class TrackingStoreGoneError(UnZipLoRAError):
+    """The job's SQLite tracking store was deleted or moved while the job ran."""
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite:// tracking URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return None if database in (None, "", ":memory:") else os.path.abspath(database)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The tracker
 
@@ -111,12 +126,21 @@ class Tracker:
 
     def __init__(self, uri: str, library: str, output: str, storage_options: dict | None = None,
                  experiment_id: str | None = None, log_lora_artifacts: bool = False,
-                 diffusers_models: bool = False):
+                 diffusers_models: bool = False, create_store: bool = False):
         _bound_http_retries()
+        # every error of the store reaches the caller, which records it (a row's tracking_error, the report):
+        # MLflow's own log of it is a SQLAlchemy traceback per fit, and its retries of a store that is gone take
+        # minutes
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         from mlflow import MlflowClient
 
         self.uri, self.library = uri, library
-        self.output = Store(output, storage_options).url()  # one spelling of the library, however it was given
+        self.output = library_store(output, storage_options).url()  # one spelling of the library
+        # a SQLite store is created when a job starts (or a sync runs), never later: a worker would make a new
+        # empty one where the job's was deleted, and track its fits into runs nobody finds
+        self.store_file = sqlite_file(uri)
+        if not create_store:
+            self.check_store()
         self.library_key = library_key(self.output)
         self.storage_options = storage_options or {}
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -124,6 +148,14 @@ class Tracker:
         self.copy_loras = log_lora_artifacts or (is_local(output) and uri.startswith(("http:", "https:")))
         self.diffusers_models = diffusers_models  # also mlflow.diffusers-flavour models (`*-diffusers`)
         self.experiment_id = experiment_id or retrying(self._experiment)
+
+    def check_store(self) -> None:
+        """Raise one line if the SQLite file this tracker writes was deleted or moved."""
+        if self.store_file and not os.path.exists(self.store_file):
+            raise TrackingStoreGoneError(
+                f"the MLflow store {redact(self.uri)} is gone (deleted or moved while the job ran): not tracked; "
+                f"the fits are safe in the library, and `unziplora registry sync {redact(self.output)}` tracks "
+                f"them into a store again")
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.library)
@@ -187,18 +219,31 @@ class Tracker:
         except InputError:  # a URI no filter can quote was never matched by one either
             return None
 
-    def close_dead_jobs(self, live_run_id: str) -> list[str]:
-        """Mark KILLED the parent runs of this library's jobs still RUNNING: the caller holds the library's
-        lease, so their jobs died (killed drivers, lost head nodes) before they could close them."""
+    def close_dead_jobs(self, live_run_id: str, store: Store | None = None) -> list[str]:
+        """Close the parent runs of this library's jobs still RUNNING: the caller holds the library's lease, so
+        their jobs are over. A job that stored its report ended while MLflow was away (a server that came back):
+        its run gets the report's metrics and FINISHED; any other died (a killed driver, a lost head node) and
+        is KILLED."""
         query = (f"tags.`{TAG}kind` = 'job' AND tags.`{TAG}library_key` = '{self.library_key}' "
                  f"AND attributes.status = 'RUNNING'")
         closed = []
         for run in self.client.search_runs([self.experiment_id], query, max_results=1000):
-            if run.data.tags.get(TAG + "job_run_id") != live_run_id:
-                self.client.set_tag(run.info.run_id, TAG + "closed_by", live_run_id)
+            job_run_id = run.data.tags.get(TAG + "job_run_id")
+            if job_run_id == live_run_id:
+                continue
+            self.client.set_tag(run.info.run_id, TAG + "closed_by", live_run_id)
+            report = _stored_report(store, job_run_id)
+            if report:
+                self.end_job(run.info.run_id, report)
+            else:
                 self.client.set_terminated(run.info.run_id, "KILLED")
-                closed.append(run.info.run_id)
+            closed.append(run.info.run_id)
         return closed
+
+    def abort_job(self, parent_run_id: str, status: str, reason: str) -> None:
+        self.check_store()
+        self.client.set_tag(parent_run_id, TAG + "error", reason[:4000])
+        self.client.set_terminated(parent_run_id, status)
 
     def job_run(self, run_id: str, params: dict | None = None) -> str:
         """The parent run of the job `run_id`: found by its tag, else created (RUNNING until end_job)."""
@@ -216,6 +261,7 @@ class Tracker:
     def end_job(self, parent_run_id: str, report: dict, rows: list[dict] | None = None) -> None:
         from mlflow.entities import Metric
 
+        self.check_store()
         now = int(time.time() * 1000)
         numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numbers.items()])
@@ -239,6 +285,7 @@ class Tracker:
     def track_fit(self, row: dict, parent_run_id: str | None) -> dict:
         """One fit's nested run (and for an ok row its registered versions); returns the row's new columns.
         Idempotent: a run already complete for this item is reused, an incomplete one replaced."""
+        self.check_store()
         return retrying(lambda: self._track_fit(row, parent_run_id))
 
     def _track_fit(self, row: dict, parent_run_id: str | None) -> dict:
@@ -416,10 +463,10 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
 # A job's tracking: start (driver), per fit (workers), end (driver)
 
 
-def tracker_for(job, experiment_id: str | None = None) -> Tracker:
+def tracker_for(job, experiment_id: str | None = None, create_store: bool = False) -> Tracker:
     return Tracker(job.tracking_uri, job.library or library_name(job.output), job.output, job.storage_options,
                    experiment_id=experiment_id, log_lora_artifacts=job.log_lora_artifacts,
-                   diffusers_models=job.log_diffusers_models)
+                   diffusers_models=job.log_diffusers_models, create_store=create_store)
 
 
 def job_params(job) -> dict:
@@ -430,9 +477,18 @@ def job_params(job) -> dict:
             "fit": job.fit, "base_model_fingerprint": job.base_fingerprint, "code_version": job.code_version}
 
 
-def start_job(job, store: Store, progress: bool = True):
+def _stored_report(store: Store | None, job_run_id: str | None) -> dict | None:
+    """The report a job stored when it ended (reports/<run>.json), if any."""
+    try:
+        return store.read_json("reports", f"{job_run_id}.json") if store and job_run_id else None
+    except (OSError, ValueError):  # none (the job died), or unreadable
+        return None
+
+
+def start_job(job, store: Store, progress: bool = True, parent: bool = True):
     """Resolve the tracking URI, open the job's parent run, write registry.json; returns the job with
-    `tracking_uri`, `mlflow_experiment_id`, `mlflow_parent_run_id` set (or `tracking_error` when it failed)."""
+    `tracking_uri`, `mlflow_experiment_id`, `mlflow_parent_run_id` set (or `tracking_error` when it failed).
+    Without `parent` (a job with nothing to fit) no run is opened: the runs of jobs that died are closed."""
     import dataclasses
 
     if not job.tracking:
@@ -443,13 +499,24 @@ def start_job(job, store: Store, progress: bool = True):
             print("tracking off: no MLflow tracking URI for a remote --output (give --tracking-uri or "
                   "$MLFLOW_TRACKING_URI)", flush=True)
         return dataclasses.replace(job, tracking=False)
-    job = dataclasses.replace(job, tracking_uri=uri, library=job.library or library_name(job.output))
-    for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
+    job = dataclasses.replace(job, tracking_uri=uri, library=job.library or recorded_library(store)
+                              or library_name(job.output))
+    if not parent:
+        if sqlite_file(uri) and not os.path.exists(sqlite_file(uri)):
+            return job  # no store yet (the library was never tracked): no run to close, none made
         try:
             tracker = tracker_for(job)
+            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
+        except Exception as exc:  # nothing of this job to track: the next job closes them
+            return dataclasses.replace(job, tracking_error=describe(exc))
+        _say_closed(closed, progress)
+        return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id)
+    for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
+        try:
+            tracker = tracker_for(job, create_store=True)
             retrying(tracker.ensure_registered_models)
-            parent = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
-            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id))
+            run = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
+            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
             store.write_json(tracker.registry_record(), REGISTRY_FILE)
             break
         except Exception as exc:
@@ -460,9 +527,22 @@ def start_job(job, store: Store, progress: bool = True):
                 print(f"tracking unavailable ({redact(uri)}) after {SETUP_ATTEMPTS} tries: {describe(exc)}; fits "
                       "go on, `unziplora registry sync` backfills them", flush=True)
             return dataclasses.replace(job, tracking_error=describe(exc))
+    _say_closed(closed, progress)
+    return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=run)
+
+
+def _say_closed(closed: list[str], progress: bool) -> None:
     if closed and progress:
-        print(f"closed {len(closed)} MLflow run(s) of earlier jobs that died (KILLED)", flush=True)
-    return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=parent)
+        print(f"closed {len(closed)} MLflow run(s) of earlier jobs that ended without closing them", flush=True)
+
+
+def recorded_library(store: Store) -> str | None:
+    """The registry prefix registry.json recorded: a library keeps its name, however it is spelled now (a
+    library once named through a symlink keeps the link's folder name)."""
+    try:
+        return store.read_json(REGISTRY_FILE).get("library") if store.exists(REGISTRY_FILE) else None
+    except (OSError, ValueError, AttributeError):  # half-written: the default name
+        return None
 
 
 def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:
@@ -472,12 +552,33 @@ def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:
     out = {"enabled": True, "tracking_uri": redact(job.tracking_uri), "library": job.library,
            "parent_run_id": job.mlflow_parent_run_id or None, "error": job.tracking_error or None}
     if job.mlflow_parent_run_id:
-        try:
-            retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id, report,
-                                                                                 rows))
-        except Exception as exc:
-            out["error"] = describe(exc)
+        out["closed"] = False
+        for attempt in range(SETUP_ATTEMPTS):  # a server that is back within seconds still gets the run closed
+            try:
+                retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id,
+                                                                                     report, rows))
+                out["closed"] = True
+                break
+            except TrackingStoreGoneError as exc:
+                out["error"] = describe(exc)
+                break
+            except Exception as exc:  # the next job, or `registry sync`, closes it with this report's metrics
+                out["error"] = describe(exc)
+                if attempt < SETUP_ATTEMPTS - 1:
+                    time.sleep(2 ** attempt)
     return out
+
+
+def abort_job(job, exc: BaseException) -> None:
+    """Close the job's parent run on any exit but its end: FAILED for an error, KILLED for an interruption
+    (Ctrl-C, SIGTERM from `ray job stop`). Never raises: what cannot be closed now, the next job closes."""
+    if not (job.tracking and job.mlflow_parent_run_id):
+        return
+    status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+    try:
+        tracker_for(job, job.mlflow_experiment_id).abort_job(job.mlflow_parent_run_id, status, describe(exc))
+    except Exception:
+        pass
 
 
 _trackers: dict[tuple, Tracker] = {}
@@ -497,5 +598,11 @@ def track_row(job, row: dict) -> dict:
 
 
 def describe(exc: Exception) -> str:
-    """An exception as text for a row."""
-    return scrub(f"{type(exc).__name__}: {exc}")[:2000]
+    """An exception as one line of text for a row or the report: a SQLAlchemy error without its statement,
+    parameters and links (a multi-line, kilobyte text otherwise)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(NOISE)]
+    return scrub(f"{type(exc).__name__}: {'; '.join(kept) or type(exc).__name__}")[:2000]
+
+
+NOISE = ("[SQL:", "[parameters:", "(Background on this error at:", "(raised as a result of Query-invoked autoflush")

@@ -30,8 +30,8 @@ from unziplora import FitConfig, UnZipLoRAError, fit_many
 from unziplora.models import load_base_model_for
 
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
-from .manifest import (crashes, end_attempt, failed_row, ok_row, past_attempts, scrubbed, source_key,
-                       start_attempt)
+from .manifest import (LibraryChangedError, crashes, end_attempt, failed_row, marker_problems, ok_row,
+                       past_attempts, scrubbed, source_key, start_attempt)
 from .previews import write_previews
 from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
@@ -140,9 +140,11 @@ class FitWorker:
         return out
 
     def _complete(self, item_id: str) -> dict | None:
-        if self.store.exists("items", item_id, "_SUCCESS"):
-            return self.store.read_json("items", item_id, "_SUCCESS")
-        return None
+        """The item's marker, if it holds (every file it vouches for is there, at its size)."""
+        if not self.store.exists("items", item_id, "_SUCCESS"):
+            return None
+        marker = self.store.read_json("items", item_id, "_SUCCESS")
+        return None if marker_problems(self.store, {item_id: marker}) else marker
 
     def _admit(self, item: dict, item_id: str, records: int) -> str:
         """Record this attempt (its name is returned) before the fit starts."""
@@ -226,6 +228,13 @@ class FitWorker:
             self.store.upload_file(str(path), "items", known["item_id"], path.name)
             files[path.name] = {"uri": self.store.url("items", known["item_id"], path.name),
                                 "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
+        # the marker will vouch for these files: they must be in the library now, whole (a library folder
+        # deleted or moved during the job would otherwise leave a marker, and an ok row, with no fit)
+        problem = marker_problems(self.store, {known["item_id"]: {"files": json.dumps(files)}})
+        if problem:
+            raise LibraryChangedError(f"the library lost the fit's files before its marker was written "
+                                      f"({problem[known['item_id']]}): was it moved or deleted during the job? "
+                                      "Nothing is recorded; the next run fits the image again")
         return ok_row(item, known, result, files, attempts=ready.records + 1, worker=self.name,
                       code_version=self.job.code_version or code_version(), run_id=self.job.run_id,
                       **{f"score_{name}": value for name, value in scores.items()})

@@ -19,6 +19,7 @@ from pipeline.manifest import read_manifest, write_manifest
 from pipeline.source import read_inputs
 from pipeline.spec import JobSpec
 from pipeline.storage import Store
+from pipeline_fixtures import with_fit_files
 
 
 def _pinned(job: JobSpec) -> JobSpec:
@@ -68,15 +69,21 @@ def test_a_complete_library_reruns_reading_nothing_per_item(tmp_path, reads, mon
 
 def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     """A changed image (new size/time) and a new one are read and planned; the rest stand on the manifest,
-    even an item whose marker went missing behind the library's back - until --recheck reads everything."""
+    even an item whose marker went missing behind the library's back, or whose LoRA file was deleted or
+    truncated - until --recheck reads everything and checks every file a marker vouches for."""
     inp, lib = tmp_path / "in", tmp_path / "lib"
     build_library(str(inp), str(lib), 12)
+    with_fit_files(lib)
     (inp / "img000003.png").write_bytes(image_bytes(1003))  # changed bytes
     (inp / "new.png").write_bytes(image_bytes(2000))
     with open(inp / "prompts.csv", "a") as f:
         f.write("new.png,sks new,new style\n")
     rows = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
     (lib / "items" / rows[str(inp / "img000007.png")]["item_id"] / "_SUCCESS").unlink()
+    deleted, truncated = (lib / "items" / rows[str(inp / f"img00000{n}.png")]["item_id"] for n in (5, 6))
+    (deleted / "content_lora.safetensors").unlink()
+    with open(truncated / "style_lora.safetensors", "r+b") as f:
+        f.truncate(10)
 
     def plan(**options):
         job = _pinned(JobSpec(input=str(inp), output=str(lib), fit=dict(FIT), tracking=False, **options))
@@ -93,8 +100,15 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
 
     monkeypatch.setattr(pipeline.job, "INLINE_IDENTIFY", 100)  # no Ray Data pass in this test
     rechecked = plan(recheck=True)
-    assert sorted(i["source_uri"] for i in rechecked.to_fit) == sorted(changed + [str(inp / "img000007.png")])
-    assert len(reads["images"]) == 13 and rechecked.complete == 10 and not rechecked.unchanged
+    assert sorted(i["source_uri"] for i in rechecked.to_fit) == sorted(changed + [str(inp / f"img00000{n}.png")
+                                                                                 for n in (5, 6, 7)])
+    assert len(reads["images"]) == 13 and rechecked.complete == 8 and not rechecked.unchanged
+    assert sorted(rechecked.refit) == sorted([deleted.name, truncated.name])
+    assert "content_lora.safetensors is missing" in rechecked.refit[deleted.name]
+    assert "has 10 bytes, not the 1000 its marker vouches for" in rechecked.refit[truncated.name]
+    # a marker that no longer holds is removed: no later run, with or without --recheck, trusts it
+    assert not (deleted / "_SUCCESS").exists() and not (truncated / "_SUCCESS").exists()
+    assert (lib / "items" / rows[str(inp / "img000004.png")]["item_id"] / "_SUCCESS").exists()
 
 
 def test_an_image_rewritten_in_place_is_read_again(tmp_path, reads):

@@ -305,11 +305,13 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     assert row["mlflow_run_id"] and row["content_model_uri"] and not row["tracking_error"]
     client = MlflowClient(first["tracking"]["tracking_uri"])
     experiment = client.get_experiment_by_name(first["tracking"]["library"]).experiment_id
-    # a job that died: its parent run stays RUNNING; the next job on the library closes it as KILLED
+    # a job that died: its parent run stays RUNNING and it stored no report; the next job on the library (even
+    # one with nothing to fit, which opens no run of its own) closes it as KILLED
     client.update_run(first["tracking"]["parent_run_id"], status="RUNNING")
+    (quoted / "reports" / f"{first['run_id']}.json").unlink()
     second = run_job(job, progress=False)
     assert client.get_run(first["tracking"]["parent_run_id"]).info.status == "KILLED"
-    assert client.get_run(second["tracking"]["parent_run_id"]).info.status == "FINISHED"
+    assert second["fits_this_run"] == 0 and second["tracking"]["parent_run_id"] is None
     fits = client.search_runs([experiment], "tags.`unziplora.kind` = 'fit'")
     assert len(fits) == 1, [r.data.tags for r in fits]
     versions = client.search_model_versions(f"name = '{first['tracking']['library']}-content'")
@@ -329,6 +331,24 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     assert main(["registry", "sync", f"./{quoted.name}/", "--all"]) == 0
     assert len(client.search_runs([experiment], "tags.`unziplora.kind` = 'fit'")) == 2
     assert len(client.search_model_versions(f"name = '{first['tracking']['library']}-style'")) == 2
+    # ... and so is a symlink to it
+    (tmp_path / "link").symlink_to(quoted)
+    runs = len(client.search_runs([experiment]))
+    assert main(["registry", "sync", str(tmp_path / "link"), "--all"]) == 0
+    assert len(client.search_runs([experiment])) == runs
+    assert len(client.search_model_versions(f"name = '{first['tracking']['library']}-style'")) == 2
+    # `registry sync` takes the library's lease, as a job does: it cannot race a job's manifest
+    capsys = capfd
+    capsys.readouterr()
+    with LibraryLease(Store(str(quoted)), "job-busy", ttl_s=30).acquire():
+        assert main(["registry", "sync", str(quoted), "--all"]) == 2
+    assert "being written by job job-busy" in capsys.readouterr().err
+    # `forget` on a path that is no library, or of a prefix naming no source: refused, nothing made or changed
+    assert main(["forget", str(tmp_path / "no-such-lib"), str(other)]) == 2
+    assert "holds no library manifest" in capsys.readouterr().err and not (tmp_path / "no-such-lib").exists()
+    assert main(["forget", str(quoted), str(other), str(tmp_path / "elsewhere")]) == 2
+    assert f"{tmp_path / 'elsewhere'} names no source of {quoted}" in capsys.readouterr().err
+    assert len(read_manifest(job.output).to_pylist()) == 2
     # removing sources is explicit, and keeps their fits
     assert main(["forget", str(quoted), str(other)]) == 0
     rows = read_manifest(job.output).to_pylist()
@@ -409,24 +429,33 @@ def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
 IMAGES = ["a.png", "b.png", "c.jpg", "sub/d.png", "e.webp", "Weird name 'x'.png"]
 OTHERS = ["f.svg", "g.heic", "notes.txt"]
 CELLS = st.sampled_from(["", "", "", "1", "2", "abc", "4.7", "-3", "nan"])
+# cells are written with errors="surrogateescape": "\udcff" becomes the byte 0xff, invalid UTF-8
+
+
+def not_text(cell: str) -> bool:
+    return "\x00" in cell or any(0xDC80 <= ord(c) <= 0xDCFF for c in cell)
+
+CONTENTS = st.sampled_from(["sks a", "sks a", "sks b", "sks b", "", "sks \udcff a", "sks\x00a"])
 
 
 @st.composite
 def collections(draw):
     """Files (images, byte-identical copies, garbage, other kinds) and a prompt table with 0-2 rows per file,
-    cells good and bad, and rows that name no file or try to leave the folder, in any order."""
+    cells good, bad and not text (invalid UTF-8, a NUL byte), and rows that name no file, try to leave the
+    folder or name no text at all, in any order; the library inside the input folder or beside it."""
     names = draw(st.lists(st.sampled_from(IMAGES), unique=True, min_size=1, max_size=4)) + \
         draw(st.lists(st.sampled_from(OTHERS), unique=True, max_size=2))
     kinds = {n: draw(st.sampled_from(["image", "image", "copy", "garbage"])) for n in names}
     rows = []
     for name in names:
         for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
-            rows.append({"image": name, "content": draw(st.sampled_from(["sks a", "sks a", "sks b", "sks b", ""])),
+            rows.append({"image": name, "content": draw(CONTENTS),
                          "style": draw(st.sampled_from(["ink", "ink", "ink", " "])), "steps": draw(CELLS)})
-    strays = st.fixed_dictionaries({"image": st.sampled_from(["missing.png", "../../etc/passwd", ""]),
+    stray = ["missing.png", "../../etc/passwd", ""] * 3 + ["bad\udcfe.png"]
+    strays = st.fixed_dictionaries({"image": st.sampled_from(stray),
                                     "content": st.just("sks a"), "style": st.just("ink"), "steps": st.just("")})
     rows += draw(st.lists(strays, max_size=2))
-    return kinds, draw(st.permutations(rows))
+    return kinds, draw(st.permutations(rows)), draw(st.booleans())
 
 
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -434,7 +463,7 @@ def collections(draw):
 def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeypatch_module, case):
     import csv
 
-    kinds, rows = case
+    kinds, rows, library_inside = case
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "in")
         for n, (name, kind) in enumerate(sorted(kinds.items())):
@@ -443,30 +472,47 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
             data = {"image": png_bytes(n, 12, 12), "copy": png_bytes(0, 12, 12), "garbage": b"\x89PNG junk"}[kind]
             path.write_bytes(data)
         folder.mkdir(exist_ok=True)
-        with open(folder / "prompts.csv", "w", newline="") as f:
+        with open(folder / "prompts.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "content", "style", "steps"])
             writer.writeheader()
             writer.writerows(rows)
+        library = folder / "lib" if library_inside else Path(tmp, "lib")
+        if library_inside:  # a library holds images of its own (previews): never inputs
+            (library / "items" / ("0" * 24)).mkdir(parents=True)
+            (library / "items" / ("0" * 24) / "preview_style.png").write_bytes(png_bytes(99, 12, 12))
         images = sorted(str(folder / n) for n in kinds if n.endswith((".png", ".jpg", ".webp")))
-        job = JobSpec(input=str(folder), output=str(Path(tmp, "lib")), fit={"steps": 1, "rank": 1, "recalibrations": 1},
+        job = JobSpec(input=str(folder), output=str(library), fit={"steps": 1, "rank": 1, "recalibrations": 1},
                       tracking=False, preview_steps=0)
+        event(f"library inside the input: {library_inside}")
+        event(f"a prompt cell that is not text: {any(not_text(r['content'] + r['image']) for r in rows)}")
         try:
             report = run_job(job, progress=False)
-        except InputError as exc:  # the one refusal allowed: no image at all
-            assert not images and "no images found" in str(exc), exc
+        except InputError as exc:  # the refusals allowed: no image at all; an image cell that is not text
+            if any(not_text(r["image"]) for r in rows):
+                assert "column image: not valid UTF-8" in str(exc) and "data row" in str(exc), exc
+            else:
+                assert not images and "no images found" in str(exc), exc
             return
+        assert not any(not_text(r["image"]) for r in rows)
         manifest = read_manifest(job.output).to_pylist()
         event(f"rows: {sorted({r['status'] for r in manifest})}")
         assert sorted(r["source_uri"] for r in manifest) == images
         assert report["inputs"] == len(images) == report["ok"] + report["failed"] + report["skipped"]
         assert report["ignored_files"] == len(kinds) - len(images)
+        assert report["library_files_skipped"] == (1 if library_inside else 0)
         named = {str(r["image"]).strip() for r in rows}
         for row in manifest:
             assert row["status"] in ("ok", "failed", "skipped")
             assert (row["status"] == "failed") == bool(row["error"]) or row["status"] == "skipped", row
+            assert not any(str(row[k] or "").startswith("b'") or "\x00" in str(row[k] or "") for k in
+                           ("content", "style", "prompt_combined", "prompt_content", "prompt_style")), row
             relative = row["source_uri"][len(str(folder)) + 1:]
-            if sum(str(r["image"]).strip() == relative for r in rows) > 1:
+            mine = [r for r in rows if str(r["image"]).strip() == relative]
+            if len(mine) > 1:
                 assert row["status"] == "failed" and "rows for" in row["error"], row
+            elif mine and not_text(mine[0]["content"]):
+                assert row["status"] == "failed" and "column content: " in row["error"] and (
+                    "not valid UTF-8" in row["error"] or "NUL byte" in row["error"]), row
             if relative not in named:
                 assert row["status"] == "failed" and "no prompt row" in row["error"], row
 
@@ -488,3 +534,310 @@ def monkeypatch_module():
     job_module.EXECUTORS["actor-pool"] = in_process
     yield
     job_module.EXECUTORS.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 1: a marker vouches for its fit's files, and is checked
+
+
+def test_a_fit_whose_files_are_gone_is_not_ok(ray_cluster, monkeypatch_module, monkeypatch, tmp_path):
+    """The library's items folder removed while a fit's files are uploaded: the item fails in one line and no
+    marker claims it; fitted again, it is ok. A LoRA file deleted by hand afterwards: a plain re-run trusts the
+    manifest, --recheck checks every file the marker vouches for and fits the image again."""
+    import shutil
+
+    folder = small_input(tmp_path / "in", n=1)
+    library = tmp_path / "lib"
+    job = JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), tracking=False, preview_steps=0)
+    upload = Store.upload_file
+
+    def upload_then_lose_the_library(store, local_path, *parts):
+        upload(store, local_path, *parts)
+        if parts[-1] == "style_lora_kohya.safetensors":  # the last file of a fit (sorted names)
+            shutil.rmtree(library / "items")
+
+    monkeypatch.setattr(Store, "upload_file", upload_then_lose_the_library)
+    report = run_job(job, progress=False)
+    assert report["failed"] == 1 and report["ok"] == 0, report
+    row = read_manifest(job.output).to_pylist()[0]
+    assert "lost the fit's files before its marker was written" in row["error"] and "is missing" in row["error"]
+    assert "\n" not in row["error"] and not list(library.glob("items/*/_SUCCESS"))
+    monkeypatch.setattr(Store, "upload_file", upload)
+    assert run_job(job, progress=False)["fits_this_run"] == 1
+
+    row = read_manifest(job.output).to_pylist()[0]
+    lora = Path(json.loads(row["files"])["content_lora.safetensors"]["uri"])
+    lora.unlink()
+    assert run_job(job, progress=False)["fits_this_run"] == 0  # the manifest is the index (documented)
+    again = run_job(dataclasses.replace(job, recheck=True), progress=False)
+    assert again["fits_this_run"] == 1 and again["ok"] == 1, again
+    check_artifacts(read_manifest(job.output).to_pylist()[0], lambda uri: Path(uri).read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 2 and 3: prompt cells are decoded as text; the library is never its own input
+
+
+def test_prompt_cells_are_decoded_never_read_as_str_of_bytes(tmp_path):
+    """pyarrow reads a CSV column holding one invalid UTF-8 cell as binary (and a Parquet column may be binary):
+    every cell is decoded, the one that is not text (or holds a NUL byte) fails its own image naming the row and
+    column, and an `image` cell that is not text refuses the table in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = small_input(tmp_path / "in", n=3)
+    (folder / "prompts.csv").write_bytes(b"image,content,style\nim0.png,sks a,ink\nim1.png,sks \xff b,ink\n"
+                                         b"im2.png,sks\x00c,ink\n")
+    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in read_inputs(str(folder)).items}
+    assert items["im0.png"]["content"] == "sks a" and not items["im0.png"]["prompt_error"]
+    assert "data row 2 (image im1.png): column content: not valid UTF-8 text (byte 0xff at offset 4" in \
+        items["im1.png"]["prompt_error"]
+    assert "data row 3 (image im2.png): column content: holds a NUL byte" in items["im2.png"]["prompt_error"]
+    (folder / "prompts.csv").unlink()
+    table = pa.table({"image": ["im0.png", "im1.png", "im2.png"], "content": pa.array([b"sks a", b"sks b", b"\xfe"]),
+                      "style": ["ink", "ink", "ink"], "steps": pa.array([b"3", b"4", b"5"])})
+    pq.write_table(table, folder / "prompts.parquet")
+    items = {i["source_uri"].rsplit("/", 1)[-1]: i for i in read_inputs(str(folder)).items}
+    assert (items["im1.png"]["content"], json.loads(items["im1.png"]["overrides"])) == ("sks b", {"steps": 4})
+    assert "column content: not valid UTF-8" in items["im2.png"]["prompt_error"]
+    pq.write_table(table.set_column(0, "image", pa.array([b"im0.png", b"im\xff.png", b"im2.png"])),
+                   folder / "prompts.parquet")
+    with pytest.raises(InputError, match=r"prompts.parquet, data row 2, column image: not valid UTF-8 text"):
+        read_inputs(str(folder))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_library_inside_the_input_is_never_input(where, tmp_path, s3):
+    """--output inside --input: the library's files (previews, plots) are skipped and counted, under any
+    spelling of either (a symlink locally); --output equal to --input is refused in one line."""
+    names = {"im0.png": png_bytes(1, 12, 12), "prompts.csv": b"image,content,style\nim0.png,sks a,ink\n",
+             "lib/items/" + "0" * 24 + "/preview_style.png": png_bytes(2, 12, 12), "lib/plot.png": b"x"}
+    if where == "local":
+        for name, data in names.items():
+            (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "in" / name).write_bytes(data)
+        (tmp_path / "link").symlink_to(tmp_path / "in")
+        root, library, options = str(tmp_path / "in"), str(tmp_path / "link" / "lib"), {}
+    else:
+        prefix = f"in-{time.time_ns()}"
+        for name, data in names.items():
+            s3.client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{name}", Body=data)
+        root, options = f"s3://{s3.bucket}/{prefix}", s3.storage_options
+        library = root + "/lib/"
+    inputs = read_inputs(root, storage_options=options, library=library)
+    assert [i["source_uri"].rsplit("/", 1)[-1] for i in inputs.items] == ["im0.png"]
+    assert inputs.library_files == 2 and inputs.ignored == []
+    with pytest.raises(InputError, match="is the --input folder itself"):
+        read_inputs(root, storage_options=options, library=root + "/")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 4: one line, not a traceback
+
+
+NUMERIC_FLAGS = [("decompose", "--workers", "0"), ("decompose", "--workers", "-1"),
+                 ("decompose", "--max-attempts", "0"), ("decompose", "--cpus-per-worker", "0"),
+                 ("decompose", "--preview-steps", "-5"), ("decompose", "--fits-per-worker", "0"),
+                 ("decompose", "--gpus-per-worker", "-1"), ("decompose", "--train-start-timeout", "0"),
+                 ("decompose", "--wait-for-library", "-1"), ("decompose", "--cpus-per-worker", "nan"),
+                 ("generate", "--steps", "0"), ("generate", "--num-images", "-2"), ("fit", "--threads", "0"),
+                 ("registry", "--limit", "0"), ("forget", "--wait-for-library", "-3"), ("bank", "--top", "0")]
+
+
+def test_every_numeric_flag_is_checked_before_anything_starts(tmp_path, capsys):
+    """A bad number is one line naming its flag, exit status 2, and nothing started: no library folder, no
+    lease, no MLflow store (the job checks its numbers before Ray, the lease and the parent run)."""
+    from jobs.cli import main
+
+    folder = small_input(tmp_path / "in", n=1)
+    (tmp_path / "lib").mkdir()
+    commands = {"decompose": ["decompose", "--input", str(folder), "--output", str(tmp_path / "out")],
+                "generate": ["generate", str(tmp_path / "fit"), "--out", str(tmp_path / "x.png")],
+                "fit": ["fit", str(folder / "im0.png"), "--content", "sks a", "--style", "ink", "--out",
+                        str(tmp_path / "fit")],
+                "registry": ["registry", "search", "ink", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                "forget": ["forget", str(tmp_path / "lib"), str(folder)],
+                "bank": ["bank", "search", str(tmp_path / "lib"), "ink"]}
+    for command, flag, value in NUMERIC_FLAGS:
+        assert main(commands[command] + [flag, value]) == 2, (flag, value)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be ") and ", got " in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "lib"] and not list((tmp_path / "lib").iterdir())
+
+
+def test_a_truncated_manifest_part_is_named_and_repaired(tmp_path, capsys):
+    """A manifest part cut in half: the job refuses in one line naming the part and `unziplora repair`, which
+    rebuilds it from sources/ (a row whose fit lost a file comes back failed, so the next run fits it again)."""
+    from benchmarks.control_plane import build_library
+    from jobs.cli import main
+    from pipeline.job import check_job_settings, pin_base_model, plan_items
+    from pipeline_fixtures import with_fit_files
+
+    inp, lib = tmp_path / "in", tmp_path / "lib"
+    job = build_library(str(inp), str(lib), 6)
+    with_fit_files(lib)
+    rows = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
+    lost = rows[str(inp / "img000002.png")]
+    (lib / "items" / lost["item_id"] / "style_lora.safetensors").unlink()
+    [part] = (lib / "manifest").iterdir()
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    for argv in (["decompose", "--input", str(inp), "--output", str(lib), "--no-tracking", "--quiet"],
+                 ["forget", str(lib), str(inp / "img000001.png")], ["bank", "build", str(lib)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"manifest part {part} cannot be read" in err and \
+            f"run `unziplora repair {lib}`" in err and "Traceback" not in err, err
+    assert main(["repair", str(lib), "--dry-run"]) == 0 and part.exists()
+    assert main(["repair", str(lib)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert (summary["unreadable_parts"], summary["rows_recovered"], summary["recovered_as_failed"]) == \
+        ([str(part)], 6, 1) and summary["repaired"], summary
+    assert not part.exists()
+    repaired = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
+    assert set(repaired) == set(rows) and repaired[lost["source_uri"]]["status"] == "failed"
+    assert "style_lora.safetensors is missing" in repaired[lost["source_uri"]]["error"]
+    assert all(r["status"] == "ok" and r["files"] == rows[u]["files"] for u, r in repaired.items() if r is not
+               repaired[lost["source_uri"]])
+    pinned = pin_base_model(job, check_job_settings(job.fit))
+    plan = plan_items(pinned, read_inputs(str(inp)).items, Store(str(lib)), repaired)
+    assert [i["source_uri"] for i in plan.to_fit] == [lost["source_uri"]] and plan.complete == 5
+
+
+def test_generate_names_each_base_and_the_lora_file_that_does_not_fit(tiny_base, sample_image, tmp_path, capsys):
+    """A content and a style LoRA of different base models: refused before any weights load, naming each base;
+    a LoRA file whose keys name no layer of the base, or whose factors have other widths: one line naming it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jobs.cli import main
+    from unziplora import FitConfig, fit
+
+    fit(sample_image, FitConfig(content="sks dog", style="ink", steps=3, rank=2), base=tiny_base,
+        out_dir=tmp_path / "a", progress=False)
+    for name in ("toy", "foreign", "wide"):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+    record = json.loads((tmp_path / "toy" / "fit.json").read_text())
+    (tmp_path / "toy" / "fit.json").write_text(json.dumps(record | {"base_model": "toy",
+                                                                    "base_model_fingerprint": "preset:toy"}))
+    save_file({"unet.foo.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "foreign" / "content_lora.safetensors")
+    tensors = load_file(tmp_path / "a" / "style_lora.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    save_file(tensors | {key: torch.zeros(2, tensors[key].shape[1] + 1)}, tmp_path / "wide" / "style_lora.safetensors")
+    run = ["--out", str(tmp_path / "x.png"), "--steps", "1", "--device", "cpu"]
+    cases = {("--content-from", "a", "--style-from", "toy"): [f"({tmp_path / 'a'}) was fitted on tiny (preset:tiny)",
+                                                                f"({tmp_path / 'toy'}) on toy (preset:toy)"],
+             ("--content-from", "foreign"): [f"{tmp_path / 'foreign' / 'content_lora.safetensors'}: not a LoRA of",
+                                             "1 of its 1 keys name no layer of it, e.g. 'unet.foo.lora_A.weight'"],
+             ("--style-from", "wide"): [f"{tmp_path / 'wide' / 'style_lora.safetensors'}: a LoRA of another base",
+                                        f"{key} has the shape [2, {tensors[key].shape[1] + 1}]"]}
+    for args, says in cases.items():
+        argv = ["generate"] + [a if a.startswith("--") else str(tmp_path / a) for a in args] + run
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(s in err for s in says), err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_tracking_store_vanishing_mid_job_is_one_line(ray_cluster, monkeypatch_module, monkeypatch, tmp_path, capfd):
+    """The library's SQLite MLflow store deleted after the job opened its parent run: every fit is ok, each
+    row says in one line that the store is gone (no worker makes a new empty one), the report says so, and no
+    SQLAlchemy traceback reaches the terminal."""
+    import pipeline.job
+
+    folder = small_input(tmp_path / "in", n=2)
+    library = tmp_path / "lib"
+    started = pipeline.job.start_job
+
+    def start_then_delete_the_store(*args, **kwargs):
+        job = started(*args, **kwargs)
+        (library / "mlflow.db").unlink()
+        return job
+
+    monkeypatch.setattr(pipeline.job, "start_job", start_then_delete_the_store)
+    report = run_job(JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), preview_steps=0),
+                     progress=True)
+    err = capfd.readouterr().err
+    assert report["ok"] == 2 and report["tracking_errors"] == 2, report
+    assert "Traceback" not in err and "[SQL:" not in err, err
+    assert not (library / "mlflow.db").exists()  # no empty store made in its place
+    for row in read_manifest(str(library)).to_pylist():
+        assert "\n" not in row["tracking_error"] and f"the MLflow store sqlite:///{library}/mlflow.db is gone" in \
+            row["tracking_error"], row["tracking_error"]
+    assert "is gone" in report["tracking"]["error"] and "\n" not in report["tracking"]["error"], report["tracking"]
+
+
+def test_a_full_library_disk_names_the_library_file(tmp_path, monkeypatch):
+    """The library's disk fills up while a fit's files are copied into it: shutil names the local scratch file
+    it was reading (sendfile's error carries the source first); the row names the library file instead."""
+    from pipeline.worker import FitWorker
+
+    folder = small_input(tmp_path / "in", n=1)
+    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), tracking=False,
+                  preview_steps=0, run_id="run-full")
+    worker = FitWorker(job, device="cpu")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", full)  # what copying a file onto a full local disk meets
+    row = worker.process(read_inputs(job.input).items[0])
+    assert row["status"] == "failed" and "No space left on device" in row["error"], row["error"]
+    assert f"could not write {tmp_path / 'lib' / 'items' / row['item_id']}/" in row["error"], row["error"]
+    assert tempfile.gettempdir() + "/unziplora-item-" not in row["error"] and "\n" not in row["error"]
+    assert not list((tmp_path / "lib").glob("items/*/_SUCCESS"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# round 3, 7: the job's MLflow run is closed on every exit path
+
+
+def test_the_parent_run_is_closed_on_every_exit_path(ray_cluster, monkeypatch_module, monkeypatch, tmp_path, capfd):
+    """An uncaught error: the job's run is FAILED (with the error); an interruption: KILLED; MLflow away at the
+    job's end: the run stays RUNNING, the job says so, and the next job (here one with nothing to fit) closes it
+    FINISHED with the stored report's metrics."""
+    from mlflow import MlflowClient
+
+    import pipeline.tracking
+    from pipeline import job as job_module
+
+    folder = small_input(tmp_path / "in", n=1)
+    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), preview_steps=0)
+    client = MlflowClient(f"sqlite:///{tmp_path}/lib/mlflow.db")
+
+    def job_runs() -> list:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(experiments, "tags.`unziplora.kind` = 'job'", order_by=["attributes.start_time"])
+
+    in_process = job_module.EXECUTORS["actor-pool"]
+    for exc, status in ((RuntimeError("a bug in the executor"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        def failing(job, items, progress=True, exc=exc):
+            raise exc
+
+        monkeypatch.setitem(job_module.EXECUTORS, "actor-pool", failing)
+        with pytest.raises(type(exc)):
+            run_job(job, progress=False)
+        run = job_runs()[-1]
+        assert run.info.status == status and type(exc).__name__ in run.data.tags["unziplora.error"], run
+    assert [r.info.status for r in job_runs()] == ["FAILED", "KILLED"]
+
+    monkeypatch.setitem(job_module.EXECUTORS, "actor-pool", in_process)
+    monkeypatch.setattr(pipeline.tracking, "SETUP_ATTEMPTS", 1)
+    end_job = pipeline.tracking.Tracker.end_job
+
+    def away(*args, **kwargs):
+        raise ConnectionError("the tracking server is away")
+
+    monkeypatch.setattr(pipeline.tracking.Tracker, "end_job", away)
+    ended = run_job(job, progress=True)
+    assert ended["ok"] == 1 and not ended["tracking"]["closed"] and "is away" in ended["tracking"]["error"]
+    assert "the job's MLflow run could not be closed (ConnectionError: the tracking server is away)" in \
+        capfd.readouterr().err
+    assert client.get_run(ended["tracking"]["parent_run_id"]).info.status == "RUNNING"
+    monkeypatch.setattr(pipeline.tracking.Tracker, "end_job", end_job)  # the server is back
+    noop = run_job(job, progress=False)
+    assert noop["fits_this_run"] == 0 and noop["tracking"]["parent_run_id"] is None
+    run = client.get_run(ended["tracking"]["parent_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["ok"] == 1 and run.data.metrics["exit_code"] == 0
+    assert len(job_runs()) == 3

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import FitConfig, read_settings_file, settings, value_type
+from .config import FitConfig, check_number, read_settings_file, settings, value_type
 from .errors import UnZipLoRAError
 from .redact import scrub
 
@@ -72,6 +72,7 @@ def add_commands(sub) -> None:
 def _fit(args) -> int:
     from .training import fit
 
+    check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
     if args.threads:
         import torch
 
@@ -107,13 +108,18 @@ def setting_values(args: argparse.Namespace, fields) -> dict:
 
 def _generate(args) -> int:
     from .export import load_fit
-    from .generate import generate
+    from .generate import check_same_base, generate
     from .models import load_base_model_for
 
+    check_number("--steps", args.steps, integer=True, minimum=1)
+    check_number("--num-images", args.num_images, integer=True, minimum=1)
+    check_number("--resolution", args.resolution, integer=True, minimum=1, optional=True)
+    check_number("--guidance", args.guidance, optional=True)
     content = load_fit(args.content_from or args.fit_dir) if (args.content_from or args.fit_dir) else None
     style = load_fit(args.style_from or args.fit_dir) if (args.style_from or args.fit_dir) else None
     if content is None and style is None:
         raise SystemExit("unziplora generate: give FIT_DIR, --content-from or --style-from")
+    check_same_base(content, style)  # before a base model is loaded
     first = content or style
     # the fit's own base model (a hub model at the commit it was fitted on), unless told otherwise
     overrides = {"spec": args.base_model, "revision": None, "variant": None, "config": None} if args.base_model else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import tomllib
 from dataclasses import MISSING, dataclass, field
@@ -297,3 +298,20 @@ def parse_value(f: dataclasses.Field, value):
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def check_number(name: str, value, *, integer: bool = False, minimum: float | None = None,
+                 above: float | None = None, optional: bool = False):
+    """A numeric option checked before anything starts: a finite number (an integer with `integer`), at least
+    `minimum`, more than `above`; else one line naming it (`--workers must be an integer >= 1, got 0`).
+    Returns the value. `optional`: None passes (the option's own default applies)."""
+    if value is None and optional:
+        return value
+    kind = "an integer" if integer else "a number"
+    bounds = ([f">= {minimum:g}"] if minimum is not None else []) + ([f"> {above:g}"] if above is not None else [])
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (not integer or isinstance(value, int)) and (minimum is None or value >= minimum) and \
+        (above is None or value > above)
+    if not ok:
+        raise InputError(f"{name} must be {kind}{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}")
+    return value

@@ -8,6 +8,8 @@ The content and the style may come from different fits (recombination). The base
 
 from __future__ import annotations
 
+import re
+
 import torch
 from PIL import Image
 
@@ -39,6 +41,10 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
         raise InputError("give a content fit, a style fit, or both")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    check_same_base(content, style)
+    for kind, fit in (("content", content), ("style", style)):
+        if fit is not None:
+            check_lora(fit.lora_file(kind), base)
     prompts = default_prompts(content, style)
     if content is not None and style is not None:
         prompt = prompt or prompts.combined
@@ -61,6 +67,55 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
         return pipe(prompt, **call).images
     finally:
         pipe.unload_lora_weights()
+
+
+def check_same_base(content: FitArtifacts | None, style: FitArtifacts | None) -> None:
+    """A content LoRA and a style LoRA recombined must come from fits of one base model: their fit.json's
+    fingerprints are compared before any weights load, and each base is named (else: a tensor-size error
+    deep inside the adapter)."""
+    if content is None or style is None:
+        return
+    prints = [fit.record.get("base_model_fingerprint") for fit in (content, style)]
+    if all(prints) and prints[0] != prints[1]:
+        raise InputError(f"the content LoRA ({content.path}) was fitted on {_base_of(content)} and the style LoRA "
+                         f"({style.path}) on {_base_of(style)}: recombine fits of one base model")
+
+
+def _base_of(fit: FitArtifacts) -> str:
+    return f"{fit.record.get('base_model') or fit.config.base_model} ({fit.record.get('base_model_fingerprint')})"
+
+
+LORA_KEY = re.compile(r"unet\.(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight")
+
+
+def check_lora(path, base: BaseModel) -> None:
+    """A diffusers-format LoRA file fits this base model's UNet: every key names one of its linear layers and
+    every factor has that layer's width; else one line naming the file (diffusers would raise a traceback
+    deep inside, or load nothing without a word). Reads the file's header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing") from None
+    except Exception as exc:  # safetensors' own error types differ between versions
+        raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    layers = dict(base.unet.named_modules())
+    foreign = []
+    for key, shape in sorted(shapes.items()):
+        match = LORA_KEY.fullmatch(key)
+        layer = layers.get(match["layer"]) if match else None
+        if not isinstance(layer, torch.nn.Linear):
+            foreign.append(key)
+            continue
+        width = layer.in_features if match["factor"] == "A" else layer.out_features
+        if len(shape) != 2 or shape[1 if match["factor"] == "A" else 0] != width:
+            raise InputError(f"{path}: a LoRA of another base model: {key} has the shape {shape}, which does not "
+                             f"fit the layer of {width} features in {base.name} ({base.fingerprint})")
+    if foreign or not shapes:
+        raise InputError(f"{path}: not a LoRA of {base.name}'s UNet ({base.fingerprint}): {len(foreign)} of its "
+                         f"{len(shapes)} keys name no layer of it" + (f", e.g. {foreign[0]!r}" if foreign else ""))
 
 
 def generate_each(base: BaseModel, fits: dict[str, FitArtifacts], prompts: dict[str, str | list[str]], *,
@@ -104,12 +159,16 @@ def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts) ->
     with torch.no_grad():
         for i, (kind, fit) in enumerate(zip(KINDS, (content, style))):
             state, mergers, masks = fit.lora_state_dict(kind), fit.mergers(), fit.masks()
-            for name, layer in adapter.named_layers():
-                r, cols = layer.rank, layer.columns()
-                layer.lora_A[i * r:(i + 1) * r] = state[f"{name}.lora_A.weight"]
-                layer.lora_B[:, i] = state[f"{name}.lora_B.weight"]
-                adapter.gates.mergers[i, cols] = mergers[f"{name}.{kind}"]
-                adapter.gates.masks[i, cols] = masks[f"{name}.{kind}"]
+            try:
+                for name, layer in adapter.named_layers():
+                    r, cols = layer.rank, layer.columns()
+                    layer.lora_A[i * r:(i + 1) * r] = state[f"{name}.lora_A.weight"]
+                    layer.lora_B[:, i] = state[f"{name}.lora_B.weight"]
+                    adapter.gates.mergers[i, cols] = mergers[f"{name}.{kind}"]
+                    adapter.gates.masks[i, cols] = masks[f"{name}.{kind}"]
+            except (KeyError, RuntimeError) as exc:  # another role table or model: name the fit, not a line of ours
+                raise InputError(f"{fit.path}: its {kind} LoRA, mergers or masks do not fit the adapter on "
+                                 f"{base.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return adapter
 
 
