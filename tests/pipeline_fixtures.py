@@ -91,14 +91,6 @@ def make_dataset(valid: int = 8, corrupt: bool = True, no_prompt: bool = True, d
     return Dataset(files=files, expected=expected, steps=steps, duplicate_of=duplicate_of, no_prompt=name)
 
 
-def with_fit_files(library) -> None:
-    """A synthetic library's fits (benchmarks/control_plane.build_library writes their markers alone) as files of
-    the sizes their markers vouch for."""
-    for marker in library.glob("items/*/_SUCCESS"):
-        for name, info in json.loads(json.loads(marker.read_text())["files"]).items():
-            (marker.parent / name).write_bytes(b"\0" * info["bytes"])
-
-
 def write_local(dataset: Dataset, folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in dataset.files.items():

@@ -13,13 +13,12 @@ import pytest
 import pipeline.identify
 import pipeline.job
 import pipeline.manifest
-from benchmarks.control_plane import FIT, build_library, image_bytes
+from benchmarks.control_plane import FIT, SYNTHETIC_FILE_BYTES, build_library, image_bytes
 from pipeline.job import plan_items, run_job
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.source import read_inputs
 from pipeline.spec import JobSpec
 from pipeline.storage import Store
-from pipeline_fixtures import with_fit_files
 
 
 def _pinned(job: JobSpec) -> JobSpec:
@@ -73,7 +72,6 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     truncated - until --recheck reads everything and checks every file a marker vouches for."""
     inp, lib = tmp_path / "in", tmp_path / "lib"
     build_library(str(inp), str(lib), 12)
-    with_fit_files(lib)
     (inp / "img000003.png").write_bytes(image_bytes(1003))  # changed bytes
     (inp / "new.png").write_bytes(image_bytes(2000))
     with open(inp / "prompts.csv", "a") as f:
@@ -105,7 +103,7 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     assert len(reads["images"]) == 13 and rechecked.complete == 8 and not rechecked.unchanged
     assert sorted(rechecked.refit) == sorted([deleted.name, truncated.name])
     assert "content_lora.safetensors is missing" in rechecked.refit[deleted.name]
-    assert "has 10 bytes, not the 1000 its marker vouches for" in rechecked.refit[truncated.name]
+    assert f"has 10 bytes, not the {SYNTHETIC_FILE_BYTES} its marker vouches for" in rechecked.refit[truncated.name]
     # a marker that no longer holds is removed: no later run, with or without --recheck, trusts it
     assert not (deleted / "_SUCCESS").exists() and not (truncated / "_SUCCESS").exists()
     assert (lib / "items" / rows[str(inp / "img000004.png")]["item_id"] / "_SUCCESS").exists()

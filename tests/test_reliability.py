@@ -671,11 +671,9 @@ def test_a_truncated_manifest_part_is_named_and_repaired(tmp_path, capsys):
     from benchmarks.control_plane import build_library
     from jobs.cli import main
     from pipeline.job import check_job_settings, pin_base_model, plan_items
-    from pipeline_fixtures import with_fit_files
-
+    
     inp, lib = tmp_path / "in", tmp_path / "lib"
     job = build_library(str(inp), str(lib), 6)
-    with_fit_files(lib)
     rows = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
     lost = rows[str(inp / "img000002.png")]
     (lib / "items" / lost["item_id"] / "style_lora.safetensors").unlink()
