@@ -377,7 +377,7 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, help="default: the base model's (2.5 for toy)")
+    p.add_argument("--guidance", type=float, help="default: the base model's (2.0 for toy)")
     p.add_argument("--negative-prompt", help="default: none, as diffusers' pipe(prompt) draws (SDXL zeroes the "
                    "unconditional embedding); '' encodes an empty prompt instead")
     p.add_argument("--methods", default="all", help="comma-separated: 'all' (the methods), 'ablations', "

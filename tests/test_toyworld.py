@@ -8,11 +8,11 @@ import torch
 
 from toyworld import world
 
-# The committed toy model, 36 prompts, seed 0, DDIM 20 steps, its guidance 2.5: shape 0.92, style 0.94 measured
-# (chance 0.17; the stage-3 model before it: 0.56 / 0.64). A margin of 5 prompts below that, so float noise
+# The committed toy model (stage 6), 36 prompts, seed 0, DDIM 20 steps, its guidance 2.0: shape 0.89, style 0.92
+# measured (chance 0.17; the stage-3 model: 0.56 / 0.64). A margin of 5 prompts below that, so float noise
 # across machines passes and a worse model does not.
-TOY_SHAPE_THRESHOLD = 0.78
-TOY_STYLE_THRESHOLD = 0.80
+TOY_SHAPE_THRESHOLD = 0.75
+TOY_STYLE_THRESHOLD = 0.78
 
 
 def _factors(shape="circle", style="flat", **over):
@@ -250,7 +250,7 @@ def test_committed_toy_model_is_small_and_self_describing(toy_base):
         assert (folder / "training" / stage / "settings.json").is_file()
         assert (folder / "training" / stage / "loss.csv").is_file()
     assert toy_base.name == "toy" and toy_base.role_table == "toy" and toy_base.default_resolution == world.RESOLUTION
-    assert toy_base.guidance == 2.5  # its measured best; samples (generate, previews, benchmark) default to it
+    assert toy_base.guidance == 2.0  # its measured best; samples (generate, previews, benchmark) default to it
 
 
 def test_judges_read_what_the_toy_vae_decodes(toy_base):

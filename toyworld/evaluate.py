@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     p.add_argument("model")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, help="default: the model's (2.5 for toy)")
+    p.add_argument("--guidance", type=float, help="default: the model's (2.0 for toy)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     p.add_argument("--probe", action="store_true")
     p.add_argument("--prompt-gap", action="store_true", help="only the right-vs-wrong-prompt loss gap (fast)")

@@ -60,7 +60,7 @@ def add_commands(sub) -> None:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--steps", type=int, default=50, help="sampling steps (50)")
     g.add_argument("--guidance", type=float,
-                   help="classifier-free guidance (default: the base model's; 5.0 for SDXL, 2.5 for toy)")
+                   help="classifier-free guidance (default: the base model's; 5.0 for SDXL, 2.0 for toy)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resolution", type=int, help="default: the fit's training resolution")
     g.add_argument("--base-model", help="default: the fit's base model")

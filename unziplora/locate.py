@@ -44,7 +44,7 @@ class Packaged(NamedTuple):
 
 
 # toy: the guidance its samples are judged best at (the sweep is in docs/toy-world.md)
-PACKAGED = {"toy": Packaged("toyworld", "weights/toy-sdxl", "toy", guidance=2.5,
+PACKAGED = {"toy": Packaged("toyworld", "weights/toy-sdxl", "toy", guidance=2.0,
                             preview_subjects=("circle", "square", "triangle", "star", "cross", "heart"),
                             preview_styles=("flat", "striped", "dotted", "outlined", "checkered", "noisy watercolor"))}
 

@@ -48,15 +48,11 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         (r"mid_block\.attentions\.0\.", "shared"),
         (r"down_blocks\.[12]\.attentions\.\d+\.", "shared"),
     ],
-    # The toy world's mini-SDXL (toyworld/weights/toy-sdxl), measured by `python -m toyworld.evaluate ... --probe`
-    # (share of 72 images taking the shape / the style of a prompt fed to that block alone; 0.02 = no effect):
-    # down_blocks.1 0.02 / 0.05, down_blocks.2 0.27 / 0.02, mid 0.29 / 0.03, up_blocks.0.attentions.0 0.08 / 0.56,
-    # up_blocks.0.attentions.1 0.02 / 0.18, up_blocks.1.attentions.0 0.02 / 0.02, up_blocks.1.attentions.1
-    # 0.02 / 0.02. Unlike SDXL, content sits in the lowest-resolution blocks here. The highest-resolution output
-    # blocks (up_blocks.1) take no prompt, but their self-attention draws the fine texture that IS the style (dots,
-    # stripes): as in SDXL's table they are the style LoRA's. Measured (benchmarks/disentangle.py, 8 images x 2
-    # seeds): with them shared, as the probe alone suggests ("toy-probe"), the style LoRA carried its style to
-    # other shapes 46 % of the time; with them the style LoRA's, 66 %, recombination 56 -> 94 %.
+    # The toy world's mini-SDXL (toyworld/weights/toy-sdxl), from its block probe (`python -m toyworld.evaluate
+    # toy --probe`; figures in docs/toy-world.md). Unlike SDXL, content sits in the lowest-resolution blocks here.
+    # The highest-resolution output blocks (up_blocks.1) take nothing from the prompt, but their self-attention
+    # draws the fine texture that IS the style (dots, stripes): as in SDXL's table they are the style LoRA's
+    # ("toy-probe", the probe's own suggestion, leaves them shared; the benchmark's probe-table row compares).
     "toy": [
         (r"down_blocks\.1\.attentions\.0\.", "shared"),
         (r"down_blocks\.2\.attentions\.0\.", "content"),
