@@ -84,6 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "auto (the toy world's judges on the toy model, else none) | none | toy | clip:/local/dir | "
                    "tiny[:seed] | package.module:factory (an image embedder: cosine similarity to the source, or "
                    "a scorer)")
+    q = p.add_argument_group("quality control (each image's split checked: pipeline/gate.py)")
+    q.add_argument("--candidates", type=int, default=1, metavar="N",
+                   help="fit each image with N seeds together, score each candidate with --scorer on its own "
+                   "preview panels, keep the best (default 1: no gate)")
+    q.add_argument("--max-candidates", type=int, default=0, metavar="M",
+                   help="while an image's best split score is below --min-split-score, fit N more, up to M in all")
+    q.add_argument("--min-split-score", type=float, default=0.0, metavar="S",
+                   help="the split score (mean of content kept, style carried, 1 - each leak; 0-1) a fit must "
+                   "reach; one that never does is kept as the best found, with gate_passed false")
     p.add_argument("--config", help="YAML or TOML file of fit settings for every image; flags win")
     add_setting_flags(p, JOB_SETTINGS, "fit settings for every image (per-item ones also as prompt-table "
                       "columns, which win)")
@@ -105,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
                   preview_subjects=args.preview_subjects, preview_styles=args.preview_styles, scorer=args.scorer,
                   adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
-                  recheck=args.recheck, max_failed_fraction=args.max_failed_fraction)
+                  recheck=args.recheck, max_failed_fraction=args.max_failed_fraction, candidates=args.candidates,
+                  max_candidates=args.max_candidates, min_split_score=args.min_split_score)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:

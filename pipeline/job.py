@@ -37,6 +37,9 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     scorer = scorer_spec(job.scorer, settings.base_model) if job.preview_steps > 0 else None
     if scorer:
         load_scorer(scorer)  # a scorer that cannot load refuses the job here, not in every worker
+    elif job.gate.active:
+        raise InputError(f"--candidates {job.gate.limit} needs a scorer to choose among them (--scorer; on "
+                         f"{settings.base_model} 'auto' has none) and --preview-steps above 0")
     job = pin_base_model(job, settings)
     reap_orphans()  # what a killed local job left running on this machine
     store = library_store(job.output, job.storage_options)

@@ -17,7 +17,7 @@ Layout under the job's --output:
 
 Schema version 5 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
 fingerprint and the mlflow.diffusers model URIs, version 4 the source's listing stamp, version 5 the quality
-scores; older parts still read).
+scores, version 6 the quality gate's columns; older parts still read).
 Rows go into hash buckets of about ROWS_PER_PART rows by source URL, one part file each
 (`part-<bucket>of<buckets>-<run>.parquet`); a run rewrites only the buckets whose rows changed. Item ids are sha256(image bytes) + sha256(settings and the base model's
 fingerprint) mixed: the same image with the same settings on the same weights is the same item, whatever its
@@ -42,7 +42,7 @@ from unziplora.redact import scrub
 
 from .storage import Store, url_key
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 ROWS_PER_PART = 10_000
 STATUSES = ("ok", "failed", "skipped")
 
@@ -94,6 +94,12 @@ SCHEMA = pa.schema([
     ("score_style", pa.float64()),
     ("score_content_style_leak", pa.float64()),
     ("score_style_shape_leak", pa.float64()),
+    # quality control (pipeline/gate.py; null: no gate): candidates fitted, each one's seed and scores (JSON
+    # list), the kept one's split score, and whether it reached --min-split-score
+    ("candidates", pa.int32()),
+    ("candidate_scores", pa.string()),
+    ("split_score", pa.float64()),
+    ("gate_passed", pa.bool_()),
 ])
 FIELDS = SCHEMA.names
 
@@ -128,7 +134,15 @@ def ok_row(item: dict, known: dict, result, files: dict, **fields) -> dict:
         "train_s": record["timings"]["train_s"], "total_s": record["timings"]["total_s"],
         "base_model": record["base_model"], "base_model_fingerprint": record["base_model_fingerprint"],
         "finished_at": utc_now(),
-    } | fields
+    } | gate_columns(record.get("gate")) | fields
+
+
+def gate_columns(gate: dict | None) -> dict:
+    """The quality gate's columns of a fit that went through it (fit.json's "gate")."""
+    if not gate:
+        return {}
+    return {"candidates": len(gate["candidates"]), "candidate_scores": json.dumps(gate["candidates"]),
+            "split_score": gate["split_score"], "gate_passed": gate["passed"]}
 
 
 def scrubbed(row: dict) -> dict:

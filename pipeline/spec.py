@@ -8,6 +8,40 @@ from dataclasses import dataclass, field
 EXECUTORS = ("actor-pool", "train")
 
 
+@dataclass(frozen=True)
+class Gate:
+    """Quality control (pipeline/gate.py): how many candidate fits of each image, and when a split is good enough."""
+
+    candidates: int = 1  # fitted together for each image first
+    max_candidates: int = 0  # at most this many in all (0: `candidates`)
+    min_split_score: float = 0.0  # below it, more candidates (up to max_candidates); the best found is kept
+
+    @property
+    def active(self) -> bool:
+        return self.limit > 1
+
+    @property
+    def limit(self) -> int:
+        return max(self.candidates, self.max_candidates)
+
+    def check(self) -> None:
+        from unziplora.config import check_number
+        from unziplora.errors import InputError
+
+        check_number("--candidates", self.candidates, integer=True, minimum=1)
+        check_number("--max-candidates", self.max_candidates, integer=True, minimum=0)
+        check_number("--min-split-score", self.min_split_score, minimum=0)
+        if self.min_split_score > 1:
+            raise InputError(f"--min-split-score is a score in [0, 1], got {self.min_split_score!r}")
+        if self.max_candidates and self.max_candidates < self.candidates:
+            raise InputError(f"--max-candidates ({self.max_candidates}) is below --candidates ({self.candidates})")
+
+    def identity(self) -> dict:
+        """What an item id hashes of the gate: another gate chooses another fit. (No gate: nothing, so ungated
+        libraries keep their ids.)"""
+        return dataclasses.asdict(self) if self.active else {}
+
+
 @dataclass
 class JobSpec:
     """Everything a worker needs; plain data so Ray can ship it to every worker."""
@@ -44,6 +78,10 @@ class JobSpec:
     preview_subjects: list[str] = field(default_factory=list)  # style previews draw these (default: the model's)
     preview_styles: list[str] = field(default_factory=list)  # content previews draw in these
     scorer: str = "auto"  # quality scores from the previews (pipeline/scoring.py): auto | none | a spec
+    # quality control (pipeline/gate.py): candidate fits of each image, scored by `scorer`, the best kept
+    candidates: int = 1
+    max_candidates: int = 0
+    min_split_score: float = 0.0
     # reuse fits a library made before item ids held the base model's fingerprint (manifest schema < 3): the
     # user vouches that they were made with these same weights
     adopt_legacy: bool = False
@@ -66,6 +104,10 @@ class JobSpec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.candidates, self.max_candidates, self.min_split_score)
+
     def check(self) -> None:
         """Every setting of the job that is a number or a choice, refused in one line naming its flag before
         anything starts (Ray, the library's lease, an MLflow run): a bad value never costs a cluster."""
@@ -78,6 +120,7 @@ class JobSpec:
             check_number(flag, getattr(self, name), **rule)
         if self.max_failed_fraction > 1:
             raise InputError(f"--max-failed-fraction must be at most 1, got {self.max_failed_fraction!r}")
+        self.gate.check()
 
 
 # the job's numbers: (field, flag, check_number's rule)

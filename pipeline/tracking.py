@@ -311,6 +311,8 @@ class Tracker:
                 "job_run_id": row.get("run_id"), "error": scrub(row.get("error") or "")[:4000],
                 "library_uri": redact(self.output), "library_key": self.library_key}
         tags |= {k: redact(row.get(k)) for k in ("source_uri", "output_uri", "content_lora_uri", "style_lora_uri")}
+        if row.get("gate_passed") is not None:  # went through the quality gate (pipeline/gate.py)
+            tags |= {"gate_passed": str(row["gate_passed"]).lower(), "candidates": str(row["candidates"])}
         tags = {TAG + k: v for k, v in tags.items() if v}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -373,6 +375,8 @@ class Tracker:
                         "library_key": self.library_key, "base_model": row["base_model"], "base_model_fingerprint": row.get("base_model_fingerprint"),
                         "rank": str(row["rank"]), "steps": str(row["steps"])}
                 tags |= {f"score_{name}": row.get(f"score_{name}") for name in SCORES}  # None: not scored
+                tags |= {"gate_passed": None if row.get("gate_passed") is None else str(row["gate_passed"]).lower(),
+                         "split_score": row.get("split_score")}
                 if f"preview_{kind}.png" in files:
                     tags["preview_uri"] = redact(files[f"preview_{kind}.png"]["uri"])
                 description = (f"{kind} LoRA ({tags['lora_file']}) of {tags['source_uri']}: content "
@@ -456,6 +460,12 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
         out |= {f"final_mask.{role}.{k}": stats[k] for k in ("content", "style", "overlap")}
     out["attempts"] = row.get("attempts") or 0
     out |= {f"score.{name}": row.get(f"score_{name}") for name in SCORES}  # pipeline/scoring.py
+    gate = record.get("gate") or {}  # pipeline/gate.py: the kept candidate's split score, and every candidate's
+    out["split_score"] = gate.get("split_score")
+    for candidate in gate.get("candidates", []):
+        prefix = f"candidate.seed_{candidate['seed']}"
+        out[f"{prefix}.split_score"] = candidate.get("split_score")
+        out |= {f"{prefix}.{name}": value for name, value in (candidate.get("scores") or {}).items()}
     return {k: v for k, v in out.items() if v is not None}
 
 

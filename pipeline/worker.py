@@ -32,6 +32,7 @@ from unziplora.models import load_base_model_for
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
 from .manifest import (LibraryChangedError, crashes, end_attempt, failed_row, marker_problems, ok_row,
                        past_attempts, scrubbed, source_key, start_attempt)
+from .gate import fit_gated
 from .previews import write_previews
 from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
@@ -169,8 +170,16 @@ class FitWorker:
         with contextlib.ExitStack() as stack:
             folders = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-")))
                        for _ in group]
-            results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
-                               out_dirs=[folder / "fit" for folder in folders], progress=False)
+            out_dirs = [folder / "fit" for folder in folders]
+            if self.job.gate.active:  # candidates per image, the best kept (pipeline/gate.py)
+                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-candidates-")))
+                results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
+                                    gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,
+                                    steps=self.job.preview_steps, subjects=self.job.preview_subjects,
+                                    styles=self.job.preview_styles)
+            else:
+                results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
+                                   out_dirs=out_dirs, progress=False)
             rows = []
             for r, result in zip(group, results):
                 try:

@@ -1,0 +1,119 @@
+"""Quality control: several candidate fits of one image, each scored on what its LoRAs do alone; the best is kept.
+
+The fit seed alone moves a split from good to useless, so with `--candidates N` each image is fitted with N
+seeds (the item's own seed, then the next ones), trained together in one multi-fit pass. Each candidate draws
+the gate's own preview panels (its own sampling seed and prompts, never the benchmark's or the stored
+previews') and the job's scorer (pipeline/scoring.py) scores them. The split score is the mean of what the
+scorer gives of: content kept by the content LoRA alone, style carried by the style LoRA alone, one minus
+each leak. While an image's best is below `--min-split-score` and fewer than `--max-candidates` were tried,
+N more are fitted. The best scored candidate becomes the item's fit; one that never passes is kept as the
+best found and marked (`gate_passed` false). A candidate that could not be scored is never the item's fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unziplora import FitConfig, fit_many, load_fit
+from unziplora.errors import InputError, UnZipLoRAError
+from unziplora.generate import generate_each
+
+from .previews import preview_prompts
+from .scoring import checked
+from .spec import Gate
+
+GATE_SEED = 1_000_003  # the gate's sampling seed: previews draw with 0, the benchmark with 0 too
+GATE_PANELS = 4  # subjects (styles) each candidate is judged on
+LEAKS = ("content_style_leak", "style_shape_leak")
+
+
+def split_score(scores: dict) -> float | None:
+    """The mean of content, style and one minus each leak, of those the scorer gives (None: none)."""
+    parts = [scores[k] for k in ("content", "style") if k in scores] + [1 - scores[k] for k in LEAKS if k in scores]
+    return float(np.mean(parts)) if parts else None
+
+
+def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate, scorer, out_dirs: list[Path],
+              workdir: Path, steps: int, subjects=None, styles=None, progress: bool = False) -> list:
+    """Per image, the chosen candidate's FitResult (its files in `out_dirs[i]`, its fit.json's "gate" saying what
+    was tried) or the exception that failed every candidate. Candidates are fitted in `workdir`."""
+    if scorer is None:
+        raise InputError("--candidates needs a scorer (--scorer) to choose among them")
+    tried: list[list[dict]] = [[] for _ in images]  # per image: {"seed", "split_score", "scores"} or {"seed", "error"}
+    results: dict[tuple[int, int], object] = {}
+    while True:
+        wanted = [(i, configs[i].seed + len(tried[i]) + j) for i in range(len(images))
+                  for j in range(_more(gate, tried[i]))]
+        if not wanted:
+            break
+        dirs = [workdir / f"{i}-seed-{seed}" for i, seed in wanted]
+        fitted = fit_many([io.BytesIO(images[i]) for i, _ in wanted],
+                          [dataclasses.replace(configs[i], seed=seed) for i, seed in wanted],
+                          base=base, out_dirs=dirs, progress=progress)
+        for (i, seed), folder, result in zip(wanted, dirs, fitted):
+            results[i, seed] = result
+            tried[i].append({"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles))
+    return [_choose(i, tried[i], results, gate, out_dirs[i], scorer) for i in range(len(images))]
+
+
+def _more(gate: Gate, tried: list[dict]) -> int:
+    """How many candidates to fit next for an image (0: its choice is made)."""
+    if not tried:
+        return gate.candidates
+    best = max((t["split_score"] for t in tried if t.get("split_score") is not None), default=None)
+    if best is not None and best >= gate.min_split_score:
+        return 0
+    return min(gate.candidates, gate.limit - len(tried))
+
+
+def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subjects, styles) -> dict:
+    """A candidate's scores from the gate's own panels, or why it has none."""
+    if isinstance(result, Exception):
+        return {"error": _one_line(result)}
+    try:
+        fit = load_fit(folder)
+        prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles,
+                                  panels=GATE_PANELS)
+        kinds = [kind for kind in ("content", "style") if prompts[kind]]
+        panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED)
+        source = Image.open(io.BytesIO(image)).convert("RGB")
+        scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
+    except Exception as exc:  # a candidate that cannot be scored is not chosen; its mates still can be
+        return {"error": f"not scored: {_one_line(exc)}"}
+    score = split_score(scores)
+    return {"split_score": score, "scores": scores} if score is not None else {"error": "the scorer gave no score"}
+
+
+def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path, scorer):
+    scored = [t for t in tried if t.get("split_score") is not None]
+    if not scored:
+        fitted = [results[i, t["seed"]] for t in tried if not isinstance(results[i, t["seed"]], Exception)]
+        if not fitted:
+            return results[i, tried[0]["seed"]]  # every candidate failed: the first one's error is the item's
+        return GateError(f"none of its {len(tried)} candidate fits could be scored ({tried[0]['error']}); "
+                         "no unscored fit is recorded")
+    best = max(scored, key=lambda t: t["split_score"])  # first of equals: the lowest seed
+    result = results[i, best["seed"]]
+    shutil.move(result.out_dir, out_dir)
+    result.out_dir = Path(out_dir)
+    result.record["gate"] = {"scorer": scorer.name, "chosen_seed": best["seed"], "split_score": best["split_score"],
+                             "passed": best["split_score"] >= gate.min_split_score,
+                             "min_split_score": gate.min_split_score, "candidates": tried}
+    record_file = result.out_dir / "fit.json"
+    record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"gate": result.record["gate"]}, indent=2))
+    return result
+
+
+class GateError(UnZipLoRAError):
+    """No candidate of an image could be scored."""
+
+
+def _one_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -1,0 +1,149 @@
+"""Issue 29: quality control. Several candidate fits of each image, each scored on the gate's own panels, the
+best kept; more candidates while the best is below the bar; the choice recorded in fit.json, the row, MLflow."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.gate import GATE_SEED, GateError, fit_gated, split_score
+from pipeline.identify import identify
+from pipeline.job import run_job
+from pipeline.previews import SEED as PREVIEW_SEED
+from pipeline.spec import Gate, JobSpec
+from toyworld import world
+from unziplora import FitConfig, load_fit
+from unziplora.errors import InputError
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def toy_png(shape: str, style: str, seed: int = 0) -> bytes:
+    rendered, _ = world.render(world.sample_factors(np.random.default_rng(seed), shape, style))
+    return png(world.to_pil(world.to_tensor(rendered)))
+
+
+class QueueScorer:
+    """Gives the split scores it is handed, one per candidate, in the order they are judged."""
+
+    name = "queue"
+
+    def __init__(self, splits):
+        self.splits, self.calls = list(splits), []
+
+    def score(self, source, content, style):
+        self.calls.append((len(content), len(style)))
+        s = self.splits.pop(0)
+        if s is None:
+            raise RuntimeError("scorer down")
+        return {"content": s, "style": s}
+
+
+def test_split_score_and_the_gates_settings():
+    assert split_score({"content": 1.0, "style": 0.5, "content_style_leak": 0.5, "style_shape_leak": 0.0}) == 0.75
+    assert split_score({"content": 0.2}) == pytest.approx(0.2) and split_score({}) is None
+    assert not Gate().active and Gate(candidates=3).active and Gate(max_candidates=2).active
+    assert Gate().identity() == {} and Gate(3, 5, 0.8).identity() == {"candidates": 3, "max_candidates": 5,
+                                                                    "min_split_score": 0.8}
+    assert GATE_SEED != PREVIEW_SEED  # the gate never judges on the panels users see (or the benchmark draws)
+    for bad, message in [(dict(candidates=0), "--candidates"), (dict(candidates=2.5), "--candidates"),
+                         (dict(max_candidates=-1), "--max-candidates"), (dict(min_split_score=1.5), "score in"),
+                         (dict(candidates=3, max_candidates=2), "below --candidates")]:
+        with pytest.raises(InputError, match=message):
+            JobSpec(input="in", output="out", **bad).check()
+
+
+def test_a_gated_item_has_its_own_id_and_an_ungated_one_keeps_its_id(tmp_path):
+    (tmp_path / "a.png").write_bytes(toy_png("star", "dotted"))
+    item = {"source_uri": str(tmp_path / "a.png"), "content": "sks star", "style": "dotted"}
+    plain = JobSpec(input=str(tmp_path), output=str(tmp_path / "lib"), fit={"steps": 3})
+    ids = {identify(item, plain)[0]["item_id"], identify(item, JobSpec(**plain.to_dict() | {"candidates": 1}))[0]["item_id"]}
+    assert len(ids) == 1  # --candidates 1 is no gate: the library's ids stay
+    gated = identify(item, JobSpec(**plain.to_dict() | {"candidates": 3}))[0]["item_id"]
+    stricter = identify(item, JobSpec(**plain.to_dict() | {"candidates": 3, "min_split_score": 0.9}))[0]["item_id"]
+    assert len(ids | {gated, stricter}) == 3
+
+
+def test_a_job_with_candidates_and_no_scorer_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted"))
+    for settings in ({"scorer": "none"}, {"preview_steps": 0}):
+        job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit={"steps": 3}, tracking=False,
+                      candidates=2, **settings)
+        with pytest.raises(InputError, match="needs a scorer"):
+            run_job(job, progress=False)
+    assert not (tmp_path / "lib").exists()
+
+
+FAST = dict(base_model="tiny", steps=3, rank=4, recalibrations=1)
+
+
+def test_the_best_candidate_is_kept_and_more_are_fitted_below_the_bar(tiny_base, tmp_path):
+    images = [toy_png("star", "dotted"), toy_png("heart", "flat", seed=1)]
+    configs = [FitConfig(content="sks star", style="dotted", seed=10, **FAST),
+               FitConfig(content="sks heart", style="flat", seed=20, **FAST)]
+    # round 1 (2 each): image 0 gets 0.2, 0.6 (below 0.7: 2 more), image 1 gets 0.9 and an unscorable one;
+    # round 2: image 0 gets 0.5 and 0.55, and stops at 4 (the limit) without passing
+    scorer = QueueScorer([0.2, 0.6, 0.9, None, 0.5, 0.55])
+    out = [tmp_path / "fit-0", tmp_path / "fit-1"]
+    results = fit_gated(images, configs, base=tiny_base, gate=Gate(2, 4, 0.7), scorer=scorer, out_dirs=out,
+                        workdir=tmp_path / "work", steps=1)
+    assert scorer.splits == [] and all(c == (4, 4) for c in scorer.calls)  # GATE_PANELS of each LoRA
+    first, second = results
+    assert first.out_dir == out[0] and first.config.seed == 11  # the 0.6 one: seed 10 + 1
+    gate = load_fit(out[0]).record["gate"]
+    assert [c["seed"] for c in gate["candidates"]] == [10, 11, 12, 13]
+    assert [c["split_score"] for c in gate["candidates"]] == [0.2, 0.6, 0.5, 0.55]
+    assert gate["chosen_seed"] == 11 and gate["split_score"] == 0.6 and gate["passed"] is False
+    assert gate["scorer"] == "queue" and gate["min_split_score"] == 0.7
+    assert load_fit(out[0]).config.seed == 11  # the kept files are that candidate's
+    gate = load_fit(out[1]).record["gate"]
+    assert gate["passed"] is True and gate["chosen_seed"] == 20
+    assert [c.get("split_score") for c in gate["candidates"]] == [0.9, None]
+    assert "not scored: scorer down" in gate["candidates"][1]["error"]
+    assert second.record["gate"] == gate
+
+
+def test_an_image_whose_candidates_cannot_be_scored_fails_rather_than_keep_an_unscored_fit(tiny_base, tmp_path):
+    config = FitConfig(content="sks star", style="dotted", **FAST)
+    [result] = fit_gated([toy_png("star", "dotted")], [config], base=tiny_base, gate=Gate(2), out_dirs=[tmp_path / "fit"],
+                         scorer=QueueScorer([None, None]), workdir=tmp_path / "work", steps=1)
+    assert isinstance(result, GateError) and "none of its 2 candidate fits could be scored" in str(result)
+    assert not (tmp_path / "fit").exists()
+    [failed] = fit_gated([b"not an image"], [config], base=tiny_base, gate=Gate(2), out_dirs=[tmp_path / "x"],
+                         scorer=QueueScorer([]), workdir=tmp_path / "work2", steps=1)
+    assert isinstance(failed, Exception) and "none of its" not in str(failed)  # the fit's own error
+
+
+def test_a_job_through_the_gate_records_every_candidate(tmp_path):
+    """The worker path on `toy` with its judges: the row, the marker and fit.json say what was tried."""
+    from pipeline.source import read_inputs
+    from pipeline.worker import FitWorker
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted", seed=3))
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks star",
+                  default_style="dotted", fit={"base_model": "toy", "steps": 6, "rank": 4, "recalibrations": 2}, tracking=False,
+                  preview_steps=1, candidates=2, run_id="run-gate")
+    worker = FitWorker(job, device="cpu")
+    row = worker.process(read_inputs(job.input, default_content="sks star", default_style="dotted").items[0])
+    assert row["status"] == "ok", row.get("error")
+    tried = json.loads(row["candidate_scores"])
+    assert row["candidates"] == 2 == len(tried) and [t["seed"] for t in tried] == [0, 1]
+    best = max(t["split_score"] for t in tried)
+    assert row["split_score"] == best and row["gate_passed"] is True  # no bar: the best passes
+    assert set(tried[0]["scores"]) == {"content", "style", "content_style_leak", "style_shape_leak"}
+    marker = json.loads((tmp_path / "lib" / "items" / row["item_id"] / "_SUCCESS").read_text())
+    assert marker["candidate_scores"] == row["candidate_scores"] and marker["seed"] in (0, 1)
+    fit_record = json.loads((tmp_path / "lib" / "items" / row["item_id"] / "fit.json").read_text())
+    assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
+    # the stored previews are still the users' (preview seed), besides the gate's choice
+    assert json.loads((tmp_path / "lib" / "items" / row["item_id"] / "previews.json").read_text())["seed"] == PREVIEW_SEED
