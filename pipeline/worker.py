@@ -170,7 +170,8 @@ class FitWorker:
             folders = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-")))
                        for _ in group]
             results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
-                               out_dirs=[folder / "fit" for folder in folders], progress=False)
+                               out_dirs=[folder / "fit" for folder in folders], progress=False,
+                               formats=self.job.lora_formats)
             rows = []
             for r, result in zip(group, results):
                 try:

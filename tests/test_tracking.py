@@ -211,8 +211,7 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
         assert cli_main(["registry", "get", f"lib-a-content@{item_alias(item_id)}", "--dest", str(dest),
                          "--tracking-uri", mlflow_server.url]) == 0
     got_files = sorted(p.name for p in dest.iterdir())
-    assert got_files == ["config.yaml", "content_lora.safetensors", "content_lora_kohya.safetensors", "fit.json",
-                         "preview_content.png"], got_files
+    assert got_files == ["config.yaml", "content_lora.safetensors", "fit.json", "preview_content.png"], got_files
     assert sha256_hex((dest / "content_lora.safetensors").read_bytes()) == \
         files_of(row)["content_lora.safetensors"]["sha256"]
 
@@ -285,12 +284,12 @@ def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path):
     with environ({"MLFLOW_TRACKING_URI": uri}):  # models:/ URIs resolve in the default registry (only)
         got = mlflow.artifacts.download_artifacts(model_uri(library, "style", item_id), dst_path=str(tmp_path / "dl"))
     # with log_lora_artifacts the version points at the run's copy: only that kind's files
-    assert sorted(os.listdir(got)) == ["style_lora.safetensors", "style_lora_kohya.safetensors"]
+    assert sorted(os.listdir(got)) == ["style_lora.safetensors"]  # the one file (kohya format)
     assert (out / "mlartifacts").as_uri() in client(uri).get_model_version(f"{library}-style", "1").source
     for spec in (f"{library}-content/1", f"{library}-content"):  # a version number; the latest version
         dest = tmp_path / spec.replace("/", "_")
         assert cli_main(["registry", "get", spec, "--dest", str(dest), "--tracking-uri", uri]) == 0
-        assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors", "content_lora_kohya.safetensors"]
+        assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors"]
 
 
 def test_redact_and_old_manifest_parts(tmp_path):
