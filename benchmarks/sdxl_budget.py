@@ -200,7 +200,8 @@ def safetensors_size(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], me
     for name in order:
         shape, dtype = tensors[name]
         size = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
     return 8 + text + (-text % 8) + offset
