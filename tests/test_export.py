@@ -262,7 +262,7 @@ def test_lora_files_load_with_their_trained_rank_and_alpha(tiny_base, fitted, ol
         pipe.unload_lora_weights()
 
 
-def test_model_card_as_the_hub_reads_it(fitted, tmp_path):
+def test_model_card_as_the_hub_reads_it(fitted, old_layout, tmp_path):
     """README.md parses with huggingface_hub's ModelCard: front matter with the tags, the instance prompt and
     (for a hub base) base_model; the body names both LoRAs, their prompts, how to load them; previews appear
     once they exist."""
@@ -280,7 +280,9 @@ def test_model_card_as_the_hub_reads_it(fitted, tmp_path):
                  "A dog in watercolor painting style", "load_lora_weights", "<lora:content_lora:1>",
                  "unziplora export FOLDER --format diffusers"):
         assert text in card.text, text
-    assert "_kohya" not in card.text
+    assert "_kohya" not in card.text and "The files are in kohya format." in card.text
+    old = ModelCard.load(old_layout.path / "README.md").text  # an old two-format fit's card names both
+    assert "The files are in diffusers format; `content_lora_kohya.safetensors` and `style_lora_kohya" in old
     folder = shutil.copytree(art.path, tmp_path / "fit")
     record = json.loads((folder / "fit.json").read_text())
     record["settings"] |= {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "revision": "462165984030"}

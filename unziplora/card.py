@@ -55,11 +55,10 @@ image = pipe("A house in {{ style }} style").images[0]
 ```
 ComfyUI: copy `content_lora.safetensors` or `style_lora.safetensors` into `models/loras` and load it with a
 LoraLoader node. A1111 / Forge: copy it into `models/Lora` and prompt `<lora:content_lora:1> {{ prompts.content }}`.
-{% if kohya %}The files are in kohya format, with `ss_*` and `modelspec.*` metadata and the `sshs_*` hashes these
-tools identify LoRAs by{% else %}The files are in diffusers format; `content_lora_kohya.safetensors` and
-`style_lora_kohya.safetensors` hold the same LoRAs in kohya format, with the `ss_*` / `modelspec.*` metadata and
-`sshs_*` hashes these tools identify LoRAs by{% endif %}; `unziplora export FOLDER --format diffusers|kohya` writes a
-LoRA in the other format. The previews were drawn as diffusers' `pipe(prompt)` draws,
+The files are in {{ "kohya" if kohya else "diffusers" }} format{% if copies %}; {% for f in copies %}`{{ f }}`{{ " and " if not loop.last }}{% endfor %}
+hold the same LoRAs in {{ "diffusers" if kohya else "kohya" }} format{% endif %}. kohya-format files carry `ss_*` and
+`modelspec.*` metadata and the `sshs_*` hashes these tools identify LoRAs by;
+`unziplora export FOLDER --format diffusers|kohya` writes a LoRA in the other format. The previews were drawn as diffusers' `pipe(prompt)` draws,
 with no negative prompt (SDXL's unconditional embedding zeroed). ComfyUI draws that way when the sampler's
 negative goes through a `ConditioningZeroOut` node; an encoded empty negative prompt (ComfyUI's text node, A1111)
 draws them differently, and in the project's measurements carried them less far.
@@ -92,6 +91,7 @@ def write_model_card(folder: str | Path) -> Path:
     hub = fingerprint.startswith("hub:")
     previews = {kind: name for kind, name in PREVIEWS.items() if (folder / name).is_file()}
     kohya = lora_format(folder / "content_lora.safetensors") == "kohya"  # fits before the one-file default: diffusers
+    copies = sorted(p.name for p in folder.glob("*_lora_*.safetensors"))  # other formats, where written
     shown = _read(folder / "previews.json").get("prompts") or {}
     preview_prompts = {kind: shown.get(kind) or [prompts[kind]] for kind in previews}  # older fits: own prompt
     scored = _read(folder / "scores.json")
@@ -108,7 +108,8 @@ def write_model_card(folder: str | Path) -> Path:
         base_model=settings["base_model"], revision=settings.get("revision"), resolution=settings["resolution"],
         prediction="v-prediction" if record.get("prediction_type") == "v_prediction" else "epsilon prediction",
         fingerprint=fingerprint or "unknown", load_base=_load_base_code(settings, fingerprint),
-        settings=[(k, settings[k]) for k in SHOWN_SETTINGS if k in settings], final=record["final"], kohya=kohya)
+        settings=[(k, settings[k]) for k in SHOWN_SETTINGS if k in settings], final=record["final"], kohya=kohya,
+        copies=copies)
     card.save(folder / "README.md")
     return folder / "README.md"
 
