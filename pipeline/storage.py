@@ -29,7 +29,7 @@ from unziplora.errors import InputError
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write failed because the destination is full
 # stores where a single write of an object is atomic (all or nothing, visible only when complete): S3 (PUT,
 # CompleteMultipartUpload), GCS (simple and finalized resumable uploads), Azure block blobs (commit of the
-# block list). Checked against moto for S3 (tests/test_reliability.py); the others by their documentation
+# block list). Checked against moto for S3 (tests/test_storage_writes.py); the others by their documentation
 WHOLE_OBJECT_WRITES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
