@@ -177,3 +177,7 @@ def test_cli_formats_and_export(sample_image, tmp_path, capsys):
     assert all(torch.equal(converted[k], v) for k, v in fit_.lora_state_dict("style").items())
     assert main(["fit", str(sample_image), "--out", str(tmp_path / "bad"), "--formats", "ckpt", *common]) == 2
     assert "LoRA formats must be one or more of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # a job refuses them before anything starts (no Ray, no lease, no library)
+    assert unziplora(["decompose", "--input", str(tmp_path), "--output", str(tmp_path / "lib"), "--formats",
+                      "kohya,ckpt", "--no-tracking", "--quiet"]) == 2
+    assert "LoRA formats must be one or more of" in capsys.readouterr().err and not (tmp_path / "lib").exists()
