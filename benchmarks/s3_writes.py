@@ -3,7 +3,7 @@ after issue 31: each LoRA once instead of in two formats, and each file written 
 instead of a temporary key moved into place (on S3 a move is a server-side copy plus a delete). A middle round,
 the new write path with the old two-format files, tells the two changes apart.
 
-    .venv/bin/python benchmarks/s3_writes.py                 # SDXL-size files (rank 64, fp16): 1.9 GB through moto, ~2 min
+    .venv/bin/python benchmarks/s3_writes.py                 # SDXL-size files: 1.9 GB through moto, ~2 min
     .venv/bin/python benchmarks/s3_writes.py --scale tiny    # the same files, 1/1000 of the size (seconds)
 
 The library is on a moto S3 server in this process, behind a WSGI layer that counts every request by S3
