@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sdxl_budget.py                      # 512/768/1024 px, with and without checkpointing
     .venv/bin/python benchmarks/sdxl_budget.py --validate           # the account beside real CPU runs (tiny)
     .venv/bin/python benchmarks/sdxl_budget.py --json out.json      # the table as data (gpu_check reads it)
+    .venv/bin/python benchmarks/sdxl_budget.py --export-bytes       # bytes one fit writes, per LoRA format choice
 
 The real fit code (prompt and image encoding, then the training loop: a recalibration step and an ordinary
 step) runs on the `sdxl-random` architecture built on PyTorch's meta device: every tensor has a shape and a
@@ -185,6 +186,76 @@ def project(row: dict, mfu: float, steps: int = 600, recalibrations: int = 3) ->
     return {"mfu": mfu, "s_per_step": s_step, "recalibration_s": s_recal, "fit_600_s": fit}
 
 
+# ---- the bytes one fit writes ----
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def safetensors_size(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> int:
+    """The size of the safetensors file these tensors (name -> shape, dtype) and this metadata make, without
+    their data: 8 bytes of header length, the JSON header (the metadata first, then the tensors, largest
+    alignment first, by name), padded with spaces to 8 bytes, then the data."""
+    order = sorted(tensors, key=lambda k: (-tensors[k][1].itemsize, k))
+    header, offset = {"__metadata__": metadata} if metadata else {}, 0
+    for name in order:
+        shape, dtype = tensors[name]
+        size = dtype.itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + text + (-text % 8) + offset
+
+
+def export_bytes(model: str = "sdxl-random", rank: int = 64, formats: tuple[str, ...] = ("kohya",),
+                 config: FitConfig | None = None) -> dict[str, int]:
+    """Bytes of each tensor file one fit writes (unziplora.export.write_fit) with these LoRA formats, from the
+    adapter's shapes on the meta device: no weights, no GPU (`config`: the fit's settings, default SDXL's at this
+    rank). The small text files (fit.json, config.yaml, README.md: some 10 KB) and the optional previews are
+    left out."""
+    from unziplora.export import (DTYPES, FILES, adapter_metadata, kohya_metadata, kohya_module_name,
+                                  lora_file_name)
+    from unziplora.roles import KINDS
+
+    dev = torch.device("meta")
+    base = place(build_preset(model, device=dev, dtype=torch.bfloat16), dev)
+    config = config or FitConfig(content="sks dog", style="watercolor painting", base_model=model, rank=rank)
+    rank = config.rank
+    adapter = UnZipLoRA(base.unet, rank, config.role_table or base.role_table, config.init, config.seed).to(dev)
+    per_block = base.unet.config.layers_per_block
+    dtype = DTYPES[config.save_precision]
+    prediction = base.scheduler.config.get("prediction_type") or "epsilon"
+    record = {"prompts": config.prompts()._asdict(), "prediction_type": prediction, "base_model_fingerprint": ""}
+    lora, gates = {kind: {} for kind in KINDS}, {}
+    for name, layer in adapter.named_layers():
+        for kind in KINDS:
+            A, B = layer.factors(kind)
+            lora[kind][name] = (tuple(A.shape), tuple(B.shape))
+            gates[f"{name}.{kind}"] = (tuple(adapter.gates.masks[0, layer.columns()].shape), torch.float32)
+    out = {}
+    for kind in KINDS:
+        for fmt in formats:
+            if fmt == "kohya":
+                tensors = {}
+                for name, (a, b) in lora[kind].items():
+                    stem = kohya_module_name(name, per_block)
+                    tensors |= {f"{stem}.lora_down.weight": (a, dtype), f"{stem}.lora_up.weight": (b, dtype),
+                                f"{stem}.alpha": ((), dtype)}
+                # the hashes with_hashes adds have fixed lengths: 64 hex digits, 8, and "0x" + 64
+                metadata = kohya_metadata(kind, config, record) | {
+                    "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8, "modelspec.hash_sha256": "0x" + "0" * 64}
+            else:
+                tensors = {f"unet.{name}.lora_{f}.weight": (shape, dtype) for name, (a, b) in lora[kind].items()
+                           for f, shape in (("A", a), ("B", b))}
+                metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
+                    {f"unet.{k}": v for k, v in adapter_metadata(rank).items()}, indent=2, sort_keys=True)}
+            out[lora_file_name(kind, fmt, formats)] = safetensors_size(tensors, metadata)
+    for name in ("mergers.safetensors", "masks.safetensors"):
+        out[name] = safetensors_size(gates, {})
+    assert set(FILES.values()) <= set(out)
+    return out
+
+
 def gpu_class(peak_gb: float) -> str:
     """The smallest common GPU memory size that holds a peak (1.5 GB kept for the CUDA context and slack)."""
     for size, names in ((16, "16 GB (T4, V100-16)"), (24, "24 GB (L4, A10G, RTX 4090)"),
@@ -270,8 +341,14 @@ def main() -> None:
                         "sdxl-random:256 needs about 20 GB of RAM and minutes per step)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--export-bytes", action="store_true",
+                        help="only the bytes one fit writes: each LoRA once (kohya, the default) beside both formats "
+                        "(what every fit wrote before)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.export_bytes:
+        print_export_bytes(args.model, args.rank)
+        return
 
     rows = []
     print(f"{args.model}, rank {args.rank}, bf16 UNet, fp32 LoRAs and AdamW; H100 at {args.mfu:.0%} of "
@@ -306,6 +383,19 @@ def main() -> None:
                   f"{v['predicted_step_s']:.2f} | {v['measured_step_s']:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def print_export_bytes(model: str, rank: int) -> None:
+    before = export_bytes(model, rank, formats=("diffusers", "kohya"))
+    after = export_bytes(model, rank, formats=("kohya",))
+    print(f"bytes one fit writes, {model}, rank {rank}, fp16 LoRAs (previews and the ~10 KB of text files aside):")
+    print("| file | both formats (before) | kohya only (now) |\n|---|---|---|")
+    for name in sorted(set(before) | set(after)):
+        print(f"| {name} | {before.get(name, 0) / 1e6:.1f} MB | {after.get(name, 0) / 1e6:.1f} MB |")
+    total_before, total_after = sum(before.values()), sum(after.values())
+    print(f"| total | {total_before / 1e6:.1f} MB | {total_after / 1e6:.1f} MB |")
+    print(f"ratio now/before: {total_after / total_before:.3f}; per million fits: {total_before * 1e6 / 1e15:.2f} PB "
+          f"-> {total_after * 1e6 / 1e15:.2f} PB")
 
 
 if __name__ == "__main__":

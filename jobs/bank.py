@@ -53,6 +53,7 @@ def add_commands(sub) -> None:
             p.set_defaults(run=_gallery)
 
     _extend_generate(sub.choices["generate"])
+    _extend_export(sub.choices["export"])
 
 
 def _library(p) -> None:
@@ -126,6 +127,28 @@ def _extend_generate(g) -> None:
     g.add_argument("--cache-dir", default=CACHE, help=f"where fits from a remote bank are downloaded ({CACHE})")
     generate = g.get_default("run")
     g.set_defaults(run=lambda args: generate(resolve_fits(args)))
+
+
+def _extend_export(e) -> None:
+    """`unziplora export ITEM --bank LIBRARY`: ITEM an item id (prefix) of the library, fetched like generate's."""
+    e.add_argument("--bank", help="library whose item ITEM is (an item id or its prefix)")
+    e.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options of --bank, as JSON")
+    e.add_argument("--cache-dir", default=CACHE, help=f"where fits from a remote bank are downloaded ({CACHE})")
+    export = e.get_default("run")
+
+    def run(args):
+        if args.bank:
+            if not args.out:  # never into the library's own item folder
+                raise SystemExit("unziplora export: with --bank, give --out FOLDER")
+            from pipeline.bank import Bank
+
+            bank = Bank(args.bank, args.storage_options)
+            hit = bank.get(args.fit_dir)
+            if hit is None:
+                raise SystemExit(f"unziplora export: no ok item {args.fit_dir!r} in {args.bank}")
+            args.fit_dir = str(bank.fit_dir(hit, args.cache_dir))
+        return export(args)
+    e.set_defaults(run=run)
 
 
 def resolve_fits(args):

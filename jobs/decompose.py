@@ -19,7 +19,7 @@ from pipeline.job import run_job
 from pipeline.spec import EXECUTORS, JobSpec
 from unziplora import cli
 from unziplora.cli import add_setting_flags, setting_values
-from unziplora.config import read_settings_file, settings
+from unziplora.config import DEFAULT_FORMATS, LORA_FORMATS, read_settings_file, settings
 
 # fit settings a job sets for every image (the prompt table may override the per-item ones, pipeline/source.py)
 JOB_SETTINGS = settings("item", "worker")
@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failed-fraction", type=float, default=0.0, metavar="F",
                    help="exit status 0 while at most this share of the inputs failed (default 0: any failed input "
                    "makes the exit status 3, so a RayJob in which images failed is not reported as succeeded)")
+    p.add_argument("--formats", type=_words, default=list(DEFAULT_FORMATS), metavar="FORMAT[,FORMAT]",
+                   help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: each "
+                   "LoRA once, in the file diffusers, ComfyUI and A1111 all load); the first is "
+                   "{kind}_lora.safetensors, others {kind}_lora_{format}.safetensors")
     p.add_argument("--quiet", action="store_true")
     t = p.add_argument_group("MLflow tracking and model registry")
     t.add_argument("--tracking-uri", help="MLflow tracking/registry URI, e.g. http://mlflow:5000 (default: "
@@ -114,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
                   log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
                   preview_subjects=args.preview_subjects, preview_styles=args.preview_styles, scorer=args.scorer,
                   adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
-                  recheck=args.recheck, max_failed_fraction=args.max_failed_fraction, candidates=args.candidates,
-                  max_candidates=args.max_candidates, min_split_score=args.min_split_score)
+                  recheck=args.recheck, max_failed_fraction=args.max_failed_fraction, lora_formats=args.formats,
+                  candidates=args.candidates, max_candidates=args.max_candidates,
+                  min_split_score=args.min_split_score)
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:

@@ -104,7 +104,8 @@ def resolve(client, spec: str):
 
 
 def get(args: argparse.Namespace) -> int:
-    """The version's LoRA files (diffusers + kohya), fit.json, config.yaml and preview; a version whose source
+    """The version's LoRA file (and its other formats', where the fit has them), fit.json, config.yaml and
+    preview; a version whose source
     is the item's whole folder in the library yields only its own kind's files."""
     import mlflow.artifacts
 

@@ -41,7 +41,7 @@ def split_score(scores: dict) -> float | None:
 
 
 def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate, scorer, out_dirs: list[Path],
-              workdir: Path, steps: int, subjects=None, styles=None, progress: bool = False) -> list:
+              workdir: Path, steps: int, subjects=None, styles=None, formats=None, progress: bool = False) -> list:
     """Per image, the chosen candidate's FitResult (its files in `out_dirs[i]`, its fit.json's "gate" saying what
     was tried) or the exception that failed every candidate. Candidates are fitted in `workdir`."""
     if scorer is None:
@@ -56,7 +56,7 @@ def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate
         dirs = [workdir / f"{i}-seed-{seed}" for i, seed in wanted]
         fitted = fit_many([io.BytesIO(images[i]) for i, _ in wanted],
                           [dataclasses.replace(configs[i], seed=seed) for i, seed in wanted],
-                          base=base, out_dirs=dirs, progress=progress)
+                          base=base, out_dirs=dirs, progress=progress, formats=formats)
         for (i, seed), folder, result in zip(wanted, dirs, fitted):
             results[i, seed] = result
             tried[i].append({"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles))

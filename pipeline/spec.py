@@ -82,6 +82,8 @@ class JobSpec:
     candidates: int = 1
     max_candidates: int = 0
     min_split_score: float = 0.0
+    # the LoRA files' formats (unziplora.export): the first is {kind}_lora.safetensors; kohya alone by default
+    lora_formats: list[str] = field(default_factory=lambda: ["kohya"])
     # reuse fits a library made before item ids held the base model's fingerprint (manifest schema < 3): the
     # user vouches that they were made with these same weights
     adopt_legacy: bool = False
@@ -118,6 +120,9 @@ class JobSpec:
             raise InputError(f"--executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
         for name, flag, rule in NUMBERS:
             check_number(flag, getattr(self, name), **rule)
+        from unziplora.config import check_formats
+
+        check_formats(self.lora_formats)
         if self.max_failed_fraction > 1:
             raise InputError(f"--max-failed-fraction must be at most 1, got {self.max_failed_fraction!r}")
         self.gate.check()

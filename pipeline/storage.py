@@ -1,8 +1,11 @@
-"""Paths on any fsspec filesystem (plain paths, file://, s3://, gs://, ...), with atomic-ish writes.
+"""Paths on any fsspec filesystem (plain paths, file://, s3://, gs://, ...), with atomic writes.
 
-Object stores have no rename: "atomic" here means write to a temporary key, copy to the final key, delete
-the temporary one, and only then write the completion marker that makes the item count as done. A write that
-fails (a full disk, a store that went away) leaves no temporary key behind.
+No reader ever sees a file half written. On an object store (S3, GCS, Azure Blob) one PUT, or a completed
+multipart upload, makes the whole object appear at once, and a failed or killed upload makes none: files are
+written straight to their final key (one write; a temporary key would cost a server-side copy and a delete
+per file, and a killed job would leave it behind). Elsewhere (local disk, SFTP, HDFS ...) a file is written
+under a temporary name in its folder, then renamed. A write that fails (a full disk, a store that went away)
+leaves no temporary file behind. The completion marker that makes an item count as done is written last.
 
 Paths below the root are built from parts that may come from data (item ids, file names in a manifest): a part
 that would leave the root (`..`, an absolute path, a backslash) is refused here, for every caller.
@@ -24,6 +27,10 @@ from unziplora.errors import InputError
 
 
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write failed because the destination is full
+# stores where a single write of an object is atomic (all or nothing, visible only when complete): S3 (PUT,
+# CompleteMultipartUpload), GCS (simple and finalized resumable uploads), Azure block blobs (commit of the
+# block list). Checked against moto for S3 (tests/test_storage_writes.py); the others by their documentation
+WHOLE_OBJECT_WRITES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
 class Store:
@@ -65,8 +72,16 @@ class Store:
         self._put(lambda temporary: self.fs.put_file(local_path, temporary), parts)
 
     def _put(self, write, parts: tuple[str, ...]) -> None:
-        """Write via a temporary key in the same folder, then move it into place."""
+        """Write the final key once on an object store; elsewhere via a temporary name in the same folder,
+        then a rename."""
         final = self.path(*parts)
+        if self.protocol in WHOLE_OBJECT_WRITES:  # no folders to make, nothing to rename
+            try:
+                return write(final)
+            except OSError as exc:
+                if exc.errno in FULL:
+                    raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), self.url_prefix + final) from exc
+                raise
         folder, name = final.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
         temporary = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"

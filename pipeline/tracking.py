@@ -342,7 +342,8 @@ class Tracker:
                 for kind in KINDS:
                     folder = Path(tmp, f"{kind}_lora")
                     folder.mkdir()
-                    for name in (f"{kind}_lora.safetensors", f"{kind}_lora_kohya.safetensors"):
+                    # the LoRA's file, and its other formats' where the fit has them (older fits: a kohya copy)
+                    for name in sorted(n for n in files if n.startswith(f"{kind}_lora") and n.endswith(".safetensors")):
                         (folder / name).write_bytes(open_url(files[name]["uri"], self.storage_options))
                     self.client.log_artifacts(run_id, str(folder), f"{kind}_lora")
         self.client.set_terminated(run_id, "FINISHED" if row["status"] == "ok" else "FAILED")

@@ -4,7 +4,7 @@ several images at once (`--fits-per-worker K`: trained together in one batched U
 For each item, in named steps (`process_many`): identify it (read the bytes, derive the item id); reuse it if it
 is complete (its `_SUCCESS` marker exists); admit it (give up on an image that killed its worker too often,
 else record the attempt first, so a crash leaves the record); fit, make the previews and upload the files
-(temporary key -> final key); commit (the marker makes the item count as complete); track it in MLflow (run
+(each written whole: pipeline.storage); commit (the marker makes the item count as complete); track it in MLflow (run
 id and registered versions go into the row and the marker; a tracking error only into `tracking_error`).
 Every error becomes a `failed` row, including a library that cannot be written (a full disk): one line, no
 temporary files, no marker, and the attempt's record removed, so it is not charged as a crash. Only a crash
@@ -176,10 +176,10 @@ class FitWorker:
                 results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
                                     gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,
                                     steps=self.job.preview_steps, subjects=self.job.preview_subjects,
-                                    styles=self.job.preview_styles)
+                                    styles=self.job.preview_styles, formats=self.job.lora_formats)
             else:
                 results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
-                                   out_dirs=out_dirs, progress=False)
+                                   out_dirs=out_dirs, progress=False, formats=self.job.lora_formats)
             rows = []
             for r, result in zip(group, results):
                 try:
@@ -232,18 +232,7 @@ class FitWorker:
             scores = write_previews(self.base, result.out_dir, self.job.preview_steps,
                                     subjects=self.job.preview_subjects, styles=self.job.preview_styles,
                                     scorer=self.scorer, source=ready.data)["scores"]
-        files = {}
-        for path in sorted(result.out_dir.iterdir()):
-            self.store.upload_file(str(path), "items", known["item_id"], path.name)
-            files[path.name] = {"uri": self.store.url("items", known["item_id"], path.name),
-                                "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
-        # the marker will vouch for these files: they must be in the library now, whole (a library folder
-        # deleted or moved during the job would otherwise leave a marker, and an ok row, with no fit)
-        problem = marker_problems(self.store, {known["item_id"]: {"files": json.dumps(files)}})
-        if problem:
-            raise LibraryChangedError(f"the library lost the fit's files before its marker was written "
-                                      f"({problem[known['item_id']]}): was it moved or deleted during the job? "
-                                      "Nothing is recorded; the next run fits the image again")
+        files = upload_fit_files(self.store, known["item_id"], result.out_dir)
         return ok_row(item, known, result, files, attempts=ready.records + 1, worker=self.name,
                       code_version=self.job.code_version or code_version(), run_id=self.job.run_id,
                       **{f"score_{name}": value for name, value in scores.items()})
@@ -265,6 +254,24 @@ class _Ready:
     records: int  # fits of it that never came back
     crashed: int  # how many of those killed a worker (manifest.crashes)
     n: int = -1  # its place in the worker's batch
+
+
+def upload_fit_files(store: Store, item_id: str, folder: Path) -> dict[str, dict]:
+    """Every file of a finished fit's folder into `items/<item_id>/` (each written whole: Store), checked there;
+    returns what the marker will vouch for: {name: {uri, sha256, bytes}}."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        store.upload_file(str(path), "items", item_id, path.name)
+        files[path.name] = {"uri": store.url("items", item_id, path.name), "sha256": sha256_hex(path.read_bytes()),
+                            "bytes": path.stat().st_size}
+    # the marker will vouch for these files: they must be in the library now, whole (a library folder
+    # deleted or moved during the job would otherwise leave a marker, and an ok row, with no fit)
+    problem = marker_problems(store, {item_id: {"files": json.dumps(files)}})
+    if problem:
+        raise LibraryChangedError(f"the library lost the fit's files before its marker was written "
+                                  f"({problem[item_id]}): was it moved or deleted during the job? "
+                                  "Nothing is recorded; the next run fits the image again")
+    return files
 
 
 # a library that cannot be written: a full disk or quota, a read-only or failing store

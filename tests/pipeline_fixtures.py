@@ -301,9 +301,8 @@ def row_error(row: dict) -> str:
 
 def files_of(row: dict) -> dict[str, dict]:
     files = json.loads(row["files"])
-    assert {"content_lora.safetensors", "style_lora.safetensors", "content_lora_kohya.safetensors",
-            "style_lora_kohya.safetensors", "mergers.safetensors", "masks.safetensors", "fit.json",
-            "config.yaml"} <= set(files), sorted(files)
+    assert {"content_lora.safetensors", "style_lora.safetensors", "mergers.safetensors", "masks.safetensors",
+            "fit.json", "config.yaml"} <= set(files), sorted(files)
     assert files["content_lora.safetensors"]["uri"] == row["content_lora_uri"]
     assert files["style_lora.safetensors"]["uri"] == row["style_lora_uri"]
     return files

@@ -330,6 +330,17 @@ def test_generate_from_bank_end_to_end(tiny_base, sample_image, tmp_path, capsys
     picked = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert [(p.get("content"), p.get("style")) for p in picked] == [(ids[0], None), (None, ids[1])]
     assert Image.open(out).size == (64, 64)
+    # `export ITEM --bank`: a library item's style LoRA converted to the diffusers format, beside nothing of the
+    # library's own (an --out is required)
+    from unziplora.export import lora_format
+
+    assert cli.main(["export", ids[1][:8], "--bank", str(root), "--format", "diffusers", "--kind", "style",
+                     "--out", str(tmp_path / "exported")]) == 0
+    assert [p.name for p in (tmp_path / "exported").iterdir()] == ["style_lora_diffusers.safetensors"]
+    assert lora_format(tmp_path / "exported" / "style_lora_diffusers.safetensors") == "diffusers"
+    with pytest.raises(SystemExit, match="give --out"):
+        cli.main(["export", ids[1][:8], "--bank", str(root), "--format", "diffusers"])
+    assert not list((root / "items" / ids[1]).glob("*_diffusers.safetensors"))
 
 
 def test_s3_library(tmp_path, minilm):

@@ -149,3 +149,35 @@ def test_tiny_tokenizers_match_clip():
     assert base.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     padded = base.tokenizer_2("a cat", padding="max_length").input_ids
     assert len(padded) == 77 and padded[4] == 0  # SDXL's second tokenizer pads with "!"
+
+
+def test_cli_formats_and_export(sample_image, tmp_path, capsys):
+    """`fit --formats` writes the listed formats (the first as {kind}_lora.safetensors); `export ITEM --format`
+    converts a one-file fit's LoRA into another format, tensors unchanged; a bad format is one line."""
+    from jobs.cli import main as unziplora
+    from unziplora.export import lora_format
+
+    common = ["--content", "sks dog", "--style", "ink", "--steps", "2", "--rank", "2", "--recalibrations", "1",
+              "--quiet"]
+    assert main(["fit", str(sample_image), "--out", str(tmp_path / "one"), *common]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").glob("*_lora*")) == ["content_lora.safetensors",
+                                                                            "style_lora.safetensors"]
+    assert main(["fit", str(sample_image), "--out", str(tmp_path / "two"), "--formats", "diffusers,kohya", *common]) == 0
+    assert lora_format(tmp_path / "two" / "style_lora.safetensors") == "diffusers"
+    assert lora_format(tmp_path / "two" / "style_lora_kohya.safetensors") == "kohya"
+    capsys.readouterr()
+    assert unziplora(["export", str(tmp_path / "one"), "--format", "diffusers", "--kind", "style"]) == 0
+    [written] = json.loads(capsys.readouterr().out)["files"]
+    assert written == str(tmp_path / "one" / "style_lora_diffusers.safetensors")
+    assert lora_format(written) == "diffusers"
+    fit_ = load_fit(tmp_path / "one")
+    from safetensors.torch import load_file
+    converted = {k.removeprefix("unet."): v for k, v in load_file(written).items()}
+    assert converted.keys() == fit_.lora_state_dict("style").keys()
+    assert all(torch.equal(converted[k], v) for k, v in fit_.lora_state_dict("style").items())
+    assert main(["fit", str(sample_image), "--out", str(tmp_path / "bad"), "--formats", "ckpt", *common]) == 2
+    assert "LoRA formats must be one or more of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # a job refuses them before anything starts (no Ray, no lease, no library)
+    assert unziplora(["decompose", "--input", str(tmp_path), "--output", str(tmp_path / "lib"), "--formats",
+                      "kohya,ckpt", "--no-tracking", "--quiet"]) == 2
+    assert "LoRA formats must be one or more of" in capsys.readouterr().err and not (tmp_path / "lib").exists()

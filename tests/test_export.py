@@ -1,5 +1,6 @@
-"""The saved files: diffusers and kohya LoRAs load in a real StableDiffusionXLPipeline and mean exactly
-what was trained; atomic writes; generation modes leave the base model untouched."""
+"""The saved files: each LoRA once, in kohya format, loads in a real StableDiffusionXLPipeline and means exactly
+what was trained; the diffusers format on request or by conversion, and fits written in both formats (older
+libraries) still load; atomic writes; generation modes leave the base model untouched."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from unziplora import FitConfig, InputError, fit, load_fit
-from unziplora.export import FILES, KOHYA_FILES, kohya_module_name
+from unziplora.export import FILES, kohya_module_name, lora_format
 from unziplora.generate import generate, generate_each
 
 
@@ -20,6 +21,17 @@ def fitted(tiny_base, tmp_path_factory):
     config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, save_precision="fp32")
     result = fit(image, config, base=tiny_base, out_dir=root / "out", progress=False)
     return result, load_fit(root / "out")
+
+
+@pytest.fixture(scope="module")
+def old_layout(tiny_base, tmp_path_factory):
+    """The same fit written as every fit was before the one-file default: a diffusers-format
+    {kind}_lora.safetensors and a kohya-format {kind}_lora_kohya.safetensors."""
+    root = tmp_path_factory.mktemp("old")
+    image = _random_image(root / "img.png", seed=7)
+    config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, save_precision="fp32")
+    fit(image, config, base=tiny_base, out_dir=root / "out", progress=False, formats=("diffusers", "kohya"))
+    return load_fit(root / "out")
 
 
 def _random_image(path, seed: int):
@@ -71,8 +83,9 @@ def _pipe_out(tiny_base, fitted_dir, files, inputs):
 def test_files_written(fitted):
     result, art = fitted
     names = {p.name for p in art.path.iterdir()}
-    assert names == {*FILES.values(), *KOHYA_FILES.values(), "mergers.safetensors", "masks.safetensors",
-                     "fit.json", "config.yaml", "README.md"}
+    assert names == {*FILES.values(), "mergers.safetensors", "masks.safetensors", "fit.json", "config.yaml",
+                     "README.md"}  # each LoRA once
+    assert all(lora_format(art.path / name) == "kohya" for name in FILES.values())
     record = json.loads((art.path / "fit.json").read_text())
     assert record["settings"]["steps"] == 8 and record["prompts"]["style"] == "A dog in watercolor painting style"
     assert set(record["mask_stats"]) == {"content", "style", "shared"}
@@ -85,7 +98,7 @@ def test_files_written(fitted):
 
 
 @pytest.mark.parametrize("kind", ["content", "style"])
-def test_diffusers_file_changes_output_by_exactly_the_folded_lora(tiny_base, fitted, unet_inputs, kind):
+def test_lora_file_changes_output_by_exactly_the_folded_lora(tiny_base, fitted, unet_inputs, kind):
     _, art = fitted
     state = art.lora_state_dict(kind)
     base_out = _unet_out(tiny_base.unet, unet_inputs)
@@ -97,16 +110,62 @@ def test_diffusers_file_changes_output_by_exactly_the_folded_lora(tiny_base, fit
 
 
 @pytest.mark.parametrize("kind", ["content", "style"])
-def test_kohya_file_gives_the_same_output(tiny_base, fitted, unet_inputs, kind):
+def test_old_layout_and_conversions_give_the_same_output(tiny_base, fitted, old_layout, unet_inputs, kind, tmp_path):
+    """A fit written in both formats (the old layout) and the one-file fit's LoRA converted to diffusers format
+    (`export_lora`) load to the very output of the kohya file; the tensors read back are the same."""
+    from unziplora.export import export_lora
+
     _, art = fitted
-    diffusers_out = _pipe_out(tiny_base, art.path, [FILES[kind]], unet_inputs)
-    kohya_out = _pipe_out(tiny_base, art.path, [KOHYA_FILES[kind]], unet_inputs)
-    torch.testing.assert_close(kohya_out, diffusers_out, atol=1e-5, rtol=1e-5)
+    kohya_out = _pipe_out(tiny_base, art.path, [FILES[kind]], unet_inputs)
+    assert lora_format(old_layout.lora_file(kind)) == "diffusers"
+    assert old_layout.lora_file(kind, "kohya").name == f"{kind}_lora_kohya.safetensors"
+    for folder, name in ((old_layout.path, FILES[kind]), (old_layout.path, f"{kind}_lora_kohya.safetensors")):
+        torch.testing.assert_close(_pipe_out(tiny_base, folder, [name], unet_inputs), kohya_out, atol=1e-5, rtol=1e-5)
+    converted = export_lora(art, kind, "diffusers", tmp_path)
+    assert converted.name == f"{kind}_lora_diffusers.safetensors" and lora_format(converted) == "diffusers"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [converted.name]  # no staging left
+    torch.testing.assert_close(_pipe_out(tiny_base, tmp_path, [converted.name], unet_inputs), kohya_out,
+                               atol=1e-5, rtol=1e-5)
+    old, new = old_layout.lora_state_dict(kind), art.lora_state_dict(kind)
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_old_layout_generates_as_before(tiny_base, fitted, old_layout):
+    """generate (each LoRA alone, direct, routed) and the previews' generate_each draw the same pixels from an
+    old two-format fit as from the one-file fit of the same training."""
+    _, art = fitted
+    for kwargs in ({"content": "x"}, {"style": "x"}, {"content": "x", "style": "x", "mode": "direct"},
+                   {"content": "x", "style": "x", "mode": "routed"}):
+        new = generate(tiny_base, steps=2, seed=3, **{k: art if v == "x" else v for k, v in kwargs.items()})
+        old = generate(tiny_base, steps=2, seed=3, **{k: old_layout if v == "x" else v for k, v in kwargs.items()})
+        assert new[0].tobytes() == old[0].tobytes(), kwargs
+    prompts = {"content": "a sks thing", "style": "a cat in the style"}
+    new = generate_each(tiny_base, {"content": art, "style": art}, prompts, steps=2, seed=3)
+    old = generate_each(tiny_base, {"content": old_layout, "style": old_layout}, prompts, steps=2, seed=3)
+    assert all(new[k][0].tobytes() == old[k][0].tobytes() for k in prompts)
+
+
+def test_formats_on_request(tiny_base, sample_image, tmp_path):
+    """`formats`: the first is {kind}_lora.safetensors, the others beside it; unknown or repeated ones refused
+    before any training."""
+    config = FitConfig(content="sks dog", style="ink", steps=2, rank=2, recalibrations=1)
+    fit(sample_image, config, base=tiny_base, out_dir=tmp_path / "o", progress=False, formats="kohya,diffusers")
+    art = load_fit(tmp_path / "o")
+    assert lora_format(art.lora_file("style")) == "kohya"
+    assert art.lora_file("style", "diffusers").name == "style_lora_diffusers.safetensors"
+    assert lora_format(art.lora_file("style", "diffusers")) == "diffusers"
+    for i, bad in enumerate(("ckpt", "kohya,kohya", ",")):
+        with pytest.raises(InputError, match="LoRA formats"):
+            fit(sample_image, config, base=tiny_base, out_dir=tmp_path / f"bad{i}", progress=False, formats=bad)
+        assert not (tmp_path / f"bad{i}").exists()
+    fit(sample_image, config, base=tiny_base, out_dir=tmp_path / "k", progress=False)
+    with pytest.raises(InputError, match="no diffusers-format content LoRA.*unziplora export"):
+        load_fit(tmp_path / "k").lora_file("content", "diffusers")
 
 
 def test_kohya_metadata_and_keys(fitted):
     _, art = fitted
-    with safe_open(art.lora_file("style", kohya=True), "pt") as f:
+    with safe_open(art.lora_file("style"), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
@@ -134,7 +193,7 @@ def _sd_scripts_hashes(path) -> tuple[str, str]:
 @pytest.mark.parametrize("kind", ["content", "style"])
 def test_kohya_files_carry_the_hashes_tools_identify_loras_by(fitted, kind):
     _, art = fitted
-    path = art.lora_file(kind, kohya=True)
+    path = art.lora_file(kind)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     model_hash, legacy = _sd_scripts_hashes(path)
@@ -164,7 +223,7 @@ def test_kohya_metadata_follows_the_base_model(fitted, tmp_path):
     from unziplora.export import kohya_metadata
 
     result, art = fitted
-    with safe_open(art.lora_file("content", kohya=True), "pt") as f:
+    with safe_open(art.lora_file("content"), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["ss_v_parameterization"] == "False"
     assert meta["ss_sd_model_name"] == "tiny" and meta["modelspec.resolution"] == "64x64"
@@ -178,24 +237,32 @@ def test_kohya_metadata_follows_the_base_model(fitted, tmp_path):
     assert hub["ss_sd_model_name"] == "org/xl@c0ffee" and "ss_new_sd_model_hash" not in hub
 
 
-def test_diffusers_files_carry_their_adapter_config(tiny_base, fitted):
-    """peft's LoraConfig is in the diffusers files: diffusers loads the LoRA with the trained rank and alpha
-    read from the metadata, not guessed from shapes."""
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_lora_files_load_with_their_trained_rank_and_alpha(tiny_base, fitted, old_layout, layout):
+    """The kohya file: rank from the shapes, alpha from its `.alpha` entries (diffusers reads no adapter metadata
+    from a kohya file); the diffusers file: peft's LoraConfig in its metadata. Both load as trained."""
     _, art = fitted
-    with safe_open(art.lora_file("content"), "pt") as f:
-        stored = json.loads(f.metadata()["lora_adapter_metadata"])
-    assert stored["unet.r"] == 4 and stored["unet.lora_alpha"] == 4
+    folder = art.path if layout == "kohya" else old_layout.path
+    with safe_open(folder / FILES["content"], "pt") as f:
+        meta = f.metadata()
+        alphas = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")}
+    if layout == "diffusers":
+        stored = json.loads(meta["lora_adapter_metadata"])
+        assert stored["unet.r"] == 4 and stored["unet.lora_alpha"] == 4
+    else:
+        assert "lora_adapter_metadata" not in meta
+        assert alphas == {4.0}
     pipe = tiny_base.pipeline()
     try:
-        pipe.load_lora_weights(str(art.path), weight_name=FILES["content"], adapter_name="content")
+        pipe.load_lora_weights(str(folder), weight_name=FILES["content"], adapter_name="content")
         config = pipe.unet.peft_config["content"]
-        assert (config.r, config.lora_alpha) == (4, 4)
-        assert set(config.target_modules) == {"to_q", "to_k", "to_v", "to_out.0"}
+        assert config.r == 4 and config.lora_alpha == 4 and set(config.alpha_pattern.values()) <= {4}
+        assert {name.rsplit(".", 1)[-1] for name in config.target_modules} <= {"to_q", "to_k", "to_v", "0"}
     finally:
         pipe.unload_lora_weights()
 
 
-def test_model_card_as_the_hub_reads_it(fitted, tmp_path):
+def test_model_card_as_the_hub_reads_it(fitted, old_layout, tmp_path):
     """README.md parses with huggingface_hub's ModelCard: front matter with the tags, the instance prompt and
     (for a hub base) base_model; the body names both LoRAs, their prompts, how to load them; previews appear
     once they exist."""
@@ -209,9 +276,13 @@ def test_model_card_as_the_hub_reads_it(fitted, tmp_path):
     card = ModelCard.load(art.path / "README.md")
     assert {"lora", "text-to-image", "diffusers", "unziplora"} <= set(card.data.tags)
     assert card.data.instance_prompt == "sks dog" and card.data.base_model is None  # tiny: not on the Hub
-    for text in ("content_lora.safetensors", "style_lora_kohya.safetensors", "A sks dog",
-                 "A dog in watercolor painting style", "load_lora_weights", "<lora:content_lora_kohya:1>"):
+    for text in ("content_lora.safetensors", "style_lora.safetensors", "A sks dog", "kohya format",
+                 "A dog in watercolor painting style", "load_lora_weights", "<lora:content_lora:1>",
+                 "unziplora export FOLDER --format diffusers"):
         assert text in card.text, text
+    assert "_kohya" not in card.text and "The files are in kohya format." in card.text
+    old = ModelCard.load(old_layout.path / "README.md").text  # an old two-format fit's card names both
+    assert "The files are in diffusers format; `content_lora_kohya.safetensors` and `style_lora_kohya" in old
     folder = shutil.copytree(art.path, tmp_path / "fit")
     record = json.loads((folder / "fit.json").read_text())
     record["settings"] |= {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "revision": "462165984030"}
@@ -374,3 +445,23 @@ def test_generate_draws_as_diffusers_does(tiny_base, fitted):
     def routed(negative):
         return generate(tiny_base, content=art, style=art, steps=2, negative_prompt=negative)[0].tobytes()
     assert routed(None) != routed("")
+
+
+@pytest.mark.parametrize("layout", ["one file", "both formats"])
+def test_budget_model_counts_the_bytes_a_fit_writes(fitted, old_layout, layout):
+    """benchmarks/sdxl_budget.py's byte count (shapes on the meta device, no tensors) is the size of the files
+    write_fit wrote, byte for byte: the figure it prints for SDXL is the same count."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "sdxl_budget.py"
+    spec = importlib.util.spec_from_file_location("sdxl_budget", path)
+    budget = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("sdxl_budget", budget)
+    spec.loader.exec_module(budget)
+    art = fitted[1] if layout == "one file" else old_layout
+    formats = ("kohya",) if layout == "one file" else ("diffusers", "kohya")
+    counted = budget.export_bytes("tiny", formats=formats, config=art.config)
+    written = {p.name: p.stat().st_size for p in art.path.glob("*.safetensors")}
+    assert counted == written

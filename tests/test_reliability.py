@@ -553,7 +553,7 @@ def test_a_fit_whose_files_are_gone_is_not_ok(ray_cluster, monkeypatch_module, m
 
     def upload_then_lose_the_library(store, local_path, *parts):
         upload(store, local_path, *parts)
-        if parts[-1] == "style_lora_kohya.safetensors":  # the last file of a fit (sorted names)
+        if parts[-1] == "style_lora.safetensors":  # the last file of a fit (sorted names)
             shutil.rmtree(library / "items")
 
     monkeypatch.setattr(Store, "upload_file", upload_then_lose_the_library)
@@ -721,7 +721,7 @@ def test_generate_names_each_base_and_the_lora_file_that_does_not_fit(tiny_base,
                                                                     "base_model_fingerprint": "preset:toy"}))
     save_file({"unet.foo.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "foreign" / "content_lora.safetensors")
     tensors = load_file(tmp_path / "a" / "style_lora.safetensors")
-    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    key = sorted(k for k in tensors if k.endswith("lora_down.weight"))[0]  # a kohya file: lora_down is A
     save_file(tensors | {key: torch.zeros(2, tensors[key].shape[1] + 1)}, tmp_path / "wide" / "style_lora.safetensors")
     run = ["--out", str(tmp_path / "x.png"), "--steps", "1", "--device", "cpu"]
     cases = {("--content-from", "a", "--style-from", "toy"): [f"({tmp_path / 'a'}) was fitted on tiny (preset:tiny)",

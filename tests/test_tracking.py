@@ -211,8 +211,7 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
         assert cli_main(["registry", "get", f"lib-a-content@{item_alias(item_id)}", "--dest", str(dest),
                          "--tracking-uri", mlflow_server.url]) == 0
     got_files = sorted(p.name for p in dest.iterdir())
-    assert got_files == ["config.yaml", "content_lora.safetensors", "content_lora_kohya.safetensors", "fit.json",
-                         "preview_content.png"], got_files
+    assert got_files == ["config.yaml", "content_lora.safetensors", "fit.json", "preview_content.png"], got_files
     assert sha256_hex((dest / "content_lora.safetensors").read_bytes()) == \
         files_of(row)["content_lora.safetensors"]["sha256"]
 
@@ -285,12 +284,12 @@ def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path):
     with environ({"MLFLOW_TRACKING_URI": uri}):  # models:/ URIs resolve in the default registry (only)
         got = mlflow.artifacts.download_artifacts(model_uri(library, "style", item_id), dst_path=str(tmp_path / "dl"))
     # with log_lora_artifacts the version points at the run's copy: only that kind's files
-    assert sorted(os.listdir(got)) == ["style_lora.safetensors", "style_lora_kohya.safetensors"]
+    assert sorted(os.listdir(got)) == ["style_lora.safetensors"]  # the one file (kohya format)
     assert (out / "mlartifacts").as_uri() in client(uri).get_model_version(f"{library}-style", "1").source
     for spec in (f"{library}-content/1", f"{library}-content"):  # a version number; the latest version
         dest = tmp_path / spec.replace("/", "_")
         assert cli_main(["registry", "get", spec, "--dest", str(dest), "--tracking-uri", uri]) == 0
-        assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors", "content_lora_kohya.safetensors"]
+        assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors"]
 
 
 def test_redact_and_old_manifest_parts(tmp_path):
@@ -359,3 +358,64 @@ def test_loras_registered_as_diffusers_models(s3, mlflow_server, ray_cluster, tm
     before = counts(mlflow_server.url)[1]
     run_job(job, progress=False)
     assert counts(mlflow_server.url)[1] == before
+
+
+def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, dataset, tmp_path, capsys):
+    """What a real user runs, in one go: Ray Train with two workers, input and output on S3, an `mlflow server`,
+    previews and scores; then `registry sync`, a `models:/` download through MLflow, `bank build` on the S3
+    library, `bank search`, and `generate --bank s3://...` recombining the content of one real fit with the
+    style of the other. Each step's output is checked, not only its exit status."""
+    import mlflow.artifacts
+    from PIL import Image
+
+    from unziplora.export import lora_format
+
+    job = dataclasses.replace(s3_job(s3, dataset, "lib-e", mlflow_server.url), executor="train")
+    report = run_job(job, progress=False)
+    assert report["ok"] == 2 and report["tracking_errors"] == 0 and report["executor"] == "train", report
+    rows = read_manifest(job.output, job.storage_options).to_pylist()
+    ok = check_tracked(job, mlflow_server.url, rows, "lib-e")  # runs, metrics, scores, versions, no secret
+    for row in ok.values():  # one file per LoRA, in the format every tool loads, written straight to S3
+        names = sorted(s3.objects(row["output_uri"].removeprefix(f"s3://{s3.bucket}/")))
+        assert not [n for n in names if ".tmp-" in n or n.endswith(("_kohya.safetensors", "_diffusers.safetensors"))]
+        lora = tmp_path / f"{row['item_id']}.safetensors"
+        lora.write_bytes(s3.get(row["style_lora_uri"]))
+        assert lora_format(lora) == "kohya"
+
+    # registry sync over the complete library: finds every run and version, creates nothing
+    before = counts(mlflow_server.url)
+    storage = json.dumps(job.storage_options)
+    assert cli_main(["registry", "sync", job.output, "--tracking-uri", mlflow_server.url, "--all",
+                     "--storage-options", storage]) == 0
+    assert counts(mlflow_server.url) == before
+
+    # a registered style LoRA through MLflow alone: the very bytes the manifest vouches for
+    first, second = sorted(ok.values(), key=lambda r: r["style"])
+    with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
+        got = Path(mlflow.artifacts.download_artifacts(model_uri("lib-e", "style", second["item_id"]),
+                                                       dst_path=str(tmp_path / "models")))
+    want = files_of(second)["style_lora.safetensors"]["sha256"]
+    assert sha256_hex((got / "style_lora.safetensors").read_bytes()) == want
+
+    # the bank of the S3 library: built, searched by the second fit's own style text
+    capsys.readouterr()
+    bank = ["--storage-options", storage]
+    assert cli_main(["bank", "build", job.output, *bank]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["rows"] == len(rows) and built["added"]["all-MiniLM-L6-v2"] > 0, built
+    assert cli_main(["bank", "search", job.output, second["style"], "-k", "1", "--json", *bank]) == 0
+    [hit] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert hit["item_id"] == second["item_id"] and hit["style_lora_uri"] == second["style_lora_uri"]
+
+    # recombined from the S3 bank: the first fit's content (by id prefix) in the second fit's style (by text)
+    out = tmp_path / "recombined.png"
+    assert cli_main(["generate", "--bank", job.output, "--content", first["item_id"][:10], "--style", second["style"],
+                     "--out", str(out), "--steps", "2", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+                     *bank]) == 0
+    picked = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [(p.get("content"), p.get("style")) for p in picked] == [(first["item_id"], None), (None, second["item_id"])]
+    image = Image.open(out)
+    assert image.size == (64, 64) and len(set(image.getdata())) > 1  # drawn, not a blank
+    for row in (first, second):  # what generate read: the fits' files, downloaded and checked against the manifest
+        cached = tmp_path / "cache" / row["item_id"] / "style_lora.safetensors"
+        assert sha256_hex(cached.read_bytes()) == files_of(row)["style_lora.safetensors"]["sha256"]

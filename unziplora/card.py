@@ -21,10 +21,10 @@ TEMPLATE = """---
 Two LoRAs decomposed from one stylized image with [UnZipLoRA](https://arxiv.org/abs/2412.04465) (ICCV 2025) by
 unziplora: each works alone, and together they redraw the source.
 
-| LoRA | file (diffusers / ComfyUI, A1111) | what it carries | its prompt |
+| LoRA | file (diffusers, ComfyUI, A1111) | what it carries | its prompt |
 |---|---|---|---|
-| content | `content_lora.safetensors` / `content_lora_kohya.safetensors` | the subject, `{{ content }}`, without the style | `{{ prompts.content }}` |
-| style | `style_lora.safetensors` / `style_lora_kohya.safetensors` | the style, {{ style }}, without the subject | `{{ prompts.style }}` |
+| content | `content_lora.safetensors` | the subject, `{{ content }}`, without the style | `{{ prompts.content }}` |
+| style | `style_lora.safetensors` | the style, {{ style }}, without the subject | `{{ prompts.style }}` |
 {% if previews %}
 {% for kind, file in previews.items() %}![{{ kind }} LoRA alone]({{ file }})
 {% endfor %}
@@ -53,10 +53,12 @@ pipe.load_lora_weights("FOLDER", weight_name="style_lora.safetensors", adapter_n
 pipe.set_adapters("style")
 image = pipe("A house in {{ style }} style").images[0]
 ```
-ComfyUI: copy `content_lora_kohya.safetensors` or `style_lora_kohya.safetensors` into `models/loras` and load it
-with a LoraLoader node. A1111 / Forge: copy it into `models/Lora` and prompt
-`<lora:content_lora_kohya:1> {{ prompts.content }}`. The kohya files carry `ss_*` and `modelspec.*` metadata and
-the `sshs_*` hashes these tools identify LoRAs by. The previews were drawn as diffusers' `pipe(prompt)` draws,
+ComfyUI: copy `content_lora.safetensors` or `style_lora.safetensors` into `models/loras` and load it with a
+LoraLoader node. A1111 / Forge: copy it into `models/Lora` and prompt `<lora:content_lora:1> {{ prompts.content }}`.
+The files are in {{ "kohya" if kohya else "diffusers" }} format{% if copies %}; {% for f in copies %}`{{ f }}`{{ " and " if not loop.last }}{% endfor %}
+hold the same LoRAs in {{ "diffusers" if kohya else "kohya" }} format{% endif %}. kohya-format files carry `ss_*` and
+`modelspec.*` metadata and the `sshs_*` hashes these tools identify LoRAs by;
+`unziplora export FOLDER --format diffusers|kohya` writes a LoRA in the other format. The previews were drawn as diffusers' `pipe(prompt)` draws,
 with no negative prompt (SDXL's unconditional embedding zeroed). ComfyUI draws that way when the sampler's
 negative goes through a `ConditioningZeroOut` node; an encoded empty negative prompt (ComfyUI's text node, A1111)
 draws them differently, and in the project's measurements carried them less far.
@@ -80,12 +82,16 @@ SHOWN_SETTINGS = ("steps", "rank", "resolution", "lr", "merger_lr", "column_rati
 def write_model_card(folder: str | Path) -> Path:
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .export import lora_format
+
     folder = Path(folder)
     record = json.loads((folder / "fit.json").read_text())
     settings, prompts = record["settings"], record["prompts"]
     fingerprint = record.get("base_model_fingerprint") or ""
     hub = fingerprint.startswith("hub:")
     previews = {kind: name for kind, name in PREVIEWS.items() if (folder / name).is_file()}
+    kohya = lora_format(folder / "content_lora.safetensors") == "kohya"  # fits before the one-file default: diffusers
+    copies = sorted(p.name for p in folder.glob("*_lora_*.safetensors"))  # other formats, where written
     shown = _read(folder / "previews.json").get("prompts") or {}
     preview_prompts = {kind: shown.get(kind) or [prompts[kind]] for kind in previews}  # older fits: own prompt
     scored = _read(folder / "scores.json")
@@ -102,7 +108,8 @@ def write_model_card(folder: str | Path) -> Path:
         base_model=settings["base_model"], revision=settings.get("revision"), resolution=settings["resolution"],
         prediction="v-prediction" if record.get("prediction_type") == "v_prediction" else "epsilon prediction",
         fingerprint=fingerprint or "unknown", load_base=_load_base_code(settings, fingerprint),
-        settings=[(k, settings[k]) for k in SHOWN_SETTINGS if k in settings], final=record["final"])
+        settings=[(k, settings[k]) for k in SHOWN_SETTINGS if k in settings], final=record["final"], kohya=kohya,
+        copies=copies)
     card.save(folder / "README.md")
     return folder / "README.md"
 

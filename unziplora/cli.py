@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import FitConfig, check_number, read_settings_file, settings, value_type
+from .config import DEFAULT_FORMATS, LORA_FORMATS, FitConfig, check_number, read_settings_file, settings, value_type
 from .errors import UnZipLoRAError
 from .redact import scrub
 
@@ -44,8 +44,19 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS), metavar="FORMAT[,FORMAT]",
+                   help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: "
+                   "each LoRA once, in the file diffusers, ComfyUI and A1111 all load); the first is "
+                   "{kind}_lora.safetensors, others {kind}_lora_{format}.safetensors")
     add_setting_flags(p, settings(), "fit settings (also keys of a --config file; flags win)")
     p.set_defaults(run=_fit)
+
+    e = sub.add_parser("export", help="write a fit's LoRAs in another format (kohya or diffusers)")
+    e.add_argument("fit_dir", metavar="ITEM", help="a fit directory (with `--bank LIBRARY`: an item id of it)")
+    e.add_argument("--format", required=True, choices=LORA_FORMATS)
+    e.add_argument("--kind", choices=("content", "style", "both"), default="both")
+    e.add_argument("--out", help="folder to write {kind}_lora_{format}.safetensors into (default: the fit's)")
+    e.set_defaults(run=_export)
 
     g = sub.add_parser("generate", help="make images from fits: content, style, combined, recombined")
     g.add_argument("fit_dir", nargs="?", help="a fit directory: its content AND style (combined)")
@@ -83,9 +94,20 @@ def _fit(args) -> int:
     if missing:
         raise SystemExit(f"unziplora fit: give --{' and --'.join(missing)} (or put them in --config)")
     config = FitConfig.from_dict({**from_file, **flags})
-    result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
+    result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet,
+                 formats=args.formats)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
     print(json.dumps(summary))
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_lora, load_fit
+
+    fit = load_fit(args.fit_dir)
+    kinds = ("content", "style") if args.kind == "both" else (args.kind,)
+    paths = [export_lora(fit, kind, args.format, args.out or fit.path) for kind in kinds]
+    print(json.dumps({"files": [str(p) for p in paths]}))
     return 0
 
 

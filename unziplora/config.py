@@ -17,6 +17,11 @@ from .errors import InputError
 from .locate import HUB_ID_PATTERN
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+# the LoRA files' formats (unziplora.export; an output choice, not a fit setting: item ids do not hold it).
+# kohya is the one file diffusers, ComfyUI and A1111 all load: a LoRA pair at SDXL rank 64 in fp16 is about
+# 370 MB, and a second copy of the same tensors in another key layout is written only when asked for
+LORA_FORMATS = ("kohya", "diffusers")
+DEFAULT_FORMATS = ("kohya",)
 # SPEC's learning rate is sized for SDXL; a LoRA on the toy world's 4 M-parameter UNet needs a larger step
 # (measured on examples/sample_set/dotted_circle.png, 600 steps, rank 64: mean MSE of the last 50 steps
 # 0.033 at 1e-3, 0.047 at 5e-5; the disentanglement benchmark, docs/toy-world.md, uses 1e-3)
@@ -298,6 +303,16 @@ def parse_value(f: dataclasses.Field, value):
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    """A list or a comma-separated text of LoRA formats, checked: known, none twice, at least one."""
+    names = tuple(f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip())
+    unknown = [f for f in names if f not in LORA_FORMATS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise InputError(f"LoRA formats must be one or more of {list(LORA_FORMATS)}, each once (the first is "
+                         f"{{kind}}_lora.safetensors), got {formats!r}")
+    return names
 
 
 def check_number(name: str, value, *, integer: bool = False, minimum: float | None = None,

@@ -1,16 +1,20 @@
 """A fit's files (SPEC section 7), written atomically, and `load_fit` to read them back.
 
 DIR/
-  content_lora.safetensors        diffusers/peft format (peft's LoraConfig in its metadata): load_lora_weights
-  style_lora.safetensors
-  content_lora_kohya.safetensors  kohya format with ss_* / modelspec.* metadata and sd-scripts' hashes:
-  style_lora_kohya.safetensors    ComfyUI, A1111, Civitai
+  content_lora.safetensors        each LoRA once, in kohya format with ss_* / modelspec.* metadata and sd-scripts'
+  style_lora.safetensors          hashes: diffusers' load_lora_weights, ComfyUI, A1111 and Civitai load it as is
   mergers.safetensors             per-column mergers "<layer>.content" / "<layer>.style" (combined mode)
   masks.safetensors               per-column binary masks, same keys
   fit.json                        settings, prompts, base model, final losses, mask stats, timings, versions
   config.yaml                     the exact settings: `unziplora fit --config DIR/config.yaml` redoes the fit
   README.md                       the model card (unziplora.card), as the Hugging Face Hub shows it
 Each LoRA has its binary mask folded into lora_B's rows; mergers stay separate (SPEC section 7).
+
+Formats (`formats`, `--formats`): `{kind}_lora.safetensors` is in the first one, every other is written beside it
+as `{kind}_lora_{format}.safetensors`; `export_lora` converts a fit's LoRA later. Fits made before this
+default were written with formats ("diffusers", "kohya"): a diffusers/peft-format `{kind}_lora.safetensors`
+(peft's LoraConfig in its metadata) and `{kind}_lora_kohya.safetensors`. Readers tell the two apart by the
+file's keys (`lora_format`), so both kinds of fit load.
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
-from .config import FitConfig
+from .config import DEFAULT_FORMATS, FitConfig, check_formats
 from .errors import InputError
 from .card import write_model_card
 from .layers import TARGETS, UnZipLoRA
 from .roles import KINDS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FILES = {kind: f"{kind}_lora.safetensors" for kind in KINDS}
-KOHYA_FILES = {kind: f"{kind}_lora_kohya.safetensors" for kind in KINDS}
+FILES = {kind: f"{kind}_lora.safetensors" for kind in KINDS}  # each LoRA's one file, in the first format
+
+
+def lora_file_name(kind: str, fmt: str, formats: tuple[str, ...]) -> str:
+    """The first format's file is `{kind}_lora.safetensors`, any other's `{kind}_lora_{fmt}.safetensors`."""
+    return FILES[kind] if fmt == formats[0] else f"{kind}_lora_{fmt}.safetensors"
 
 
 @torch.no_grad()
@@ -85,6 +93,30 @@ def to_kohya(state_dict: dict[str, torch.Tensor], rank: int, layers_per_block: i
         out[f"{stem}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor
         out[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=tensor.dtype)  # alpha = rank: scale 1
     return out
+
+
+def from_kohya(state_dict: dict[str, torch.Tensor], layer_names, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
+    """kohya keys back to peft-format ones (`<module>.lora_A.weight`), for the given diffusers module names (the
+    kohya stems join names with "_", which cannot be split back without knowing them). The `.alpha` entries go:
+    our files always hold alpha = rank."""
+    names = {kohya_module_name(name, layers_per_block): name for name in layer_names}
+    out = {}
+    for key, tensor in state_dict.items():
+        stem, _, rest = key.partition(".")
+        if rest == "alpha":
+            continue
+        if stem not in names or rest not in ("lora_down.weight", "lora_up.weight"):
+            raise InputError(f"the kohya key {key} names no layer of this fit")
+        out[f"{names[stem]}.lora_{'A' if rest == 'lora_down.weight' else 'B'}.weight"] = tensor
+    return out
+
+
+def lora_format(path: str | Path) -> str:
+    """"kohya" or "diffusers": which layout a LoRA file holds, from its keys (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "kohya" if any(key.startswith("lora_unet_") for key in f.keys()) else "diffusers"
 
 
 def kohya_metadata(kind: str, config: FitConfig, record: dict) -> dict[str, str]:
@@ -146,7 +178,9 @@ def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
 
 def adapter_metadata(rank: int) -> dict:
     """peft's LoraConfig of the saved LoRA, stored in the diffusers file: rank and alpha load as they were
-    trained, instead of being guessed from shapes."""
+    trained, instead of being guessed from shapes. Not in the kohya file: diffusers takes a kohya file's alpha
+    from its `.alpha` entries and refuses a file that also holds this ("Both `network_alphas` and `metadata`
+    cannot be specified", diffusers 0.42)."""
     return {"r": rank, "lora_alpha": rank, "target_modules": list(TARGETS), "init_lora_weights": True,
             "use_dora": False, "use_rslora": False, "lora_bias": False}
 
@@ -161,11 +195,25 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
         raise InputError(f"output path {out} exists and is not a directory")
 
 
-def write_fit(result, out_dir: str | Path, *, overwrite: bool = False, started: float | None = None) -> Path:
+def write_lora(path: Path, fmt: str, kind: str, state: dict[str, torch.Tensor], config: FitConfig,
+               record: dict) -> Path:
+    """One LoRA (a peft-format state dict) as a file of one format."""
+    if fmt == "kohya":
+        kohya = to_kohya(state, config.rank, record.get("layers_per_block", 2))
+        save_file(kohya, path, metadata=with_hashes(kohya, kohya_metadata(kind, config, record)))
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(path.parent, unet_lora_layers=state, weight_name=path.name,
+                                                    unet_lora_adapter_metadata=adapter_metadata(config.rank))
+    return path
+
+
+def write_fit(result, out_dir: str | Path, *, overwrite: bool = False, started: float | None = None,
+              formats=DEFAULT_FORMATS) -> Path:
     """Write every file into a temporary sibling directory, then move it into place in one rename.
     fit.json is written last, with the export's time and (given the fit's start) the total."""
-    from diffusers import StableDiffusionXLPipeline
-
+    formats = check_formats(formats)
     t = time.perf_counter()
     out = Path(out_dir)
     check_output_dir(out, overwrite)
@@ -173,14 +221,9 @@ def write_fit(result, out_dir: str | Path, *, overwrite: bool = False, started: 
     config, record, tensors = result.config, result.record, result.tensors
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        layers_per_block = record.get("layers_per_block", 2)
         for kind in KINDS:
-            StableDiffusionXLPipeline.save_lora_weights(staging, unet_lora_layers=tensors[kind],
-                                                        weight_name=FILES[kind],
-                                                        unet_lora_adapter_metadata=adapter_metadata(config.rank))
-            kohya = to_kohya(tensors[kind], config.rank, layers_per_block)
-            save_file(kohya, staging / KOHYA_FILES[kind],
-                      metadata=with_hashes(kohya, kohya_metadata(kind, config, record)))
+            for fmt in formats:
+                write_lora(staging / lora_file_name(kind, fmt, formats), fmt, kind, tensors[kind], config, record)
         save_file(tensors["mergers"], staging / "mergers.safetensors")
         save_file(tensors["masks"], staging / "masks.safetensors")
         config.save(staging / "config.yaml")
@@ -220,18 +263,55 @@ class FitArtifacts:
     config: FitConfig
     record: dict
 
-    def lora_file(self, kind: str, kohya: bool = False) -> Path:
-        return self.path / (KOHYA_FILES if kohya else FILES)[kind]
+    def lora_file(self, kind: str, fmt: str | None = None) -> Path:
+        """The LoRA's file (`{kind}_lora.safetensors`), or with `fmt` its file of that format: that one if it
+        has the format, else `{kind}_lora_{fmt}.safetensors` (InputError if the fit has none)."""
+        main = self.path / FILES[kind]
+        if fmt is None or _format_of(main) == fmt:
+            return main
+        other = self.path / f"{kind}_lora_{fmt}.safetensors"
+        if not other.is_file():
+            raise InputError(f"{self.path} holds no {fmt}-format {kind} LoRA: `unziplora export {self.path} "
+                             f"--format {fmt}` writes one")
+        return other
 
     def lora_state_dict(self, kind: str) -> dict[str, torch.Tensor]:
-        """The peft-format state dict (module name -> lora_A/lora_B), without diffusers' "unet." prefix."""
-        return {k.removeprefix("unet."): v for k, v in read_tensors(self.lora_file(kind)).items()}
+        """The peft-format state dict (module name -> lora_A/lora_B), from a file of either format."""
+        tensors = read_tensors(self.lora_file(kind))
+        if any(key.startswith("lora_unet_") for key in tensors):
+            layers = {key.rsplit(".", 1)[0] for key in self.masks()}  # the masks hold every adapted layer's name
+            return from_kohya(tensors, layers, self.record.get("layers_per_block", 2))
+        return {k.removeprefix("unet."): v for k, v in tensors.items()}
 
     def mergers(self) -> dict[str, torch.Tensor]:
         return read_tensors(self.path / "mergers.safetensors")
 
     def masks(self) -> dict[str, torch.Tensor]:
         return read_tensors(self.path / "masks.safetensors")
+
+
+def _format_of(path: Path) -> str:
+    try:
+        return lora_format(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing") from None
+    except Exception as exc:  # safetensors' own error types differ between versions
+        raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def export_lora(fit: "FitArtifacts", kind: str, fmt: str, out_dir: str | Path) -> Path:
+    """A fit's LoRA converted to another format (`unziplora export`): `{kind}_lora_{fmt}.safetensors` in
+    `out_dir`, written whole under a temporary name, then renamed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"{kind}_lora_{check_formats([fmt])[0]}.safetensors"
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=out))
+    try:
+        write_lora(staging / final.name, fmt, kind, fit.lora_state_dict(kind), fit.config, fit.record)
+        os.replace(staging / final.name, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

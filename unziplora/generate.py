@@ -1,8 +1,9 @@
 """Images from fits (SPEC section 8): content only, style only, both combined, or recombined across fits.
 
-- one LoRA alone: loaded from its diffusers file with `load_lora_weights`, exactly as a user would;
+- one LoRA alone: loaded from its file with `load_lora_weights`, exactly as a user would (a kohya-format file,
+  or the diffusers-format one of an older fit: diffusers reads both);
 - both, mode "routed" (faithful): the three-prompt routing of training, with masks and mergers;
-- both, mode "direct": both diffusers adapters at weight 1 under one prompt (the portable approximation).
+- both, mode "direct": both LoRA files as adapters at weight 1 under one prompt (the portable approximation).
 The content and the style may come from different fits (recombination). The base model is left as found.
 """
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from .config import Prompts
 from .errors import InputError
-from .export import FILES, FitArtifacts
+from .export import FILES, FitArtifacts, kohya_module_name
 from .layers import UnZipLoRA
 from .models import BaseModel
 from .roles import KINDS
@@ -86,12 +87,13 @@ def _base_of(fit: FitArtifacts) -> str:
 
 
 LORA_KEY = re.compile(r"unet\.(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight")
+KOHYA_KEY = re.compile(r"(?P<stem>lora_unet_\w+)\.(?:lora_(?P<factor>down|up)\.weight|alpha)")
 
 
 def check_lora(path, base: BaseModel) -> None:
-    """A diffusers-format LoRA file fits this base model's UNet: every key names one of its linear layers and
-    every factor has that layer's width; else one line naming the file (diffusers would raise a traceback
-    deep inside, or load nothing without a word). Reads the file's header only."""
+    """A LoRA file (kohya or diffusers format) fits this base model's UNet: every key names one of its linear
+    layers and every factor has that layer's width; else one line naming the file (diffusers would raise a
+    traceback deep inside, or load nothing without a word). Reads the file's header only."""
     from safetensors import safe_open
 
     try:
@@ -102,20 +104,32 @@ def check_lora(path, base: BaseModel) -> None:
     except Exception as exc:  # safetensors' own error types differ between versions
         raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
     layers = dict(base.unet.named_modules())
+    kohya = _kohya_layers(base) if any(key.startswith("lora_unet_") for key in shapes) else {}
     foreign = []
     for key, shape in sorted(shapes.items()):
-        match = LORA_KEY.fullmatch(key)
-        layer = layers.get(match["layer"]) if match else None
+        match = KOHYA_KEY.fullmatch(key) if kohya else LORA_KEY.fullmatch(key)
+        layer = (kohya.get(match["stem"]) if kohya else layers.get(match["layer"])) if match else None
         if not isinstance(layer, torch.nn.Linear):
             foreign.append(key)
             continue
-        width = layer.in_features if match["factor"] == "A" else layer.out_features
-        if len(shape) != 2 or shape[1 if match["factor"] == "A" else 0] != width:
+        if kohya and match["factor"] is None:  # a kohya `.alpha`: one number
+            continue
+        first = match["factor"] in ("A", "down")
+        width = layer.in_features if first else layer.out_features
+        if len(shape) != 2 or shape[1 if first else 0] != width:
             raise InputError(f"{path}: a LoRA of another base model: {key} has the shape {shape}, which does not "
                              f"fit the layer of {width} features in {base.name} ({base.fingerprint})")
     if foreign or not shapes:
         raise InputError(f"{path}: not a LoRA of {base.name}'s UNet ({base.fingerprint}): {len(foreign)} of its "
                          f"{len(shapes)} keys name no layer of it" + (f", e.g. {foreign[0]!r}" if foreign else ""))
+
+
+def _kohya_layers(base: BaseModel) -> dict[str, torch.nn.Module]:
+    """kohya key stem -> linear layer, for the linears of the UNet's transformer (attention) blocks."""
+    per_block = base.unet.config.layers_per_block
+    per_block = per_block if isinstance(per_block, int) else per_block[0]
+    return {kohya_module_name(name, per_block): module for name, module in base.unet.named_modules()
+            if ".attentions." in name and isinstance(module, torch.nn.Linear)}
 
 
 def generate_each(base: BaseModel, fits: dict[str, FitArtifacts], prompts: dict[str, str | list[str]], *,

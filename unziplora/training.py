@@ -41,14 +41,16 @@ class FitResult:
 
 
 def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str | Path | None = None,
-        overwrite: bool = False, progress: bool = True, on_step: StepCallback | None = None) -> FitResult:
+        overwrite: bool = False, progress: bool = True, on_step: StepCallback | None = None,
+        formats=None) -> FitResult:
     """Train the content and style LoRAs of `image` (a path, bytes or binary file).
 
     Pass a loaded `base` to reuse it across fits (the pipeline does); it is left exactly as it was found.
-    With `out_dir`, the files of SPEC section 7 are written there atomically.
+    With `out_dir`, the files of SPEC section 7 are written there atomically; `formats`: the LoRA files'
+    formats (export.DEFAULT_FORMATS, each LoRA once in kohya format, unless given).
     """
     result = fit_many([image], [config], base=base, out_dirs=[out_dir], overwrite=overwrite, progress=progress,
-                      on_steps=[on_step])[0]
+                      on_steps=[on_step], formats=formats)[0]
     if isinstance(result, Exception):
         raise result
     return result
@@ -56,7 +58,7 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
 
 def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None = None,
              out_dirs: list[str | Path | None] | None = None, overwrite: bool = False, progress: bool = True,
-             on_steps: list[StepCallback | None] | None = None) -> list[FitResult | Exception]:
+             on_steps: list[StepCallback | None] | None = None, formats=None) -> list[FitResult | Exception]:
     """Several independent fits on one base model, trained together: one batched UNet pass per step for the
     fits of one resolution and rank (`train_batch`), each ending as it would alone. Returns, per fit, its
     FitResult or the exception that failed it (a bad image, a NaN): one fit's failure is not its mates'.
@@ -64,6 +66,7 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
     from . import export
 
     count = len(images)
+    formats = export.check_formats(formats or export.DEFAULT_FORMATS)
     out_dirs, on_steps = out_dirs or [None] * count, on_steps or [None] * count
     start = time.perf_counter()
     results: list[FitResult | Exception | None] = [None] * count
@@ -94,7 +97,7 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
             results[i] = state.error
             continue
         try:
-            results[i] = _finish(state, prompts, base, timings, out_dirs[i], overwrite, start)
+            results[i] = _finish(state, prompts, base, timings, out_dirs[i], overwrite, start, formats)
         except Exception as exc:
             results[i] = exc
     return results
@@ -160,7 +163,7 @@ def _new_adapter(base: BaseModel, config: FitConfig) -> UnZipLoRA:
 
 
 def _finish(state: "FitState", prompts, base: BaseModel, timings: dict, out_dir, overwrite: bool,
-            start: float) -> FitResult:
+            start: float, formats: tuple[str, ...]) -> FitResult:
     from . import export
 
     config = state.config
@@ -170,7 +173,7 @@ def _finish(state: "FitState", prompts, base: BaseModel, timings: dict, out_dir,
     if timings.get("batch_size", 1) > 1:  # its own share of the batch: encoding, training share, export
         start = time.perf_counter() - timings["encode_s"] - timings["train_s"]
     if out_dir is not None:  # fit.json, written last, holds export_s and total_s too
-        result.out_dir = export.write_fit(result, out_dir, overwrite=overwrite, started=start)
+        result.out_dir = export.write_fit(result, out_dir, overwrite=overwrite, started=start, formats=formats)
     else:
         record["timings"]["total_s"] = time.perf_counter() - start
     return result

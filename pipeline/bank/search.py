@@ -29,7 +29,7 @@ from ..storage import Store, open_url
 from .embedders import TEXT_DEFAULT, load_embedder
 from .index import decode, field_texts, read_meta, read_rows, read_vectors
 
-# Files a fit directory needs for `unziplora generate` (the kohya copies are for other tools).
+# Files a fit directory needs for `unziplora generate` (copies in other formats, where a fit has them, are not).
 FIT_FILES = ("fit.json", "config.yaml", "content_lora.safetensors", "style_lora.safetensors",
              "mergers.safetensors", "masks.safetensors")
 ITEM_ID = re.compile(r"^[0-9a-f]{6,64}$")
