@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from pipeline.job import run_job
-from pipeline.spec import EXECUTORS, JobSpec
+from pipeline.identify import check_job_settings
+from pipeline.spec import EXECUTORS, JobSpec  # plain data: the job itself (Ray, torch, MLflow) loads in run()
 from unziplora import cli
 from unziplora.cli import add_setting_flags, setting_values
 from unziplora.config import read_settings_file, settings
@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
                   preview_subjects=args.preview_subjects, preview_styles=args.preview_styles, scorer=args.scorer,
                   adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
                   recheck=args.recheck, max_failed_fraction=args.max_failed_fraction)
+    job.check()  # a bad flag answers here, before seconds of imports (Ray, torch, MLflow)
+    check_job_settings(job.fit)
+    from pipeline.job import run_job
+
     report = run_job(job, address=args.address, progress=not args.quiet)
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     for failure in report["failures"]:

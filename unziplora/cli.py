@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from .config import FitConfig, check_number, read_settings_file, settings, value_type
-from .errors import UnZipLoRAError
+from .errors import InputError, UnZipLoRAError
 from .redact import scrub
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
@@ -70,8 +71,6 @@ def add_commands(sub) -> None:
 
 
 def _fit(args) -> int:
-    from .training import fit
-
     check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
     if args.threads:
         import torch
@@ -81,8 +80,10 @@ def _fit(args) -> int:
     flags = setting_values(args, settings())
     missing = [n for n in ("content", "style") if n not in from_file and n not in flags]
     if missing:
-        raise SystemExit(f"unziplora fit: give --{' and --'.join(missing)} (or put them in --config)")
+        raise InputError(f"give --{' and --'.join(missing)} (or the same keys in a --config file)")
     config = FitConfig.from_dict({**from_file, **flags})
+    from .training import fit  # torch and diffusers: seconds, so only once the arguments are known to be good
+
     result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
     print(json.dumps(summary))
@@ -107,18 +108,18 @@ def setting_values(args: argparse.Namespace, fields) -> dict:
 
 
 def _generate(args) -> int:
-    from .export import load_fit
-    from .generate import check_same_base, generate
-    from .models import load_base_model_for
-
     check_number("--steps", args.steps, integer=True, minimum=1)
     check_number("--num-images", args.num_images, integer=True, minimum=1)
     check_number("--resolution", args.resolution, integer=True, minimum=1, optional=True)
     check_number("--guidance", args.guidance, optional=True)
+    if not (args.content_from or args.style_from or args.fit_dir):
+        raise InputError("give FIT_DIR, --content-from or --style-from")
+    from .export import load_fit
+    from .generate import check_same_base, generate
+    from .models import load_base_model_for
+
     content = load_fit(args.content_from or args.fit_dir) if (args.content_from or args.fit_dir) else None
     style = load_fit(args.style_from or args.fit_dir) if (args.style_from or args.fit_dir) else None
-    if content is None and style is None:
-        raise SystemExit("unziplora generate: give FIT_DIR, --content-from or --style-from")
     check_same_base(content, style)  # before a base model is loaded
     first = content or style
     # the fit's own base model (a hub model at the commit it was fitted on), unless told otherwise
@@ -137,12 +138,14 @@ def _generate(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for our own progress and errors."""
+    """Keep the terminal for our own progress and errors. Without importing diffusers or transformers (seconds,
+    and `--help` or a bad flag must answer at once): both read their log level from these variables when they
+    are first imported, here or in a local Ray's workers, which inherit the environment."""
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    for library in ("diffusers", "transformers"):
+        os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
+        if library in sys.modules:  # already imported (the tests, a caller of main()): set it directly
+            logging.getLogger(library).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
