@@ -43,7 +43,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--config", help="YAML or TOML file with any of the settings below; flags win")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_setting_flags(p, settings(), "fit settings (also keys of a --config file; flags win)")
     p.set_defaults(run=_fit)
@@ -67,15 +67,44 @@ def add_commands(sub) -> None:
     g.add_argument("--base-model", help="default: the fit's base model")
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", default="bf16")
+    g.add_argument("--threads", type=int, help=THREADS_HELP)
     g.set_defaults(run=_generate)
+
+
+THREADS_HELP = ("CPU threads for torch (default: the cores no other process keeps busy, at least 1, at most "
+                "torch's default; docs/one-image.md#threads)")
+
+
+def default_threads(cores: int | None = None, load: float | None = None, most: int | None = None) -> int:
+    """Torch threads for a command run on this machine: the cores that other processes leave free (the cores this
+    process may use minus the 1-minute load average, rounded), at least 1, at most `most` (torch's own default,
+    one per physical core). Torch's default takes every core even when others are busy, and its threads then
+    wait on each other at every op: on this project's 2-core machine with 2 other busy processes a `toy` fit
+    step took 0.67-0.77 s with 2 threads, 0.11-0.16 s with 1 (docs/one-image.md#threads). A machine nobody
+    else uses gets torch's default, which larger models (SDXL on a CPU) need."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, round(cores - load))
+    return min(free, most) if most else free
+
+
+def set_threads(threads: int | None, say: str | None = None) -> int:
+    """Set torch's threads: `threads` (--threads), else default_threads(). With `say` (the command's name), one
+    line on stderr names the count, so that the cause of a slow run is visible."""
+    import torch
+
+    chosen = threads or default_threads(most=torch.get_num_threads())
+    torch.set_num_threads(chosen)
+    if say:
+        how = "--threads" if threads else "the cores other processes leave free; --threads N to choose"
+        print(f"unziplora {say}: {chosen} torch thread{'s' if chosen > 1 else ''} ({how})", file=sys.stderr)
+    return chosen
 
 
 def _fit(args) -> int:
     check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     from_file = read_settings_file(args.config) if args.config else {}
     flags = setting_values(args, settings())
     missing = [n for n in ("content", "style") if n not in from_file and n not in flags]
@@ -84,6 +113,7 @@ def _fit(args) -> int:
     config = FitConfig.from_dict({**from_file, **flags})
     from .training import fit  # torch and diffusers: seconds, so only once the arguments are known to be good
 
+    set_threads(args.threads, say=None if args.quiet else "fit")
     result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
     print(json.dumps(summary))
@@ -112,12 +142,14 @@ def _generate(args) -> int:
     check_number("--num-images", args.num_images, integer=True, minimum=1)
     check_number("--resolution", args.resolution, integer=True, minimum=1, optional=True)
     check_number("--guidance", args.guidance, optional=True)
+    check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
     if not (args.content_from or args.style_from or args.fit_dir):
         raise InputError("give FIT_DIR, --content-from or --style-from")
     from .export import load_fit
     from .generate import check_same_base, generate
     from .models import load_base_model_for
 
+    set_threads(args.threads)  # silent: an error of generate's is one line on stderr
     content = load_fit(args.content_from or args.fit_dir) if (args.content_from or args.fit_dir) else None
     style = load_fit(args.style_from or args.fit_dir) if (args.style_from or args.fit_dir) else None
     check_same_base(content, style)  # before a base model is loaded
