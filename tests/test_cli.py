@@ -120,6 +120,15 @@ def test_fit_says_its_threads_and_shows_seconds_per_step(sample_image, tmp_path,
     err = capsys.readouterr().err
     assert "unziplora fit: 1 torch thread (the cores other processes leave free; --threads N to choose)" in err
     assert "s/step" in err  # the bar, drawn at least at its start
+    # the last lines: the resolution it trained at, when the image had another size, and what to run next
+    from PIL import Image
+
+    size = Image.open(sample_image).size
+    said = f"unziplora fit: trained at 64 px on the shorter side (the base model's, or --resolution), from a " \
+           f"{size[0]}x{size[1]} image"
+    assert min(size) == 80 and said in err
+    assert f"unziplora generate {tmp_path / 'a'} --out combined.png" in err
+    assert f"--style-from {tmp_path / 'a'} --prompt 'A dog in ink style' --out style.png" in err
     assert main(["fit", str(sample_image), "--content", "sks dog", "--style", "ink", "--steps", "3", "--rank", "2",
                  "--out", str(tmp_path / "b"), "--threads", "1"]) == 0
     assert "unziplora fit: 1 torch thread (--threads)" in capsys.readouterr().err

@@ -116,8 +116,37 @@ def _fit(args) -> int:
     set_threads(args.threads, say=None if args.quiet else "fit")
     result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+    if not args.quiet:
+        print(fit_next_steps(args.image, result.out_dir, result.record), file=sys.stderr)
     return 0
+
+
+def fit_next_steps(image, out_dir, record: dict) -> str:
+    """After a fit, for a person: the resolution it trained at when the image had another size, and the
+    `generate` commands that show the two LoRAs."""
+    import shlex
+
+    from PIL import Image
+
+    lines = []
+    resolution = record["settings"].get("resolution")
+    try:
+        with Image.open(image) as im:
+            width, height = im.size
+        if resolution and min(width, height) != resolution:
+            lines.append(f"unziplora fit: trained at {resolution} px on the shorter side (the base model's, or "
+                         f"--resolution), from a {width}x{height} image")
+    except (OSError, ValueError):  # a URL or stream: no size to compare
+        pass
+    out, style_prompt = shlex.quote(str(out_dir)), record["prompts"]["style"]
+    lines += ["next:",
+              f"  unziplora generate {out} --out combined.png                 # content and style together",
+              f"  unziplora generate --content-from {out} --out content.png   # the subject alone",
+              f"  unziplora generate --style-from {out} --prompt {shlex.quote(style_prompt)} --out style.png",
+              "  (another subject in the style prompt shows the style alone; --content-from A --style-from B "
+              "recombines two fits)"]
+    return "\n".join(lines)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields, title: str) -> None:
