@@ -78,6 +78,8 @@ def test_help_of_the_command_and_every_subcommand_imports_nothing_heavy():
     (["forget", "lib"], "error: name the sources to forget"),
     (["repair", "lib", "--wait-for-library", "-1"], "error: --wait-for-library must be"),
     (["decompose", "--input", "in"], "the following arguments are required: --output"),
+    (["ui", "no-such-library"], "error: no MLflow store at"),
+    (["ui", "lib", "--port", "0"], "error: --port must be"),
 ])
 def test_bad_arguments_are_refused_before_any_heavy_import(argv, says):
     [r] = probe([argv])
