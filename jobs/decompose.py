@@ -111,7 +111,12 @@ def run(args: argparse.Namespace) -> int:
     check_job_settings(job.fit)
     from pipeline.job import run_job
 
+    connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's Ray (tests) stays
     report = run_job(job, address=args.address, progress=not args.quiet)
+    if not connected and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        # the job's own Ray (a local cluster stops): now rather than at exit, so that its workers' last log
+        # lines come before the report and the next steps, not after them
+        sys.modules["ray"].shutdown()
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1), flush=True)
     for failure in report["failures"]:
         print(f"failed: {failure['source_uri']}: {failure['error'].splitlines()[0]}", file=sys.stderr)
