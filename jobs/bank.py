@@ -71,7 +71,6 @@ def _build(args) -> int:
 
 
 def _query(args, k):
-    from pipeline.bank import Bank
     from unziplora.config import check_number
 
     for flag in ("min_style_score", "min_content_score", "max_leak"):
@@ -80,6 +79,7 @@ def _query(args, k):
         check_number("--top", args.top, integer=True, minimum=1)
     else:
         check_number("--limit", args.limit, integer=True, minimum=0)
+    from pipeline.bank import Bank  # NumPy and the embedders: only once the flags are known to be good
 
     bank = Bank(args.library, args.storage_options)
     filters = dict(status=None if args.status == "any" else args.status.split(","), class_word=args.class_word,
@@ -162,7 +162,9 @@ def resolve_fits(args):
             setattr(args, f"{kind}_from", ref)
             continue
         if not args.bank:
-            raise SystemExit(f"unziplora generate: --{kind} {ref!r} is not a fit directory; give --bank LIBRARY "
+            from unziplora.errors import InputError
+
+            raise InputError(f"--{kind} {ref!r} is not a fit directory; give --bank LIBRARY "
                              "to look it up in a library")
         if bank is None:
             from pipeline.bank import Bank

@@ -7,7 +7,7 @@ import sys
 
 from unziplora import cli as single_image
 
-from . import bank, decompose, forget, registry, repair
+from . import bank, decompose, forget, registry, repair, ui
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     decompose.add_arguments(d)
     d.set_defaults(run=decompose.run)
     registry.add_commands(sub)  # `registry search|get|sync`: LoRAs in the MLflow model registry
+    ui.add_commands(sub)  # `ui LIBRARY`: the MLflow UI on a library's store
     bank.add_commands(sub)  # `bank ...`, and `generate --content/--style` resolved through a bank
     forget.add_commands(sub)  # `forget`: remove sources from a library's manifest
     repair.add_commands(sub)  # `repair`: rebuild a manifest part that cannot be read

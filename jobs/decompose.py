@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
-from pipeline.job import run_job
-from pipeline.spec import EXECUTORS, JobSpec
+from pipeline.identify import check_job_settings
+from pipeline.spec import EXECUTORS, JobSpec  # plain data: the job itself (Ray, torch, MLflow) loads in run()
 from unziplora import cli
 from unziplora.cli import add_setting_flags, setting_values
 from unziplora.config import DEFAULT_FORMATS, LORA_FORMATS, read_settings_file, settings
@@ -121,13 +122,59 @@ def run(args: argparse.Namespace) -> int:
                   recheck=args.recheck, max_failed_fraction=args.max_failed_fraction, lora_formats=args.formats,
                   candidates=args.candidates, max_candidates=args.max_candidates,
                   min_split_score=args.min_split_score)
+    job.check()  # a bad flag answers here, before seconds of imports (Ray, torch, MLflow)
+    check_job_settings(job.fit)
+    from pipeline.job import run_job
+
+    connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's Ray (tests) stays
     report = run_job(job, address=args.address, progress=not args.quiet)
-    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
+    if not connected and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        # the job's own Ray (a local cluster stops): now rather than at exit, so that its workers' last log
+        # lines come before the report and the next steps, not after them
+        sys.modules["ray"].shutdown()
+    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1), flush=True)
     for failure in report["failures"]:
         print(f"failed: {failure['source_uri']}: {failure['error'].splitlines()[0]}", file=sys.stderr)
     if report["exit_code"]:
         print(f"exit status {report['exit_code']}: {report['exit_reason']}", file=sys.stderr)
+    if not args.quiet:
+        print(next_steps(report), file=sys.stderr)
     return report["exit_code"]
+
+
+def next_steps(report: dict) -> str:
+    """The job's last lines, for a person: what this run did, and the commands that show the library (its
+    fits, a gallery, the MLflow UI, looking an item up, using one). Stdout keeps only the JSON report."""
+    library = report["output"]
+    q = shlex.quote(library)
+    local = "://" not in library
+    gallery = shlex.quote((library.rstrip("/") if local else library.rstrip("/").rsplit("/", 1)[-1]) + "-gallery")
+    counts = (f"{report['inputs']} inputs: {report['fits_this_run']} fitted now, {report['already_complete']} "
+              f"already complete, {report['skipped']} duplicates, {report['failed']} failed")
+    if report.get("fits_per_hour"):
+        counts += f"; {report['fits_per_hour']:g} fits/hour, executor efficiency {report['efficiency']:g}"
+    tracking = report.get("tracking") or {}
+    if not tracking.get("enabled"):
+        ui = "tracking was off (--no-tracking, or a remote --output without --tracking-uri)"
+    elif (tracking.get("tracking_uri") or "").startswith(("http://", "https://")):
+        ui = f"open {tracking['tracking_uri']} (or: unziplora ui {q})"
+    else:
+        ui = f"unziplora ui {q}    (starts `mlflow ui` on the library's store, names the page)"
+    lines = [
+        f"done: {counts}",
+        f"  this run's report: {library}/reports/{report['run_id']}.json",
+        "next:",
+        f"  the fits       {library}/items/<item id>/: LoRA files, README.md (model card), previews;"
+        f" one row per input in {library}/manifest/*.parquet",
+        f"  a gallery      unziplora bank build {q} && unziplora bank gallery {q} --out {gallery}"
+        f"    then open {gallery}/index.html",
+        f"  MLflow         {ui}",
+        f"  look one up    unziplora bank search {q} 'WORDS OF A STYLE'    (after bank build; --json for every column)",
+        f"  use two        unziplora generate --bank {q} --content ITEM_ID --style 'WORDS OF A STYLE' --out x.png",
+    ]
+    if tracking.get("enabled") and tracking.get("tracking_uri"):
+        lines.insert(-1, f"                 unziplora registry search WORDS --tracking-uri {shlex.quote(tracking['tracking_uri'])}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,11 +22,11 @@ def add_commands(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.forget import forget_sources
-
     check_number("--wait-for-library", args.wait_for_library, minimum=0)
     if not args.prefixes and not args.missing:
         raise InputError("name the sources to forget (PREFIX ...) or give --missing")
+    from pipeline.forget import forget_sources
+
     print(json.dumps(forget_sources(args.library, args.prefixes, missing=args.missing, dry_run=args.dry_run,
                                     storage_options=args.storage_options, wait_s=args.wait_for_library)))
     return 0

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 from pipeline.registry_names import KINDS, item_alias
-from pipeline.sync import sync_library
-from pipeline.tracking import literal, redact
 from unziplora.config import check_number
 from unziplora.errors import InputError
+from unziplora.redact import redact
 
 SEARCHED_TAGS = ("style", "content", "class_word", "prompt")
 
@@ -58,7 +57,7 @@ def add_commands(sub) -> None:
 def _client(args):
     if not args.tracking_uri:
         raise InputError("give --tracking-uri (or set MLFLOW_TRACKING_URI), e.g. sqlite:///out/library/mlflow.db")
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # seconds to import: only once the arguments are known to be good
 
     return MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
 
@@ -66,6 +65,7 @@ def _client(args):
 def search(args: argparse.Namespace) -> int:
     check_number("--limit", args.limit, integer=True, minimum=1)
     client = _client(args)
+    from pipeline.tracking import literal
     text = args.text
     scope = f" AND name LIKE {literal(args.library + '-%')}" if args.library else ""
     found = {}
@@ -92,6 +92,8 @@ def search(args: argparse.Namespace) -> int:
 
 def resolve(client, spec: str):
     """NAME@ALIAS, NAME/VERSION, NAME (its latest version) or models:/... -> the model version."""
+    from pipeline.tracking import literal
+
     spec = spec.removeprefix("models:/")
     if "@" in spec:
         return client.get_model_version_by_alias(*spec.split("@", 1))
@@ -107,9 +109,9 @@ def get(args: argparse.Namespace) -> int:
     """The version's LoRA file (and its other formats', where the fit has them), fit.json, config.yaml and
     preview; a version whose source
     is the item's whole folder in the library yields only its own kind's files."""
+    client = _client(args)
     import mlflow.artifacts
 
-    client = _client(args)
     version = resolve(client, args.spec)
     root = client.get_model_version_download_uri(version.name, version.version)
     kind = version.tags.get("kind")
@@ -132,6 +134,8 @@ def get(args: argparse.Namespace) -> int:
 
 def sync(args: argparse.Namespace) -> int:
     check_number("--wait-for-library", args.wait_for_library, minimum=0)
+    from pipeline.sync import sync_library
+
     summary = sync_library(args.library_uri, tracking_uri=args.tracking_uri, library=args.library,
                            storage_options=args.storage_options, log_lora_artifacts=args.log_lora_artifacts,
                            everything=args.everything, wait_s=args.wait_for_library)

@@ -47,12 +47,20 @@ def job_figure(rows: list[dict], run_id: str):
     fitted = sorted((r["total_s"] or 0 for r in rows if r["status"] == "ok" and r.get("run_id") == run_id),
                     reverse=True)
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
-    figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
-    left.bar(range(len(fitted)), fitted, color="#1f77b4")
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100, gridspec_kw={"width_ratios": [2.2, 1]})
+    left.bar(range(1, len(fitted) + 1), fitted, color="#1f77b4")
     left.set(xlabel="fits of this run (slowest first)", ylabel="fit time (s)")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))  # fit 1, 2, 3: no 0.5
     left.grid(axis="y", alpha=0.3)
+    if not fitted:  # a job whose fits all failed: say so, rather than axes of made-up ticks
+        left.text(0.5, 0.5, "no fit completed in this run", ha="center", va="center", transform=left.transAxes)
+        left.set_xticks([]), left.set_yticks([])
     right.bar(list(statuses), list(statuses.values()), color=["#2ca02c", "#d62728", "#999"])
-    right.set(ylabel="items")
+    right.set(ylabel="inputs")
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of inputs are whole
+    right.tick_params(axis="x", labelsize=8)
     figure.suptitle(f"job {run_id}", fontsize=9)
     figure.tight_layout()
     return figure

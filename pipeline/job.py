@@ -111,8 +111,8 @@ def _fit_and_report(job: JobSpec, inputs: Inputs, plan: "Plan", index: dict, pre
     kept = [row for uri, row in index.items() if uri not in sources]
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
     parts = write_manifest(store, rows + kept, job.run_id, previous)
-    report = summarize(job, rows, wall, parts) | inputs.notes() | {"library_rows": len(rows) + len(kept),
-                                                                   "refitted_markers": len(plan.refit)}
+    report = summarize(job, rows, wall, parts, plan.complete) | inputs.notes() | {
+        "library_rows": len(rows) + len(kept), "refitted_markers": len(plan.refit)}
     report |= outcome(job, report)
     report["tracking"] = end_job(job, report, rows)
     if progress and report["tracking"].get("parent_run_id") and not report["tracking"].get("closed"):
@@ -318,19 +318,22 @@ def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str
     return list(rows.values())
 
 
-def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str]) -> dict:
-    """Counts, fits per hour and executor efficiency (summed fit time / (wall x workers)) of this run."""
+def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str], complete: int = 0) -> dict:
+    """Counts, fits per hour and executor efficiency (summed fit time / (wall x workers)) of this run.
+    `ok`, `failed`, `skipped` count the rows by status (`skipped`: duplicates of another input);
+    `fits_this_run` the fits made now, `already_complete` the items a previous run had fitted (`complete`)."""
     # the files of these were made by this run (a group restart's re-stream only reuses them)
     fitted = [r for r in rows if r["status"] == "ok" and r.get("run_id") == job.run_id]
     fit_time = sum(r["total_s"] or 0 for r in fitted)
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     return {
         "run_id": job.run_id, "executor": job.executor, "workers": job.workers, "inputs": len(rows),
-        **statuses, "fits_this_run": len(fitted),
+        **statuses, "fits_this_run": len(fitted), "already_complete": complete,
         "redone_fits": sum(max(0, (r["attempts"] or 1) - 1) for r in fitted),
         "wall_s": round(wall_s, 2), "fit_s": round(fit_time, 2),
-        "efficiency": round(fit_time / (wall_s * job.workers), 3) if wall_s > 0 else None,
-        "fits_per_hour": round(3600 * len(fitted) / wall_s, 1) if wall_s > 0 else None,
+        # rates of a run that fitted nothing are no figures (null, not 0.0)
+        "efficiency": round(fit_time / (wall_s * job.workers), 3) if wall_s > 0 and fitted else None,
+        "fits_per_hour": round(3600 * len(fitted) / wall_s, 1) if wall_s > 0 and fitted else None,
         "manifest": parts, "output": redact(job.output),
         "failures": [{"source_uri": r["source_uri"], "error": (r["error"] or "")[:300]}
                      for r in rows if r["status"] == "failed"],

@@ -30,6 +30,10 @@ from .scoring import checked
 
 SEED = 0
 PANELS = 3  # subjects (styles) per preview
+# panels smaller than this are stored enlarged by a whole factor, each pixel a square block (nearest neighbour:
+# nothing made up), so that a 32 px toy preview is not a speck in the MLflow UI, the model card or the gallery;
+# the scores are computed from the panels as sampled
+MIN_PANEL_PX = 256
 
 
 def preview_prompts(config: FitConfig, subjects: tuple[str, ...] | list[str], styles: tuple[str, ...] | list[str],
@@ -43,13 +47,14 @@ def preview_prompts(config: FitConfig, subjects: tuple[str, ...] | list[str], st
             "style": [f"A {subject} in {config.style.strip()} style" for subject in subjects]}
 
 
-def strip(images: list[Image.Image]) -> Image.Image:
-    """Panels side by side."""
+def strip(images: list[Image.Image], min_height: int = MIN_PANEL_PX) -> Image.Image:
+    """Panels side by side, enlarged by the smallest whole factor that makes them at least `min_height` tall."""
     width, height = images[0].size
+    scale = max(1, -(-min_height // height))
     out = Image.new("RGB", (width * len(images), height))
     for i, image in enumerate(images):
         out.paste(image.convert("RGB"), (i * width, 0))
-    return out
+    return out if scale == 1 else out.resize((out.width * scale, out.height * scale), Image.NEAREST)
 
 
 def write_previews(base, fit_dir: Path, steps: int, *, subjects=None, styles=None, scorer=None,

@@ -21,6 +21,7 @@ from pipeline.bank.search import FIT_FILES
 from pipeline.manifest import empty_row, write_manifest
 from pipeline.registry_names import model_uri
 from pipeline.storage import Store
+from unziplora.errors import InputError
 
 WATERCOLOR = ["loose watercolor wash with black ink linework", "watercolor painting with pen and ink outlines"]
 OTHERS = ["neon cyberpunk city glow", "thick impasto oil painting", "8-bit pixel art", "low-poly 3D render",
@@ -300,7 +301,7 @@ def test_cli_build_search_and_generate_resolution(library, tmp_path, capsys, mon
     style_dir = Path(seen["style_from"])
     assert json.loads(capsys.readouterr().err.splitlines()[-1])["text"] in WATERCOLOR
     assert (style_dir / "style_lora.safetensors").read_bytes().startswith(b"style_lora.safetensors of")
-    with pytest.raises(SystemExit, match="not a fit directory"):
+    with pytest.raises(InputError, match="not a fit directory"):
         args = parser.parse_args(["generate", "--style", "watercolor", "--out", str(tmp_path / "y.png")])
         args.run(args)
 

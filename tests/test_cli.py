@@ -1,6 +1,7 @@
 """The command line, settings files, prompts and bad input: clear errors, nothing half-written."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch
 import yaml
 
 from unziplora import FitConfig, InputError, fit, load_base_model, load_fit
-from unziplora.cli import main
+from unziplora.cli import default_threads, main
 
 
 def test_prompts_are_derived_from_trigger_and_style():
@@ -94,8 +95,46 @@ def test_cli_errors_are_clear_and_write_nothing(sample_image, tmp_path, capsys):
                  "--style", "c", "--out", str(tmp_path / "o")]) == 2
     assert "unknown settings ['colour']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    with pytest.raises(SystemExit, match="--style"):
-        main(["fit", str(sample_image), "--content", "sks dog", "--out", str(tmp_path / "o")])
+    assert main(["fit", str(sample_image), "--content", "sks dog", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "error: give --style (or the same keys in a --config file)"
+
+
+def test_default_threads_are_the_cores_others_leave_free():
+    assert default_threads(cores=2, load=2.3, most=2) == 1  # a busy 2-core machine: 1 (measured ~5x faster)
+    assert default_threads(cores=2, load=1.2, most=2) == 1
+    assert default_threads(cores=2, load=0.2, most=2) == 2  # nobody else: torch's default
+    assert default_threads(cores=16, load=3.0, most=8) == 8  # never more than torch's default
+    assert default_threads(cores=16, load=40.0, most=8) == 1  # never fewer than one
+    assert 1 <= default_threads() <= (os.cpu_count() or 1)  # this machine's
+
+
+def test_fit_says_its_threads_and_shows_seconds_per_step(sample_image, tmp_path, capsys):
+    from tqdm import tqdm
+
+    from unziplora.training import BAR_FORMAT
+
+    for n, elapsed, says in ((10, 20.0, "2.00s/step"), (10, 0.5, "0.05s/step"), (0, 0.0, "?s/step")):
+        assert says in tqdm.format_meter(n, 600, elapsed, unit="step", bar_format=BAR_FORMAT, prefix="unziplora fit")
+    assert main(["fit", str(sample_image), "--content", "sks dog", "--style", "ink", "--steps", "3", "--rank", "2",
+                 "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "unziplora fit: 1 torch thread (the cores other processes leave free; --threads N to choose)" in err
+    assert "s/step" in err  # the bar, drawn at least at its start
+    # the last lines: the resolution it trained at, when the image had another size, and what to run next
+    from PIL import Image
+
+    size = Image.open(sample_image).size
+    said = f"unziplora fit: trained at 64 px on the shorter side (the base model's, or --resolution), from a " \
+           f"{size[0]}x{size[1]} image"
+    assert min(size) == 80 and said in err
+    assert f"unziplora generate {tmp_path / 'a'} --out combined.png" in err
+    assert f"--style-from {tmp_path / 'a'} --prompt 'A dog in ink style' --out style.png" in err
+    assert main(["fit", str(sample_image), "--content", "sks dog", "--style", "ink", "--steps", "3", "--rank", "2",
+                 "--out", str(tmp_path / "b"), "--threads", "1"]) == 0
+    assert "unziplora fit: 1 torch thread (--threads)" in capsys.readouterr().err
+    assert main(["fit", str(sample_image), "--content", "sks dog", "--style", "ink", "--steps", "3", "--rank", "2",
+                 "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_generate_writes_pngs(tiny_base, sample_image, tmp_path):

@@ -204,10 +204,23 @@ def test_local_folders_and_cli(ray_cluster, tmp_path, capsys):
         "their rows say why (`failures`)" and f"exit status 3: {report['exit_reason']}\n" in captured.err
     # a tolerated share of failed inputs is a success (the undecodable images are tried again, and fail again)
     assert main(["decompose", "--input", str(tmp_path / "in"), "--output", str(out), "--steps", "4", "--rank", "2",
-                 "--preview-steps", "2", "--quiet", "--max-failed-fraction", "0.5"]) == 0
-    again, _ = json.JSONDecoder().raw_decode(capsys.readouterr().out)
+                 "--preview-steps", "2", "--max-failed-fraction", "0.5"]) == 0
+    captured = capsys.readouterr()
+    again, _ = json.JSONDecoder().raw_decode(captured.out)  # stdout: the JSON report alone
     assert again["fits_this_run"] == 0 and again["exit_reason"] == "3 of 6 inputs failed (50 %), within " \
         "--max-failed-fraction 0.5", again
+    # a re-run that fits nothing new: its counts say so, and no rate of nothing (a re-run with nothing at all to
+    # fit opens no MLflow run: test_reliability; this one tries the undecodable images again)
+    assert (again["ok"], again["already_complete"], again["skipped"]) == (2, 2, 1), again
+    assert again["efficiency"] is None and again["fits_per_hour"] is None
+    # the last lines say what it did and what to do next, with commands for this library
+    tail = captured.err[captured.err.index("done: "):]
+    assert tail.startswith("done: 6 inputs: 0 fitted now, 2 already complete, 1 duplicates, 3 failed\n"), tail
+    for says in (f"{out}/items/<item id>/", f"unziplora bank gallery {out} --out {out}-gallery",
+                 f"then open {out}-gallery/index.html", f"unziplora ui {out}", f"unziplora bank search {out} ",
+                 f"unziplora registry search WORDS --tracking-uri sqlite:///{out}/mlflow.db",
+                 f"unziplora generate --bank {out} --content ITEM_ID"):
+        assert says in tail, (says, tail)
 
     named = check_rows(read_manifest(str(out)).to_pylist(), data, str(tmp_path / "in"))
     for name in data.names("ok"):
@@ -218,6 +231,22 @@ def test_local_folders_and_cli(ray_cluster, tmp_path, capsys):
     assert pq.read_table(parts[0]).num_rows == len(data.images)
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/manifest/*.parquet') WHERE status = 'ok'").fetchall()[0] == (2,)
     assert json.loads((out / "reports" / f"{report['run_id']}.json").read_text())["ok"] == 2
+
+
+def test_next_steps_of_a_remote_or_untracked_library():
+    from jobs.decompose import next_steps
+
+    report = {"output": "s3://bucket/lib", "run_id": "R", "inputs": 3, "fits_this_run": 3, "already_complete": 0,
+              "skipped": 0, "failed": 0, "fits_per_hour": 120.0, "efficiency": 0.9,
+              "tracking": {"enabled": True, "tracking_uri": "http://mlflow:5000"}}
+    text = next_steps(report)
+    assert text.startswith("done: 3 inputs: 3 fitted now, 0 already complete, 0 duplicates, 0 failed; 120 "
+                           "fits/hour, executor efficiency 0.9\n  this run's report: s3://bucket/lib/reports/R.json")
+    assert "--out lib-gallery    then open lib-gallery/index.html" in text  # a local folder for a remote library
+    assert "MLflow         open http://mlflow:5000 (or: unziplora ui s3://bucket/lib)" in text
+    untracked = next_steps(report | {"output": "/data/my lib", "tracking": {"enabled": False}})
+    assert "unziplora bank build '/data/my lib'" in untracked and "MLflow         tracking was off" in untracked
+    assert "registry search" not in untracked
 
 
 def test_rerun_keeps_the_real_error_of_an_undecodable_image(ray_cluster, tmp_path):

@@ -147,8 +147,11 @@ def test_toy_previews_show_each_lora_away_from_its_source(toy_fit):
     base, folder, source = toy_fit
     out = write_previews(base, folder, steps=2, scorer=load_scorer("toy"), source=source)
     assert set(out["files"]) == {"preview_content.png", "preview_style.png", "previews.json", "scores.json"}
-    for kind in KINDS:  # a strip of three 32 px panels
-        assert Image.open(folder / f"preview_{kind}.png").size == (3 * 32, 32)
+    for kind in KINDS:  # a strip of three 32 px panels, stored 8x (256 px) so that one sees them
+        shown = Image.open(folder / f"preview_{kind}.png")
+        assert shown.size == (3 * 256, 256)
+        panel = shown.crop((0, 0, 256, 256))  # each sampled pixel an 8x8 block: nothing made up
+        assert panel.resize((32, 32), Image.NEAREST).resize((256, 256), Image.NEAREST).tobytes() == panel.tobytes()
     shown = json.loads((folder / "previews.json").read_text())["prompts"]
     assert shown["style"] == ["A circle in dotted style", "A square in dotted style", "A triangle in dotted style"]
     assert all("sks star" in p and "dotted" not in p for p in shown["content"])
@@ -167,7 +170,7 @@ def test_previews_with_own_subjects_and_styles(toy_fit):
     write_previews(base, folder, steps=1, subjects=["heart"], styles=["flat", "dotted"])
     assert json.loads((folder / "previews.json").read_text())["prompts"] == {
         "content": ["A sks star in flat style"], "style": ["A heart in dotted style"]}
-    assert Image.open(folder / "preview_style.png").size == (32, 32)
+    assert Image.open(folder / "preview_style.png").size == (256, 256)
 
 
 def test_routed_generation_takes_one_prompt(toy_fit):

@@ -117,7 +117,7 @@ def test_style_judge_is_the_banks_image_embedder():
     assert embedder.embed([]).shape == (0, 64)
 
 
-def test_bank_built_with_the_style_judge_finds_an_examples_style(tmp_path):
+def test_bank_built_with_the_style_judge_finds_an_examples_style(tmp_path, capsys):
     """A toy-world library (source PNGs and manifest rows, no fits): an unseen image of style X finds X's items."""
     import hashlib
     import io
@@ -142,9 +142,19 @@ def test_bank_built_with_the_style_judge_finds_an_examples_style(tmp_path):
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(data)
             rows.append(empty_row(str(path)) | {"item_id": sha, "image_sha256": sha, "status": "ok",
-                                                "content": f"sks {f.shape}", "style": world.STYLES[style]})
+                                                "content": f"sks {f.shape}", "style": world.STYLES[style],
+                                                "base_model": "toy"})
     write_manifest(Store(str(root)), rows, "run-a")
-    summary = build_bank(str(root), text_embedder=None, image_embedders=["toyworld.judges:StyleEmbedder"])
+    # before any image vectors: one line that names the command to run, in the CLI's words
+    from jobs.cli import main
+
+    example = tmp_path / "example.png"
+    example.write_bytes(png(world.sample_batch(np.random.default_rng(5), 1, style=world.STYLE_NAMES[0]).images[0]))
+    assert main(["bank", "search", str(root), "--image", str(example)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: the bank of {root} has no image vectors to match an example image against: run " \
+                  f"`unziplora bank build {root} --image-embedder toy` first (the toy world's style judge, offline)\n"
+    summary = build_bank(str(root), text_embedder=None, image_embedders=["toy"])  # the short spec of the judge
     assert summary["added"] == {"toy-style-judge": len(rows)} and summary["unreadable_images"] == 0
     bank = Bank(str(root))
     assert bank.meta["embedders"]["toy-style-judge"]["spec"] == "toyworld.judges:StyleEmbedder"
@@ -152,6 +162,11 @@ def test_bank_built_with_the_style_judge_finds_an_examples_style(tmp_path):
     for style in world.STYLE_NAMES:
         hits = bank.search(image=png(world.sample_batch(rng, 1, style=style).images[0]), k=1)  # embedder from bank.json
         assert hits[0]["style"] == world.STYLES[style], (style, hits[0]["style"], hits[0]["score"])
+    assert main(["bank", "search", str(root), "--image", str(example), "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["style"] == world.STYLES[world.STYLE_NAMES[0]]
+    assert main(["bank", "search", str(root), "--image", str(example), "--image-embedder", "tiny"]) == 2
+    assert capsys.readouterr().err == f"error: the bank of {root} holds no image vectors of tiny:0: run " \
+                                      f"`unziplora bank build {root} --image-embedder tiny:0`\n"
 
 
 def test_training_script_writes_a_pipeline_our_loader_reads(tmp_path, monkeypatch):

@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from .config import DEFAULT_FORMATS, LORA_FORMATS, FitConfig, check_number, read_settings_file, settings, value_type
-from .errors import UnZipLoRAError
+from .errors import InputError, UnZipLoRAError
 from .redact import scrub
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
@@ -42,7 +43,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--config", help="YAML or TOML file with any of the settings below; flags win")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS), metavar="FORMAT[,FORMAT]",
                    help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: "
@@ -77,27 +78,59 @@ def add_commands(sub) -> None:
     g.add_argument("--base-model", help="default: the fit's base model")
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", default="bf16")
+    g.add_argument("--threads", type=int, help=THREADS_HELP)
     g.set_defaults(run=_generate)
 
 
+THREADS_HELP = ("CPU threads for torch (default: the cores no other process keeps busy, at least 1, at most "
+                "torch's default; docs/one-image.md#threads)")
+
+
+def default_threads(cores: int | None = None, load: float | None = None, most: int | None = None) -> int:
+    """Torch threads for a command run on this machine: the cores that other processes leave free (the cores this
+    process may use minus the 1-minute load average, rounded), at least 1, at most `most` (torch's own default,
+    one per physical core). Torch's default takes every core even when others are busy, and its threads then
+    wait on each other at every op: on this project's 2-core machine with 2 other busy processes a `toy` fit
+    step took 0.67-0.77 s with 2 threads, 0.11-0.16 s with 1 (docs/one-image.md#threads). A machine nobody
+    else uses gets torch's default, which larger models (SDXL on a CPU) need."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, round(cores - load))
+    return min(free, most) if most else free
+
+
+def set_threads(threads: int | None, say: str | None = None) -> int:
+    """Set torch's threads: `threads` (--threads), else default_threads(). With `say` (the command's name), one
+    line on stderr names the count, so that the cause of a slow run is visible."""
+    import torch
+
+    chosen = threads or default_threads(most=torch.get_num_threads())
+    torch.set_num_threads(chosen)
+    if say:
+        how = "--threads" if threads else "the cores other processes leave free; --threads N to choose"
+        print(f"unziplora {say}: {chosen} torch thread{'s' if chosen > 1 else ''} ({how})", file=sys.stderr)
+    return chosen
+
+
 def _fit(args) -> int:
-    from .training import fit
-
     check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     from_file = read_settings_file(args.config) if args.config else {}
     flags = setting_values(args, settings())
     missing = [n for n in ("content", "style") if n not in from_file and n not in flags]
     if missing:
-        raise SystemExit(f"unziplora fit: give --{' and --'.join(missing)} (or put them in --config)")
+        raise InputError(f"give --{' and --'.join(missing)} (or the same keys in a --config file)")
     config = FitConfig.from_dict({**from_file, **flags})
+    from .training import fit  # torch and diffusers: seconds, so only once the arguments are known to be good
+
+    set_threads(args.threads, say=None if args.quiet else "fit")
     result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet,
                  formats=args.formats)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+    if not args.quiet:
+        print(fit_next_steps(args.image, result.out_dir, result.record), file=sys.stderr)
     return 0
 
 
@@ -109,6 +142,33 @@ def _export(args) -> int:
     paths = [export_lora(fit, kind, args.format, args.out or fit.path) for kind in kinds]
     print(json.dumps({"files": [str(p) for p in paths]}))
     return 0
+
+
+def fit_next_steps(image, out_dir, record: dict) -> str:
+    """After a fit, for a person: the resolution it trained at when the image had another size, and the
+    `generate` commands that show the two LoRAs."""
+    import shlex
+
+    from PIL import Image
+
+    lines = []
+    resolution = record["settings"].get("resolution")
+    try:
+        with Image.open(image) as im:
+            width, height = im.size
+        if resolution and min(width, height) != resolution:
+            lines.append(f"unziplora fit: trained at {resolution} px on the shorter side (the base model's, or "
+                         f"--resolution), from a {width}x{height} image")
+    except (OSError, ValueError):  # a URL or stream: no size to compare
+        pass
+    out, style_prompt = shlex.quote(str(out_dir)), record["prompts"]["style"]
+    lines += ["next:",
+              f"  unziplora generate {out} --out combined.png                 # content and style together",
+              f"  unziplora generate --content-from {out} --out content.png   # the subject alone",
+              f"  unziplora generate --style-from {out} --prompt {shlex.quote(style_prompt)} --out style.png",
+              "  (another subject in the style prompt shows the style alone; --content-from A --style-from B "
+              "recombines two fits)"]
+    return "\n".join(lines)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, fields, title: str) -> None:
@@ -129,18 +189,20 @@ def setting_values(args: argparse.Namespace, fields) -> dict:
 
 
 def _generate(args) -> int:
-    from .export import load_fit
-    from .generate import check_same_base, generate
-    from .models import load_base_model_for
-
     check_number("--steps", args.steps, integer=True, minimum=1)
     check_number("--num-images", args.num_images, integer=True, minimum=1)
     check_number("--resolution", args.resolution, integer=True, minimum=1, optional=True)
     check_number("--guidance", args.guidance, optional=True)
+    check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
+    if not (args.content_from or args.style_from or args.fit_dir):
+        raise InputError("give FIT_DIR, --content-from or --style-from")
+    from .export import load_fit
+    from .generate import check_same_base, generate
+    from .models import load_base_model_for
+
+    set_threads(args.threads)  # silent: an error of generate's is one line on stderr
     content = load_fit(args.content_from or args.fit_dir) if (args.content_from or args.fit_dir) else None
     style = load_fit(args.style_from or args.fit_dir) if (args.style_from or args.fit_dir) else None
-    if content is None and style is None:
-        raise SystemExit("unziplora generate: give FIT_DIR, --content-from or --style-from")
     check_same_base(content, style)  # before a base model is loaded
     first = content or style
     # the fit's own base model (a hub model at the commit it was fitted on), unless told otherwise
@@ -159,12 +221,14 @@ def _generate(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for our own progress and errors."""
+    """Keep the terminal for our own progress and errors. Without importing diffusers or transformers (seconds,
+    and `--help` or a bad flag must answer at once): both read their log level from these variables when they
+    are first imported, here or in a local Ray's workers, which inherit the environment."""
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    for library in ("diffusers", "transformers"):
+        os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
+        if library in sys.modules:  # already imported (the tests, a caller of main()): set it directly
+            logging.getLogger(library).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -312,6 +312,9 @@ class FitState:
                     layer.lora_B[:, 1] = torch.lerp(b0[:, 1], layer.lora_B[:, 1], self.style_step_ratio)
 
 
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]"
+
+
 def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = True) -> None:
     """Train several fits of one UNet together: one batched UNet pass per step, sample k is fit k's (its own
     crop, noise, timestep and prompts), and each fit's LoRAs apply to its own sample only (`FitBatch`). Each
@@ -327,8 +330,9 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
     if checkpointing:
         unet.enable_gradient_checkpointing()
     forward = compiled_unet(base) if any(s.config.compile for s in states) else unet
+    # seconds per step always (tqdm's default turns to steps/s when fast): the figure docs/one-image.md quotes
     bar = tqdm(total=sum(s.config.total_steps for s in states), desc="unziplora fit", disable=not progress,
-               leave=False)
+               leave=False, unit="step", bar_format=BAR_FORMAT)
     try:
         with FitBatch(unet, [s.adapter for s in states]) as batch:
             while live := [s for s in states if s.running]:

@@ -9,7 +9,8 @@ An embedder is any object with
 where `items` are strings for text embedders and RGB PIL images for image embedders.
 
 Specs: `minilm` (all-MiniLM-L6-v2, bundled, offline), `clip:/local/dir` (a transformers CLIP vision model with
-projection, e.g. openai/clip-vit-large-patch14 saved locally), `tiny[:seed]` (random features, for tests),
+projection, e.g. openai/clip-vit-large-patch14 saved locally), `toy` (the toy world's style judge, offline, for
+libraries of the `toy` base model), `tiny[:seed]` (random features, for tests),
 or `package.module:factory` for any third-party embedder (a style judge, a CSD model): `factory()` returns
 the object, and the spec recorded in bank.json lets a search re-create it.
 Example: `toyworld.judges:StyleEmbedder`, the toy world's style judge (offline CSD stand-in for toy-world libraries).
@@ -113,4 +114,12 @@ class TinyStyle:
             return unit((stats @ self.projection).numpy())
 
 
-BUILTIN = {"minilm": MiniLM, "clip": ClipVision, "tiny": TinyStyle}
+def toy_style_judge():
+    """`toy`: the toy world's style judge (toyworld.judges.StyleEmbedder), the offline style embedder for
+    libraries of the `toy` base model (its bank.json records the full spec, toyworld.judges:StyleEmbedder)."""
+    from toyworld.judges import StyleEmbedder
+
+    return StyleEmbedder()
+
+
+BUILTIN = {"minilm": MiniLM, "clip": ClipVision, "tiny": TinyStyle, "toy": toy_style_judge}

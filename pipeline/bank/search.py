@@ -65,6 +65,9 @@ class Bank:
             parts["text"] = self._scores(embedder, embedder.embed([text])[0], field)
         if image is not None:
             embedder = self.embedder(image_embedder or self._only_image_embedder())
+            if self.meta["embedders"].get(embedder.name, {}).get("kind") != "image":
+                raise InputError(f"the bank of {self.store.url()} holds no image vectors of {embedder.spec}: run "
+                                 f"`unziplora bank build {self.store.url()} --image-embedder {embedder.spec}`")
             query = embedder.embed([_as_image(image, self.storage_options)])[0]
             parts["image"] = self._scores(embedder, query, "image")
         if not parts:
@@ -175,10 +178,21 @@ class Bank:
 
     def _only_image_embedder(self) -> str:
         specs = [e["spec"] for e in self.meta["embedders"].values() if e["kind"] == "image"]
-        if len(specs) != 1:
-            raise InputError(f"the bank has {len(specs)} image embedders ({specs}); name one with image_embedder "
-                              "(`unziplora bank build --image-embedder SPEC` adds one)")
+        if not specs:  # the CLI's words: this reaches `bank search --image` users
+            offline = "toy" if self._all_toy() else "clip:/local/clip/dir"
+            raise InputError(f"the bank of {self.store.url()} has no image vectors to match an example image "
+                             f"against: run `unziplora bank build {self.store.url()} --image-embedder {offline}` first"
+                             + (" (the toy world's style judge, offline)" if offline == "toy" else
+                                " (a CLIP vision model saved locally; `toy` for toy-world libraries)"))
+        if len(specs) > 1:
+            raise InputError(f"the bank has {len(specs)} image embedders: name one with --image-embedder "
+                             f"({' or '.join(specs)})")
         return specs[0]
+
+    def _all_toy(self) -> bool:
+        """Every row of the library fitted on the toy world's base model."""
+        models = set(self.rows["base_model"].to_pylist()) if "base_model" in self.rows.column_names else set()
+        return models == {"toy"}
 
     def _slots(self, embedder, field: str) -> np.ndarray:
         """For each row, the position of its vector in the embedder's matrix (-1: none stored)."""
