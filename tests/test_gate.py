@@ -147,3 +147,23 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
     # the stored previews are still the users' (preview seed), besides the gate's choice
     assert json.loads((tmp_path / "lib" / "items" / row["item_id"] / "previews.json").read_text())["seed"] == PREVIEW_SEED
+
+
+def test_fit_with_candidates_on_one_image(tmp_path, capsys):
+    """`unziplora fit --candidates 2`: both seeds fitted, the better split kept in --out, the summary says so."""
+    from unziplora.cli import main
+
+    image = tmp_path / "a.png"
+    image.write_bytes(toy_png("star", "dotted"))
+    flags = ["--content", "sks star", "--style", "dotted", "--base-model", "tiny", "--steps", "3", "--rank", "4",
+             "--recalibrations", "1", "--gate-steps", "1", "--quiet", "--threads", "1"]
+    assert main(["fit", str(image), "--out", str(tmp_path / "none"), "--candidates", "2", "--scorer", "none",
+                 *flags]) == 2
+    assert "needs a scorer" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main(["fit", str(image), "--out", str(tmp_path / "fit"), "--candidates", "2", "--seed", "5",
+                 "--scorer", "tiny:0", *flags]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(summary["candidates"]) == {"5", "6"} and summary["seed"] in (5, 6)
+    assert summary["split_score"] == max(summary["candidates"].values()) and summary["gate_passed"] is True
+    kept = load_fit(tmp_path / "fit")
+    assert kept.config.seed == summary["seed"] and kept.record["gate"]["scorer"] == "tiny-style-0"

@@ -49,6 +49,15 @@ def add_commands(sub) -> None:
                    help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: "
                    "each LoRA once, in the file diffusers, ComfyUI and A1111 all load); the first is "
                    "{kind}_lora.safetensors, others {kind}_lora_{format}.safetensors")
+    q = p.add_argument_group("quality control: several candidate fits, the best split kept (docs/collection.md)")
+    q.add_argument("--candidates", type=int, default=1, metavar="N",
+                   help="fit with N seeds together (--seed, the next ones), score each with --scorer, keep the best")
+    q.add_argument("--max-candidates", type=int, default=0, metavar="M",
+                   help="while the best split score is below --min-split-score, fit N more, up to M in all")
+    q.add_argument("--min-split-score", type=float, default=0.0, metavar="S", help="the split score to reach (0-1)")
+    q.add_argument("--scorer", default="auto", help="what scores the candidates: auto (the toy world's judges on "
+                   "toy) | toy | clip:/local/dir | package.module:factory (see `decompose --scorer`)")
+    q.add_argument("--gate-steps", type=int, default=8, help="sampling steps of each candidate's scored panels")
     add_setting_flags(p, settings(), "fit settings (also keys of a --config file; flags win)")
     p.set_defaults(run=_fit)
 
@@ -125,13 +134,58 @@ def _fit(args) -> int:
     from .training import fit  # torch and diffusers: seconds, so only once the arguments are known to be good
 
     set_threads(args.threads, say=None if args.quiet else "fit")
-    result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet,
-                 formats=args.formats)
+    if args.candidates > 1 or args.max_candidates > 1:
+        result = _fit_candidates(args, config)
+    else:
+        result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet,
+                     formats=args.formats)
     summary = {"out": str(result.out_dir), **result.record["final"], "train_s": result.record["timings"]["train_s"]}
+    if "gate" in result.record:
+        gate = result.record["gate"]
+        summary |= {"seed": gate["chosen_seed"], "split_score": gate["split_score"], "gate_passed": gate["passed"],
+                    "candidates": {c["seed"]: c.get("split_score", c.get("error")) for c in gate["candidates"]}}
     print(json.dumps(summary), flush=True)
     if not args.quiet:
         print(fit_next_steps(args.image, result.out_dir, result.record), file=sys.stderr)
     return 0
+
+
+def _fit_candidates(args, config: FitConfig):
+    """`fit --candidates N`: the dataset job's quality gate (pipeline/gate.py) on one image."""
+    import shutil
+    import tempfile
+
+    from pipeline.gate import fit_gated
+    from pipeline.scoring import load_scorer, scorer_spec
+    from pipeline.spec import Gate
+
+    from .export import check_output_dir
+    from .models import load_base_model_for
+
+    gate = Gate(args.candidates, args.max_candidates, args.min_split_score)
+    gate.check()
+    check_number("--gate-steps", args.gate_steps, integer=True, minimum=1)
+    spec = scorer_spec(args.scorer, config.base_model)
+    if spec is None:
+        raise InputError(f"--candidates needs a scorer to choose among them (--scorer; on {config.base_model} "
+                         "'auto' has none)")
+    scorer = load_scorer(spec)
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    image = Path(args.image).read_bytes()
+    base = load_base_model_for(config)
+    with tempfile.TemporaryDirectory(prefix="unziplora-candidates-") as work:
+        staged = Path(work) / "chosen"
+        [result] = fit_gated([image], [config], base=base, gate=gate, scorer=scorer, out_dirs=[staged],
+                             workdir=Path(work) / "all", steps=args.gate_steps, formats=args.formats,
+                             progress=not args.quiet)
+        if isinstance(result, Exception):
+            raise result
+        if out.exists():  # --overwrite (checked above)
+            shutil.rmtree(out)
+        shutil.move(staged, out)
+    result.out_dir = out
+    return result
 
 
 def _export(args) -> int:
