@@ -43,6 +43,10 @@ def add_commands(sub) -> None:
                        "subjects) is at least this; unscored fits are left out")
         p.add_argument("--min-content-score", type=float, help="only fits whose content score is at least this")
         p.add_argument("--max-leak", type=float, help="only fits whose two leak scores are at most this")
+        p.add_argument("--min-split-score", type=float, help="only fits the quality gate scored at least this "
+                       "(decompose --candidates); ungated fits are left out")
+        p.add_argument("--skip-gate-failures", action="store_true",
+                       help="leave out fits that never reached the gate's --min-split-score (ungated fits stay)")
         if name == "search":
             p.add_argument("-k", "--top", type=int, default=10, help="how many results (10)")
             p.add_argument("--json", action="store_true", help="one JSON object per result, every column")
@@ -73,7 +77,7 @@ def _build(args) -> int:
 def _query(args, k):
     from unziplora.config import check_number
 
-    for flag in ("min_style_score", "min_content_score", "max_leak"):
+    for flag in ("min_style_score", "min_content_score", "max_leak", "min_split_score"):
         check_number("--" + flag.replace("_", "-"), getattr(args, flag), optional=True)
     if hasattr(args, "top"):
         check_number("--top", args.top, integer=True, minimum=1)
@@ -85,7 +89,8 @@ def _query(args, k):
     filters = dict(status=None if args.status == "any" else args.status.split(","), class_word=args.class_word,
                    content=args.content, base_model=args.base_model, since=args.since, until=args.until,
                    run=args.job_run, min_content_score=args.min_content_score,
-                   min_style_score=args.min_style_score, max_leak=args.max_leak)
+                   min_style_score=args.min_style_score, max_leak=args.max_leak,
+                   min_split_score=args.min_split_score, skip_gate_failures=args.skip_gate_failures)
     hits = bank.search(args.query, args.image, field=args.field, k=k, text_embedder=args.text_embedder,
                        image_embedder=args.image_embedder, **filters)
     unindexed = bank.unindexed(args.field, args.text_embedder) if args.query else 0

@@ -145,6 +145,9 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     assert marker["candidate_scores"] == row["candidate_scores"] and marker["seed"] in (0, 1)
     fit_record = json.loads((tmp_path / "lib" / "items" / row["item_id"] / "fit.json").read_text())
     assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
+    card = (tmp_path / "lib" / "items" / row["item_id"] / "README.md").read_text()
+    assert f"Quality gate (toy-judges, on panels of its own): 2 candidate fits" in card
+    assert f"kept seed {marker['seed']}" in card
     # the stored previews are still the users' (preview seed), besides the gate's choice
     assert json.loads((tmp_path / "lib" / "items" / row["item_id"] / "previews.json").read_text())["seed"] == PREVIEW_SEED
 
@@ -167,3 +170,23 @@ def test_fit_with_candidates_on_one_image(tmp_path, capsys):
     assert summary["split_score"] == max(summary["candidates"].values()) and summary["gate_passed"] is True
     kept = load_fit(tmp_path / "fit")
     assert kept.config.seed == summary["seed"] and kept.record["gate"]["scorer"] == "tiny-style-0"
+
+
+def test_the_bank_filters_on_the_gate(tmp_path):
+    from pipeline.bank import Bank
+    from pipeline.manifest import empty_row, write_manifest
+    from pipeline.storage import Store
+
+    gates = {"passed": (0.9, True), "never-passed": (0.4, False), "ungated": (None, None)}
+    rows = [empty_row(f"/in/{name}.png") | {"item_id": f"{n:024x}", "status": "ok", "content": "sks dog",
+                                           "style": name, "split_score": split, "gate_passed": passed}
+            for n, (name, (split, passed)) in enumerate(gates.items())]
+    write_manifest(Store(str(tmp_path / "lib")), rows, "run-1")
+    bank = Bank(str(tmp_path / "lib"))
+
+    def styles(**filters):
+        return sorted(bank.rows["style"].filter(bank.mask(**filters)).to_pylist())
+
+    assert styles() == ["never-passed", "passed", "ungated"]
+    assert styles(skip_gate_failures=True) == ["passed", "ungated"]
+    assert styles(min_split_score=0.5) == ["passed"]

@@ -33,6 +33,9 @@ Previews, each LoRA alone away from its source, left to right:
 {% endfor %}{% endif %}
 {% if scores %}Quality scores ({{ scorer }}, from these previews):
 {% for name, value in scores.items() %}{{ name }} {{ "%.2f"|format(value) }}{{ ", " if not loop.last }}{% endfor %}.
+{% endif %}{% if gate %}Quality gate ({{ gate.scorer }}, on panels of its own): {{ gate.candidates|length }} candidate fits
+(seeds {% for c in gate.candidates %}{{ c.seed }}{{ ", " if not loop.last }}{% endfor %}); kept seed {{ gate.chosen_seed }}, split score
+{{ "%.2f"|format(gate.split_score) }}{% if gate.min_split_score %} against the bar {{ "%.2f"|format(gate.min_split_score) }}: {{ "passed" if gate.passed else "never passed (the best found)" }}{% endif %}.
 {% endif %}
 The source is `{{ prompts.combined }}`: the base model draws it from that prompt while the content LoRA reads the
 content prompt and the style LoRA the style prompt (UnZipLoRA's prompt separation); `mergers.safetensors` and
@@ -104,7 +107,7 @@ def write_model_card(folder: str | Path) -> Path:
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, title=f"UnZipLoRA: {subject} / {settings['style']}",
         content=settings["content"], style=settings["style"], prompts=prompts, previews=previews,
-        preview_prompts=preview_prompts, scores=scored.get("scores"), scorer=scored.get("scorer"),
+        preview_prompts=preview_prompts, scores=scored.get("scores"), scorer=scored.get("scorer"), gate=record.get("gate"),
         base_model=settings["base_model"], revision=settings.get("revision"), resolution=settings["resolution"],
         prediction="v-prediction" if record.get("prediction_type") == "v_prediction" else "epsilon prediction",
         fingerprint=fingerprint or "unknown", load_base=_load_base_code(settings, fingerprint),

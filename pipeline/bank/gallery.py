@@ -118,7 +118,7 @@ def _score_text(hit: dict) -> str | None:
 
 
 QUALITY = (("content", "score_content"), ("style", "score_style"), ("content's style leak", "score_content_style_leak"),
-           ("style's shape leak", "score_style_shape_leak"))
+           ("style's shape leak", "score_style_shape_leak"), ("split score (quality gate)", "split_score"))
 
 
 def _quality(hit: dict) -> str | None:

@@ -87,13 +87,15 @@ class Bank:
     def mask(self, status: str | list[str] | None = "ok", class_word: str | None = None,
              base_model: str | None = None, since: str | None = None, until: str | None = None,
              run: str | None = None, content: str | None = None, min_content_score: float | None = None,
-             min_style_score: float | None = None, max_leak: float | None = None) -> np.ndarray:
+             min_style_score: float | None = None, max_leak: float | None = None,
+             min_split_score: float | None = None, skip_gate_failures: bool = False) -> np.ndarray:
         """Rows passing every given filter. status: ok (default), failed, skipped, a list, or None/"any".
         class_word: the content's class ("dog"; case-insensitive, also matched as the trigger's last word).
         since/until: ISO dates or times compared with finished_at (until a date includes that whole day).
         run: the job's run_id (or its MLflow run id when tracked). content: a substring of the trigger.
         min_content_score / min_style_score / max_leak: bounds on the fit's quality scores (pipeline/scoring.py;
-        max_leak bounds both leaks); a row without that score does not pass."""
+        max_leak bounds both leaks); a row without that score does not pass. min_split_score: the quality gate's
+        score (pipeline/gate.py); skip_gate_failures: leave out fits that never reached the gate's bar."""
         rows, keep = self.rows, np.ones(self.rows.num_rows, bool)
 
         def apply(condition):
@@ -118,11 +120,13 @@ class Bank:
             apply(pc.less_equal(pc.utf8_slice_codeunits(finished, 0, len(until)), until))
         bounds = [("score_content", pc.greater_equal, min_content_score), ("score_style", pc.greater_equal, min_style_score),
                   ("score_content_style_leak", pc.less_equal, max_leak),
-                  ("score_style_shape_leak", pc.less_equal, max_leak)]
+                  ("score_style_shape_leak", pc.less_equal, max_leak), ("split_score", pc.greater_equal, min_split_score)]
         for column, compare, bound in bounds:
             if bound is not None:
                 values = rows[column] if column in rows.column_names else pa.nulls(rows.num_rows, pa.float64())
                 apply(compare(values, bound))
+        if skip_gate_failures and "gate_passed" in rows.column_names:
+            apply(pc.invert(pc.equal(rows["gate_passed"], False)).fill_null(True))
         if run:
             runs = [rows[c] for c in ("run_id", "mlflow_run_id") if c in rows.column_names]
             apply(functools.reduce(pc.or_kleene, [pc.equal(r, run) for r in runs]))
