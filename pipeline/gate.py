@@ -74,21 +74,27 @@ def _more(gate: Gate, tried: list[dict]) -> int:
 
 
 def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subjects, styles) -> dict:
-    """A candidate's scores from the gate's own panels, or why it has none."""
+    """A candidate's scores, or why it has none."""
     if isinstance(result, Exception):
         return {"error": _one_line(result)}
     try:
-        fit = load_fit(folder)
-        prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles,
-                                  panels=GATE_PANELS)
-        kinds = [kind for kind in ("content", "style") if prompts[kind]]
-        panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED)
-        source = Image.open(io.BytesIO(image)).convert("RGB")
-        scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
+        judged = score_candidate(folder, image, base=base, scorer=scorer, steps=steps, subjects=subjects,
+                                 styles=styles)
     except Exception as exc:  # a candidate that cannot be scored is not chosen; its mates still can be
         return {"error": f"not scored: {_one_line(exc)}"}
-    score = split_score(scores)
-    return {"split_score": score, "scores": scores} if score is not None else {"error": "the scorer gave no score"}
+    return judged if judged["split_score"] is not None else {"error": "the scorer gave no score"}
+
+
+def score_candidate(fit_dir: Path, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
+    """A fit's scores on the gate's own panels (GATE_PANELS of each LoRA alone, GATE_SEED) and its split score."""
+    fit = load_fit(fit_dir)
+    prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles,
+                              panels=GATE_PANELS)
+    kinds = [kind for kind in ("content", "style") if prompts[kind]]
+    panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED)
+    source = Image.open(io.BytesIO(image)).convert("RGB")
+    scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
+    return {"split_score": split_score(scores), "scores": scores}
 
 
 def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path, scorer):

@@ -399,3 +399,24 @@ def test_probe_results_become_role_tables():
              for block in roles}
     assert blora == {"up_blocks.0.attentions.0": "content-only", "up_blocks.0.attentions.1": "style-only",
                      "mid_block.attentions.0": "off", "down_blocks.1.attentions.0": "off"}
+
+
+def test_quality_gate_benchmark_judges_the_gates_choice_with_the_benchmarks_protocol(tmp_path, monkeypatch):
+    gate = _benchmark_module(monkeypatch, "quality_gate")
+    report = gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
+                        "--gate-steps", "1", "--out", str(tmp_path), "--threads", "1"])
+    assert len(report["per_image"]) == 2
+    for row in report["per_image"]:
+        scores = row["gate_split_scores"]
+        assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+        assert row["chosen_seed"] == scores.index(max(scores))  # the gate's choice, ties to the lower seed
+        assert row["any_passes"] >= max(row["single_passes"], row["gated_passes"])
+    assert 0 <= report["split_ok_single"] <= report["split_ok_oracle"] <= 1
+    assert report["split_ok_gated"] <= report["split_ok_oracle"]
+    assert report["device_time_ratio"] > 0 and report["candidates_fit_s"] > 0 and report["gate_scoring_s"] > 0
+    # the gate's scores are kept beside each fit; the benchmark's own fits and judgements are reused as they are
+    assert len(list(tmp_path.glob("unziplora/*-seed*/gate.json"))) == 4
+    stamps = [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/*.json")]
+    assert gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
+                      "--gate-steps", "1", "--out", str(tmp_path), "--no-timing"])["per_image"] == report["per_image"]
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/*.json")] == stamps

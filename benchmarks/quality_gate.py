@@ -1,0 +1,138 @@
+"""Does the quality gate (pipeline/gate.py) give more images a split that holds, and at what device time?
+
+    python benchmarks/quality_gate.py [--set A|B|C] [--images 12] [--candidates 3] [--scorer toy] [--threads 1]
+
+Every held-out toy image of the disentanglement benchmark (benchmarks/disentangle.py) is fitted with the paper's
+recipe at fit seeds 0 .. N-1: exactly that benchmark's `unziplora` fits, reused from (and saved to) its folder
+`out/disentangle-<set>`. Then:
+- the single run keeps seed 0 (what a job without the gate keeps);
+- the gated run keeps the seed the gate chooses: each candidate scored by `--scorer` on the gate's own panels
+  (its sampling seed and prompts), never on the benchmark's;
+- both are judged by the benchmark's own protocol (its prompts, sampling seeds and judges). An image "passes"
+  when, on it, content kept >= 80 %, style carried >= 80 % and both leaks <= 10 %.
+Prints `split_ok_single`, `split_ok_gated` (fractions of images that pass), `split_ok_oracle` (any candidate
+passes: the most a choice among these candidates can give) and `device_time_ratio`: the time of the gated run's
+fits (N trained together in one pass, plus the gate's sampling) over one fit alone, measured side by side in
+this run on image 0 (`--no-timing` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import disentangle as bench  # noqa: E402  (beside this file)
+
+from pipeline.gate import GATE_PANELS, GATE_SEED, score_candidate  # noqa: E402
+from pipeline.scoring import load_scorer  # noqa: E402
+from toyworld import judges as judges_mod  # noqa: E402
+from unziplora import fit_many  # noqa: E402
+from unziplora.models import load_base_model  # noqa: E402
+
+PASS = {"content_acc": (">=", 0.8), "style_acc": (">=", 0.8), "content_style_leak": ("<=", 0.1),
+        "style_shape_leak": ("<=", 0.1)}
+
+
+def passes(unit: dict) -> bool:
+    return all(unit[k] >= v if op == ">=" else unit[k] <= v for k, (op, v) in PASS.items())
+
+
+def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> dict:
+    """(image, seed) -> the gate's split score of that fit, cached beside it (`gate.json`)."""
+    scores = {}
+    for (i, seed), fit in sorted(fits.items()):
+        key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS,
+                   fit=hashlib.sha256((fit.path / "fit.json").read_bytes()).hexdigest()[:16])
+        cache = bench.unit_folder(out, method, i, seed) / "gate.json"
+        saved = json.loads(cache.read_text()) if cache.is_file() else {}
+        if saved.get("key") != key:
+            judged = score_candidate(fit.path, paths[i].read_bytes(), base=base, scorer=scorer, steps=steps)
+            saved = dict(key=key, **judged)
+            cache.write_text(json.dumps(saved))
+        scores[i, seed] = saved["split_score"]
+    return scores
+
+
+def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, candidates: int, steps: int) -> dict:
+    """One fit alone vs `candidates` fits of the same image trained together plus the gate's scoring of each:
+    wall time side by side on this machine (fresh fits, not the cached ones)."""
+    configs = [bench.fit_config(method, base.role_table, a, batch.factors[0], seed) for seed in range(candidates)]
+    work = out / "gate-timing"
+    t = time.perf_counter()
+    fit_many([str(path)], configs[:1], base=base, out_dirs=[work / "single"], overwrite=True, progress=False)
+    single = time.perf_counter() - t
+    t = time.perf_counter()
+    dirs = [work / f"candidate-{k}" for k in range(candidates)]
+    fit_many([str(path)] * candidates, configs, base=base, out_dirs=dirs, overwrite=True, progress=False)
+    fitted = time.perf_counter() - t
+    t = time.perf_counter()
+    for folder in dirs:
+        score_candidate(folder, path.read_bytes(), base=base, scorer=scorer, steps=steps)
+    scored = time.perf_counter() - t
+    return {"single_s": single, "candidates_fit_s": fitted, "gate_scoring_s": scored,
+            "device_time_ratio": (fitted + scored) / single}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--candidates", type=int, default=3)
+    p.add_argument("--scorer", default="toy", help="what the gate scores with (pipeline/scoring.py)")
+    p.add_argument("--gate-steps", type=int, default=8, help="sampling steps of the gate's panels (a job's "
+                   "--preview-steps)")
+    p.add_argument("--no-timing", action="store_true")
+    own, rest = p.parse_known_args(argv)
+    if own.candidates < 2:
+        raise SystemExit("--candidates must be at least 2")
+    a = bench.parse_args(rest + ["--fit-seeds", *map(str, range(own.candidates)), "--methods", "unziplora"])
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.quick:
+        print("QUICK MODE: a plumbing check; NOT a measurement", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = next(m for m in bench.METHODS if m.key == "unziplora")
+    base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
+    a.guidance = base.guidance if a.guidance is None else a.guidance
+    judges, scorer = judges_mod.load_judges(), load_scorer(own.scorer)
+    batch = bench.held_out_images(a.images, a.held_out_seed)
+    paths = [bench.write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
+    fits = bench.fit_units(base, method, batch, paths, a, out)
+    units = bench.score_units(base, judges, method, batch, fits, a, out)
+    gated = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
+    seeds = list(range(own.candidates))
+    per_image = []
+    for i in range(a.images):
+        chosen = max(seeds, key=lambda s: (gated[i, s] if gated[i, s] is not None else -1, -s))
+        per_image.append(dict(image=batch.factors[i].prompt, gate_split_scores=[gated[i, s] for s in seeds],
+                              chosen_seed=chosen, single_passes=passes(units[i, 0]),
+                              gated_passes=passes(units[i, chosen]),
+                              any_passes=any(passes(units[i, s]) for s in seeds)))
+    result = {k: float(np.mean([r[f"{w}_passes"] for r in per_image]))
+              for k, w in (("split_ok_single", "single"), ("split_ok_gated", "gated"), ("split_ok_oracle", "any"))}
+    if not own.no_timing:
+        result |= device_time_ratio(base, scorer, a, batch, paths[0], out, method, own.candidates, own.gate_steps)
+    print(f"\n{base.name} base, {a.images} images (seed {a.held_out_seed}), {own.candidates} candidates, "
+          f"scorer {scorer.name}; an image passes: content >= 80 %, style >= 80 %, both leaks <= 10 %")
+    print("| image | gate's split scores (seeds " + ", ".join(map(str, seeds)) + ") | kept | seed 0 passes | kept passes |")
+    print("|---|---|---|---|---|")
+    for r in per_image:
+        print(f"| {r['image']} | " + ", ".join("-" if s is None else f"{s:.2f}" for s in r["gate_split_scores"])
+              + f" | {r['chosen_seed']} | {'yes' if r['single_passes'] else 'no'} | {'yes' if r['gated_passes'] else 'no'} |")
+    for k in ("split_ok_single", "split_ok_gated", "split_ok_oracle", "device_time_ratio"):
+        if k in result:
+            print(f"{k} = {result[k]:.3f}")
+    report = dict(settings=vars(a) | vars(own), per_image=per_image, **result)
+    (out / "quality_gate.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
