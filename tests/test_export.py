@@ -319,11 +319,15 @@ def test_masks_are_folded_into_lora_B(fitted):
     masks = art.masks()
     for kind in ("content", "style"):
         state = art.lora_state_dict(kind)
+        checked = masked_out = kept = 0
         for key, mask in masks.items():
             name, k = key.rsplit(".", 1)
             if k == kind:
                 rows = state[f"{name}.lora_B.weight"].abs().sum(dim=1)
                 assert torch.all(rows[mask == 0] == 0)
+                checked, masked_out, kept = checked + 1, masked_out + int((mask == 0).sum()), kept + int((rows[mask == 1] > 0).sum())
+        # not vacuous: every layer's mask was read, some columns are masked out, the kept ones carry the LoRA
+        assert checked == len(masks) // 2 and masked_out > 0 and kept > 0, (kind, checked, masked_out, kept)
 
 
 def test_saved_tensors_equal_result_tensors(fitted):
