@@ -79,9 +79,11 @@ def test_cli_fit_with_yaml_then_toml_and_config_reproduces(sample_image, tmp_pat
     for kind in ("content", "style"):
         a, b = first.lora_state_dict(kind), second.lora_state_dict(kind)
         assert all(torch.equal(a[k], b[k]) for k in a)
-    (tmp_path / "fit.toml").write_text('content = "sks dog"\nstyle = "ink"\nsteps = 3\nrank = 2\n')
+    (tmp_path / "fit.toml").write_text('content = "sks dog"\nstyle = "ink"\nsteps = 3\nrank = 2\nseed = 9\n')
     assert main(["fit", str(sample_image), "--config", str(tmp_path / "fit.toml"), "--out",
-                 str(tmp_path / "c"), "--quiet"]) == 0
+                 str(tmp_path / "c"), "--quiet", "--steps", "4"]) == 0
+    third = load_fit(tmp_path / "c").config  # the file's values, a flag winning over the file
+    assert (third.content, third.style, third.rank, third.seed, third.steps) == ("sks dog", "ink", 2, 9, 4)
 
 
 def test_cli_errors_are_clear_and_write_nothing(sample_image, tmp_path, capsys):
