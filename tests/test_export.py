@@ -2,6 +2,7 @@
 what was trained; the diffusers format on request or by conversion, and fits written in both formats (older
 libraries) still load; atomic writes; generation modes leave the base model untouched."""
 
+import hashlib
 import json
 
 import pytest
@@ -215,6 +216,10 @@ def test_legacy_hash_reads_the_bytes_at_one_mebibyte(tmp_path):
     model_hash, legacy = _sd_scripts_hashes(tmp_path / "big.safetensors")
     assert (metadata["sshs_model_hash"], metadata["sshs_legacy_hash"]) == (model_hash, legacy)
     assert legacy != "e3b0c442"  # not the hash of nothing
+    # an oracle that never parses a file: the data after the header is the tensors' raw bytes, in name order
+    # (one dtype: safetensors orders by alignment, then name)
+    raw = b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))
+    assert metadata["sshs_model_hash"] == hashlib.sha256(raw).hexdigest()
 
 
 def test_kohya_metadata_follows_the_base_model(fitted, tmp_path):
