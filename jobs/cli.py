@@ -7,7 +7,7 @@ import sys
 
 from unziplora import cli as single_image
 
-from . import bank, decompose, forget, registry, repair, ui
+from . import bank, decompose, forget, registry, repair, rescore, ui
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     bank.add_commands(sub)  # `bank ...`, and `generate --content/--style` resolved through a bank
     forget.add_commands(sub)  # `forget`: remove sources from a library's manifest
     repair.add_commands(sub)  # `repair`: rebuild a manifest part that cannot be read
+    rescore.add_commands(sub)  # `rescore`: today's previews and scores for a library's fits, no fitting
     return parser
 
 

@@ -102,6 +102,7 @@ SCHEMA = pa.schema([
     ("gate_passed", pa.bool_()),
 ])
 FIELDS = SCHEMA.names
+SCORE_COLUMNS = tuple(name for name in FIELDS if name.startswith("score_"))  # pipeline/scoring.py's SCORES
 
 
 def empty_row(source_uri: str) -> dict:

@@ -190,3 +190,44 @@ def test_the_bank_filters_on_the_gate(tmp_path):
     assert styles() == ["never-passed", "passed", "ungated"]
     assert styles(skip_gate_failures=True) == ["passed", "ungated"]
     assert styles(min_split_score=0.5) == ["passed"]
+
+
+def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
+    """`unziplora rescore`: an unscored library gets today's previews and scores; its LoRA files stay, its
+    markers and manifest vouch for the new files; an item whose LoRA is gone is named, not rescored."""
+    from jobs.cli import main
+    from pipeline.executors import manifest_row
+    from pipeline.manifest import marker_problems, read_manifest, write_manifest
+    from pipeline.source import read_inputs
+    from pipeline.storage import Store
+    from pipeline.worker import FitWorker
+
+    (tmp_path / "in").mkdir()
+    for name, (shape, style) in {"a": ("star", "dotted"), "b": ("heart", "flat")}.items():
+        (tmp_path / "in" / f"{name}.png").write_bytes(toy_png(shape, style, seed=4))
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks shape",
+                  default_style="zwx", fit={"base_model": "toy", "steps": 4, "rank": 4, "recalibrations": 1},
+                  tracking=False, preview_steps=1, scorer="none", run_id="run-1")
+    worker = FitWorker(job, device="cpu")
+    rows = [manifest_row(worker.process(item)) for item in
+            read_inputs(job.input, default_content="sks shape", default_style="zwx").items]
+    store = Store(job.output)
+    write_manifest(store, rows, "run-1")
+    assert all(r["status"] == "ok" and r["score_style"] is None for r in rows)
+    loras = {r["item_id"]: store.read_bytes("items", r["item_id"], "style_lora.safetensors") for r in rows}
+    broken = rows[1]["item_id"]
+    store.fs.rm(store.path("items", broken, "content_lora.safetensors"))
+
+    assert main(["rescore", job.output, "--scorer", "toy", "--preview-steps", "2", "--quiet"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["rescored"] == 1 and report["scorer"] == "toy-judges"
+    assert len(report["failed"]) == 1 and broken in report["failed"][0] and "missing" in report["failed"][0]
+    after = {r["item_id"]: r for r in read_manifest(job.output).to_pylist()}
+    good = rows[0]["item_id"]
+    assert 0 <= after[good]["score_style"] <= 1 and after[good]["score_content_style_leak"] is not None
+    assert after[broken]["score_style"] is None  # left as it was
+    assert json.loads(store.read_bytes("items", good, "previews.json"))["steps"] == 2
+    marker = store.read_json("items", good, "_SUCCESS")
+    assert marker["score_style"] == after[good]["score_style"] and not marker_problems(store, {good: marker})
+    assert store.read_bytes("items", good, "style_lora.safetensors") == loras[good]  # never refitted
+    assert store.read_json("items", good, "scores.json")["scorer"] == "toy-judges"

@@ -54,7 +54,7 @@ COMMANDS = [tuple(c) for c in probe([], "--commands")]
 
 def test_every_command_is_listed():
     assert {("fit",), ("generate",), ("decompose",), ("registry", "search"), ("bank", "gallery"), ("forget",),
-            ("repair",)} <= set(COMMANDS)
+            ("repair",), ("rescore",), ("export",)} <= set(COMMANDS)
 
 
 def test_help_of_the_command_and_every_subcommand_imports_nothing_heavy():
