@@ -28,6 +28,7 @@ import torch
 
 from unziplora import FitConfig, UnZipLoRAError, fit_many
 from unziplora.models import load_base_model_for
+from unziplora.redact import redact
 
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
 from .manifest import (LibraryChangedError, crashes, end_attempt, failed_row, marker_problems, ok_row,
@@ -179,7 +180,9 @@ class FitWorker:
                                     styles=self.job.preview_styles, formats=self.job.lora_formats)
             else:
                 results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
-                                   out_dirs=out_dirs, progress=False, formats=self.job.lora_formats)
+                                   out_dirs=out_dirs, progress=False, formats=self.job.lora_formats,
+                                   on_steps=[step_progress(redact(r.item["source_uri"]), r.config.total_steps)
+                                             for r in group])
             rows = []
             for r, result in zip(group, results):
                 try:
@@ -241,6 +244,21 @@ class FitWorker:
         if any(s in uri for s in self.job.crash_always_on) or \
                 (attempts == 1 and any(s in uri for s in self.job.crash_once_on)):
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
+
+
+def step_progress(name: str, total: int, every: int = 10):
+    """A fit's sign of life in the job's output (Ray forwards a worker's stderr to the driver): a line at each
+    tenth of its steps, with the time per step."""
+    import sys
+    import time
+
+    start, marks = time.perf_counter(), {max(1, round(total * k / every)) for k in range(1, every + 1)}
+
+    def on_step(step: int, _metrics: dict) -> None:
+        if step + 1 in marks:
+            per_step = (time.perf_counter() - start) / (step + 1)
+            print(f"fit {name}: step {step + 1}/{total} ({per_step:.2f} s/step)", file=sys.stderr, flush=True)
+    return on_step
 
 
 @dataclass

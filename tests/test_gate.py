@@ -211,6 +211,8 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
     worker = FitWorker(job, device="cpu")
     rows = [manifest_row(worker.process(item)) for item in
             read_inputs(job.input, default_content="sks shape", default_style="zwx").items]
+    progress = capsys.readouterr().err  # each fit's sign of life in the job's output, a line per tenth of it
+    assert f"fit {tmp_path / 'in' / 'a.png'}: step 4/4 (" in progress and "s/step)" in progress
     store = Store(job.output)
     write_manifest(store, rows, "run-1")
     assert all(r["status"] == "ok" and r["score_style"] is None for r in rows)
