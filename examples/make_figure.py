@@ -3,8 +3,8 @@
     .venv/bin/python examples/make_figure.py out/library docs/img/sample_job.png
 
 One row per fit: its source image, its content LoRA alone in another style and its style LoRA alone on
-another subject (the first panel of each preview), and its content recombined with the next fit's style
-(three-prompt routing). Images are scaled up without smoothing, so the toy world's 32 px stay sharp.
+another subject (the first panel of each preview), and its content recombined with the style of the next fit
+whose style differs (three-prompt routing). Images are scaled up without smoothing, so the toy world's 32 px stay sharp.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,12 +46,15 @@ def main(library: str, out: str) -> None:
     width, height = CELL * len(headers), HEADER + len(rows) * (CELL + CAPTION)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=11)  # a scalable font: the tiny bitmap default drops the spaces
     for j, text in enumerate(headers):
-        draw.text((j * CELL + 4, 5), text, fill="black")
+        draw.text((j * CELL + 4, 5), text, fill="black", font=font)
     for i, (row, fit) in enumerate(zip(rows, fits)):
         folder = Path(row["output_uri"])
         prompts = json.loads((folder / "previews.json").read_text())["prompts"]
-        nxt = fits[(i + 1) % len(fits)]
+        # the next fit (cyclically) in another style: a recombination that shows something
+        nxt = next((fits[(i + k) % len(fits)] for k in range(1, len(fits))
+                    if fits[(i + k) % len(fits)].config.style != fit.config.style), fits[(i + 1) % len(fits)])
         recombined = generate(base, content=fit, style=nxt, steps=20, seed=0)[0]
         images = [Image.open(io.BytesIO(open_url(row["source_uri"]))),
                   first_panel(Image.open(folder / "preview_content.png")),
@@ -61,7 +64,7 @@ def main(library: str, out: str) -> None:
         top = HEADER + i * (CELL + CAPTION)
         for j, (image, caption) in enumerate(zip(images, captions)):
             sheet.paste(cell(image), (j * CELL, top))
-            draw.text((j * CELL + 4, top + CELL + 6), caption[:22], fill="#333")
+            draw.text((j * CELL + 4, top + CELL + 6), caption[:24], fill="#333", font=font)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, optimize=True)
     print(f"{out}: {len(rows)} fits, {Path(out).stat().st_size // 1024} KB")
