@@ -88,6 +88,7 @@ def add_commands(sub) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--precision", default="bf16")
     g.add_argument("--threads", type=int, help=THREADS_HELP)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(run=_generate)
 
 
@@ -264,7 +265,8 @@ def _generate(args) -> int:
     base = load_base_model_for(first.config, device=args.device, precision=args.precision, **overrides)
     images = generate(base, content=content, style=style, prompt=args.prompt, mode=args.mode,
                       negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                      seed=args.seed, resolution=args.resolution, num_images=args.num_images)
+                      seed=args.seed, resolution=args.resolution, num_images=args.num_images,
+                      progress=not args.quiet)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]

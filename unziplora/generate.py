@@ -34,8 +34,8 @@ def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) ->
 def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
              prompt: str | list[str] | None = None, mode: str = "routed", negative_prompt: str | None = None,
              steps: int = 50, guidance: float | None = None, seed: int = 0, resolution: int | None = None,
-             num_images: int = 1) -> list[Image.Image]:
-    """`negative_prompt=None` draws as diffusers' `pipe(prompt)` does: SDXL zeroes the unconditional embedding
+             num_images: int = 1, progress: bool = False) -> list[Image.Image]:
+    """`progress`: a bar over the sampling steps (stderr). `negative_prompt=None` draws as diffusers' `pipe(prompt)` does: SDXL zeroes the unconditional embedding
     (`force_zeros_for_empty_prompt`). An encoded "" is a different, weaker guidance for these LoRAs
     (docs/toy-world.md, disentanglement benchmark)."""
     if content is None and style is None:
@@ -54,6 +54,7 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     else:
         prompt = prompt or prompts.style
     pipe = base.pipeline()
+    pipe.set_progress_bar_config(disable=not progress, desc="generate", leave=False)
     call = _call(base, content or style, steps, guidance, seed, resolution, negative_prompt, num_images)
     if content is not None and style is not None and mode == "routed":
         if not isinstance(prompt, str):
