@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 
-from pipeline.gate import GATE_PANELS, GATE_SEED, score_candidate  # noqa: E402
+from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate  # noqa: E402
 from pipeline.scoring import load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora import fit_many  # noqa: E402
@@ -49,7 +49,7 @@ def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Pa
     """(image, seed) -> the gate's split score of that fit, cached beside it (`gate.json`)."""
     scores = {}
     for (i, seed), fit in sorted(fits.items()):
-        key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS,
+        key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS, images=GATE_IMAGES,
                    fit=hashlib.sha256((fit.path / "fit.json").read_bytes()).hexdigest()[:16])
         cache = bench.unit_folder(out, method, i, seed) / "gate.json"
         saved = json.loads(cache.read_text()) if cache.is_file() else {}

@@ -30,7 +30,8 @@ from .scoring import checked
 from .spec import Gate
 
 GATE_SEED = 1_000_003  # the gate's sampling seed: previews draw with 0, the benchmark with 0 too
-GATE_PANELS = 4  # subjects (styles) each candidate is judged on
+GATE_PANELS = 6  # subjects (styles) each candidate is judged on, at most
+GATE_IMAGES = 2  # images per prompt: a split score of 4 panels moved by a quarter with one unlucky sample
 LEAKS = ("content_style_leak", "style_shape_leak")
 
 
@@ -86,12 +87,14 @@ def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subject
 
 
 def score_candidate(fit_dir: Path, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
-    """A fit's scores on the gate's own panels (GATE_PANELS of each LoRA alone, GATE_SEED) and its split score."""
+    """A fit's scores on the gate's own panels (up to GATE_PANELS prompts of each LoRA alone, GATE_IMAGES each,
+    GATE_SEED) and its split score."""
     fit = load_fit(fit_dir)
     prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles,
                               panels=GATE_PANELS)
     kinds = [kind for kind in ("content", "style") if prompts[kind]]
-    panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED)
+    panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED,
+                           num_images=GATE_IMAGES)
     source = Image.open(io.BytesIO(image)).convert("RGB")
     scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
     return {"split_score": split_score(scores), "scores": scores}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.gate import GATE_SEED, GateError, fit_gated, split_score
+from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, GateError, fit_gated, split_score
 from pipeline.identify import identify
 from pipeline.job import run_job
 from pipeline.previews import SEED as PREVIEW_SEED
@@ -96,7 +96,9 @@ def test_the_best_candidate_is_kept_and_more_are_fitted_below_the_bar(tiny_base,
     out = [tmp_path / "fit-0", tmp_path / "fit-1"]
     results = fit_gated(images, configs, base=tiny_base, gate=Gate(2, 4, 0.7), scorer=scorer, out_dirs=out,
                         workdir=tmp_path / "work", steps=1)
-    assert scorer.splits == [] and all(c == (4, 4) for c in scorer.calls)  # GATE_PANELS of each LoRA
+    # every candidate judged on the same panels: GATE_IMAGES per prompt, up to GATE_PANELS prompts per LoRA
+    assert scorer.splits == [] and len(set(scorer.calls)) == 1 and scorer.calls[0][0] % GATE_IMAGES == 0
+    assert 0 < scorer.calls[0][0] <= GATE_PANELS * GATE_IMAGES
     first, second = results
     assert first.out_dir == out[0] and first.config.seed == 11  # the 0.6 one: seed 10 + 1
     gate = load_fit(out[0]).record["gate"]
