@@ -43,12 +43,12 @@ FAST_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BAC
 class MlflowServer:
     """`mlflow server` in a child process on 127.0.0.1; stop() and start() again keep port and database."""
 
-    def __init__(self, folder, s3: LocalS3):
+    def __init__(self, folder, s3: LocalS3, backend_store_uri: str | None = None):
         self.port, self.folder = free_port(), folder
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = os.environ | AWS_ENV | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
         self.args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                     "--workers", "1", "--backend-store-uri", backend_store_uri or f"sqlite:///{folder}/mlflow.db",
                      "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts"]
         self.process = None
 
@@ -89,6 +89,22 @@ def mlflow_server(s3, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_mlflow_server(s3, tmp_path_factory):
+    """`mlflow server` on a real PostgreSQL (Debian's `postgresql`, started here as the benchmark starts it)."""
+    from benchmarks.registry_scale import postgres
+
+    if not Path("/usr/lib/postgresql").is_dir() and not os.environ.get("CI"):  # CI installs it: never skip there
+        pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it as root)")
+    with postgres() as database:
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), s3, backend_store_uri=database)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -378,9 +394,11 @@ def test_decompose_tracking_flags():
     assert args.tracking and args.tracking_uri is None and args.preview_steps == 8
 
 
-def test_loras_registered_as_diffusers_models(s3, mlflow_server, ray_cluster, tmp_path):
-    """`log_diffusers_models`: beside the folder versions, each LoRA is an mlflow.diffusers model (an MLmodel
-    naming the base folder) that MLflow's own flavour and pyfunc load: the base pipeline with the LoRA on it."""
+def test_loras_registered_as_diffusers_models(s3, pg_mlflow_server, ray_cluster, tmp_path, capsys):
+    """`log_diffusers_models`, on a server backed by PostgreSQL: beside the folder versions, each LoRA is an
+    mlflow.diffusers model (an MLmodel naming the base folder) that MLflow's own flavour and pyfunc load through
+    the documented URI: the base pipeline with the LoRA on it. `registry search` and `get` find the item."""
+    mlflow_server = pg_mlflow_server
     import mlflow.diffusers
     import mlflow.pyfunc
     import pandas as pd
@@ -412,6 +430,19 @@ def test_loras_registered_as_diffusers_models(s3, mlflow_server, ray_cluster, tm
             pipe = model.load_pipeline()
             lora = [m for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k")][0]
             assert {k: v.r for k, v in pipe.unet.peft_config.items()} and lora.r[next(iter(lora.r))] == FIT["rank"]
+        # the item as a user finds it: `registry search` by its style, `get` by its handle
+        capsys.readouterr()
+        assert cli_main(["registry", "search", row["style"], "--library", "lib-d", "--json",
+                         "--tracking-uri", mlflow_server.url]) == 0
+        found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert {f["name"] for f in found} == {model_name("lib-d", k, f) for k in ("content", "style")
+                                              for f in (None, "diffusers")}
+        assert {f["item"] for f in found} == {item_key(row["item_id"])}
+        assert cli_main(["registry", "get", item_handle("lib-d", "style", row["item_id"]), "--dest",
+                         str(tmp_path / "got"), "--tracking-uri", mlflow_server.url]) == 0
+        assert json.loads(capsys.readouterr().out)["model_uri"] == row["style_model_uri"]
+        assert sha256_hex((tmp_path / "got" / "style_lora.safetensors").read_bytes()) == \
+            files_of(row)["style_lora.safetensors"]["sha256"]
         image = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(
             pd.DataFrame({"prompt": ["A sks thing0"]}), params={"num_inference_steps": 2, "height": 64, "width": 64})
         assert len(image) == 1
