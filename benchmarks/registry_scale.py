@@ -5,8 +5,9 @@ For each backend and each registry layout: the library's registered models are f
 item; a sample is read back through MlflowClient); then one new item is registered untimed (connections,
 one-time look-ups) and `--window` new items are registered, timed, the way the pipeline registers a fit (found
 by item id first, then a content and a style version, plus the layout's alias); then as many existing items
-are looked up the way `unziplora registry get` resolves one. Printed per backend and layout: the mean ms per
-registered version at the first and the last N, their ratio, and the mean ms per look-up at the last N.
+are looked up the way `unziplora registry get` resolves one. Printed per backend and layout: ms per registered
+version at the first and the last N, their ratio, and ms per look-up at the last N: medians over the window
+(robust to a shared machine's stalls; the means are printed beside them and kept in --json).
 
     python -m benchmarks.registry_scale --versions 1000 10000
     python -m benchmarks.registry_scale --versions 200 1000 --backends sqlite --window 20     # a quick check
@@ -34,6 +35,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -346,11 +348,13 @@ def backend(kind: str, folder: Path):
 # One measurement
 
 
-def measure(backend_kind: str, layout_name: str, sizes: list[int], window: int, folder: Path) -> dict:
+def measure(backend_kind: str, layout_name: str, sizes: list[int], window: int, folder: Path,
+            warmup_s: float = 0.0) -> dict:
     import sqlalchemy as sa
     from mlflow import MlflowClient
 
-    out = {"backend": backend_kind, "layout": layout_name, "register_ms": {}, "lookup_ms": {}}
+    out = {"backend": backend_kind, "layout": layout_name, "register_ms": {}, "register_mean_ms": {},
+           "lookup_ms": {}, "lookup_mean_ms": {}}
     with backend(backend_kind, folder) as (uri, db_uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         layout = LAYOUTS[layout_name](client, uri)
@@ -361,25 +365,44 @@ def measure(backend_kind: str, layout_name: str, sizes: list[int], window: int, 
             client.create_registered_model(name)
         engine = sa.create_engine(db_uri)
         rng = random.Random(0)
-        done, fresh = 0, 10 ** 8  # filler items 0..N-1; measured new items from 10^8 on
-        for size in sizes:
-            fill(engine, layout, done, size, run_id)
-            done = size
-            sample = item_id(rng.randrange(size))
-            assert layout.lookup("style", sample).tags["item_id"] == sample  # the filler reads back
+        done, fresh = 0, 10 ** 8  # filler items from 0 on; registered ones (warm-up, windows) from 10^8 on
+        # a fresh `mlflow server` answers slowly for its first half-minute or so (measured: ~190 ms a version at
+        # 1k, then ~46 ms at 1.1k, 1.2k and 10k): untimed registrations first, until `warmup_s` has passed
+        deadline = time.perf_counter() + warmup_s
+        while time.perf_counter() < deadline:
+            layout.register(fake_row(fresh), run_id)
+            fresh += 1
+        out["warmup_items"] = fresh - 10 ** 8
+
+        def existing() -> str:  # an item already there: a filler one or one registered through the layout
+            n = rng.randrange(done + fresh - 10 ** 8)
+            return item_id(n if n < done else 10 ** 8 + n - done)
+
+        for size in sizes:  # filler up to N versions in all, the items registered through the layout counted
+            target = max(done, size - (fresh - 10 ** 8))
+            fill(engine, layout, done, target, run_id)
+            done = target
+            if done:  # the filler reads back through MLflow
+                assert layout.lookup("style", item_id(done - 1)).tags["item_id"] == item_id(done - 1)
             layout.register(fake_row(fresh), run_id)  # untimed: connections, the tracker's one-time look-ups
-            start = time.perf_counter()
+            times = []
             for n in range(fresh + 1, fresh + 1 + window):
+                start = time.perf_counter()
                 layout.register(fake_row(n), run_id)
-            out["register_ms"][size] = (time.perf_counter() - start) * 1000 / (window * len(KINDS))
+                times.append((time.perf_counter() - start) * 1000 / len(KINDS))
             fresh += window + 1
-            picks = [item_id(rng.randrange(size)) for _ in range(window)]
-            start = time.perf_counter()
-            for iid in picks:
-                assert layout.lookup(rng.choice(KINDS), iid).tags["item_id"] == iid
-            out["lookup_ms"][size] = (time.perf_counter() - start) * 1000 / window
-            print(f"  {backend_kind} {layout_name} N={size}: register {out['register_ms'][size]:.1f} ms/version, "
-                  f"lookup {out['lookup_ms'][size]:.1f} ms", flush=True)
+            out["register_ms"][size], out["register_mean_ms"][size] = statistics.median(times), statistics.mean(times)
+            times = []
+            for iid in [existing() for _ in range(window)]:
+                kind = rng.choice(KINDS)
+                start = time.perf_counter()
+                version = layout.lookup(kind, iid)
+                times.append((time.perf_counter() - start) * 1000)
+                assert version.tags["item_id"] == iid
+            out["lookup_ms"][size], out["lookup_mean_ms"][size] = statistics.median(times), statistics.mean(times)
+            print(f"  {backend_kind} {layout_name} N={size}: register {out['register_ms'][size]:.1f} ms/version "
+                  f"(mean {out['register_mean_ms'][size]:.1f}), lookup {out['lookup_ms'][size]:.1f} ms "
+                  f"(mean {out['lookup_mean_ms'][size]:.1f})", flush=True)
         engine.dispose()
     return out
 
@@ -395,6 +418,8 @@ def main(argv=None) -> int:
                         choices=["sqlite", "server-postgres", "server-sqlite"])
     parser.add_argument("--layouts", nargs="+", default=["old", "new"], choices=sorted(LAYOUTS))
     parser.add_argument("--window", type=int, default=50, help="items registered and looked up at each N")
+    parser.add_argument("--warmup-s", type=float, default=30.0,
+                        help="untimed registrations against a fresh server for this long first (default 30 s)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--plot", help="also draw ms per version against N into this PNG")
     args = parser.parse_args(argv)
@@ -403,7 +428,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="registry-scale-") as tmp:
         for b in args.backends:
             for layout in args.layouts:
-                results.append(measure(b, layout, sizes, args.window, Path(tmp, f"{b}-{layout}")))
+                warmup = args.warmup_s if b.startswith("server") else 0.0
+                results.append(measure(b, layout, sizes, args.window, Path(tmp, f"{b}-{layout}"), warmup))
     first, last = sizes[0], sizes[-1]
     for r in results:
         a, z = r["register_ms"][first], r["register_ms"][last]

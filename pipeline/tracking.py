@@ -2,14 +2,14 @@
 
 One parent run per job, one nested run per fit (params, per-step metrics, final metrics, fit.json and previews
 as artifacts), and each ok fit's LoRAs registered as versions of `<library>-content` / `<library>-style`
-(names in registry_names), each marked by its item tag `item-<id>` (no alias per item: see registry_names). A
-version's source is the item's folder in the library itself, so no LoRA is
-copied; only where the registry could not read the library (a local library, a remote server) or when
-asked (`log_lora_artifacts`), the LoRA files are logged to the run and the version points there.
+(names in registry_names), each marked by its item tag `item-<id>` (no alias per item: see registry_names).
+A version's source is the item's folder in the library itself, so no LoRA is copied; only where the registry
+could not read the library (a local library, a remote server) or when asked (`log_lora_artifacts`), the LoRA
+files are logged to the run and the version points there.
 
 Tracking never decides a fit's fate: callers track after the fit's files and marker are safe and turn any
 exception into the row's `tracking_error`; `unziplora registry sync` retries later. Every step is
-idempotent (a fit's run is found by its item-id tag, a version by its item-id tag), so a retry, a second
+idempotent (a fit's run is found by its item-id tag, a version by its item tag), so a retry, a second
 sync or a sync after a partial failure creates nothing twice.
 """
 
@@ -202,8 +202,8 @@ class Tracker:
     def registry_record(self) -> dict:
         """What `<output>/registry.json` holds: where a library's runs and LoRAs are registered."""
         layout = 1 if self.aliased_models() else 2  # 1: an alias per item (before issue 34)
-        return {"format": f"unziplora-registry/{layout}", "tracking_uri": redact(self.uri), "library": self.library,
-                "experiment": self.library, "experiment_id": self.experiment_id,
+        return {"format": f"unziplora-registry/{layout}", "tracking_uri": redact(self.uri),
+                "library": self.library, "experiment": self.library, "experiment_id": self.experiment_id,
                 "models": {k: model_name(self.library, k) for k in KINDS},
                 "item_tag": "item-<first 16 hex digits of the item id> = <item id>",
                 "uri": "models:/<model>/<version>; `unziplora registry get <model>@item-<id>` finds the version"}
