@@ -127,7 +127,8 @@ def _by_item(client, name: str | None, key: str, kind: str, missing_ok: bool = F
         names = ", ".join(sorted(f"{v.name}/{v.version}" for v in found))
         raise InputError(f"{key} names several versions ({names}): give NAME/VERSION")
     if not found and not missing_ok:
-        raise InputError(f"no registered {kind} LoRA is tagged {key}")
+        raise InputError(f"no registered {kind} LoRA is tagged {key} (a library registered before item tags: "
+                         "`unziplora registry sync` it, or give NAME@item-ID, which also tries the alias)")
     return found[0] if found else None
 
 
