@@ -253,12 +253,14 @@ class Tracker:
 
     def migrate_registry(self) -> dict:
         """Move the library's versions from the old layout (an alias `item-<id>` per item, which MLflow loads
-        in full on every read of the model) to item tags: each of this library's versions without its item
-        tag gets it, then this library's `item-` aliases are removed (other aliases stay). Idempotent; one
-        paged listing per model, one call per version and alias changed."""
+        in full on every create or read of a version) to item tags: each of this library's versions gets its item
+        tag, then loses its `item-` alias (other aliases stay). A version loses its alias only once tagged, so a
+        move cut short is safe (the model still holds aliases: versions without the tag are still found the old
+        way) and the next sync goes on. One paged listing per model, one call per tag and alias."""
         out = {"tagged": 0, "aliases_removed": 0}
         for name in self.aliased_models() or []:
-            ours: set[str] = set()
+            [model] = self.client.search_registered_models(f"name = {literal(name)}")
+            aliases = {alias: str(version) for alias, version in model.aliases.items() if ITEM_KEY.fullmatch(alias)}
             token = None
             while True:
                 page = self.client.search_model_versions(f"name = {literal(name)}", max_results=1000,
@@ -267,18 +269,16 @@ class Tracker:
                     item_id = version.tags.get("item_id")
                     if not item_id or not self._ours(name, version):
                         continue
-                    ours.add(str(version.version))
-                    if item_key(item_id) not in version.tags:
-                        self.client.set_model_version_tag(name, version.version, item_key(item_id), item_id)
+                    key = item_key(item_id)
+                    if key not in version.tags:
+                        self.client.set_model_version_tag(name, version.version, key, item_id)
                         out["tagged"] += 1
+                    if aliases.get(key) == str(version.version):  # each alias gone makes the next calls cheaper
+                        self.client.delete_registered_model_alias(name, key)
+                        out["aliases_removed"] += 1
                 token = page.token
                 if not token:
                     break
-            [model] = self.client.search_registered_models(f"name = {literal(name)}")
-            for alias, version in model.aliases.items():
-                if ITEM_KEY.fullmatch(alias) and str(version) in ours:
-                    self.client.delete_registered_model_alias(name, alias)
-                    out["aliases_removed"] += 1
         self._aliased = None
         return out
 
