@@ -1,7 +1,7 @@
 """`unziplora registry search|get|sync`: find, fetch and backfill the LoRAs of a library in the MLflow registry.
 
     unziplora registry search "watercolor" --tracking-uri sqlite:///out/library/mlflow.db
-    unziplora registry get library-style@item-0123456789abcdef --dest lora/ --tracking-uri ...
+    unziplora registry get library-style@item-0123456789abcdef --dest lora/ --tracking-uri ...   # or item-<id>
     unziplora registry sync out/library                 # runs + versions for rows that lack them
 """
 
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.registry_names import KINDS, item_alias
+from pipeline.registry_names import ITEM_KEY, KINDS, item_filter, item_key
 from unziplora.config import check_number
 from unziplora.errors import InputError
 from unziplora.redact import redact
@@ -32,8 +32,10 @@ def add_commands(sub) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(run=search)
 
-    g = commands.add_parser("get", help="download a LoRA: NAME@ALIAS, NAME/VERSION, NAME (latest) or models:/...")
+    g = commands.add_parser("get", help="download a LoRA: NAME@item-ID, item-ID (with --kind), NAME@ALIAS, "
+                            "NAME/VERSION, NAME (latest) or models:/...")
     g.add_argument("spec")
+    g.add_argument("--kind", choices=KINDS, default="style", help="for a bare item-ID: which LoRA (default style)")
     g.add_argument("--dest", required=True, help="folder to write the files to")
     g.set_defaults(run=get)
 
@@ -74,29 +76,37 @@ def search(args: argparse.Namespace) -> int:
         for v in client.search_model_versions(query, max_results=args.limit):
             found[(v.name, int(v.version))] = v
     for _, v in sorted(found.items())[:args.limit]:
-        # search results carry no aliases; ours is derived from the item id
-        alias = item_alias(v.tags["item_id"]) if v.tags.get("item_id") else None
-        info = {"name": v.name, "version": v.version, "alias": alias,
+        item = item_key(v.tags["item_id"]) if v.tags.get("item_id") else None  # `registry get NAME@item-...`
+        info = {"name": v.name, "version": v.version, "item": item,
                 "kind": v.tags.get("kind"), "style": v.tags.get("style"), "content": v.tags.get("content"),
                 "item_id": v.tags.get("item_id"), "source_uri": v.tags.get("source_uri"),
                 "model_uri": f"models:/{v.name}/{v.version}", "lora_uri": v.tags.get("lora_uri")}
         if args.json:
             print(json.dumps(info))
         else:
-            print(f"{v.name}/{v.version}\t@{alias}\tstyle={info['style']!r}\tcontent={info['content']!r}\t"
+            print(f"{v.name}/{v.version}\t@{item}\tstyle={info['style']!r}\tcontent={info['content']!r}\t"
                   f"{info['lora_uri']}")
     if not found:
         print(f"no LoRA matches {args.text!r}", file=sys.stderr)
     return 0
 
 
-def resolve(client, spec: str):
-    """NAME@ALIAS, NAME/VERSION, NAME (its latest version) or models:/... -> the model version."""
+def resolve(client, spec: str, kind: str = "style"):
+    """NAME@item-ID (by its item tag), item-ID (the `kind` LoRA of the one library holding it), NAME@ALIAS,
+    NAME/VERSION, NAME (its latest version) or models:/... -> the model version."""
     from pipeline.tracking import literal
 
     spec = spec.removeprefix("models:/")
+    if ITEM_KEY.fullmatch(spec):
+        return _by_item(client, None, spec, kind)
     if "@" in spec:
-        return client.get_model_version_by_alias(*spec.split("@", 1))
+        name, alias = spec.split("@", 1)
+        if ITEM_KEY.fullmatch(alias):
+            found = _by_item(client, name, alias, kind, missing_ok=True)
+            if found is not None:
+                return found
+        # an alias of the user's, or a library still on the old layout (an alias per item)
+        return client.get_model_version_by_alias(name, alias)
     if "/" in spec:
         return client.get_model_version(*spec.split("/", 1))
     versions = client.search_model_versions(f"name = {literal(spec)}", order_by=["version_number DESC"], max_results=1)
@@ -105,14 +115,33 @@ def resolve(client, spec: str):
     return versions[0]
 
 
+def _by_item(client, name: str | None, key: str, kind: str, missing_ok: bool = False):
+    """The version of the model `name` tagged with the item key `item-<hex>`; without a name, the `kind`
+    LoRA's folder version among all models (an item of two libraries is ambiguous: name the model)."""
+    if name is not None:
+        query = item_filter(name, key)
+    else:
+        hex_ = key.removeprefix("item-")
+        query = f"tags.`item-{hex_[:16]}` LIKE '{hex_}%'"
+    found = [v for v in client.search_model_versions(query)
+             if name is not None or (v.tags.get("kind") == kind and not v.name.endswith("-diffusers"))]
+    if len(found) > 1:
+        names = ", ".join(sorted(f"{v.name}/{v.version}" for v in found))
+        raise InputError(f"{key} names several versions ({names}): give NAME/VERSION")
+    if not found and not missing_ok:
+        raise InputError(f"no registered {kind} LoRA is tagged {key} (a library registered before item tags: "
+                         "`unziplora registry sync` it, or give NAME@item-ID, which also tries the alias)")
+    return found[0] if found else None
+
+
 def get(args: argparse.Namespace) -> int:
     """The version's LoRA file (and its other formats', where the fit has them), fit.json, config.yaml and
     preview; a version whose source
     is the item's whole folder in the library yields only its own kind's files."""
-    client = _client(args)
     import mlflow.artifacts
 
-    version = resolve(client, args.spec)
+    client = _client(args)
+    version = resolve(client, args.spec, args.kind)
     root = client.get_model_version_download_uri(version.name, version.version)
     kind = version.tags.get("kind")
     other = [k for k in KINDS if k != kind]
@@ -127,7 +156,8 @@ def get(args: argparse.Namespace) -> int:
     for name in wanted:
         mlflow.artifacts.download_artifacts(artifact_uri=f"{root.rstrip('/')}/{name}", dst_path=str(dest),
                                             tracking_uri=args.tracking_uri)
-    print(json.dumps({"name": version.name, "version": version.version, "source": redact(version.source),
+    print(json.dumps({"name": version.name, "version": version.version,
+                      "model_uri": f"models:/{version.name}/{version.version}", "source": redact(version.source),
                       "files": sorted(str(dest / n) for n in wanted)}, indent=1))
     return 0
 

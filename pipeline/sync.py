@@ -4,6 +4,7 @@ For every ok item whose row lacks a run or a registered version (MLflow was down
 library is being registered on a new server): track it as the worker would have, under the parent run of the
 job that fitted it, then write the new columns into the item's marker, its sources' rows and the manifest.
 Idempotent twice over: rows already tracked are skipped, and tracking itself finds existing runs/versions.
+A library registered before issue 34 (an alias `item-<id>` per item) is moved to item tags on the way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .manifest import read_manifest, source_key, write_manifest
 from .registry_names import library_name
 from .lease import LibraryLease
 from .storage import Store, library_store, require_library
-from .tracking import REGISTRY_FILE, Tracker, default_tracking_uri, describe, is_local, redact, retrying
+from .tracking import (REGISTRY_FILE, Tracker, default_tracking_uri, describe, is_local, redact, retrying,
+                       sqlite_file)
 
 
 def resolve_uri(output: str, tracking_uri: str | None, recorded: str | None) -> str:
@@ -62,7 +64,10 @@ def _sync(store: Store, lease: LibraryLease, tracking_uri: str | None, library: 
     summary = {"tracking_uri": redact(uri), "library": library, "ok_items": len({r["item_id"] for r in rows
                                                                                 if r["status"] == "ok"}),
                "synced": 0, "errors": 0}
-    if not todo:
+    # a library tracked before may need its registry moved to item tags, even with no row to track (but a
+    # SQLite store that is gone is not made anew for that)
+    database = sqlite_file(uri)
+    if not todo and not (recorded and (database is None or os.path.exists(database))):
         return summary
 
     tracker = Tracker(uri, library, output, storage_options, log_lora_artifacts=log_lora_artifacts,
@@ -71,7 +76,11 @@ def _sync(store: Store, lease: LibraryLease, tracking_uri: str | None, library: 
     # holding the lease, every job run still RUNNING is over: one that stored its report ended while MLflow was
     # away (FINISHED with its metrics), any other died (KILLED)
     summary["closed_job_runs"] = len(retrying(lambda: tracker.close_dead_jobs("sync", store)))
+    if retrying(tracker.aliased_models):  # the layout before issue 34: an alias per item
+        summary["migrated"] = retrying(tracker.migrate_registry)
     store.write_json(tracker.registry_record(), REGISTRY_FILE)
+    if not todo:
+        return summary
     parents: dict[str, str] = {}
     updates: dict[str, dict] = {}
     for item_id, row in todo.items():

@@ -2,13 +2,14 @@
 
 One parent run per job, one nested run per fit (params, per-step metrics, final metrics, fit.json and previews
 as artifacts), and each ok fit's LoRAs registered as versions of `<library>-content` / `<library>-style`
-(names in registry_names). A version's source is the item's folder in the library itself, so no LoRA is
-copied; only where the registry could not read the library (a local library, a remote server) or when
-asked (`log_lora_artifacts`), the LoRA files are logged to the run and the version points there.
+(names in registry_names), each marked by its item tag `item-<id>` (no alias per item: see registry_names).
+A version's source is the item's folder in the library itself, so no LoRA is copied; only where the registry
+could not read the library (a local library, a remote server) or when asked (`log_lora_artifacts`), the LoRA
+files are logged to the run and the version points there.
 
 Tracking never decides a fit's fate: callers track after the fit's files and marker are safe and turn any
 exception into the row's `tracking_error`; `unziplora registry sync` retries later. Every step is
-idempotent (a fit's run is found by its item-id tag, a version by its item-id tag), so a retry, a second
+idempotent (a fit's run is found by its item-id tag, a version by its item tag), so a retry, a second
 sync or a sync after a partial failure creates nothing twice.
 """
 
@@ -28,7 +29,7 @@ from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import redact, scrub
 
 from .figures import job_figure, loss_figure
-from .registry_names import KINDS, item_alias, library_name, model_name
+from .registry_names import ITEM_KEY, KINDS, item_filter, item_key, library_name, model_name
 from .scoring import SCORES
 from .storage import Store, library_store, open_url
 
@@ -148,6 +149,7 @@ class Tracker:
         self.copy_loras = log_lora_artifacts or (is_local(output) and uri.startswith(("http:", "https:")))
         self.diffusers_models = diffusers_models  # also mlflow.diffusers-flavour models (`*-diffusers`)
         self.experiment_id = experiment_id or retrying(self._experiment)
+        self._aliased: list[str] | None = None  # models still holding per-item aliases (the old layout)
 
     def check_store(self) -> None:
         """Raise one line if the SQLite file this tracker writes was deleted or moved."""
@@ -182,12 +184,29 @@ class Tracker:
                 except Exception:  # created meanwhile by another process
                     pass
 
+    def model_names(self) -> list[str]:
+        """The library's registered models: per kind, the folder versions and the mlflow.diffusers ones."""
+        return [model_name(self.library, k, f) for k in KINDS for f in (None, "diffusers")]
+
+    def aliased_models(self) -> list[str]:
+        """The library's models that still hold per-item aliases `item-<id>` (registered before issue 34, not
+        yet moved by `registry sync`); looked up once per tracker."""
+        if self._aliased is None:
+            self._aliased = []
+            for name in self.model_names():
+                for model in self.client.search_registered_models(f"name = {literal(name)}"):
+                    if any(ITEM_KEY.fullmatch(alias) for alias in model.aliases):
+                        self._aliased.append(name)
+        return self._aliased
+
     def registry_record(self) -> dict:
         """What `<output>/registry.json` holds: where a library's runs and LoRAs are registered."""
-        return {"format": "unziplora-registry/1", "tracking_uri": redact(self.uri), "library": self.library,
-                "experiment": self.library, "experiment_id": self.experiment_id,
+        layout = 1 if self.aliased_models() else 2  # 1: an alias per item (before issue 34)
+        return {"format": f"unziplora-registry/{layout}", "tracking_uri": redact(self.uri),
+                "library": self.library, "experiment": self.library, "experiment_id": self.experiment_id,
                 "models": {k: model_name(self.library, k) for k in KINDS},
-                "alias": "item-<first 16 hex digits of the item id>"}
+                "item_tag": "item-<first 16 hex digits of the item id> = <item id>",
+                "uri": "models:/<model>/<version>; `unziplora registry get <model>@item-<id>` finds the version"}
 
     # -- runs ----------------------------------------------------------------------------------------------
 
@@ -204,14 +223,64 @@ class Tracker:
         return runs[0] if runs else None
 
     def _find_version(self, name: str, item_id: str):
-        """This library's version of the model `name` for this item, scoped like `_find_run`."""
+        """This library's version of the model `name` for this item: by its item tag (one indexed look-up, the
+        library's key checked on the few results). Only while a model still holds the old layout's aliases
+        (a library not yet moved by `registry sync`), a version without the tag is searched the old way,
+        scoped like `_find_run`, and gets the tag."""
+        for version in self.client.search_model_versions(item_filter(name, item_key(item_id))):
+            if version.tags.get("item_id") == item_id and self._ours(name, version):
+                return version
+        if name not in self.aliased_models():
+            return None
         query = f"name = {literal(name)} AND tags.item_id = {literal(item_id)}"
         found = self.client.search_model_versions(f"{query} AND tags.library_key = '{self.library_key}'")
         if not found and (legacy := self._legacy_scope("tags.library_uri")):
             found = self.client.search_model_versions(f"{query} AND {legacy}")
             for version in found:
                 self.client.set_model_version_tag(name, version.version, "library_key", self.library_key)
+        if found:
+            self.client.set_model_version_tag(name, found[0].version, item_key(item_id), item_id)
         return found[0] if found else None
+
+    def _ours(self, name: str, version) -> bool:
+        """Whether a version belongs to this library (two libraries of one name share the models): by its
+        library key, else (registered before keys existed) by its library URI, which then gets the key."""
+        key = version.tags.get("library_key")
+        if key is None and version.tags.get("library_uri") == redact(self.output):
+            self.client.set_model_version_tag(name, version.version, "library_key", self.library_key)
+            return True
+        return key == self.library_key
+
+    def migrate_registry(self) -> dict:
+        """Move the library's versions from the old layout (an alias `item-<id>` per item, which MLflow loads
+        in full on every create or read of a version) to item tags: each of this library's versions gets its item
+        tag, then loses its `item-` alias (other aliases stay). A version loses its alias only once tagged, so a
+        move cut short is safe (the model still holds aliases: versions without the tag are still found the old
+        way) and the next sync goes on. One paged listing per model, one call per tag and alias."""
+        out = {"tagged": 0, "aliases_removed": 0}
+        for name in self.aliased_models() or []:
+            [model] = self.client.search_registered_models(f"name = {literal(name)}")
+            aliases = {alias: str(version) for alias, version in model.aliases.items() if ITEM_KEY.fullmatch(alias)}
+            token = None
+            while True:
+                page = self.client.search_model_versions(f"name = {literal(name)}", max_results=1000,
+                                                         order_by=["version_number ASC"], page_token=token)
+                for version in page:
+                    item_id = version.tags.get("item_id")
+                    if not item_id or not self._ours(name, version):
+                        continue
+                    key = item_key(item_id)
+                    if key not in version.tags:
+                        self.client.set_model_version_tag(name, version.version, key, item_id)
+                        out["tagged"] += 1
+                    if aliases.get(key) == str(version.version):  # each alias gone makes the next calls cheaper
+                        self.client.delete_registered_model_alias(name, key)
+                        out["aliases_removed"] += 1
+                token = page.token
+                if not token:
+                    break
+        self._aliased = None
+        return out
 
     def _legacy_scope(self, tag: str) -> str | None:
         try:
@@ -356,8 +425,8 @@ class Tracker:
     # -- registry ------------------------------------------------------------------------------------------
 
     def register(self, row: dict, run_id: str) -> dict:
-        """The row's content and style LoRAs as model versions (found by the item-id tag, else created),
-        each with the alias `item-<id>`; returns `{kind}_model_uri` columns (version-pinned URIs)."""
+        """The row's content and style LoRAs as model versions (found by the item tag, else created), each
+        tagged `item-<id>` = item id; returns `{kind}_model_uri` columns (version-pinned URIs)."""
         files = json.loads(row["files"])
         out = {}
         for kind in KINDS:
@@ -368,7 +437,8 @@ class Tracker:
                 if self.copy_loras:
                     source = self.client.get_run(run_id).info.artifact_uri + f"/{kind}_lora"
                 lora = files[f"{kind}_lora.safetensors"]
-                tags = {"kind": kind, "item_id": row["item_id"], "source_uri": redact(row["source_uri"]),
+                tags = {"kind": kind, "item_id": row["item_id"], item_key(row["item_id"]): row["item_id"],
+                        "source_uri": redact(row["source_uri"]),
                         "content": row["content"], "trigger": row["content"], "style": row["style"],
                         "class_word": row["class_word"], "prompt": row[f"prompt_{kind}"],
                         "prompt_combined": row["prompt_combined"], "lora_file": f"{kind}_lora.safetensors",
@@ -385,7 +455,6 @@ class Tracker:
                 version = self.client.create_model_version(
                     name, source, run_id=run_id, description=description, await_creation_for=0,
                     tags={k: str(v) for k, v in tags.items() if v is not None})
-            self.client.set_registered_model_alias(name, item_alias(row["item_id"]), version.version)
             out[f"{kind}_model_uri"] = f"models:/{name}/{version.version}"
             if self.diffusers_models and diffusers_base(row):
                 out[f"{kind}_diffusers_model_uri"] = self._register_diffusers(row, run_id, kind, version.tags)
@@ -415,9 +484,9 @@ class Tracker:
                 self.client.log_artifacts(run_id, f"{tmp}/{artifact}", artifact)
             source = self.client.get_run(run_id).info.artifact_uri + f"/{artifact}"
             version = self.client.create_model_version(
-                name, source, run_id=run_id, await_creation_for=0, tags=dict(tags),
+                name, source, run_id=run_id, await_creation_for=0,
+                tags=dict(tags) | {item_key(row["item_id"]): row["item_id"]},
                 description=f"{kind} LoRA of {tags.get('source_uri')} as an mlflow.diffusers model on {base}")
-        self.client.set_registered_model_alias(name, item_alias(row["item_id"]), version.version)
         return f"models:/{name}/{version.version}"
 
 
@@ -528,6 +597,7 @@ def start_job(job, store: Store, progress: bool = True, parent: bool = True):
             retrying(tracker.ensure_registered_models)
             run = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
             closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
+            aliased = retrying(tracker.aliased_models)
             store.write_json(tracker.registry_record(), REGISTRY_FILE)
             break
         except Exception as exc:
@@ -539,6 +609,10 @@ def start_job(job, store: Store, progress: bool = True, parent: bool = True):
                       "go on, `unziplora registry sync` backfills them", flush=True)
             return dataclasses.replace(job, tracking_error=describe(exc))
     _say_closed(closed, progress)
+    if aliased and progress:
+        print(f"the registered models {', '.join(aliased)} still hold an alias per item, which makes every "
+              f"registration slower as the library grows: `unziplora registry sync {redact(job.output)}` moves "
+              "them to item tags", flush=True)
     return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=run)
 
 

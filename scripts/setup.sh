@@ -25,4 +25,9 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
     { apt-get install -y --no-install-recommends chromium || { apt-get update && apt-get install -y \
         --no-install-recommends chromium; }; } >/dev/null 2>&1 || echo "warning: chromium not installed; the gallery test will skip"
 fi
+# The registry test and benchmark run an MLflow server on Debian's PostgreSQL (started by them, as root).
+if [ ! -d /usr/lib/postgresql ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y --no-install-recommends postgresql || { apt-get update && apt-get install -y \
+        --no-install-recommends postgresql; }; } >/dev/null 2>&1 || echo "warning: postgresql not installed; its registry test will skip"
+fi
 .venv/bin/python -c "import unziplora, torch; print('unziplora ready; torch', torch.__version__)"

@@ -19,7 +19,7 @@ from jobs import cli
 from pipeline.bank import Bank, build_bank, load_embedder, write_gallery
 from pipeline.bank.search import FIT_FILES
 from pipeline.manifest import empty_row, write_manifest
-from pipeline.registry_names import model_uri
+from pipeline.registry_names import item_handle
 from pipeline.storage import Store
 from unziplora.errors import InputError
 
@@ -130,8 +130,8 @@ def test_text_search_finds_planted_matches_first(library, minilm):
     assert hits[0]["score"] >= hits[1]["score"] > hits[2]["score"]
     hit = hits[0]
     assert hit["status"] == "ok" and hit["style_lora_uri"].endswith(f"items/{hit['item_id']}/style_lora.safetensors")
-    assert hit["registry"] == {"content": model_uri("library", "content", hit["item_id"]),
-                               "style": model_uri("library", "style", hit["item_id"])}
+    assert hit["registry"] == {"content": item_handle("library", "content", hit["item_id"]),
+                               "style": item_handle("library", "style", hit["item_id"])}
     # the failed row has a watercolor description too, but no LoRAs: only `status="any"` shows it
     assert all(h["status"] == "ok" for h in bank.search(WATERCOLOR[0], k=20, text_embedder=minilm))
     assert "failed" in {h["status"] for h in bank.search(WATERCOLOR[0], k=3, text_embedder=minilm, status="any")}
@@ -279,7 +279,7 @@ def test_unindexed_rows_are_reported_not_matched(tmp_path, minilm):
     assert bank.unindexed("style", minilm) == 1
     hits = bank.search(WATERCOLOR[1], k=5, text_embedder=minilm)
     assert [h["style"] for h in hits] == [WATERCOLOR[0]]
-    assert hits[0]["registry"]["style"] == model_uri("tracked-name", "style", hits[0]["item_id"])
+    assert hits[0]["registry"]["style"] == item_handle("tracked-name", "style", hits[0]["item_id"])
 
 
 def test_cli_build_search_and_generate_resolution(library, tmp_path, capsys, monkeypatch):
@@ -287,7 +287,7 @@ def test_cli_build_search_and_generate_resolution(library, tmp_path, capsys, mon
     assert json.loads(capsys.readouterr().out)["added"] == {"all-MiniLM-L6-v2": 0}
     assert cli.main(["bank", "search", library, "soft watercolor with ink outlines", "-k", "2"]) == 0
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {h["style"] for h in hits} == set(WATERCOLOR) and hits[0]["registry"].startswith("models:/library-style@")
+    assert {h["style"] for h in hits} == set(WATERCOLOR) and hits[0]["registry"].startswith("library-style@item-")
 
     # generate: --content by item id prefix, --style by a text query; the real `generate` run is replaced
     seen = {}

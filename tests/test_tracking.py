@@ -26,7 +26,7 @@ import pipeline.job
 from jobs.cli import main as cli_main
 from pipeline.job import JobSpec, run_job
 from pipeline.manifest import SCHEMA, read_manifest
-from pipeline.registry_names import item_alias, model_name, model_uri
+from pipeline.registry_names import item_filter, item_handle, item_key, model_name
 from pipeline.storage import Store
 from pipeline.tracking import TAG, redact
 from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, local_s3,
@@ -43,12 +43,12 @@ FAST_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BAC
 class MlflowServer:
     """`mlflow server` in a child process on 127.0.0.1; stop() and start() again keep port and database."""
 
-    def __init__(self, folder, s3: LocalS3):
+    def __init__(self, folder, s3: LocalS3, backend_store_uri: str | None = None):
         self.port, self.folder = free_port(), folder
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = os.environ | AWS_ENV | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
         self.args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                     "--workers", "1", "--backend-store-uri", backend_store_uri or f"sqlite:///{folder}/mlflow.db",
                      "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts"]
         self.process = None
 
@@ -92,6 +92,22 @@ def mlflow_server(s3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pg_mlflow_server(s3, tmp_path_factory):
+    """`mlflow server` on a real PostgreSQL (Debian's `postgresql`, started here as the benchmark starts it)."""
+    from benchmarks.registry_scale import postgres
+
+    if not Path("/usr/lib/postgresql").is_dir() and not os.environ.get("CI"):  # CI installs it: never skip there
+        pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it as root)")
+    with postgres() as database:
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), s3, backend_store_uri=database)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
 def ray_cluster(s3):
     # the S3 endpoint for MLflow's own S3 client (here: the test's downloads through models:/ URIs)
     env = AWS_ENV | FAST_FAILURE | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": None}
@@ -117,6 +133,21 @@ def client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def by_item(c, name: str, item_id: str):
+    """The one version of the model `name` tagged with the item's key: the documented look-up."""
+    [version] = c.search_model_versions(item_filter(name, item_key(item_id)))
+    assert version.tags[item_key(item_id)] == version.tags["item_id"] == item_id
+    return version
+
+
+def item_uri(c, library: str, kind: str, item_id: str) -> str:
+    """The URI a user writes for an item, as docs/mlflow.md shows it: `models:/<model>/<version>`, the version
+    found by the item tag in plain MLflow."""
+    name = model_name(library, kind)
+    [version] = c.search_model_versions(f"name = '{name}' AND tags.`{item_key(item_id)}` LIKE '%'")
+    return f"models:/{name}/{version.version}"
 
 
 def everything_logged(c, experiment_id: str) -> str:
@@ -161,7 +192,7 @@ def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dic
         files = files_of(row)
         assert {"preview_content.png", "preview_style.png", "history.json"} <= set(files)
         for kind in ("content", "style"):
-            version = c.get_model_version_by_alias(model_name(library, kind), item_alias(item_id))
+            version = by_item(c, model_name(library, kind), item_id)
             assert row[f"{kind}_model_uri"] == f"models:/{model_name(library, kind)}/{version.version}"
             assert version.run_id == run.info.run_id
             tags = version.tags
@@ -169,6 +200,8 @@ def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dic
             assert tags["class_word"] == row["class_word"] and tags["source_uri"] == row["source_uri"]
             assert tags["sha256"] == files[f"{kind}_lora.safetensors"]["sha256"]
             assert float(tags["score_style"]) == pytest.approx(row["score_style"])
+    for kind in ("content", "style"):  # no alias per item: its cost grew with the library (issue 34)
+        assert not c.get_registered_model(model_name(library, kind)).aliases
     failed = [r for r in c.search_runs([experiment.experiment_id], f"tags.`{TAG}status` = 'failed'")]
     assert len(failed) == 1 and failed[0].info.status == "FAILED" and "garbage" in failed[0].data.tags[TAG + "error"]
     assert SECRET not in everything_logged(c, experiment.experiment_id)
@@ -197,8 +230,9 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
 
     item_id, row = sorted(ok.items())[0]
     with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
-        got = mlflow.artifacts.download_artifacts(model_uri("lib-a", "style", item_id),
-                                                  dst_path=str(tmp_path / "plain"))
+        uri = item_uri(client(mlflow_server.url), "lib-a", "style", item_id)
+        assert uri == row["style_model_uri"]
+        got = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "plain"))
         lora = (Path(got) / "style_lora.safetensors").read_bytes()
         assert sha256_hex(lora) == files_of(row)["style_lora.safetensors"]["sha256"]
 
@@ -206,10 +240,17 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
         capsys.readouterr()
         assert cli_main(["registry", "search", row["style"].upper(), "--tracking-uri", mlflow_server.url]) == 0
         out = capsys.readouterr().out
-        assert "lib-a-style/" in out and f"@{item_alias(item_id)}" in out and out.count("\n") == 2, out
+        assert "lib-a-style/" in out and f"@{item_key(item_id)}" in out and out.count("\n") == 2, out
         dest = tmp_path / "got"
-        assert cli_main(["registry", "get", f"lib-a-content@{item_alias(item_id)}", "--dest", str(dest),
+        assert cli_main(["registry", "get", item_handle("lib-a", "content", item_id), "--dest", str(dest),
                          "--tracking-uri", mlflow_server.url]) == 0
+        assert json.loads(capsys.readouterr().out)["model_uri"] == row["content_model_uri"]
+        # a bare item key (the whole id too) with --kind
+        dest_style = tmp_path / "got-style"
+        assert cli_main(["registry", "get", f"item-{item_id}", "--kind", "style", "--dest", str(dest_style),
+                         "--tracking-uri", mlflow_server.url]) == 0
+        assert json.loads(capsys.readouterr().out)["model_uri"] == row["style_model_uri"]
+        assert "style_lora.safetensors" in os.listdir(dest_style)
     got_files = sorted(p.name for p in dest.iterdir())
     assert got_files == ["config.yaml", "content_lora.safetensors", "fit.json", "preview_content.png"], got_files
     assert sha256_hex((dest / "content_lora.safetensors").read_bytes()) == \
@@ -259,7 +300,7 @@ def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dat
         assert len(c.get_metric_history(run.info.run_id, "loss")) == row["steps"]  # history.json in the library
         marker = json.loads(s3.get(f"{row['output_uri']}/_SUCCESS"))
         assert marker["mlflow_run_id"] == row["mlflow_run_id"] and marker["tracking_error"] is None
-        assert c.get_model_version_by_alias("lib-b-style", item_alias(item_id)).run_id == run.info.run_id
+        assert by_item(c, "lib-b-style", item_id).run_id == run.info.run_id
     assert SECRET not in everything_logged(c, experiment.experiment_id)
 
     before = counts(mlflow_server.url)
@@ -268,7 +309,7 @@ def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dat
     assert counts(mlflow_server.url) == before
 
 
-def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path):
+def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path, capsys):
     write_local(dataset, tmp_path / "in")
     out = tmp_path / "my lib"
     job = JobSpec(input=str(tmp_path / "in"), output=str(out), log_lora_artifacts=True, **JOB)
@@ -282,7 +323,8 @@ def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path):
 
     item_id = sorted(ok)[0]
     with environ({"MLFLOW_TRACKING_URI": uri}):  # models:/ URIs resolve in the default registry (only)
-        got = mlflow.artifacts.download_artifacts(model_uri(library, "style", item_id), dst_path=str(tmp_path / "dl"))
+        got = mlflow.artifacts.download_artifacts(item_uri(client(uri), library, "style", item_id),
+                                                  dst_path=str(tmp_path / "dl"))
     # with log_lora_artifacts the version points at the run's copy: only that kind's files
     assert sorted(os.listdir(got)) == ["style_lora.safetensors"]  # the one file (kohya format)
     assert (out / "mlartifacts").as_uri() in client(uri).get_model_version(f"{library}-style", "1").source
@@ -290,6 +332,40 @@ def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path):
         dest = tmp_path / spec.replace("/", "_")
         assert cli_main(["registry", "get", spec, "--dest", str(dest), "--tracking-uri", uri]) == 0
         assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors"]
+
+    # the same library as the layout before issue 34 left it: no item tags, an alias `item-<id>` per version
+    c = client(uri)
+    for kind in ("content", "style"):
+        name = model_name(library, kind)
+        for version in c.search_model_versions(f"name = '{name}'"):
+            c.delete_model_version_tag(name, version.version, item_key(version.tags["item_id"]))
+            c.set_registered_model_alias(name, item_key(version.tags["item_id"]), version.version)
+        c.set_registered_model_alias(name, "champion", "1")  # a user's own alias
+        assert not c.search_model_versions(item_filter(name, item_key(item_id)))
+    # `registry get NAME@item-<id>` still finds an item of an old library, by its alias
+    capsys.readouterr()
+    assert cli_main(["registry", "get", item_handle(library, "style", item_id), "--dest", str(tmp_path / "old"),
+                     "--tracking-uri", uri]) == 0
+    assert json.loads(capsys.readouterr().out)["model_uri"] == ok[item_id]["style_model_uri"]
+    before = counts(uri)
+    # `registry sync` moves it: item tags on every version, the item aliases gone, the user's alias kept
+    assert cli_main(["registry", "sync", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["migrated"] == {"tagged": 4, "aliases_removed": 4} and summary["errors"] == 0, summary
+    assert json.loads((out / "registry.json").read_text())["format"] == "unziplora-registry/2"
+    for kind in ("content", "style"):
+        assert c.get_registered_model(model_name(library, kind)).aliases == {"champion": 1}
+        for other_id, row in ok.items():
+            version = by_item(c, model_name(library, kind), other_id)
+            assert row[f"{kind}_model_uri"] == f"models:/{model_name(library, kind)}/{version.version}"
+    with environ({"MLFLOW_TRACKING_URI": uri}):  # the documented URI, after the move
+        got = mlflow.artifacts.download_artifacts(item_uri(c, library, "content", item_id),
+                                                  dst_path=str(tmp_path / "migrated"))
+    assert "content_lora.safetensors" in os.listdir(got)
+    # a second sync finds nothing to move, and neither creates a run or a version
+    assert cli_main(["registry", "sync", str(out), "--all"]) == 0
+    assert "migrated" not in json.loads(capsys.readouterr().out)
+    assert counts(uri) == before
 
 
 def test_redact_and_old_manifest_parts(tmp_path):
@@ -317,9 +393,11 @@ def test_decompose_tracking_flags():
     assert args.tracking and args.tracking_uri is None and args.preview_steps == 8
 
 
-def test_loras_registered_as_diffusers_models(s3, mlflow_server, ray_cluster, tmp_path):
-    """`log_diffusers_models`: beside the folder versions, each LoRA is an mlflow.diffusers model (an MLmodel
-    naming the base folder) that MLflow's own flavour and pyfunc load: the base pipeline with the LoRA on it."""
+def test_loras_registered_as_diffusers_models(s3, pg_mlflow_server, ray_cluster, tmp_path, capsys):
+    """`log_diffusers_models`, on a server backed by PostgreSQL: beside the folder versions, each LoRA is an
+    mlflow.diffusers model (an MLmodel naming the base folder) that MLflow's own flavour and pyfunc load through
+    the documented URI: the base pipeline with the LoRA on it. `registry search` and `get` find the item."""
+    mlflow_server = pg_mlflow_server
     import mlflow.diffusers
     import mlflow.pyfunc
     import pandas as pd
@@ -342,15 +420,28 @@ def test_loras_registered_as_diffusers_models(s3, mlflow_server, ray_cluster, tm
     with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
         for kind in ("content", "style"):
             name = model_name("lib-d", kind, "diffusers")
-            version = c.get_model_version_by_alias(name, item_alias(row["item_id"]))
+            version = by_item(c, name, row["item_id"])
             assert row[f"{kind}_diffusers_model_uri"] == f"models:/{name}/{version.version}"
-            assert version.tags["item_id"] == row["item_id"] and version.run_id == row["mlflow_run_id"]
-            assert c.get_model_version_by_alias(model_name("lib-d", kind), item_alias(row["item_id"]))  # kept
-            model = mlflow.diffusers.load_model(f"models:/{name}@{item_alias(row['item_id'])}")
+            assert version.run_id == row["mlflow_run_id"]
+            assert by_item(c, model_name("lib-d", kind), row["item_id"])  # kept
+            model = mlflow.diffusers.load_model(f"models:/{name}/{version.version}")
             assert model.base_model == str(folder)
             pipe = model.load_pipeline()
             lora = [m for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k")][0]
             assert {k: v.r for k, v in pipe.unet.peft_config.items()} and lora.r[next(iter(lora.r))] == FIT["rank"]
+        # the item as a user finds it: `registry search` by its style, `get` by its handle
+        capsys.readouterr()
+        assert cli_main(["registry", "search", row["style"], "--library", "lib-d", "--json",
+                         "--tracking-uri", mlflow_server.url]) == 0
+        found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert {f["name"] for f in found} == {model_name("lib-d", k, f) for k in ("content", "style")
+                                              for f in (None, "diffusers")}
+        assert {f["item"] for f in found} == {item_key(row["item_id"])}
+        assert cli_main(["registry", "get", item_handle("lib-d", "style", row["item_id"]), "--dest",
+                         str(tmp_path / "got"), "--tracking-uri", mlflow_server.url]) == 0
+        assert json.loads(capsys.readouterr().out)["model_uri"] == row["style_model_uri"]
+        assert sha256_hex((tmp_path / "got" / "style_lora.safetensors").read_bytes()) == \
+            files_of(row)["style_lora.safetensors"]["sha256"]
         image = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(
             pd.DataFrame({"prompt": ["A sks thing0"]}), params={"num_inference_steps": 2, "height": 64, "width": 64})
         assert len(image) == 1

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from unziplora.errors import InputError
 
 from ..manifest import check_item_id
-from ..registry_names import KINDS, library_name, model_uri
+from ..registry_names import KINDS, item_handle, library_name
 from ..storage import Store, open_url
 from .embedders import TEXT_DEFAULT, load_embedder
 from .index import decode, field_texts, read_meta, read_rows, read_vectors
@@ -163,13 +163,13 @@ class Bank:
 
     def hit(self, i: int, score: float | None = None, scores: dict | None = None) -> dict:
         """A row as a result: every manifest column (with tracking, `content_model_uri`/`style_model_uri` name
-        the registered versions), the parsed files, preview URIs, and `registry`: the version-independent
-        alias URIs `models:/<library>-<kind>@item-<id>`."""
+        the registered versions), the parsed files, preview URIs, and `registry`: per kind the item's handle
+        `<library>-<kind>@item-<id>` that `unziplora registry get` resolves (by the version's item tag)."""
         row = {name: self.rows[name][i].as_py() for name in self.rows.column_names}
         row["files"] = json.loads(row["files"]) if row.get("files") else {}
         row["previews"] = {kind: row["files"][f"preview_{kind}.png"]["uri"] for kind in KINDS
                            if f"preview_{kind}.png" in row["files"]}
-        row["registry"] = ({kind: model_uri(self.library_name, kind, row["item_id"]) for kind in KINDS}
+        row["registry"] = ({kind: item_handle(self.library_name, kind, row["item_id"]) for kind in KINDS}
                            if row["status"] == "ok" and row["item_id"] else {})
         return {"score": score, "scores": scores or {}, **row}
 
