@@ -138,9 +138,9 @@ def get(args: argparse.Namespace) -> int:
     """The version's LoRA file (and its other formats', where the fit has them), fit.json, config.yaml and
     preview; a version whose source
     is the item's whole folder in the library yields only its own kind's files."""
+    client = _client(args)  # the tracking URI checked before MLflow is imported
     import mlflow.artifacts
 
-    client = _client(args)
     version = resolve(client, args.spec, args.kind)
     root = client.get_model_version_download_uri(version.name, version.version)
     kind = version.tags.get("kind")
