@@ -501,14 +501,15 @@ def plot(rows: dict, path: str, title: str, sizes: dict[str, int]) -> None:
             means, lows, highs = (np.array(column, dtype=float) * 100 for column in zip(*stat))
             axes.bar(xs, np.nan_to_num(means), width, label=name,
                      yerr=np.nan_to_num([means - lows, highs - means]), capsize=1.5, error_kw=dict(lw=0.7))
-        axes.set_xticks(range(len(METRICS)), [h.replace(" ", "\n", 1) for _, h, _ in COLUMNS], fontsize=8)
+        axes.set_xticks(range(len(METRICS)), [h.replace(" ", "\n") for _, h, _ in COLUMNS], fontsize=8)
         axes.set_title(f"{subset} images ({size})", fontsize=9)
         axes.set_ylim(0, 100)
         axes.grid(axis="y", alpha=0.3)
     panels[0].set_ylabel("% of judged images (95 % interval)")
     figure.suptitle(title, fontsize=9)
-    panels[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.0, -0.16), ncol=3)
-    figure.tight_layout()
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.tight_layout(rect=(0, 0.12, 1, 1))  # room below for the legend, none between the panels
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     figure.savefig(path)
     plt.close(figure)
 
