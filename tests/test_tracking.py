@@ -483,8 +483,8 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
     # a registered style LoRA through MLflow alone: the very bytes the manifest vouches for
     first, second = sorted(ok.values(), key=lambda r: r["style"])
     with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
-        got = Path(mlflow.artifacts.download_artifacts(model_uri("lib-e", "style", second["item_id"]),
-                                                       dst_path=str(tmp_path / "models")))
+        uri = item_uri(client(mlflow_server.url), "lib-e", "style", second["item_id"])
+        got = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "models")))
     want = files_of(second)["style_lora.safetensors"]["sha256"]
     assert sha256_hex((got / "style_lora.safetensors").read_bytes()) == want
 
