@@ -42,7 +42,7 @@ def main(library: str, out: str) -> None:
         raise SystemExit(f"{library} holds {len(rows)} ok fits; the picture needs at least two")
     base = load_base_model(rows[0]["base_model"], device="cpu")
     fits = [load_fit(r["output_uri"]) for r in rows]
-    headers = ["source", "content LoRA, other style", "style LoRA, other subject", "content + next style"]
+    headers = ["source", "content LoRA alone", "style LoRA alone", "content + other style"]
     width, height = CELL * len(headers), HEADER + len(rows) * (CELL + CAPTION)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
