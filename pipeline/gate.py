@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from unziplora import FitConfig, fit_many, load_fit
-from unziplora.errors import InputError, UnZipLoRAError
+from unziplora.errors import InputError, UnZipLoRAError, first_line
 from unziplora.generate import generate_each
 
 from .previews import preview_prompts
@@ -77,12 +77,12 @@ def _more(gate: Gate, tried: list[dict]) -> int:
 def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subjects, styles) -> dict:
     """A candidate's scores, or why it has none."""
     if isinstance(result, Exception):
-        return {"error": _one_line(result)}
+        return {"error": first_line(result, 300)}
     try:
         judged = score_candidate(folder, image, base=base, scorer=scorer, steps=steps, subjects=subjects,
                                  styles=styles)
     except Exception as exc:  # a candidate that cannot be scored is not chosen; its mates still can be
-        return {"error": f"not scored: {_one_line(exc)}"}
+        return {"error": f"not scored: {first_line(exc, 300)}"}
     return judged if judged["split_score"] is not None else {"error": "the scorer gave no score"}
 
 
@@ -122,7 +122,3 @@ def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path,
 
 class GateError(UnZipLoRAError):
     """No candidate of an image could be scored."""
-
-
-def _one_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

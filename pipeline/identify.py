@@ -56,9 +56,8 @@ def identify(item: dict, job: JobSpec, image_sha256: str | None = None) -> tuple
     except Exception as exc:  # never a dead job for one item's settings: its row says what went wrong
         return out | {"error": f"{item['source_uri']}: its settings: {type(exc).__name__}: {exc}"}, None
     image_sha = image_sha256 or sha256_hex(data)
-    gate = {"gate": job.gate.identity()} if job.gate.active else {}  # ungated items keep their ids
     settings_sha = sha256_hex(json.dumps(hashed_settings(config) | {"base_model_fingerprint": job.base_fingerprint}
-                                         | gate, sort_keys=True).encode())
+                                         | job.gate.identity(), sort_keys=True).encode())
     legacy_sha = legacy_settings_sha256(config) if job.adopt_legacy else None  # only adoption looks for it
     return out | {"item_id": _item_id(image_sha, settings_sha), "image_sha256": image_sha,
                   "settings_sha256": settings_sha,

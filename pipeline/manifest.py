@@ -37,7 +37,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unziplora.errors import InputError, UnZipLoRAError
+from unziplora.errors import InputError, UnZipLoRAError, first_line
 from unziplora.redact import scrub
 
 from .storage import Store, url_key
@@ -327,7 +327,7 @@ class ManifestPartError(InputError):
 
     def __init__(self, store: Store, part: str, exc: Exception):
         self.part = part
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        cause = first_line(exc, 200)
         super().__init__(f"manifest part {store.url_prefix + part} cannot be read ({cause}): run `unziplora repair "
                          f"{store.url()}` to rebuild it from the library's records (sources/ and the fits' markers)")
 

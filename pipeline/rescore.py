@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from unziplora.errors import InputError
+from unziplora.errors import InputError, first_line
 
 from .lease import LibraryLease
 from .manifest import SCORE_COLUMNS, manifest_rows, marker_problems, source_key, write_manifest
@@ -40,7 +40,7 @@ def rescore_library(output: str, *, storage_options: dict | None = None, steps: 
                          "no job has written one yet")
     run_id = "rescore-" + time.strftime("%Y%m%dT%H%M%S")
     out = {"library": store.url(), "rescored": 0, "failed": [], "scorer": None}
-    bases: dict[str, object] = {}
+    bases: dict[str, tuple] = {}  # base model and fingerprint -> (the loaded base, its scorer)
     with LibraryLease(store, run_id).acquire(wait_s):
         ok = [r for r in rows if r["status"] == "ok"]
         broken = _broken_fits(store, ok)
@@ -52,11 +52,11 @@ def rescore_library(output: str, *, storage_options: dict | None = None, steps: 
                 continue
             try:
                 key = f"{row['base_model']}@{row.get('base_model_fingerprint')}"
-                if key not in bases:
-                    bases[key] = _base(load_base_model, row)
-                base = bases[key]
-                spec = scorer_spec(scorer, base.name)
-                judge = load_scorer(spec) if spec else None
+                if key not in bases:  # each base model and its scorer loaded once, not once per item
+                    base = _base(load_base_model, row)
+                    spec = scorer_spec(scorer, base.name)
+                    bases[key] = base, load_scorer(spec) if spec else None
+                base, judge = bases[key]
                 out["scorer"] = judge.name if judge else None
                 new_rows[row["source_uri"]] = _rescore(store, row, base, judge, steps, subjects, styles,
                                                       storage_options)
@@ -64,7 +64,7 @@ def rescore_library(output: str, *, storage_options: dict | None = None, steps: 
                 if progress:
                     print(f"rescore: {n}/{len(ok)} {item}", file=sys.stderr, flush=True)
             except Exception as exc:  # one item's trouble is its own line; the others go on
-                out["failed"].append(f"{item}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                out["failed"].append(f"{item}: {type(exc).__name__}: {first_line(exc, 200)}")
         if new_rows:
             write_manifest(store, [new_rows.get(r["source_uri"], r) for r in rows], run_id, previous=rows)
     return out

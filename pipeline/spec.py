@@ -37,9 +37,9 @@ class Gate:
             raise InputError(f"--max-candidates ({self.max_candidates}) is below --candidates ({self.candidates})")
 
     def identity(self) -> dict:
-        """What an item id hashes of the gate: another gate chooses another fit. (No gate: nothing, so ungated
-        libraries keep their ids.)"""
-        return dataclasses.asdict(self) if self.active else {}
+        """What an item id hashes of the gate, merged into its settings: another gate chooses another fit. (No
+        gate: nothing, so ungated libraries keep their ids.)"""
+        return {"gate": dataclasses.asdict(self)} if self.active else {}
 
 
 @dataclass

@@ -19,7 +19,9 @@ import io
 import json
 import os
 import socket
+import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,9 +251,6 @@ class FitWorker:
 def step_progress(name: str, total: int, every: int = 10):
     """A fit's sign of life in the job's output (Ray forwards a worker's stderr to the driver): a line at each
     tenth of its steps, with the time per step."""
-    import sys
-    import time
-
     start, marks = time.perf_counter(), {max(1, round(total * k / every)) for k in range(1, every + 1)}
 
     def on_step(step: int, _metrics: dict) -> None:

@@ -51,8 +51,8 @@ def test_split_score_and_the_gates_settings():
     assert split_score({"content": 1.0, "style": 0.5, "content_style_leak": 0.5, "style_shape_leak": 0.0}) == 0.75
     assert split_score({"content": 0.2}) == pytest.approx(0.2) and split_score({}) is None
     assert not Gate().active and Gate(candidates=3).active and Gate(max_candidates=2).active
-    assert Gate().identity() == {} and Gate(3, 5, 0.8).identity() == {"candidates": 3, "max_candidates": 5,
-                                                                    "min_split_score": 0.8}
+    assert Gate().identity() == {} and Gate(3, 5, 0.8).identity() == {"gate": {"candidates": 3, "max_candidates": 5,
+                                                                              "min_split_score": 0.8}}
     assert GATE_SEED != PREVIEW_SEED  # the gate never judges on the panels users see (or the benchmark draws)
     for bad, message in [(dict(candidates=0), "--candidates"), (dict(candidates=2.5), "--candidates"),
                          (dict(max_candidates=-1), "--max-candidates"), (dict(min_split_score=1.5), "score in"),

@@ -1,6 +1,13 @@
 """The errors this package raises on purpose; anything else is a bug."""
 
 
+def first_line(exc: Exception, limit: int | None = None) -> str:
+    """An error in one line (its first, at most `limit` characters), for a message that names its own cause;
+    the error's type where it has no text."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class UnZipLoRAError(Exception):
     """Base class of every error this package raises on purpose."""
 

@@ -291,12 +291,7 @@ class FitArtifacts:
 
 
 def _format_of(path: Path) -> str:
-    try:
-        return lora_format(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors' own error types differ between versions
-        raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    return read_safetensors(path, lora_format)
 
 
 def export_lora(fit: "FitArtifacts", kind: str, fmt: str, out_dir: str | Path) -> Path:
@@ -316,11 +311,17 @@ def export_lora(fit: "FitArtifacts", kind: str, fmt: str, out_dir: str | Path) -
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or one line naming it (a corrupt header, a truncated or missing file)."""
+    return read_safetensors(path, load_file)
+
+
+def read_safetensors(path, read):
+    """`read(path)` of a safetensors file, or one line naming the file (a corrupt header, a truncated or missing
+    file) instead of safetensors' own error, whose type differs between versions."""
     try:
-        return load_file(path)
+        return read(path)
     except FileNotFoundError:
         raise InputError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors' own error types differ between versions
+    except Exception as exc:
         raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import Prompts
 from .errors import InputError
-from .export import FILES, FitArtifacts, kohya_module_name
+from .export import FILES, FitArtifacts, kohya_module_name, read_safetensors
 from .layers import UnZipLoRA
 from .models import BaseModel
 from .roles import KINDS
@@ -97,13 +97,11 @@ def check_lora(path, base: BaseModel) -> None:
     traceback deep inside, or load nothing without a word). Reads the file's header only."""
     from safetensors import safe_open
 
-    try:
+    def header_shapes(path):
         with safe_open(str(path), "pt") as f:
-            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors' own error types differ between versions
-        raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+
+    shapes = read_safetensors(path, header_shapes)
     layers = dict(base.unet.named_modules())
     kohya = _kohya_layers(base) if any(key.startswith("lora_unet_") for key in shapes) else {}
     foreign = []

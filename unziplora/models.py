@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .errors import BaseModelError
+from .errors import BaseModelError, first_line
 from .locate import PACKAGED, BaseLocation, cache_root, locate_base_model
 
 # SDXL-base's noise schedule (scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0).
@@ -239,7 +239,7 @@ def _load_pretrained(location: BaseLocation, dtype: torch.dtype) -> BaseModel:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(location.path), dtype=dtype, variant=location.variant,
                                                          local_files_only=True)
     except Exception as exc:  # missing files, a variant it lacks, broken configs: say which model
-        raise BaseModelError(f"cannot load SDXL base model {location.spec!r}: {_first_line(exc)}") from exc
+        raise BaseModelError(f"cannot load SDXL base model {location.spec!r}: {first_line(exc)}") from exc
     return _from_pipeline(pipe, location.spec)
 
 
@@ -252,7 +252,7 @@ def _load_single_file(location: BaseLocation, dtype: torch.dtype) -> BaseModel:
                                                           local_files_only=True)
     except Exception as exc:  # shapes that do not fit the config, a damaged file: say which
         raise BaseModelError(f"cannot load the single-file checkpoint {location.spec} with the config "
-                             f"{config}: {_first_line(exc)}") from exc
+                             f"{config}: {first_line(exc)}") from exc
     return _from_pipeline(pipe, location.spec)
 
 
@@ -265,11 +265,6 @@ def _from_pipeline(pipe, spec: str) -> BaseModel:
     return BaseModel(name=spec, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                      text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
                      scheduler=DDPMScheduler.from_config(pipe.scheduler.config), default_resolution=resolution)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---- tokenizers from open-clip's BPE file ----
