@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fits-per-worker", type=int, default=1, metavar="K",
                    help="each worker trains up to K images together, one batched UNet pass per step (more fits "
                    "per hour per device; benchmarks/multifit.py)")
+    p.add_argument("--batches-in-flight", type=int, default=0, metavar="N",
+                   help="batches a worker holds at once: one fits on the device while the others are read, "
+                   "uploaded and tracked (default 0: 2 on a GPU worker, 1 on a CPU one; benchmarks/device_overlap.py)")
     p.add_argument("--recheck", action="store_true",
                    help="read every image and completion marker again instead of trusting the manifest (a "
                    "re-run reads only images whose size or time/ETag changed, and takes ok rows as complete)")
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
                   workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                  fits_per_worker=args.fits_per_worker, train_start_timeout_s=args.train_start_timeout,
+                  fits_per_worker=args.fits_per_worker, batches_in_flight=args.batches_in_flight,
+                  train_start_timeout_s=args.train_start_timeout,
                   max_attempts=args.max_attempts, wait_for_library_s=args.wait_for_library,
                   storage_options=args.storage_options,
                   tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
@@ -153,6 +157,11 @@ def next_steps(report: dict) -> str:
               f"already complete, {report['skipped']} duplicates, {report['failed']} failed")
     if report.get("fits_per_hour"):
         counts += f"; {report['fits_per_hour']:g} fits/hour, executor efficiency {report['efficiency']:g}"
+    gate = report.get("gate")
+    if gate:
+        counts += (f"; quality gate: {gate['passed']} passed, {gate['refitted']} needed more candidates, "
+                   f"{gate['never_passed']} never passed (kept as the best found; gate_passed false), "
+                   f"{gate['candidates_fitted']} candidate fits")
     tracking = report.get("tracking") or {}
     if not tracking.get("enabled"):
         ui = "tracking was off (--no-tracking, or a remote --output without --tracking-uri)"

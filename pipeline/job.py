@@ -340,7 +340,16 @@ def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str], c
         "tracking_errors": sum(bool(r.get("tracking_error")) for r in fitted),
         # every fit of the library whose run or registered versions are missing, whatever run made it
         "tracking_incomplete": sum(needs_tracking(r) for r in rows) if job.tracking else 0,
-    }
+    } | ({"gate": gate_counts(job, fitted)} if job.gate.active else {})
+
+
+def gate_counts(job: JobSpec, fitted: list[dict]) -> dict:
+    """The quality gate over this run's fits: how many passed, how many needed candidates beyond the first
+    round (refitted), how many never passed (kept as the best found), and the candidates fitted in all."""
+    passed = sum(r.get("gate_passed") is True for r in fitted)
+    return {"passed": passed, "never_passed": sum(r.get("gate_passed") is False for r in fitted),
+            "refitted": sum((r.get("candidates") or 0) > job.candidates for r in fitted),
+            "candidates_fitted": sum(r.get("candidates") or 0 for r in fitted)}
 
 
 def _init_ray(address: str | None, job: JobSpec) -> None:

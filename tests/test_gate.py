@@ -235,3 +235,20 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
     assert marker["score_style"] == after[good]["score_style"] and not marker_problems(store, {good: marker})
     assert store.read_bytes("items", good, "style_lora.safetensors") == loras[good]  # never refitted
     assert store.read_json("items", good, "scores.json")["scorer"] == "toy-judges"
+
+
+def test_the_report_counts_what_the_gate_did():
+    """Passed, refitted (more candidates than the first round), never passed: in the report and its last lines."""
+    from jobs.decompose import next_steps
+    from pipeline.job import summarize
+
+    job = JobSpec(input="in", output="lib", candidates=2, max_candidates=4, min_split_score=0.6, run_id="r",
+                  tracking=False)
+    base = {"status": "ok", "run_id": "r", "total_s": 1.0, "attempts": 1, "source_uri": "x"}
+    rows = [base | {"candidates": 2, "gate_passed": True}, base | {"candidates": 4, "gate_passed": True},
+            base | {"candidates": 4, "gate_passed": False}, base | {"status": "failed", "error": "bad image"}]
+    report = summarize(job, rows, wall_s=10.0, parts=[])
+    assert report["gate"] == {"passed": 2, "never_passed": 1, "refitted": 2, "candidates_fitted": 10}
+    text = next_steps(report | {"skipped": 0, "already_complete": 0, "tracking": {}})
+    assert "quality gate: 2 passed, 2 needed more candidates, 1 never passed" in text
+    assert "gate" not in summarize(JobSpec(input="in", output="lib", run_id="r", tracking=False), rows, 10.0, [])
