@@ -1,10 +1,12 @@
 """Two ways to drive the same FitWorker over a Ray Dataset of small item rows (URLs + prompts).
 
 - actor pool (default): Ray Data `map_batches` with a pool of FitWorker actors, one row per batch (K with
-  `fits_per_worker`) and at most one task in flight per actor, so an idle worker pulls the next image; a
+  `fits_per_worker`) and `batches_in_flight` tasks per actor (1 on CPU, so an idle worker pulls the next image;
+  2 on a GPU, so uploads overlap the next fit); a
   crashed actor is restarted and only its batch is retried (Ray Data's defaults for actors: max_restarts=-1,
   max_task_retries=-1).
-- Ray Train: a TorchTrainer whose workers each consume a streaming shard, K rows at a time. Train V2's traps,
+- Ray Train: a TorchTrainer whose workers each consume a streaming shard, K rows at a time (`feed`, with
+  `batches_in_flight` batches in threads). Train V2's traps,
   handled: the default DataConfig splits with equal=True and DROPS rows, so we split with equal=False;
   report() is a barrier, so every worker calls it exactly once, at the end; a worker failure restarts the
   whole group, which re-streams from row 0 - finished items are skipped through their markers; max_failures
@@ -16,8 +18,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import ray
@@ -60,7 +64,10 @@ def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> di
     """Fit `items`; returns the rows the workers returned, by source URL."""
     fitted = item_dataset(items).map_batches(
         FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=job.fits_per_worker,
-        compute=ray.data.ActorPoolStrategy(size=job.workers, max_tasks_in_flight_per_actor=1),
+        # `in_flight` batches per actor, run in threads: FitWorker holds its device lock only while it fits
+        compute=ray.data.ActorPoolStrategy(size=job.workers, max_tasks_in_flight_per_actor=job.in_flight,
+                                           max_concurrent_calls_per_actor=job.in_flight,
+                                           enable_true_multi_threading=job.in_flight > 1),
         num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)
     counts = Counter()
     rows = {}
@@ -206,11 +213,29 @@ def _train_loop(config: dict) -> None:
     worker = FitWorker(job, device=ray.train.torch.get_device())
     worker.inflight = inflight
     shard = ray.train.get_dataset_shard("items")
-    done = 0
-    for batch in shard.iter_batches(batch_size=job.fits_per_worker, batch_format="numpy",
-                                    prefetch_batches=0):
-        done += len(worker(batch)["source_uri"])
-    ray.train.report({"items": done})  # a barrier: exactly once per worker
+    batches = shard.iter_batches(batch_size=job.fits_per_worker, batch_format="numpy", prefetch_batches=0)
+    ray.train.report({"items": feed(worker, batches, job.in_flight)})  # a barrier: exactly once per worker
+
+
+def feed(worker: FitWorker, batches, in_flight: int = 1) -> int:
+    """Every batch through the worker, `in_flight` at a time (threads that take the next batch when theirs is
+    done): while one batch holds the device, the others are read, identified, uploaded and tracked. Returns how
+    many items went through."""
+    taking, batches = threading.Lock(), iter(batches)
+
+    def drain() -> int:
+        done = 0
+        while True:
+            with taking:
+                batch = next(batches, None)
+            if batch is None:
+                return done
+            done += len(worker(batch)["source_uri"])
+
+    if in_flight == 1:
+        return drain()
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="batch") as pool:
+        return sum(f.result() for f in [pool.submit(drain) for _ in range(in_flight)])
 
 
 def inflight_key(job: JobSpec, rank: int) -> tuple[str, str, str]:

@@ -215,13 +215,18 @@ def start_attempt(store: Store, item_id: str, run_id: str, info: dict) -> str:
     return name
 
 
-def end_attempt(store: Store, item_id: str, name: str, *, all_records: bool = False) -> None:
-    """The fit came back (ok or a handled error): its record goes (all of them once the item is complete).
-    A removal, so it works on a full disk too."""
-    paths = store.list("attempts", item_id) if all_records else [store.path("attempts", item_id, name)]
-    for path in paths:
-        if store.fs.exists(path):
-            store.remove(path)
+def end_attempt(store: Store, item_id: str, name: str) -> None:
+    """The fit came back from the device (ok or a handled error): its record goes. A removal, so it works on a
+    full disk too."""
+    path = store.path("attempts", item_id, name)
+    if store.fs.exists(path):
+        store.remove(path)
+
+
+def clear_attempts(store: Store, item_id: str) -> None:
+    """The item is complete: the records of its earlier fits that never came back (and their crash marks) go."""
+    for path in store.list("attempts", item_id):
+        store.remove(path)
 
 
 def charge_crash(store: Store, item_id: str, name: str) -> None:

@@ -57,6 +57,9 @@ class JobSpec:
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
     fits_per_worker: int = 1  # a worker takes up to this many items at once and trains them together
+    # batches a worker holds at once: one on the device, the others reading, uploading and tracking meanwhile
+    # (0: 2 on a GPU worker, whose device time is what the job pays for; 1 on a CPU worker)
+    batches_in_flight: int = 0
     max_attempts: int = 3  # an image whose fit killed its worker this often is failed (manifest.crashes)
     # Ray Train: a worker group that cannot start within this (a node lost, a cluster smaller than asked) goes on
     # with the workers the live nodes hold (executors.run_train)
@@ -107,6 +110,10 @@ class JobSpec:
         return dataclasses.asdict(self)
 
     @property
+    def in_flight(self) -> int:
+        return self.batches_in_flight or (2 if self.gpus_per_worker else 1)
+
+    @property
     def gate(self) -> Gate:
         return Gate(self.candidates, self.max_candidates, self.min_split_score)
 
@@ -132,6 +139,7 @@ class JobSpec:
 NUMBERS = (
     ("workers", "--workers", dict(integer=True, minimum=1)),
     ("fits_per_worker", "--fits-per-worker", dict(integer=True, minimum=1)),
+    ("batches_in_flight", "--batches-in-flight", dict(integer=True, minimum=0)),
     ("cpus_per_worker", "--cpus-per-worker", dict(above=0)),
     ("gpus_per_worker", "--gpus-per-worker", dict(minimum=0, optional=True)),
     ("max_attempts", "--max-attempts", dict(integer=True, minimum=1)),

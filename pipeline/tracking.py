@@ -22,6 +22,7 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +134,9 @@ class Tracker:
         # MLflow's own log of it is a SQLAlchemy traceback per fit, and its retries of a store that is gone take
         # minutes
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        # an `mlflow server` client prints two "View run" lines per run it ends, to stdout: the job's stdout is
+        # its JSON report, and its output names the UI once
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow import MlflowClient
 
         self.uri, self.library = uri, library
@@ -191,12 +195,10 @@ class Tracker:
     def aliased_models(self) -> list[str]:
         """The library's models that still hold per-item aliases `item-<id>` (registered before issue 34, not
         yet moved by `registry sync`); looked up once per tracker."""
-        if self._aliased is None:
-            self._aliased = []
-            for name in self.model_names():
-                for model in self.client.search_registered_models(f"name = {literal(name)}"):
-                    if any(ITEM_KEY.fullmatch(alias) for alias in model.aliases):
-                        self._aliased.append(name)
+        if self._aliased is None:  # assigned whole: threads tracking at once see none or all of it
+            self._aliased = [name for name in self.model_names()
+                             for model in self.client.search_registered_models(f"name = {literal(name)}")
+                             if any(ITEM_KEY.fullmatch(alias) for alias in model.aliases)]
         return self._aliased
 
     def registry_record(self) -> dict:
@@ -667,6 +669,7 @@ def abort_job(job, exc: BaseException) -> None:
 
 
 _trackers: dict[tuple, Tracker] = {}
+_trackers_lock = threading.Lock()
 
 
 def track_row(job, row: dict) -> dict:
@@ -675,9 +678,11 @@ def track_row(job, row: dict) -> dict:
         return {"tracking_error": f"not tracked: MLflow was unavailable when the job started: {job.tracking_error}"}
     try:
         key = (job.tracking_uri, job.library, job.output, job.mlflow_experiment_id)
-        if key not in _trackers:  # one client per worker process
-            _trackers[key] = tracker_for(job, job.mlflow_experiment_id)
-        return _trackers[key].track_fit(row, job.mlflow_parent_run_id or None)
+        with _trackers_lock:  # batches in flight track from threads
+            if key not in _trackers:  # one client per worker process
+                _trackers[key] = tracker_for(job, job.mlflow_experiment_id)
+            tracker = _trackers[key]
+        return tracker.track_fit(row, job.mlflow_parent_run_id or None)
     except Exception as exc:
         return {"tracking_error": describe(exc)}
 

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -29,12 +30,13 @@ from pathlib import Path
 import torch
 
 from unziplora import FitConfig, UnZipLoRAError, fit_many
+from unziplora.export import write_fit
 from unziplora.models import load_base_model_for
 from unziplora.redact import redact
 
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
-from .manifest import (LibraryChangedError, crashes, end_attempt, failed_row, marker_problems, ok_row,
-                       past_attempts, scrubbed, source_key, start_attempt)
+from .manifest import (LibraryChangedError, clear_attempts, crashes, end_attempt, failed_row, marker_problems,
+                       ok_row, past_attempts, scrubbed, source_key, start_attempt)
 from .gate import fit_gated
 from .previews import write_previews
 from .scoring import load_scorer, scorer_spec
@@ -62,7 +64,9 @@ class FitWorker:
             f"(fingerprint {self.base.fingerprint}, planned {self.job.base_fingerprint}): make every node hold "
             f"the same weights")
         self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its items
-        self.held: list[dict] = []  # Train: the attempts this rank holds now (its batch)
+        self.held: list[dict] = []  # Train: the attempts this rank holds now (the batch on its device)
+        # one batch on the device at a time; with several in flight the others read, upload and track meanwhile
+        self.device_lock = threading.Lock()
         spec = scorer_spec(self.job.scorer, self.base.name) if self.job.preview_steps > 0 else None
         self.scorer = load_scorer(spec) if spec else None
 
@@ -125,23 +129,90 @@ class FitWorker:
                       crashed=crashed)
 
     def _fit_group(self, group: list["_Ready"]) -> dict[int, dict]:
-        """Record an attempt for each (first, so a crash leaves it), fit them together, then per item: files,
-        marker, release, tracking."""
-        self.held = []  # an earlier group's item whose release failed is not this group's
-        attempts = [self._admit(r.item, r.known["item_id"], r.records) for r in group]
-        rows = self._fit_or_fail(group)
+        """Fit the group, then per item: files, previews, upload, marker, tracking. Only the fit and the previews
+        hold the device lock: with two batches in flight (`--batches-in-flight`), this batch's export, uploads
+        and tracking, and the next batch's reading and identifying, overlap the other batch's fit."""
+        with contextlib.ExitStack() as stack:  # the fits' local folders, until their files are in the library
+            out_dirs = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-"))) / "fit"
+                        for _ in group]
+            with self.device_lock:
+                results = self._fit_on_device(group, out_dirs, stack)
+            results = [self._files(r, result, out_dir) for r, result, out_dir in zip(group, results, out_dirs)]
+            rows = [self._upload_or_fail(r, result) for r, result in zip(group, results)]
         out = {}
-        for r, attempt, row in zip(group, attempts, rows):
+        for r, row in zip(group, rows):
             item_id = r.known["item_id"]
             try:  # each item on its own: one that cannot be committed does not take its mates' rows along
                 if row["status"] == "ok":
                     self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
-                self._release(item_id, attempt, complete=row["status"] == "ok")
+                    if r.records:  # the records of earlier fits that never came back: no longer needed
+                        clear_attempts(self.store, item_id)
                 out[r.n] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
             except Exception as exc:
-                out[r.n] = failed_row(r.item, self._failure_text(r.item, exc), this_run="failed",
-                                         **r.known)
+                out[r.n] = failed_row(r.item, self._failure_text(r.item, exc), this_run="failed", **r.known)
         return out
+
+    def _fit_on_device(self, group: list["_Ready"], out_dirs: list[Path], stack: contextlib.ExitStack) -> list:
+        """Under the device lock: record an attempt for each item (first, so a crash leaves it), fit them
+        together, end the attempts (a crash while this batch uploads is then charged to no image of it). Per
+        item: its FitResult, or the exception that failed it. Ungated fits come back as tensors, to be written
+        outside the lock; the gate writes the files of the candidate it keeps."""
+        attempts = [self._admit(r.item, r.known["item_id"], r.records) for r in group]
+        try:
+            if self.job.gate.active:  # candidates per image, the best kept (pipeline/gate.py)
+                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-candidates-")))
+                results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
+                                    gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,
+                                    steps=self.job.preview_steps, subjects=self.job.preview_subjects,
+                                    styles=self.job.preview_styles, formats=self.job.lora_formats)
+            else:
+                results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
+                                   progress=False, formats=self.job.lora_formats,
+                                   on_steps=[step_progress(redact(r.item["source_uri"]), r.config.total_steps)
+                                             for r in group])
+        except Exception as exc:
+            results = [exc] * len(group)
+        for n, (r, attempt) in enumerate(zip(group, attempts)):
+            try:  # the fit came back: it is no crash
+                self._release(r.known["item_id"], attempt)
+            except Exception as exc:
+                results[n] = exc
+        return results
+
+    def _files(self, ready: "_Ready", result, out_dir: Path):
+        """A finished fit's files in its local folder: LoRAs, gates, fit.json, card (CPU work), history, and the
+        previews (device work: under the lock). (result, preview scores), or the error that failed it."""
+        if isinstance(result, Exception):
+            return result
+        try:
+            if result.out_dir is None:  # its total time: the fit's, plus this export's, not the wait for the lock
+                result.out_dir = write_fit(result, out_dir, formats=self.job.lora_formats,
+                                           started=time.perf_counter() - result.record["timings"]["total_s"])
+            # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
+            (result.out_dir / "history.json").write_text(json.dumps(result.history))
+            scores = {}
+            if self.job.preview_steps > 0:
+                with self.device_lock:
+                    scores = write_previews(self.base, result.out_dir, self.job.preview_steps,
+                                            subjects=self.job.preview_subjects, styles=self.job.preview_styles,
+                                            scorer=self.scorer, source=ready.data)["scores"]
+            return result, scores
+        except Exception as exc:
+            return exc
+
+    def _upload_or_fail(self, ready: "_Ready", result) -> dict:
+        """The item's ok row once its files are in the library, or its failed row (NaN, bad image, out of
+        memory, a full disk ...): a failed row, never a dead job, and never its batch mates' failure."""
+        try:
+            if isinstance(result, Exception):
+                raise result
+            return self._upload(ready, *result)
+        except Exception as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            self._discard_files(ready.known["item_id"])  # what was uploaded of a fit that did not finish
+            return failed_row(ready.item, self._failure_text(ready.item, exc), attempts=ready.records + 1,
+                              worker=self.name, **ready.known)
 
     def _complete(self, item_id: str) -> dict | None:
         """The item's marker, if it holds (every file it vouches for is there, at its size)."""
@@ -160,44 +231,12 @@ class FitWorker:
         self._maybe_crash(item["source_uri"], records + 1)
         return attempt
 
-    def _release(self, item_id: str, attempt: str, complete: bool) -> None:
-        """The fit came back: it is no crash (a complete item needs no records at all)."""
-        end_attempt(self.store, item_id, attempt, all_records=complete)
+    def _release(self, item_id: str, attempt: str) -> None:
+        """The fit came back (ok or a handled error): its attempt's record goes, and the rank holds it no more."""
         if self.inflight is not None:
             self.held = [h for h in self.held if h["attempt"] != attempt]
             self.store.write_json({"held": self.held}, *self.inflight)
-
-    def _fit_or_fail(self, group: list["_Ready"]) -> list[dict]:
-        """Train the group's fits together; each item's ok row, or its failed row (NaN, bad image, out of
-        memory, a full disk ...): a failed row, never a dead job, and never its batch mates' failure."""
-        with contextlib.ExitStack() as stack:
-            folders = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-")))
-                       for _ in group]
-            out_dirs = [folder / "fit" for folder in folders]
-            if self.job.gate.active:  # candidates per image, the best kept (pipeline/gate.py)
-                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-candidates-")))
-                results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
-                                    gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,
-                                    steps=self.job.preview_steps, subjects=self.job.preview_subjects,
-                                    styles=self.job.preview_styles, formats=self.job.lora_formats)
-            else:
-                results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
-                                   out_dirs=out_dirs, progress=False, formats=self.job.lora_formats,
-                                   on_steps=[step_progress(redact(r.item["source_uri"]), r.config.total_steps)
-                                             for r in group])
-            rows = []
-            for r, result in zip(group, results):
-                try:
-                    if isinstance(result, Exception):
-                        raise result
-                    rows.append(self._upload(r, result))
-                except Exception as exc:
-                    if isinstance(exc, torch.cuda.OutOfMemoryError):
-                        torch.cuda.empty_cache()
-                    self._discard_files(r.known["item_id"])  # what was uploaded of a fit that did not finish
-                    rows.append(failed_row(r.item, self._failure_text(r.item, exc), attempts=r.records + 1,
-                                           worker=self.name, **r.known))
-            return rows
+        end_attempt(self.store, item_id, attempt)
 
     def _failure_text(self, item: dict, exc: Exception) -> str:
         """Why this item failed, naming its source: one line for expected errors (bad input, a store that
@@ -227,18 +266,10 @@ class FitWorker:
             self.store.write_json(row, "items", row["item_id"], "_SUCCESS")
         return row
 
-    def _upload(self, ready: "_Ready", result) -> dict:
-        """A finished fit's history, previews and files into the library; its ok row."""
-        item, known = ready.item, ready.known
-        # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
-        (result.out_dir / "history.json").write_text(json.dumps(result.history))
-        scores = {}
-        if self.job.preview_steps > 0:
-            scores = write_previews(self.base, result.out_dir, self.job.preview_steps,
-                                    subjects=self.job.preview_subjects, styles=self.job.preview_styles,
-                                    scorer=self.scorer, source=ready.data)["scores"]
-        files = upload_fit_files(self.store, known["item_id"], result.out_dir)
-        return ok_row(item, known, result, files, attempts=ready.records + 1, worker=self.name,
+    def _upload(self, ready: "_Ready", result, scores: dict) -> dict:
+        """A finished fit's files into the library; its ok row."""
+        files = upload_fit_files(self.store, ready.known["item_id"], result.out_dir)
+        return ok_row(ready.item, ready.known, result, files, attempts=ready.records + 1, worker=self.name,
                       code_version=self.job.code_version or code_version(), run_id=self.job.run_id,
                       **{f"score_{name}": value for name, value in scores.items()})
 

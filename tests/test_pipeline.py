@@ -77,8 +77,9 @@ def assert_counts(report: dict, dataset, fits: int) -> None:
 @pytest.mark.parametrize("executor", ["actor-pool"])  # Train: test_train_restarts_... (Train's runs cost minutes)
 def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_input, tiny_pipe, tmp_path):
     prefix = f"out-{executor}"
-    # two fits per worker, trained together in one batched UNet pass (a worker's batch: 2 items)
-    job = s3_job(s3, s3_input, prefix, executor=executor, fits_per_worker=2)
+    # two fits per worker, trained together in one batched UNet pass (a worker's batch: 2 items), and two such
+    # batches in flight per actor (threads: one fits while the other uploads), as on a GPU worker
+    job = s3_job(s3, s3_input, prefix, executor=executor, fits_per_worker=2, batches_in_flight=2)
     report = run_job(job, progress=False)
     assert_counts(report, dataset, fits=len(dataset.names("ok")))
     assert report["redone_fits"] == 0

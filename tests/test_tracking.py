@@ -217,6 +217,7 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
     job = s3_job(s3, dataset, "lib-a", mlflow_server.url)
     report = run_job(job, progress=False)
     assert report["ok"] == 2 and report["tracking"]["error"] is None and report["tracking_errors"] == 0
+    assert "View run" not in capsys.readouterr().out  # MLflow's links per ended run: the job's stdout is its report
     rows = read_manifest(job.output, job.storage_options).to_pylist()
     ok = check_tracked(job, mlflow_server.url, rows, "lib-a")
     parent = client(mlflow_server.url).get_run(report["tracking"]["parent_run_id"])
@@ -461,7 +462,8 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
 
     from unziplora.export import lora_format
 
-    job = dataclasses.replace(s3_job(s3, dataset, "lib-e", mlflow_server.url), executor="train")
+    # two batches in flight per worker, as on a GPU: a batch uploads and tracks while the next one fits
+    job = dataclasses.replace(s3_job(s3, dataset, "lib-e", mlflow_server.url), executor="train", batches_in_flight=2)
     report = run_job(job, progress=False)
     assert report["ok"] == 2 and report["tracking_errors"] == 0 and report["executor"] == "train", report
     rows = read_manifest(job.output, job.storage_options).to_pylist()

@@ -1,0 +1,79 @@
+"""Two batches in flight on one worker (issue 31 §4): one holds the device while the other's files are written,
+uploaded and committed. The device is benchmarks/device_overlap.py's stand-in (a sleep), the rest is real."""
+
+import threading
+import time
+from unittest import mock
+
+import pytest
+
+from benchmarks.device_overlap import StandInDevice, template_fit, write_images
+from pipeline import worker as worker_mod
+from pipeline.executors import feed
+from pipeline.identify import batch_columns
+from pipeline.manifest import past_attempts
+from pipeline.source import read_inputs
+from pipeline.spec import JobSpec
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("overlap-in")
+    write_images(folder, 3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def template(images):
+    return template_fit(sorted(images.iterdir())[0])
+
+
+def run(images, template, tmp_path, in_flight: int):
+    """Every image through one worker, `in_flight` at a time; the fits' and the uploads' time spans."""
+    job = JobSpec(input=str(images), output=str(tmp_path / f"lib-{in_flight}"), default_content="sks square",
+                  default_style="flat", fit={"base_model": "tiny", "steps": 2, "recalibrations": 1, "rank": 4},
+                  preview_steps=0, tracking=False, run_id=f"run-{in_flight}")
+    device = StandInDevice(template, device_s=0.6, lora_bytes=20_000)
+    worker = worker_mod.FitWorker(job, device="cpu")
+    uploads, lock, upload = [], threading.Lock(), worker_mod.upload_fit_files
+
+    def timed_upload(store, item_id, folder):
+        # the fit came back: its attempt's record is gone, so a crash of the process now charges no image of it
+        assert past_attempts(store, item_id) == []
+        start = time.perf_counter()
+        time.sleep(0.3)  # a slow store: the upload must not keep the next fit off the device
+        files = upload(store, item_id, folder)
+        with lock:
+            uploads.append((start, time.perf_counter()))
+        return files
+
+    items = read_inputs(job.input, default_content=job.default_content, default_style=job.default_style).items
+    with mock.patch.object(worker_mod, "fit_many", device), mock.patch.object(worker_mod, "upload_fit_files",
+                                                                               timed_upload):
+        done = feed(worker, (batch_columns([item]) for item in items), in_flight)
+    markers = list((tmp_path / f"lib-{in_flight}" / "items").glob("*/_SUCCESS"))
+    return done, markers, device.spans, uploads
+
+
+def overlapping(spans, others) -> int:
+    """How many pairs of distinct spans overlap in time."""
+    return sum(a < d and c < b for a, b in spans for c, d in others if (a, b) != (c, d))
+
+
+def test_two_batches_in_flight_upload_while_the_next_one_fits(images, template, tmp_path):
+    done, markers, fits, uploads = run(images, template, tmp_path, in_flight=2)
+    assert done == 3 and len(markers) == 3 and len(fits) == 3 and len(uploads) == 3
+    assert not overlapping(fits, fits)  # the device lock: one fit at a time
+    assert overlapping(uploads, fits) >= 2  # each of the first two uploads ran while the next item fitted
+
+
+def test_one_batch_in_flight_does_everything_in_turn(images, template, tmp_path):
+    done, markers, fits, uploads = run(images, template, tmp_path, in_flight=1)
+    assert done == 3 and len(markers) == 3
+    assert overlapping(uploads, fits) == 0
+
+
+def test_batches_in_flight_default_to_two_on_a_gpu_worker():
+    job = JobSpec(input="in", output="out")
+    assert JobSpec(input="in", output="out", gpus_per_worker=1.0).in_flight == 2
+    assert job.in_flight == 1 and JobSpec(input="in", output="out", batches_in_flight=3).in_flight == 3
