@@ -34,10 +34,17 @@ def _control_plane(path: Path) -> None:
     control_plane.plot(result_files.load("control_plane.json"), str(path))
 
 
+def _registry_scale(path: Path) -> None:
+    from benchmarks import registry_scale
+
+    registry_scale.plot(result_files.load("registry_scale.json"), str(path))
+
+
 # figure file name -> (the function that draws it, the result files it is drawn from)
 FIGURES = {
     "multifit.png": (_multifit, ("multifit.json", "multifit-sweep.json", "multifit-toy.json")),
     "control_plane.png": (_control_plane, ("control_plane.json",)),
+    "registry_scale.png": (_registry_scale, ("registry_scale.json",)),
 }
 
 
