@@ -47,6 +47,18 @@ FIGURES = {
     "registry_scale.png": (_registry_scale, ("registry_scale.json",)),
 }
 
+# the other pictures under docs/img, and why they are not drawn from a result file here
+OTHERS = {
+    "sample_job.png": "examples/make_figure.py, from the sample job's library (images, not numbers)",
+    "mlflow_ui.png": "a screenshot of the MLflow UI on a library (commit e2cc72d)",
+    "disentangle.png": "benchmarks/disentangle.py --plot, from its saved units under out/disentangle-A/ (the "
+                       "tables of docs/toy-world.md come from the same run's printed output)",
+    "disentangle-B.png": "benchmarks/disentangle.py --set B --plot, likewise from out/disentangle-B/",
+    "bank_search.png": "benchmarks/bank_search.py --plot as run on 2026-12-01 (commit d2b4db0): only its 1M "
+                       "medians were written down (docs/results/bank_search-plot.json), and its other points "
+                       "overlap too much to be read off it; the next run's --json makes it a result file",
+}
+
 
 def source(name: str) -> str:
     """What a figure's `Source` chunk says: the files it is drawn from and their sha256."""

@@ -14,7 +14,8 @@ A page ties a number to its file with a marker right after it (rendered as nothi
     K=4 gives 2.19<!-- multifit.json: tiny.speedup.4 -->x the fits per hour
 
 KEY is a dotted path into `results`; a list step is `[field=value,...]` (the one element whose fields have
-those values, values read as JSON: `[resolution=1024,checkpointing=true]`) or an index; `*F` or `/F` at the
+those values, values read as JSON, else as text: `[resolution=1024,checkpointing=true]`, `[store=local]`) or an
+index; a key with dots in it is quoted: `now["masks.safetensors"]`; `*F` or `/F` at the
 end scales the value (ms from s: `*1000`). `tests/test_doc_results.py` checks every marker of README.md and
 docs/*.md: the page's number must be the file's value rounded to as many decimals as the page writes.
 Figures drawn from these files: `python -m benchmarks.figures` (benchmarks/figures.py).
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
 FIELDS = ("benchmark", "command", "measured", "machine", "provenance", "results")
 # a number of a page and the marker after it (an optional closing ** between them)
-MARKER = re.compile(r"(?<![\d.])(\d[\d,]*(?:\.\d+)?)(\**)<!-- ([\w./-]+\.json): ([^ ]+) -->")
+MARKER = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(\**)<!-- ([\w./-]+\.json): ([^ ]+) -->")
 
 
 def machine() -> str:
@@ -79,6 +80,9 @@ def lookup(results, key: str):
     for step in re.findall(r"\[[^\]]*\]|[^.\[\]]+", key):
         if step.startswith("["):
             inner = step[1:-1]
+            if inner.startswith('"'):  # a key with dots in it: ["content_lora.safetensors"]
+                value = value[json.loads(inner)]
+                continue
             if inner.lstrip("-").isdigit():
                 value = value[int(inner)]
                 continue

@@ -63,6 +63,7 @@ def test_the_marker_rules():
     assert results.lookup(data, "a.b") == 2.186
     assert results.lookup(data, "rows.[k=v,n=2].x*1000") == pytest.approx(1473.1)
     assert results.lookup(data, "rows.1.n") == 2
+    assert results.lookup({"now": {"a.b": 5}}, 'now["a.b"]') == 5
     with pytest.raises(KeyError):
         results.lookup(data, "rows.[k=v].x")  # two rows match: ambiguous
     assert results.agrees("2.19", 2.186) and results.agrees("2.2", 2.186) and not results.agrees("2.18", 2.186)
@@ -77,3 +78,10 @@ def test_every_figure_is_drawn_from_the_result_files_as_they_are(name, tmp_path)
         f"run `python -m benchmarks.figures {name.removesuffix('.png')}`")
     drawn = Image.open(figures.draw(name, tmp_path))
     assert drawn.size == committed.size and drawn.text["Source"] == figures.source(name)
+
+
+def test_every_picture_is_drawn_from_a_result_file_or_says_why_not():
+    pictures = {path.name for path in figures.IMG.glob("*.png")}
+    assert pictures == set(figures.FIGURES) | set(figures.OTHERS), (
+        "a picture under docs/img that benchmarks/figures.py neither draws nor lists in OTHERS (or one listed "
+        f"that is gone): {sorted(pictures ^ (set(figures.FIGURES) | set(figures.OTHERS)))}")
