@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
 FIELDS = ("benchmark", "command", "measured", "machine", "provenance", "results")
 # a number of a page and the marker after it (an optional closing ** between them)
-MARKER = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(\**)<!-- ([\w./-]+\.json): ([^ ]+) -->")
+MARKER = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(\**)<!-- ([\w./-]+\.json): ([^<>]+?) -->")
 
 
 def machine() -> str:
