@@ -181,7 +181,11 @@ def main() -> None:
             print(f"{backend:<14}{n:>10}{r['build_s']:>10}{r['median_ms']:>11}{r['p95_ms']:>9}{r['rss_mb']:>10}"
                   f"{r['recall']:>10}{r.get('load_s', ''):>8}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        try:
+            from benchmarks import results as result_files
+        except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+            import results as result_files
+        result_files.save(args.json, results)
     if args.plot:
         plot(results, args.plot)
 

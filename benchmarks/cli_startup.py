@@ -34,6 +34,7 @@ CASES = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", help="also write the medians as a result file (docs/results/cli_startup.json)")
     args = parser.parse_args()
     missing = [c[0] for c in CASES.values() if not shutil.which(c[0])]
     if missing:
@@ -49,6 +50,13 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:45s} {median:6.2f} s  ratio to ray --help {median / ray:5.2f}")
+    if args.json:
+        try:
+            from benchmarks import results as result_files
+        except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+            import results as result_files
+        result_files.save(args.json, {"rounds": args.rounds, "median_s": {n: statistics.median(v) for n, v in times.items()},
+                                     "ratio_to_ray_help": {n: statistics.median(v) / ray for n, v in times.items()}})
 
 
 if __name__ == "__main__":

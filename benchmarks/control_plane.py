@@ -9,6 +9,9 @@ the re-run's wall time (run_job, in a driver process of its own), ms per item an
     python -m benchmarks.control_plane --items 1000 10000 100000
     python -m benchmarks.control_plane --items 1000 --stores local --recheck   # also time `--recheck`
 
+The committed run the pages quote is docs/results/control_plane.json (`--json` writes that form);
+docs/img/control_plane.png is drawn from it (`python -m benchmarks.figures`).
+
 Goals (issue 15): 100k items re-run in <= 30 s on local disk, <= 120 s on local moto S3; driver <= 2 GB.
 """
 
@@ -26,6 +29,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
+
+try:
+    from benchmarks import results as result_files
+except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+    import results as result_files
 
 from pipeline.identify import check_job_settings, identify
 from pipeline.job import marker_key, pin_base_model, run_job
@@ -222,8 +230,7 @@ def main() -> None:
             if s3:
                 s3.stop()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        result_files.save(args.json, results)
     if args.plot:
         plot(results, args.plot)
 

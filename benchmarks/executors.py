@@ -20,6 +20,11 @@ import numpy as np
 import ray
 from PIL import Image
 
+try:
+    from benchmarks import results as result_files
+except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+    import results as result_files
+
 import pipeline.job
 from pipeline.executors import longest_first
 from pipeline.job import run_job
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--fits-per-worker", type=int, default=1)
     parser.add_argument("--orders", nargs="+", default=["longest-first"], choices=["longest-first", "as-listed"],
                         help="the job's order (costliest fits first), or the input order it had before")
+    parser.add_argument("--json", help="also write each run's figures here (docs/results/executors*.json)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="unziplora-bench-"))
     (root / "in").mkdir()
@@ -63,10 +69,12 @@ def main() -> None:
             t = time.perf_counter()
             report = run_job(job, progress=False)
             report["job_wall_s"] = round(time.perf_counter() - t, 2)
-            results[name] = report
-            print(json.dumps({"run": name} | {k: report[k] for k in ("ok", "failed", "fits_this_run", "redone_fits",
-                                                                     "fit_s", "wall_s", "job_wall_s", "efficiency")}))
+            results[name] = {k: report[k] for k in ("ok", "failed", "fits_this_run", "redone_fits", "fit_s", "wall_s",
+                                                    "job_wall_s", "efficiency")}
+            print(json.dumps({"run": name} | results[name]))
     ray.shutdown()
+    if args.json:
+        result_files.save(args.json, results)
     print(f"{'run':<26} {'efficiency':>10} {'redone fits':>12} {'wall s':>8} {'fit s':>8}")
     for name, r in results.items():
         print(f"{name:<26} {r['efficiency']:>10.3f} {r['redone_fits']:>12d} {r['wall_s']:>8.1f} {r['fit_s']:>8.1f}")

@@ -7,6 +7,10 @@ batch, encoding and export included). Prints each round, the medians of per-roun
     fits_per_hour(K=4)/fits_per_hour(K=1) = R      (goal on CPU, tiny: R >= 2.0)
 
     .venv/bin/python benchmarks/multifit.py [--models tiny toy] [--ks 1 2 4 8] [--steps 150] [--rounds 3]
+        [--json docs/results/multifit.json]
+
+The committed runs the pages quote are docs/results/multifit*.json; docs/img/multifit.png is drawn from them
+(`python -m benchmarks.figures`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+try:
+    from benchmarks import results as result_files
+except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+    import results as result_files
 from unziplora import FitConfig, fit_many
 from unziplora.models import load_base_model
 
@@ -65,36 +73,51 @@ def main() -> None:
         medians = {k: statistics.median(v) for k, v in per_k.items()}
         # the speed-up: the median of each round's own ratio (rounds interleave K, so a slow spell of this
         # machine hits every K of a round alike)
-        speedup = {k: statistics.median(a / b for a, b in zip(per_k[k], per_k[args.ks[0]])) for k in args.ks}
-        results[model] = {"fits_per_hour": medians, "speedup": speedup}
+        ratios = {k: [a / b for a, b in zip(per_k[k], per_k[args.ks[0]])] for k in args.ks}
+        results[model] = {"fits_per_hour": medians, "speedup": {k: statistics.median(r) for k, r in ratios.items()},
+                          "speedup_range": {k: [min(r), max(r)] for k, r in ratios.items()},
+                          "rounds": args.rounds, "steps": args.steps, "rank": args.rank, "threads": args.threads}
         print(f"{model}: " + ", ".join(f"fits_per_hour(K={k})/fits_per_hour(K={args.ks[0]}) = "
                                        f"{results[model]['speedup'][k]:.2f}" for k in args.ks[1:]), flush=True)
     print(f"(CPU, {args.threads} thread(s), {args.steps} steps, rank {args.rank}, medians of {args.rounds} rounds)")
     if "tiny" in results and 4 in results["tiny"]["speedup"] and 1 in args.ks:
         print(f"fits_per_hour(K=4)/fits_per_hour(K=1) = {results['tiny']['speedup'][4]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        result_files.save(args.json, results)
     if args.plot:
-        plot(results, args.plot)
+        plot([("", json.loads(json.dumps(results)))], args.plot)
 
 
-def plot(results: dict, path: str) -> None:
+def plot(runs: list[tuple[str, dict]], path: str) -> None:
+    """The speed-up against K of each run's models (`runs`: (label, the results --json writes)); a model
+    measured at one K besides K=1 is a point, the range of its rounds an error bar (runs drawn a little apart
+    along K, so that their bars do not hide each other)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5, 3.4), dpi=100)
-    for model, result in results.items():
-        ks = sorted(result["speedup"])
-        axes.plot(ks, [result["speedup"][k] for k in ks], marker="o", label=model)
+    every_k = set()
+    series = [(label, model, result) for label, results in runs for model, result in results.items()]
+    for j, (label, model, result) in enumerate(series):
+        ks = sorted(int(k) for k in result["speedup"])
+        every_k |= set(ks)
+        speedup = [result["speedup"][str(k)] for k in ks]
+        ranges = result.get("speedup_range", {})
+        low = [speedup[i] - ranges[str(k)][0] if str(k) in ranges else 0 for i, k in enumerate(ks)]
+        high = [ranges[str(k)][1] - speedup[i] if str(k) in ranges else 0 for i, k in enumerate(ks)]
+        apart = 1.04 ** (j - (len(series) - 1) / 2)
+        axes.errorbar([k * apart for k in ks], speedup, yerr=[low, high], marker="o", markersize=4, capsize=3,
+                      linestyle="-" if len(ks) > 2 else "none", label=f"{model}{label}")
+    ks = sorted(every_k)
     axes.plot(ks, [k / ks[0] for k in ks], linestyle=":", color="grey", label="ideal")
     axes.set(xscale="log", xlabel="fits trained together (K)", ylabel="fits per hour vs K=1",
              title="Several fits per device (CPU)")
     axes.set_xticks(ks, [str(k) for k in ks])
     axes.minorticks_off()
     axes.grid(True, alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
 

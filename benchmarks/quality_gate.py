@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
     p.add_argument("--gate-steps", type=int, default=8, help="sampling steps of the gate's panels (a job's "
                    "--preview-steps)")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--json", help="also write the report as a result file (docs/results/quality_gate-SET.json)")
     own, rest = p.parse_known_args(argv)
     if own.candidates < 2:
         raise SystemExit("--candidates must be at least 2")
@@ -131,6 +132,10 @@ def main(argv=None) -> dict:
             print(f"{k} = {result[k]:.3f}")
     report = dict(settings=vars(a) | vars(own), per_image=per_image, **result)
     (out / "quality_gate.json").write_text(json.dumps(report, indent=1))
+    if own.json:
+        import results as result_files  # beside this file, as disentangle is
+
+        result_files.save(own.json, report)
     return report
 
 

@@ -12,6 +12,9 @@ version at the first and the last N, their ratio, and ms per look-up at the last
     python -m benchmarks.registry_scale --versions 1000 10000
     python -m benchmarks.registry_scale --versions 200 1000 --backends sqlite --window 20     # a quick check
 
+The committed runs the pages quote are docs/results/registry_scale*.json (`--json` writes that form);
+docs/img/registry_scale.png is drawn from registry_scale.json (`python -m benchmarks.figures`).
+
 Layouts: `old` is the layout before issue 34 (one registered model per kind, an alias `item-<id>` per item,
 found by its item_id and library_key tags); `new` is pipeline/tracking.py's. `tag` (one model, no alias, found
 by its item_id tag) and `shard` (256 models per kind by the item id's first two hex digits, an alias per
@@ -43,6 +46,11 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+try:
+    from benchmarks import results as result_files
+except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+    import results as result_files
 
 LIBRARY = "bench"
 OUTPUT = "s3://bench/library"  # the library's URI in the tags (nothing is read there)
@@ -433,13 +441,14 @@ def main(argv=None) -> int:
     first, last = sizes[0], sizes[-1]
     for r in results:
         a, z = r["register_ms"][first], r["register_ms"][last]
+        r["register_growth"] = z / a
         print(f"\n[{r['backend']}, {r['layout']} layout]")
         print(f"register_ms_at_{label(first)} = {a:.1f}")
         print(f"register_ms_at_{label(last)} = {z:.1f}")
         print(f"register_growth = {z / a:.2f}")
         print(f"lookup_ms_at_{label(last)} = {r['lookup_ms'][last]:.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        result_files.save(args.json, results)
     if args.plot:
         plot(results, args.plot)
     return 0
@@ -457,8 +466,9 @@ def plot(results: list[dict], path: str) -> None:
     for r in results:
         style = "-" if r["layout"] == "new" else "--"
         for ax, key in zip(axes, ("register_ms", "lookup_ms")):
-            sizes = sorted(r[key])
-            ax.plot(sizes, [r[key][n] for n in sizes], style, marker="o", label=f"{r['backend']}, {r['layout']}")
+            sizes = sorted(r[key], key=int)  # a --json file's keys are text
+            ax.plot([int(n) for n in sizes], [r[key][n] for n in sizes], style, marker="o",
+                    label=f"{r['backend']}, {r['layout']}")
     for ax, title in zip(axes, ("register: ms per version", "look-up: ms per item")):
         ax.set(xscale="log", yscale="log", xlabel="versions already in each model", title=title)
         ax.grid(True, which="both", alpha=0.3)

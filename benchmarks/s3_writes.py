@@ -182,7 +182,7 @@ def measure(scale: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="sdxl", help="sdxl (real sizes), tiny (1/1000) or a factor")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", help="write the figures here, as a result file (docs/results/s3_writes.json)")
     args = parser.parse_args()
     scale = {"sdxl": 1.0, "tiny": 1e-3}.get(args.scale) or float(args.scale)
     result = measure(scale)
@@ -194,7 +194,11 @@ def main() -> None:
     print(f"requests after/before: {result['requests_ratio']:.3f} (the write path alone: "
           f"{result['write_path_requests_ratio']:.3f}); bytes sent after/before: {result['bytes_sent_ratio']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        try:
+            from benchmarks import results as result_files
+        except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+            import results as result_files
+        result_files.save(args.json, result)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sdxl_budget.py                      # 512/768/1024 px, with and without checkpointing
     .venv/bin/python benchmarks/sdxl_budget.py --validate           # the account beside real CPU runs (tiny)
     .venv/bin/python benchmarks/sdxl_budget.py --json out.json      # the table as data (gpu_check reads it)
+    .venv/bin/python benchmarks/sdxl_budget.py --export-bytes --json docs/results/export_bytes.json
     .venv/bin/python benchmarks/sdxl_budget.py --export-bytes       # bytes one fit writes, per LoRA format choice
 
 The real fit code (prompt and image encoding, then the training loop: a recalibration step and an ordinary
@@ -347,7 +348,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.export_bytes:
-        print_export_bytes(args.model, args.rank)
+        counted = print_export_bytes(args.model, args.rank)
+        if args.json:  # a result file (docs/results/export_bytes.json)
+            try:
+                from benchmarks import results as result_files
+            except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+                import results as result_files
+            result_files.save(args.json, counted, machine="any: counted from shapes on the meta device, not timed")
         return
 
     rows = []
@@ -385,7 +392,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def print_export_bytes(model: str, rank: int) -> None:
+def print_export_bytes(model: str, rank: int) -> dict:
+    """Print the bytes one fit writes, before (both formats) and now (kohya); returns them."""
     before = export_bytes(model, rank, formats=("diffusers", "kohya"))
     after = export_bytes(model, rank, formats=("kohya",))
     print(f"bytes one fit writes, {model}, rank {rank}, fp16 LoRAs (previews and the ~10 KB of text files aside):")
@@ -396,6 +404,8 @@ def print_export_bytes(model: str, rank: int) -> None:
     print(f"| total | {total_before / 1e6:.1f} MB | {total_after / 1e6:.1f} MB |")
     print(f"ratio now/before: {total_after / total_before:.3f}; per million fits: {total_before * 1e6 / 1e15:.2f} PB "
           f"-> {total_after * 1e6 / 1e15:.2f} PB")
+    return {"model": model, "rank": rank, "before": before, "now": after, "total_before": total_before,
+            "total_now": total_after, "ratio": total_after / total_before}
 
 
 if __name__ == "__main__":

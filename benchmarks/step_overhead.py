@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round and method")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", help="also write the figures as a result file (docs/results/step_overhead.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -127,13 +128,25 @@ def main() -> None:
         fused_all.append(fused)
         print(f"round {round_}: unziplora {ours * 1e3:.1f} ms/step, plain peft LoRA {plain * 1e3:.1f} ms/step "
               f"(fused AdamW {fused * 1e3:.1f}), ratio {ours / plain:.3f} ({ours / fused:.3f})")
-    if not args.skip_memory:
-        print("memory:", json.dumps(fit_peak_memory_mb(args.threads)))
+    memory = None if args.skip_memory else fit_peak_memory_mb(args.threads)
+    if memory is not None:
+        print("memory:", json.dumps(memory))
     print(f"median ms/step: unziplora {statistics.median(ours_all) * 1e3:.1f}, "
           f"plain {statistics.median(plain_all) * 1e3:.1f}, plain with fused AdamW {statistics.median(fused_all) * 1e3:.1f}")
     # the method's own cost: the same optimizer on both sides
     print(f"unziplora_step/plain_lora_step_same_optimizer = {statistics.median(fused_ratios):.3f}")
     print(f"unziplora_step/plain_lora_step = {statistics.median(ratios):.3f}")
+    if args.json:
+        try:
+            from benchmarks import results as result_files
+        except ImportError:  # run as a file: benchmarks/ is sys.path[0]
+            import results as result_files
+        result_files.save(args.json, {
+            "rounds": args.rounds, "steps": args.steps, "rank": args.rank, "threads": args.threads,
+            "ratio": statistics.median(ratios), "ratio_same_optimizer": statistics.median(fused_ratios),
+            "ratio_range": [min(ratios), max(ratios)], "ms_per_step": {
+                "unziplora": statistics.median(ours_all) * 1e3, "plain": statistics.median(plain_all) * 1e3,
+                "plain_fused": statistics.median(fused_all) * 1e3}, "memory": memory})
 
 
 if __name__ == "__main__":

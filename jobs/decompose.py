@@ -1,6 +1,7 @@
 """Decompose a folder or bucket of images into a library of content and style LoRAs.
 
     ray job submit --working-dir . -- python -m jobs.decompose --input s3://bucket/images/ --output s3://bucket/library/
+    ray job submit --working-dir . -- python -m jobs.decompose --input "$PWD/images" --output "$PWD/out/library"
     unziplora decompose --input DIR_OR_URL --output DIR_OR_URL          # starts a local Ray if none is given
 
 Exit status: 0 done (no input failed, or no more than --max-failed-fraction of them); 1 the library cannot be
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -110,7 +112,30 @@ def _words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
+def check_paths_under_ray_job(args: argparse.Namespace) -> None:
+    """Under `ray job submit --working-dir DIR` the driver runs in Ray's temporary copy of DIR (a folder under the
+    head's session directory, named by the upload's hash), not where the command was typed: a relative --input
+    would be read from that copy and recorded by its path there (each upload another path, so re-runs would
+    not find their rows), and a relative --output would be written into it and lost with it. Refused in one
+    line naming the copy; absolute paths and URLs are as they are everywhere."""
+    try:
+        runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return
+    if not runtime_env.get("working_dir"):
+        return
+    from unziplora.errors import InputError
+
+    for flag, value in (("--input", args.input), ("--output", args.output), ("--prompts", args.prompts)):
+        if value and "://" not in value and not os.path.isabs(value):
+            raise InputError(
+                f"{flag} {value} is a relative path, and this job runs in Ray's temporary copy of its working dir "
+                f"({os.getcwd()}), not where `ray job submit` was typed: give an absolute path (\"$PWD/{value}\") "
+                "or a URL")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_paths_under_ray_job(args)
     fit_settings = (read_settings_file(args.config) if args.config else {}) | setting_values(args, JOB_SETTINGS)
     job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
                   default_style=args.default_style, fit=fit_settings, executor=args.executor,
