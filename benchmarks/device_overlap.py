@@ -194,7 +194,7 @@ def main() -> None:
                         help="stand-in previews: device work of this many seconds per item (0: previews off)")
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 2], help="the modes: batches in flight")
     parser.add_argument("--scale", default="sdxl", help="LoRA sizes: sdxl (rank 64, fp16), tiny (1/1000), or a factor")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", help="write the figures here, as a result file (docs/results/device_overlap.json)")
     args = parser.parse_args()
     result = measure(args)
     for in_flight in args.in_flight:
@@ -206,7 +206,9 @@ def main() -> None:
     print(f"D = {result['device_s']:g} s, previews {result['previews_s']:g} s, LoRAs of {result['lora_bytes'] / 1e6:.1f} MB; goal: two in flight "
           f"<= 2 % of D")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        from benchmarks import results as result_files
+
+        result_files.save(args.json, result)
 
 
 if __name__ == "__main__":
