@@ -61,13 +61,13 @@ class StandInDevice:
         return results
 
     def previews(self, previews_s: float):
-        """`write_previews` for the worker: device work of `previews_s` seconds (the worker holds the lock)."""
-        def draw(*_args, **_kwargs) -> dict:
+        """`draw_previews` for the worker: device work of `previews_s` seconds (the worker holds the lock); it
+        draws nothing, so no preview files are written."""
+        def draw(*_args, **_kwargs) -> None:
             start = time.perf_counter()
             time.sleep(previews_s)
             with self.lock:
                 self.spans.append((start, time.perf_counter()))
-            return {"files": [], "scores": {}}
         return draw
 
     def idle_between_device_work(self) -> list[float]:
@@ -141,7 +141,7 @@ def run_mode(in_flight: int, args, tracking_uri: str, s3_endpoint: str, folder: 
     device = StandInDevice(template, args.device_s, lora_bytes)
     worker = worker_mod.FitWorker(job, device="cpu")
     with mock.patch.object(worker_mod, "fit_many", device), \
-            mock.patch.object(worker_mod, "write_previews", device.previews(args.previews_s)):
+            mock.patch.object(worker_mod, "draw_previews", device.previews(args.previews_s)):
         start = time.perf_counter()
         done = feed(worker, (batch_columns([item]) for item in items), in_flight)
         wall = time.perf_counter() - start

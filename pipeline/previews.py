@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from unziplora import load_fit
+from unziplora.export import FitArtifacts
 from unziplora.card import write_model_card
 from unziplora.config import FitConfig
 from unziplora.generate import generate_each
@@ -61,25 +62,50 @@ def write_previews(base, fit_dir: Path, steps: int, *, subjects=None, styles=Non
                    source: bytes | None = None) -> dict:
     """The previews (and, with `scorer` and the `source` image's bytes, the scores) in `fit_dir`; returns
     {"files": names written, "scores": {name: value}}. Subjects and styles default to the base model's."""
-    written, scores = [], {}
+    try:
+        fit = load_fit(fit_dir)
+    except Exception:
+        print(f"no preview for {fit_dir}:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
+        return {"files": [], "scores": {}}
+    drawn = draw_previews(base, fit, steps, subjects=subjects, styles=styles, scorer=scorer, source=source)
+    return save_previews(drawn, fit_dir)
+
+
+def draw_previews(base, fit: FitArtifacts, steps: int, *, subjects=None, styles=None, scorer=None,
+                  source: bytes | None = None) -> dict | None:
+    """The device's part: the panels of each preview (and their scores), from a fit's files or from one still
+    in memory (FitArtifacts.of); None when they cannot be made (a preview never fails the fit)."""
     # diffusers warns on every load that the LoRA has no text-encoder keys: true, and noise in worker logs
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
-        artifacts = load_fit(fit_dir)
-        prompts = preview_prompts(artifacts.config, subjects or base.preview_subjects, styles or base.preview_styles)
+        prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles)
         kinds = [kind for kind in ("content", "style") if prompts[kind]]
-        panels = generate_each(base, {kind: artifacts for kind in kinds}, prompts, steps=steps, seed=SEED)
-        for kind in kinds:
-            strip(panels[kind]).save(fit_dir / f"preview_{kind}.png")
-            written.append(f"preview_{kind}.png")
-        (fit_dir / "previews.json").write_text(json.dumps({"prompts": prompts, "steps": steps, "seed": SEED}))
-        written.append("previews.json")
+        panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=SEED)
+        scores = {}
         if scorer is not None and source is not None and panels:
             image = Image.open(io.BytesIO(source)).convert("RGB")
             scores = checked(scorer.score(image, panels.get("content", []), panels.get("style", [])))
-            (fit_dir / "scores.json").write_text(json.dumps({"scorer": scorer.name, "scores": scores}))
-            written.append("scores.json")
-        write_model_card(fit_dir)  # again, now with the previews (and scores)
-    except Exception:  # a sampling or scoring problem is not a fit problem
-        print(f"no preview for {fit_dir}:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
-    return {"files": written, "scores": scores}
+        return {"panels": panels, "prompts": prompts, "steps": steps, "scores": scores,
+                "scorer": scorer.name if scores else None}
+    except Exception:
+        print(f"no preview for {fit.path or fit.config.content}:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
+        return None
+
+
+def save_previews(drawn: dict | None, fit_dir: Path) -> dict:
+    """The CPU's part: the drawn previews as files of the fit's folder (strips, previews.json, scores.json), and
+    its model card again, now with them; returns {"files": names written, "scores": {name: value}}."""
+    if drawn is None:
+        return {"files": [], "scores": {}}
+    written = []
+    for kind, panels in drawn["panels"].items():
+        strip(panels).save(fit_dir / f"preview_{kind}.png")
+        written.append(f"preview_{kind}.png")
+    (fit_dir / "previews.json").write_text(json.dumps({"prompts": drawn["prompts"], "steps": drawn["steps"],
+                                                       "seed": SEED}))
+    written.append("previews.json")
+    if drawn["scores"]:
+        (fit_dir / "scores.json").write_text(json.dumps({"scorer": drawn["scorer"], "scores": drawn["scores"]}))
+        written.append("scores.json")
+    write_model_card(fit_dir)
+    return {"files": written, "scores": drawn["scores"]}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from unziplora import FitConfig, UnZipLoRAError, fit_many
-from unziplora.export import write_fit
+from unziplora.export import FitArtifacts, write_fit
 from unziplora.models import load_base_model_for
 from unziplora.redact import redact
 
@@ -38,7 +38,7 @@ from .identify import batch_columns, batch_rows, check_job_settings, identify, i
 from .manifest import (LibraryChangedError, clear_attempts, crashes, end_attempt, failed_row, marker_problems,
                        ok_row, past_attempts, scrubbed, source_key, start_attempt)
 from .gate import fit_gated
-from .previews import write_previews
+from .previews import draw_previews, save_previews
 from .scoring import load_scorer, scorer_spec
 from .spec import JobSpec
 from .storage import Store, sha256_hex
@@ -129,15 +129,15 @@ class FitWorker:
                       crashed=crashed)
 
     def _fit_group(self, group: list["_Ready"]) -> dict[int, dict]:
-        """Fit the group, then per item: files, previews, upload, marker, tracking. Only the fit and the previews
-        hold the device lock: with two batches in flight (`--batches-in-flight`), this batch's export, uploads
-        and tracking, and the next batch's reading and identifying, overlap the other batch's fit."""
+        """Fit the group and draw its previews (the device's work, under the device lock), then per item: files,
+        upload, marker, tracking. With two batches in flight (`--batches-in-flight`), this batch's export,
+        uploads and tracking, and the next batch's reading and identifying, overlap the other batch's fit."""
         with contextlib.ExitStack() as stack:  # the fits' local folders, until their files are in the library
             out_dirs = [Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-item-"))) / "fit"
                         for _ in group]
             with self.device_lock:
-                results = self._fit_on_device(group, out_dirs, stack)
-            results = [self._files(r, result, out_dir) for r, result, out_dir in zip(group, results, out_dirs)]
+                results = self._on_device(group, out_dirs, stack)
+            results = [self._files(result, out_dir) for result, out_dir in zip(results, out_dirs)]
             rows = [self._upload_or_fail(r, result) for r, result in zip(group, results)]
         out = {}
         for r, row in zip(group, rows):
@@ -152,11 +152,11 @@ class FitWorker:
                 out[r.n] = failed_row(r.item, self._failure_text(r.item, exc), this_run="failed", **r.known)
         return out
 
-    def _fit_on_device(self, group: list["_Ready"], out_dirs: list[Path], stack: contextlib.ExitStack) -> list:
+    def _on_device(self, group: list["_Ready"], out_dirs: list[Path], stack: contextlib.ExitStack) -> list:
         """Under the device lock: record an attempt for each item (first, so a crash leaves it), fit them
-        together, end the attempts (a crash while this batch uploads is then charged to no image of it). Per
-        item: its FitResult, or the exception that failed it. Ungated fits come back as tensors, to be written
-        outside the lock; the gate writes the files of the candidate it keeps."""
+        together, draw each fit's previews from its tensors, end the attempts (a crash while this batch uploads
+        is then charged to no image of it). Per item: (FitResult, drawn previews), or the exception that failed
+        it. Ungated fits come back as tensors, written outside the lock; the gate writes its chosen fit's files."""
         attempts = [self._admit(r.item, r.known["item_id"], r.records) for r in group]
         try:
             if self.job.gate.active:  # candidates per image, the best kept (pipeline/gate.py)
@@ -170,6 +170,8 @@ class FitWorker:
                                    progress=False, formats=self.job.lora_formats,
                                    on_steps=[step_progress(redact(r.item["source_uri"]), r.config.total_steps)
                                              for r in group])
+            results = [result if isinstance(result, Exception) else (result, self._draw_previews(r, result))
+                       for r, result in zip(group, results)]
         except Exception as exc:
             results = [exc] * len(group)
         for n, (r, attempt) in enumerate(zip(group, attempts)):
@@ -179,24 +181,26 @@ class FitWorker:
                 results[n] = exc
         return results
 
-    def _files(self, ready: "_Ready", result, out_dir: Path):
-        """A finished fit's files in its local folder: LoRAs, gates, fit.json, card (CPU work), history, and the
-        previews (device work: under the lock). (result, preview scores), or the error that failed it."""
+    def _draw_previews(self, ready: "_Ready", result) -> dict | None:
+        if self.job.preview_steps <= 0:
+            return None
+        return draw_previews(self.base, FitArtifacts.of(result), self.job.preview_steps,
+                             subjects=self.job.preview_subjects, styles=self.job.preview_styles, scorer=self.scorer,
+                             source=ready.data)
+
+    def _files(self, result, out_dir: Path):
+        """A finished fit's files in its local folder (CPU work): LoRAs, gates, fit.json and card (unless the
+        gate wrote them), history, previews. (result, preview scores), or the error that failed it."""
         if isinstance(result, Exception):
             return result
+        result, drawn = result
         try:
             if result.out_dir is None:  # its total time: the fit's, plus this export's, not the wait for the lock
                 result.out_dir = write_fit(result, out_dir, formats=self.job.lora_formats,
                                            started=time.perf_counter() - result.record["timings"]["total_s"])
             # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
             (result.out_dir / "history.json").write_text(json.dumps(result.history))
-            scores = {}
-            if self.job.preview_steps > 0:
-                with self.device_lock:
-                    scores = write_previews(self.base, result.out_dir, self.job.preview_steps,
-                                            subjects=self.job.preview_subjects, styles=self.job.preview_styles,
-                                            scorer=self.scorer, source=ready.data)["scores"]
-            return result, scores
+            return result, save_previews(drawn, result.out_dir)["scores"]
         except Exception as exc:
             return exc
 

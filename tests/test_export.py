@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from unziplora import FitConfig, InputError, fit, load_fit
-from unziplora.export import FILES, kohya_module_name, lora_format
+from unziplora.export import FILES, FitArtifacts, kohya_module_name, lora_format
 from unziplora.generate import generate, generate_each
 
 
@@ -420,13 +420,18 @@ def test_generate_several_images_routed(tiny_base, fitted):
 def test_generate_each_draws_each_lora_as_generate_does(tiny_base, fitted, tmp_path):
     """The previews' way (one adapter: the fit's first LoRA loaded, its second swapped in) gives the very pixels
     of drawing each LoRA alone, and leaves the pipeline without adapters."""
-    _, art = fitted
+    result, art = fitted
     prompts = {"content": ["a sks thing in pixel art", "a sks thing in ink"], "style": "a cat in the style"}
     each = generate_each(tiny_base, {"content": art, "style": art}, prompts, steps=2, seed=3)
     for kind in ("content", "style"):
         alone = generate(tiny_base, steps=2, seed=3, prompt=prompts[kind], **{kind: art})
         assert [i.tobytes() for i in each[kind]] == [i.tobytes() for i in alone], kind
     assert not getattr(tiny_base.pipeline().unet, "peft_config", None)
+    # the fit still in memory (the job's previews, drawn on the device before its files are written): the same
+    in_memory = FitArtifacts.of(result)
+    drawn = generate_each(tiny_base, {"content": in_memory, "style": in_memory}, prompts, steps=2, seed=3)
+    assert {k: [i.tobytes() for i in v] for k, v in drawn.items()} == {k: [i.tobytes() for i in v]
+                                                                       for k, v in each.items()}
     # LoRAs of two fits (here of two ranks: a hotswap would draw other pixels, silently) load the plain way
     other = tmp_path / "rank2"
     fit(_random_image(tmp_path / "b.png", seed=8), art.config.replace(rank=2, steps=2, recalibrations=1),

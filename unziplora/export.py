@@ -257,11 +257,25 @@ def _make_readable(folder: Path) -> None:
 
 @dataclass
 class FitArtifacts:
-    """A fit directory read back."""
+    """A fit directory read back, or a fit not yet written (`of`: its tensors in memory, no path)."""
 
-    path: Path
+    path: Path | None
     config: FitConfig
     record: dict
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None  # in memory: FitResult.tensors
+
+    @classmethod
+    def of(cls, result) -> "FitArtifacts":
+        """A finished fit (unziplora.FitResult) as artifacts, before (or without) its files: previews drawn on
+        the device while the files are written elsewhere (pipeline/worker.py)."""
+        return cls(path=None, config=result.config, record=result.record, tensors=result.tensors)
+
+    def lora_weights(self, kind: str) -> tuple:
+        """What diffusers' `load_lora_weights` takes for this LoRA: (its file's folder, {"weight_name": ...}), or
+        the in-memory state dict in diffusers' keys (alpha = rank, as in the files: scale 1)."""
+        if self.tensors is not None:
+            return {f"unet.{key}": value for key, value in self.tensors[kind].items()}, {}
+        return str(self.path), {"weight_name": FILES[kind]}
 
     def lora_file(self, kind: str, fmt: str | None = None) -> Path:
         """The LoRA's file (`{kind}_lora.safetensors`), or with `fmt` its file of that format: that one if it
@@ -277,6 +291,8 @@ class FitArtifacts:
 
     def lora_state_dict(self, kind: str) -> dict[str, torch.Tensor]:
         """The peft-format state dict (module name -> lora_A/lora_B), from a file of either format."""
+        if self.tensors is not None:
+            return self.tensors[kind]
         tensors = read_tensors(self.lora_file(kind))
         if any(key.startswith("lora_unet_") for key in tensors):
             layers = {key.rsplit(".", 1)[0] for key in self.masks()}  # the masks hold every adapted layer's name
@@ -284,10 +300,10 @@ class FitArtifacts:
         return {k.removeprefix("unet."): v for k, v in tensors.items()}
 
     def mergers(self) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path / "mergers.safetensors")
+        return self.tensors["mergers"] if self.tensors is not None else read_tensors(self.path / "mergers.safetensors")
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path / "masks.safetensors")
+        return self.tensors["masks"] if self.tensors is not None else read_tensors(self.path / "masks.safetensors")
 
 
 def _format_of(path: Path) -> str:

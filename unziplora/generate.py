@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import Prompts
 from .errors import InputError
-from .export import FILES, FitArtifacts, kohya_module_name, read_safetensors
+from .export import FitArtifacts, kohya_module_name, read_safetensors
 from .layers import UnZipLoRA
 from .models import BaseModel
 from .roles import KINDS
@@ -64,7 +64,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     loaded = [kind for kind in KINDS if fits[kind] is not None]
     try:
         for kind in loaded:
-            pipe.load_lora_weights(str(fits[kind].path), weight_name=FILES[kind], adapter_name=kind)
+            weights, where = fits[kind].lora_weights(kind)
+            pipe.load_lora_weights(weights, **where, adapter_name=kind)
         pipe.set_adapters(loaded, [1.0] * len(loaded))
         return pipe(prompt, **call).images
     finally:
@@ -142,11 +143,13 @@ def generate_each(base: BaseModel, fits: dict[str, FitArtifacts], prompts: dict[
     try:
         loaded = None  # the fit whose LoRA the adapter holds
         for kind, fit in fits.items():
-            swap = loaded is not None and fit.path == loaded  # one fit's two LoRAs: the same layers, rank and alpha
+            same = fit.path or id(fit)  # a fit's folder, or the fit in memory
+            swap = loaded is not None and same == loaded  # one fit's two LoRAs: the same layers, rank and alpha
             if loaded is not None and not swap:  # another fit's may differ, and a hotswap would not say so
                 pipe.unload_lora_weights()
-            pipe.load_lora_weights(str(fit.path), weight_name=FILES[kind], adapter_name="each", hotswap=swap)
-            loaded = fit.path
+            weights, where = fit.lora_weights(kind)
+            pipe.load_lora_weights(weights, **where, adapter_name="each", hotswap=swap)
+            loaded = same
             images[kind] = pipe(prompts[kind], **_call(base, fit, steps, seed=seed, **kwargs)).images
         return images
     finally:
