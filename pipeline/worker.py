@@ -32,6 +32,7 @@ import torch
 from unziplora import FitConfig, UnZipLoRAError, fit_many
 from unziplora.export import FitArtifacts, write_fit
 from unziplora.models import load_base_model_for
+from unziplora.quiet import quiet_libraries
 from unziplora.redact import redact
 
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
@@ -49,6 +50,7 @@ class FitWorker:
     """Callable for Ray Data's map_batches (one row per batch), and a plain per-item worker for Ray Train."""
 
     def __init__(self, job: JobSpec | dict, device: str | torch.device | None = None):
+        quiet_libraries()  # a worker on another node inherits none of the driver's settings
         self.job = job if isinstance(job, JobSpec) else JobSpec(**job)
         self.store = Store(self.job.output, self.job.storage_options)
         self.device = torch.device(device) if device is not None else _assigned_device()

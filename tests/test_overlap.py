@@ -1,6 +1,7 @@
 """Two batches in flight on one worker (issue 31 §4): one holds the device while the other's files are written,
 uploaded and committed. The device is benchmarks/device_overlap.py's stand-in (a sleep), the rest is real."""
 
+import logging
 import threading
 import time
 from unittest import mock
@@ -34,7 +35,10 @@ def run(images, template, tmp_path, in_flight: int):
                   default_style="flat", fit={"base_model": "tiny", "steps": 2, "recalibrations": 1, "rank": 4},
                   preview_steps=0, tracking=False, run_id=f"run-{in_flight}")
     device = StandInDevice(template, device_s=0.6, lora_bytes=20_000)
+    logging.getLogger("transformers").setLevel(logging.WARNING)
     worker = worker_mod.FitWorker(job, device="cpu")
+    # a worker on a remote node inherits none of the driver's settings: it quiets the libraries itself
+    assert logging.getLogger("transformers").level == logging.ERROR
     uploads, lock, upload = [], threading.Lock(), worker_mod.upload_fit_files
 
     def timed_upload(store, item_id, folder):

@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from .config import DEFAULT_FORMATS, LORA_FORMATS, FitConfig, check_number, read_settings_file, settings, value_type
 from .errors import InputError, UnZipLoRAError
+from .quiet import quiet_libraries
 from .redact import scrub
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.run(args)
     except UnZipLoRAError as exc:
@@ -274,17 +273,6 @@ def _generate(args) -> int:
         image.save(path)
     print(json.dumps({"images": [str(p) for p in paths]}))
     return 0
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal for our own progress and errors. Without importing diffusers or transformers (seconds,
-    and `--help` or a bad flag must answer at once): both read their log level from these variables when they
-    are first imported, here or in a local Ray's workers, which inherit the environment."""
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    for library in ("diffusers", "transformers"):
-        os.environ.setdefault(f"{library.upper()}_VERBOSITY", "error")
-        if library in sys.modules:  # already imported (the tests, a caller of main()): set it directly
-            logging.getLogger(library).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
