@@ -231,7 +231,7 @@ def export_bytes(model: str = "sdxl-random", rank: int = 64, formats: tuple[str,
         for kind in KINDS:
             A, B = layer.factors(kind)
             lora[kind][name] = (tuple(A.shape), tuple(B.shape))
-            gates[f"{name}.{kind}"] = (tuple(adapter.gates.masks[0, layer.columns()].shape), torch.float32)
+            gates[f"{name}.{kind}"] = (tuple(layer.mask(kind).shape), torch.float32)
     out = {}
     for kind in KINDS:
         for fmt in formats:

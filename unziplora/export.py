@@ -54,13 +54,12 @@ def adapter_tensors(adapter: UnZipLoRA, save_precision: str = "fp16") -> dict[st
     dtype = DTYPES[save_precision]
     out = {kind: {} for kind in KINDS} | {"mergers": {}, "masks": {}}
     for name, layer in adapter.named_layers():
-        cols = layer.columns()
-        for i, kind in enumerate(KINDS):
+        for kind in KINDS:
             A, B = layer.factors(kind)
-            mask = adapter.gates.masks[i, cols]
+            mask = layer.mask(kind)
             out[kind][f"{name}.lora_A.weight"] = A.detach().to("cpu", dtype).contiguous()
             out[kind][f"{name}.lora_B.weight"] = (B * mask[:, None]).to("cpu", dtype).contiguous()
-            out["mergers"][f"{name}.{kind}"] = adapter.gates.mergers[i, cols].detach().float().cpu().contiguous()
+            out["mergers"][f"{name}.{kind}"] = layer.merger(kind).detach().float().cpu().contiguous()
             out["masks"][f"{name}.{kind}"] = mask.float().cpu().contiguous()
     return out
 

@@ -142,11 +142,34 @@ class DualLoRALinear(nn.Module):
                 F.linear(F.linear(style_x, self.lora_A[r:]), gated_B[:, 1])
         return out + delta.to(out.dtype)
 
-    # ---- views used by recalibration and export ----
+    # ---- one LoRA of the layer (`kind`: "content" or "style"): the only code that knows the layout ----
     def factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_k, B_k) of one LoRA: A (r, in), B (out, r)."""
+        """(A_k, B_k) of one LoRA, the live tensors: A (r, in), B (out, r)."""
         i = KINDS.index(kind)
         return self.lora_A[i * self.rank:(i + 1) * self.rank], self.lora_B[:, i]
+
+    def grads(self, kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gradients of (A_k, B_k), None where there is none."""
+        i = KINDS.index(kind)
+        grad_A, grad_B = self.lora_A.grad, self.lora_B.grad
+        return (None if grad_A is None else grad_A[i * self.rank:(i + 1) * self.rank],
+                None if grad_B is None else grad_B[:, i])
+
+    @torch.no_grad()
+    def set_factors(self, kind: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy (A_k, B_k) in (any dtype or device); a tensor of another shape raises RuntimeError."""
+        for own, new in zip(self.factors(kind), (A, B)):
+            if own.shape != new.shape:
+                raise RuntimeError(f"{kind} LoRA factor of shape {tuple(new.shape)} for one of {tuple(own.shape)}")
+            own.copy_(new)
+
+    def mask(self, kind: str) -> torch.Tensor:
+        """(out,): this layer's binary column mask of one LoRA, a view into the shared gates (writable)."""
+        return self._gates[0].masks[KINDS.index(kind), self.columns()]
+
+    def merger(self, kind: str) -> torch.Tensor:
+        """(out,): this layer's column mergers of one LoRA, a view into the shared gates (writable)."""
+        return self._gates[0].mergers[KINDS.index(kind), self.columns()]
 
     def columns(self) -> slice:
         return slice(self.offset, self.offset + self.out_features)
@@ -311,6 +334,17 @@ class UnZipLoRA(nn.Module):
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    @torch.no_grad()
+    def load_kind(self, kind: str, state: dict[str, torch.Tensor], mergers: dict[str, torch.Tensor],
+                  masks: dict[str, torch.Tensor]) -> None:
+        """One LoRA of every layer from a peft-format state dict (`<layer>.lora_A.weight`, `.lora_B.weight`) and
+        its mergers and masks (`<layer>.<kind>`), as `export.adapter_tensors` gives them; the other LoRA is left
+        as it is. A missing key raises KeyError, a tensor of another shape RuntimeError."""
+        for name, layer in self.named_layers():
+            layer.set_factors(kind, state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"])
+            layer.merger(kind).copy_(mergers[f"{name}.{kind}"])
+            layer.mask(kind).copy_(masks[f"{name}.{kind}"])
 
     def attach(self) -> "UnZipLoRA":
         self._batch = FitBatch(self._unet[0], [self]).__enter__()
