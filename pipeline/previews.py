@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unziplora import load_fit
+from unziplora import fit_files, load_fit
 from unziplora.card import write_model_card
 from unziplora.config import FitConfig
 from unziplora.generate import generate_each
@@ -70,15 +70,15 @@ def write_previews(base, fit_dir: Path, steps: int, *, subjects=None, styles=Non
         kinds = [kind for kind in ("content", "style") if prompts[kind]]
         panels = generate_each(base, {kind: artifacts for kind in kinds}, prompts, steps=steps, seed=SEED)
         for kind in kinds:
-            strip(panels[kind]).save(fit_dir / f"preview_{kind}.png")
-            written.append(f"preview_{kind}.png")
-        (fit_dir / "previews.json").write_text(json.dumps({"prompts": prompts, "steps": steps, "seed": SEED}))
-        written.append("previews.json")
+            strip(panels[kind]).save(fit_dir / fit_files.PREVIEWS[kind])
+            written.append(fit_files.PREVIEWS[kind])
+        (fit_dir / fit_files.PREVIEW_PROMPTS).write_text(json.dumps({"prompts": prompts, "steps": steps, "seed": SEED}))
+        written.append(fit_files.PREVIEW_PROMPTS)
         if scorer is not None and source is not None and panels:
             image = Image.open(io.BytesIO(source)).convert("RGB")
             scores = checked(scorer.score(image, panels.get("content", []), panels.get("style", [])))
-            (fit_dir / "scores.json").write_text(json.dumps({"scorer": scorer.name, "scores": scores}))
-            written.append("scores.json")
+            (fit_dir / fit_files.SCORES).write_text(json.dumps({"scorer": scorer.name, "scores": scores}))
+            written.append(fit_files.SCORES)
         write_model_card(fit_dir)  # again, now with the previews (and scores)
     except Exception:  # a sampling or scoring problem is not a fit problem
         print(f"no preview for {fit_dir}:\n{traceback.format_exc(limit=3)}", file=sys.stderr)

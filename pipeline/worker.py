@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from unziplora import FitConfig, UnZipLoRAError, fit_many
+from unziplora import FitConfig, UnZipLoRAError, fit_files, fit_many
 from unziplora.models import load_base_model_for
 from unziplora.redact import redact
 
+from . import layout
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
 from .manifest import (LibraryChangedError, crashes, end_attempt, failed_row, marker_problems, ok_row,
                        past_attempts, scrubbed, source_key, start_attempt)
@@ -135,7 +136,7 @@ class FitWorker:
             item_id = r.known["item_id"]
             try:  # each item on its own: one that cannot be committed does not take its mates' rows along
                 if row["status"] == "ok":
-                    self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
+                    self.store.write_json(row, *layout.marker(item_id))  # the item now counts as complete
                 self._release(item_id, attempt, complete=row["status"] == "ok")
                 out[r.n] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
             except Exception as exc:
@@ -145,9 +146,9 @@ class FitWorker:
 
     def _complete(self, item_id: str) -> dict | None:
         """The item's marker, if it holds (every file it vouches for is there, at its size)."""
-        if not self.store.exists("items", item_id, "_SUCCESS"):
+        if not self.store.exists(*layout.marker(item_id)):
             return None
-        marker = self.store.read_json("items", item_id, "_SUCCESS")
+        marker = self.store.read_json(*layout.marker(item_id))
         return None if marker_problems(self.store, {item_id: marker}) else marker
 
     def _admit(self, item: dict, item_id: str, records: int) -> str:
@@ -212,8 +213,8 @@ class FitWorker:
 
     def _discard_files(self, item_id: str) -> None:
         try:
-            for path in self.store.list("items", item_id):
-                if not path.endswith("/_SUCCESS"):
+            for path in self.store.list(*layout.item(item_id)):
+                if path.rsplit("/", 1)[-1] != layout.MARKER:
                     self.store.remove(path)
         except Exception:
             pass  # best effort: without a marker these files are not part of the library anyway
@@ -224,14 +225,14 @@ class FitWorker:
             return row
         row = scrubbed(row | track_row(self.job, row))
         if row["status"] == "ok":  # the marker is the row: a later run or `sync` finds what is tracked
-            self.store.write_json(row, "items", row["item_id"], "_SUCCESS")
+            self.store.write_json(row, *layout.marker(row["item_id"]))
         return row
 
     def _upload(self, ready: "_Ready", result) -> dict:
         """A finished fit's history, previews and files into the library; its ok row."""
         item, known = ready.item, ready.known
         # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
-        (result.out_dir / "history.json").write_text(json.dumps(result.history))
+        (result.out_dir / fit_files.HISTORY).write_text(json.dumps(result.history))
         scores = {}
         if self.job.preview_steps > 0:
             scores = write_previews(self.base, result.out_dir, self.job.preview_steps,
@@ -278,8 +279,8 @@ def upload_fit_files(store: Store, item_id: str, folder: Path) -> dict[str, dict
     returns what the marker will vouch for: {name: {uri, sha256, bytes}}."""
     files = {}
     for path in sorted(folder.iterdir()):
-        store.upload_file(str(path), "items", item_id, path.name)
-        files[path.name] = {"uri": store.url("items", item_id, path.name), "sha256": sha256_hex(path.read_bytes()),
+        store.upload_file(str(path), *layout.item(item_id, path.name))
+        files[path.name] = {"uri": store.url(*layout.item(item_id, path.name)), "sha256": sha256_hex(path.read_bytes()),
                             "bytes": path.stat().st_size}
     # the marker will vouch for these files: they must be in the library now, whole (a library folder
     # deleted or moved during the job would otherwise leave a marker, and an ok row, with no fit)
