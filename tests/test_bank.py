@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ from PIL import Image
 from jobs import cli
 from pipeline.bank import Bank, build_bank, load_embedder, write_gallery
 from pipeline.bank.search import FIT_FILES
-from pipeline.manifest import empty_row, write_manifest
+from pipeline import layout
+from pipeline.manifest import empty_row, ok_row, write_manifest
 from pipeline.registry_names import item_handle
 from pipeline.storage import Store
+from unziplora.fit_files import PREVIEWS
 from unziplora.errors import InputError
 
 WATERCOLOR = ["loose watercolor wash with black ink linework", "watercolor painting with pen and ink outlines"]
@@ -60,22 +63,26 @@ def write_library(root: str, items: list[dict], storage_options=None, failed: in
         inputs.write_bytes(image, f"img{n:03d}.png")
         item_id = hashlib.sha256(image).hexdigest()
         files = {}
-        names = list(FIT_FILES) + (["preview_style.png"] if n % 2 == 0 else [])
+        names = list(FIT_FILES) + ([PREVIEWS["style"]] if n % 2 == 0 else [])
         for name in names:
             data = style_image(n, seed=99) if name.endswith(".png") else f"{name} of {n}".encode()
-            store.write_bytes(data, "items", item_id, name)
-            files[name] = {"uri": store.url("items", item_id, name), "sha256": hashlib.sha256(data).hexdigest(),
+            store.write_bytes(data, *layout.item(item_id, name))
+            files[name] = {"uri": store.url(*layout.item(item_id, name)), "sha256": hashlib.sha256(data).hexdigest(),
                            "bytes": len(data)}
-        rows.append(empty_row(inputs.url(f"img{n:03d}.png")) | {
-            "item_id": item_id, "status": "ok", "content": f"sks {item['class_word']}", "style": item["style"],
-            "class_word": item["class_word"], "prompt_combined": f"A sks {item['class_word']} in {item['style']} style",
-            "output_uri": store.url("items", item_id), "files": json.dumps(files),
-            "content_lora_uri": files["content_lora.safetensors"]["uri"],
-            "style_lora_uri": files["style_lora.safetensors"]["uri"], "image_sha256": item_id,
-            "base_model": item["base_model"], "run_id": item["run_id"], "finished_at": item["finished_at"],
-            # quality scores (pipeline/scoring.py); every fourth fit unscored
-            "score_style": None if n % 4 == 3 else (n % 4) / 3, "score_content": 0.9,
-            "score_content_style_leak": 0.05 if n % 2 else 0.3, "score_style_shape_leak": 0.0})
+        # the row a fit's would be (manifest.ok_row) of a stand-in result: what the bank reads, the rest empty
+        config = SimpleNamespace(content=f"sks {item['class_word']}", style=item["style"],
+                                 resolved_class_word=item["class_word"], rank=None, steps=None, resolution=None,
+                                 seed=None)
+        record = {"prompts": {"combined": f"A sks {item['class_word']} in {item['style']} style", "content": None,
+                              "style": None}, "final": {"loss": None, "mse": None, "ortho": None}, "mask_stats": None,
+                  "timings": {"train_s": None, "total_s": None}, "base_model": item["base_model"],
+                  "base_model_fingerprint": None}
+        rows.append(ok_row({"source_uri": inputs.url(f"img{n:03d}.png")}, {"item_id": item_id, "image_sha256": item_id},
+                           SimpleNamespace(config=config, record=record), files, run_id=item["run_id"],
+                           finished_at=item["finished_at"], mask_stats=None,
+                           # quality scores (pipeline/scoring.py); every fourth fit unscored
+                           score_style=None if n % 4 == 3 else (n % 4) / 3, score_content=0.9,
+                           score_content_style_leak=0.05 if n % 2 else 0.3, score_style_shape_leak=0.0))
     for i in range(failed):
         rows.append(empty_row(inputs.url(f"broken{i}.png")) | {"status": "failed", "error": "not an image",
                                                                   "style": WATERCOLOR[0], "content": "sks dog"})
