@@ -4,7 +4,7 @@
 
 x_c = x_s = x everywhere except attn2.to_k / attn2.to_v, where the content and style prompts are routed
 in by `PromptRoutingProcessor`. Where both LoRAs see the same input they run as ONE rank-2r LoRA
-(`[A_c; A_s] x`, then `[B_c g_c | B_s g_s]`), so a step costs about what a single LoRA's step costs.
+(`[A_c x; A_s x]`, then `[B_c g_c | B_s g_s]`), so a step costs about what a single LoRA's step costs.
 Dense delta-W is never built in the forward pass.
 
 Each LoRA's factors are parameters of their own (`lora_A[kind]`, `lora_B[kind]`, as peft's LoraLayer keys its
