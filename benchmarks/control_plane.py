@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -35,12 +36,16 @@ try:
 except ImportError:  # run as a file: benchmarks/ is sys.path[0]
     import results as result_files
 
-from pipeline.identify import check_job_settings, identify
-from pipeline.job import marker_key, pin_base_model, run_job
-from pipeline.manifest import SCHEMA_VERSION, empty_row, source_key, utc_now, write_manifest
+from pipeline import layout
+from pipeline.identify import check_job_settings, identify, ids_of
+from pipeline.job import pin_base_model, run_job
+from pipeline.manifest import ok_row, source_key, write_manifest
 from pipeline.source import read_inputs
 from pipeline.spec import JobSpec
 from pipeline.storage import Store, sha256_hex
+from unziplora import fit_files
+from unziplora.export import lora_file_name
+from unziplora.roles import KINDS
 
 FIT = {"base_model": "toy", "steps": 600, "rank": 4}
 
@@ -90,11 +95,11 @@ def build_library(input_url: str, output_url: str, n: int, storage_options: dict
         identity, _ = identify(item, job, image_sha256=sha256_hex(images[name]))
         row = synthetic_row(item, identity, job, out)
         rows.append(row)
-        files[marker_key(row["item_id"])] = json.dumps(row).encode()
+        files[layout.marker_key(row["item_id"])] = json.dumps(row).encode()
         files["/".join(source_key(item["source_uri"]))] = json.dumps(row).encode()
         if fit_files:
             for name, info in json.loads(row["files"]).items():
-                files[f"items/{row['item_id']}/{name}"] = b"\0" * info["bytes"]
+                files["/".join(layout.item(row["item_id"], name))] = b"\0" * info["bytes"]
     put_many(out, files, put)
     write_manifest(out, rows, "built")
     return job
@@ -104,24 +109,22 @@ SYNTHETIC_FILE_BYTES = 16  # the fits' files of a synthetic library: only their 
 
 
 def synthetic_row(item: dict, identity: dict, job: JobSpec, out: Store) -> dict:
-    """An ok row as a fit's would be, with its files' URIs and hashes (the sizes of real rows)."""
-    folder = out.url("items", identity["item_id"])
-    names = ("content_lora.safetensors", "style_lora.safetensors", "content_lora_kohya.safetensors",
-             "style_lora_kohya.safetensors", "mergers.safetensors", "masks.safetensors", "fit.json",
-             "config.yaml", "README.md", "preview_content.png", "preview_style.png")
+    """An ok row as a fit's would be (manifest.ok_row of a stand-in fit result), with its files' URIs and
+    hashes (the sizes of real rows)."""
+    folder = out.url(*layout.item(identity["item_id"]))
+    names = (*fit_files.FILES.values(), *(lora_file_name(kind, "kohya") for kind in KINDS), fit_files.MERGERS,
+             fit_files.MASKS, fit_files.RECORD, fit_files.CONFIG, fit_files.CARD, *fit_files.PREVIEWS.values())
     files = {name: {"uri": f"{folder}/{name}", "sha256": sha256_hex(name.encode() + identity["item_id"].encode()),
                     "bytes": SYNTHETIC_FILE_BYTES} for name in names}
-    return empty_row(item["source_uri"]) | {k: identity[k] for k in ("item_id", "image_sha256", "settings_sha256")} | {
-        "schema_version": SCHEMA_VERSION, "status": "ok", "attempts": 1, "content": item["content"],
-        "style": item["style"], "class_word": "thing", "prompt_combined": f"{item['content']} in {item['style']}",
-        "prompt_content": item["content"], "prompt_style": f"{item['style']}", "output_uri": folder,
-        "content_lora_uri": files["content_lora.safetensors"]["uri"],
-        "style_lora_uri": files["style_lora.safetensors"]["uri"], "files": json.dumps(files, sort_keys=True),
-        "rank": FIT["rank"], "steps": FIT["steps"], "resolution": 64, "seed": 0, "final_loss": 0.1,
-        "final_mse": 0.1, "final_ortho": 0.0, "mask_stats": json.dumps({"content": 0.3, "style": 0.3}),
-        "train_s": 60.0, "total_s": 62.0, "worker": "builder", "base_model": "toy",
-        "base_model_fingerprint": job.base_fingerprint, "code_version": "builder", "run_id": "built",
-        "finished_at": utc_now(), "source_stat": item["source_stat"]}
+    config = SimpleNamespace(content=item["content"], style=item["style"], resolved_class_word="thing",
+                             rank=FIT["rank"], steps=FIT["steps"], resolution=64, seed=0)
+    record = {"prompts": {"combined": f"{item['content']} in {item['style']}", "content": item["content"],
+                          "style": item["style"]},
+              "final": {"loss": 0.1, "mse": 0.1, "ortho": 0.0}, "mask_stats": {"content": 0.3, "style": 0.3},
+              "timings": {"train_s": 60.0, "total_s": 62.0}, "base_model": "toy",
+              "base_model_fingerprint": job.base_fingerprint}
+    return ok_row(item, ids_of(identity), SimpleNamespace(config=config, record=record), files, attempts=1,
+                  worker="builder", code_version="builder", run_id="built", source_stat=item["source_stat"])
 
 
 def rerun(job: JobSpec, recheck: bool = False) -> dict:

@@ -54,7 +54,7 @@ from toyworld import judges as judges_mod  # noqa: E402
 from toyworld import world  # noqa: E402
 from unziplora.config import IMPLIED_BEFORE, FitConfig  # noqa: E402
 from unziplora.errors import UnZipLoRAError  # noqa: E402
-from unziplora.export import FILES, load_fit  # noqa: E402
+from unziplora.export import FILES, RECORD, load_fit  # noqa: E402
 from unziplora.generate import generate  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 from unziplora.roles import TABLES  # noqa: E402
@@ -243,7 +243,7 @@ def partner_of(i: int, n: int) -> int | None:
 def finished_fit(folder: Path, config: FitConfig, image: Path):
     """The fit in `folder` if it was made from `image` with `config` (a re-run re-scores without fitting)."""
     try:
-        saved = json.loads((folder / "fit.json").read_text())["settings"]
+        saved = json.loads((folder / RECORD).read_text())["settings"]
         if (folder / "source.sha256").read_text() != hashlib.sha256(image.read_bytes()).hexdigest():
             return None
     except (OSError, ValueError, KeyError):
@@ -315,7 +315,7 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
 
 
 def _digest(fit) -> str:
-    return hashlib.sha256((fit.path / "fit.json").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256((fit.path / RECORD).read_bytes()).hexdigest()[:16]
 
 
 COLUMNS = [  # (key, header, higher is better)

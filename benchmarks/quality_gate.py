@@ -35,6 +35,7 @@ from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate  
 from pipeline.scoring import load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora import fit_many  # noqa: E402
+from unziplora.fit_files import RECORD  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
 PASS = {"content_acc": (">=", 0.8), "style_acc": (">=", 0.8), "content_style_leak": ("<=", 0.1),
@@ -50,7 +51,7 @@ def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Pa
     scores = {}
     for (i, seed), fit in sorted(fits.items()):
         key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS, images=GATE_IMAGES,
-                   fit=hashlib.sha256((fit.path / "fit.json").read_bytes()).hexdigest()[:16])
+                   fit=hashlib.sha256((fit.path / RECORD).read_bytes()).hexdigest()[:16])
         cache = bench.unit_folder(out, method, i, seed) / "gate.json"
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
         if saved.get("key") != key:

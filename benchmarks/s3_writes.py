@@ -28,18 +28,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import storage  # noqa: E402
+from pipeline import layout, storage  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
 from pipeline.worker import upload_fit_files  # noqa: E402
+from unziplora import fit_files as names  # noqa: E402
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 # SDXL rank 64, fp16 (sdxl_budget.export_bytes, counted 2026-12-04)
 LORA_BYTES = 186_047_096
 GATE_BYTES = 5_478_624
 # the other files of a job's fit: nominal sizes (text files are a few KB; previews depend on the images)
-OTHER_FILES = {"fit.json": 8_000, "config.yaml": 1_000, "README.md": 4_000, "history.json": 60_000,
-               "preview_content.png": 1_000_000, "preview_style.png": 1_000_000, "previews.json": 1_000,
-               "scores.json": 300}
+OTHER_FILES = {names.RECORD: 8_000, names.CONFIG: 1_000, names.CARD: 4_000, names.HISTORY: 60_000,
+               names.PREVIEWS["content"]: 1_000_000, names.PREVIEWS["style"]: 1_000_000, names.PREVIEW_PROMPTS: 1_000,
+               names.SCORES: 300}
 
 
 def fit_files(formats: tuple[str, ...], scale: float) -> dict[str, int]:
@@ -47,7 +48,7 @@ def fit_files(formats: tuple[str, ...], scale: float) -> dict[str, int]:
     from unziplora.export import lora_file_name
 
     files = {lora_file_name(kind, fmt, formats): LORA_BYTES for kind in ("content", "style") for fmt in formats}
-    files |= {"mergers.safetensors": GATE_BYTES, "masks.safetensors": GATE_BYTES} | OTHER_FILES
+    files |= {names.MERGERS: GATE_BYTES, names.MASKS: GATE_BYTES} | OTHER_FILES
     return {name: max(1, int(size * scale)) for name, size in files.items()}
 
 
@@ -135,11 +136,11 @@ def export_one_fit(server: CountingMoto, store: Store, folder: Path, item_id: st
     its server-side copies moved (each copy's target is a final key: its size once the round is over)."""
     server.reset()
     files = upload_fit_files(store, item_id, folder)
-    store.write_json({"item_id": item_id, "status": "ok", "files": json.dumps(files)}, "items", item_id, "_SUCCESS")
+    store.write_json({"item_id": item_id, "status": "ok", "files": json.dumps(files)}, *layout.marker(item_id))
     with server.lock:
         requests, sent, targets = dict(server.requests), server.sent, list(server.copy_targets)
-    sizes = {f"{store.root}/items/{item_id}/{p.rsplit('/', 1)[-1]}": store.fs.size(p)
-             for p in store.fs.ls(store.path("items", item_id), detail=False, refresh=True)}
+    sizes = {store.path(*layout.item(item_id, p.rsplit('/', 1)[-1])): store.fs.size(p)
+             for p in store.fs.ls(store.path(*layout.item(item_id)), detail=False, refresh=True)}
     return {"requests": sum(requests.values()), "by_operation": dict(sorted(requests.items())), "bytes_sent": sent,
             "copies": sum(requests.get(op, 0) for op in ("CopyObject", "UploadPartCopy")),
             "bytes_copied": sum(sizes.get(target, 0) if size is None else size for target, size in targets),

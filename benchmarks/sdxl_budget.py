@@ -214,8 +214,8 @@ def export_bytes(model: str = "sdxl-random", rank: int = 64, formats: tuple[str,
     adapter's shapes on the meta device: no weights, no GPU (`config`: the fit's settings, default SDXL's at this
     rank). The small text files (fit.json, config.yaml, README.md: some 10 KB) and the optional previews are
     left out."""
-    from unziplora.export import (DTYPES, FILES, adapter_metadata, kohya_metadata, kohya_module_name,
-                                  lora_file_name)
+    from unziplora.export import (DTYPES, FILES, MASKS, MERGERS, adapter_metadata, kohya_metadata,
+                                  kohya_module_name, lora_file_name)
     from unziplora.roles import KINDS
 
     dev = torch.device("meta")
@@ -232,7 +232,7 @@ def export_bytes(model: str = "sdxl-random", rank: int = 64, formats: tuple[str,
         for kind in KINDS:
             A, B = layer.factors(kind)
             lora[kind][name] = (tuple(A.shape), tuple(B.shape))
-            gates[f"{name}.{kind}"] = (tuple(adapter.gates.masks[0, layer.columns()].shape), torch.float32)
+            gates[f"{name}.{kind}"] = (tuple(layer.mask(kind).shape), torch.float32)
     out = {}
     for kind in KINDS:
         for fmt in formats:
@@ -251,7 +251,7 @@ def export_bytes(model: str = "sdxl-random", rank: int = 64, formats: tuple[str,
                 metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
                     {f"unet.{k}": v for k, v in adapter_metadata(rank).items()}, indent=2, sort_keys=True)}
             out[lora_file_name(kind, fmt, formats)] = safetensors_size(tensors, metadata)
-    for name in ("mergers.safetensors", "masks.safetensors"):
+    for name in (MERGERS, MASKS):
         out[name] = safetensors_size(gates, {})
     assert set(FILES.values()) <= set(out)
     return out

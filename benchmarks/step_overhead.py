@@ -26,6 +26,7 @@ from peft import LoraConfig
 
 from gpu_check import step_durations
 from unziplora.config import FitConfig
+from unziplora.fit_files import RECORD
 from unziplora.training import encode_image, encode_prompts, train
 from unziplora.images import load_image
 from unziplora.layers import UnZipLoRA
@@ -82,7 +83,7 @@ def fit_peak_memory_mb(threads: int) -> dict:
         subprocess.run([sys.executable, "-m", "unziplora.cli", "fit", str(SAMPLE), "--content", "sks star",
                         "--style", "striped pattern", "--out", f"{tmp}/fit", "--threads", str(threads), "--quiet"],
                        check=True, capture_output=True)
-        record = json.loads(Path(f"{tmp}/fit/fit.json").read_text())
+        record = json.loads(Path(tmp, "fit", RECORD).read_text())
     load_only = subprocess.run(
         [sys.executable, "-c", "import resource; from unziplora.models import load_base_model; "
          "load_base_model('tiny'); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.manifest import read_manifest  # noqa: E402
 from pipeline.storage import open_url  # noqa: E402
 from unziplora import load_fit  # noqa: E402
+from unziplora.fit_files import PREVIEW_PROMPTS, PREVIEWS  # noqa: E402
 from unziplora.generate import generate  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
@@ -51,14 +52,14 @@ def main(library: str, out: str) -> None:
         draw.text((j * CELL + 4, 5), text, fill="black", font=font)
     for i, (row, fit) in enumerate(zip(rows, fits)):
         folder = Path(row["output_uri"])
-        prompts = json.loads((folder / "previews.json").read_text())["prompts"]
+        prompts = json.loads((folder / PREVIEW_PROMPTS).read_text())["prompts"]
         # the next fit (cyclically) in another style: a recombination that shows something
         nxt = next((fits[(i + k) % len(fits)] for k in range(1, len(fits))
                     if fits[(i + k) % len(fits)].config.style != fit.config.style), fits[(i + 1) % len(fits)])
         recombined = generate(base, content=fit, style=nxt, steps=20, seed=0)[0]
         images = [Image.open(io.BytesIO(open_url(row["source_uri"]))),
-                  first_panel(Image.open(folder / "preview_content.png")),
-                  first_panel(Image.open(folder / "preview_style.png")), recombined]
+                  first_panel(Image.open(folder / PREVIEWS["content"])),
+                  first_panel(Image.open(folder / PREVIEWS["style"])), recombined]
         short = [p.removeprefix("A ").removesuffix(" style") for p in (prompts["content"][0], prompts["style"][0])]
         captions = [f"{row['content']}, {row['style']}", *short, f"{row['content']}, {nxt.config.style}"]
         top = HEADER + i * (CELL + CAPTION)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.registry_names import ITEM_KEY, KINDS, item_filter, item_key
+from unziplora import fit_files
 from unziplora.config import check_number
 from unziplora.errors import InputError
 from unziplora.redact import redact
@@ -148,9 +149,9 @@ def get(args: argparse.Namespace) -> int:
     names = [Path(a.path).name for a in mlflow.artifacts.list_artifacts(artifact_uri=root,
                                                                         tracking_uri=args.tracking_uri)
              if not a.is_dir]
-    wanted = [n for n in names if not any(n.startswith(f"{k}_") or n == f"preview_{k}.png" for k in other)
-              and (n.endswith((".safetensors", ".png")) or n in ("fit.json", "config.yaml"))
-              and n not in ("mergers.safetensors", "masks.safetensors")]
+    wanted = [n for n in names if not any(n.startswith(f"{k}_") or n == fit_files.PREVIEWS[k] for k in other)
+              and (n.endswith((".safetensors", ".png")) or n in (fit_files.RECORD, fit_files.CONFIG))
+              and n not in (fit_files.MERGERS, fit_files.MASKS)]
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in wanted:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unziplora import FitConfig, fit_many, load_fit
+from unziplora import FitConfig, fit_files, fit_many, load_fit
 from unziplora.errors import InputError, UnZipLoRAError, first_line
 from unziplora.generate import generate_each
 
@@ -115,7 +115,7 @@ def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path,
     result.record["gate"] = {"scorer": scorer.name, "chosen_seed": best["seed"], "split_score": best["split_score"],
                              "passed": best["split_score"] >= gate.min_split_score,
                              "min_split_score": gate.min_split_score, "candidates": tried}
-    record_file = result.out_dir / "fit.json"
+    record_file = result.out_dir / fit_files.RECORD
     record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"gate": result.record["gate"]}, indent=2))
     return result
 

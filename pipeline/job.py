@@ -14,8 +14,10 @@ from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
 from unziplora.redact import redact, scrub
 
+from . import layout
 from .executors import EXECUTORS, longest_first
 from .identify import check_job_settings, identify_batch, identify_row, plain_row
+from .layout import marker_key
 from .lease import LibraryLease
 from .local_ray import exit_cleanly_on_signals, reap_orphans, start_local_ray
 from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions,
@@ -121,7 +123,7 @@ def _fit_and_report(job: JobSpec, inputs: Inputs, plan: "Plan", index: dict, pre
     if report["tracking_incomplete"] and progress:
         print(f"{report['tracking_incomplete']} fits are not fully tracked in MLflow: run `unziplora registry sync "
               f"{redact(job.output)}`", file=sys.stderr)
-    store.write_json(report, "reports", f"{job.run_id}.json")
+    store.write_json(report, layout.REPORTS, f"{job.run_id}.json")
     return report
 
 
@@ -267,10 +269,6 @@ def _identify(job: JobSpec, items: list[dict], start_ray) -> list[dict]:
     identified = dataset.map_batches(identify_batch, fn_kwargs={"job": job.to_dict()}, batch_size=IDENTIFY_BATCH,
                                      num_cpus=0.25)
     return [plain_row(r) for r in identified.iter_rows()]
-
-
-def marker_key(item_id: str) -> str:
-    return f"items/{item_id}/_SUCCESS"
 
 
 def _legacy_markers(job: JobSpec, rows: list[dict], markers: dict, store: Store) -> dict[str, dict | None]:

@@ -24,6 +24,7 @@ import time
 
 from unziplora.errors import UnZipLoRAError
 
+from . import layout
 from .storage import Store
 
 TTL_S = 120.0
@@ -73,7 +74,7 @@ class LibraryLease:
             return record
         generation = (current or 0) + 1
         try:
-            self.store.create(self._record(generation), "lease", _name(generation))
+            self.store.create(self._record(generation), layout.LEASE, _name(generation))
         except FileExistsError:  # another job took this generation first
             return self._highest()[1] or {"run_id": "?"}
         self.generation = generation
@@ -87,7 +88,7 @@ class LibraryLease:
             self._thread.join(timeout=10)
         if self.generation is not None and self.lost_to is None:
             try:
-                self.store.write_bytes(self._record(self.generation, released=True), "lease", _name(self.generation))
+                self.store.write_bytes(self._record(self.generation, released=True), layout.LEASE, _name(self.generation))
             except Exception as exc:  # the next job takes it over after ttl_s
                 print(f"warning: could not release the library lease: {exc}", file=sys.stderr)
 
@@ -113,7 +114,7 @@ class LibraryLease:
             try:
                 if self._look_for_newer():
                     return
-                self.store.write_bytes(self._record(self.generation), "lease", _name(self.generation))
+                self.store.write_bytes(self._record(self.generation), layout.LEASE, _name(self.generation))
             except Exception as exc:  # a store hiccup: the next beat tries again, well within ttl_s
                 print(f"warning: lease heartbeat failed: {exc}", file=sys.stderr)
 
@@ -132,15 +133,15 @@ class LibraryLease:
                            "released": released}).encode()
 
     def _highest(self) -> tuple[int | None, dict | None]:
-        generations = sorted(g for g in (_generation(p) for p in self.store.list("lease")) if g is not None)
+        generations = sorted(g for g in (_generation(p) for p in self.store.list(layout.LEASE)) if g is not None)
         if not generations:
             return None, None
         name = _name(generations[-1])
         try:
-            return generations[-1], json.loads(self.store.read_bytes("lease", name))
+            return generations[-1], json.loads(self.store.read_bytes(layout.LEASE, name))
         except (OSError, ValueError):  # being written, or left half-written: as old as the file itself
             try:
-                written = self.store.fs.modified(self.store.path("lease", name)).timestamp()
+                written = self.store.fs.modified(self.store.path(layout.LEASE, name)).timestamp()
             except Exception:
                 written = time.time()
             return generations[-1], {"heartbeat": written, "run_id": "?"}
@@ -153,7 +154,7 @@ class LibraryLease:
         return record.get("host") == socket.gethostname() and not _alive(record.get("pid"))
 
     def _prune(self, generation: int) -> None:
-        for path in self.store.list("lease"):
+        for path in self.store.list(layout.LEASE):
             old = _generation(path)
             if old is not None and old <= generation - KEEP_GENERATIONS:
                 try:

@@ -1,19 +1,6 @@
 """The library's Parquet manifest: one row per input image, rebuilt from per-item records after each run.
 
-Layout under the job's --output:
-  items/<item_id>/...            the fit's files (content/style LoRAs, diffusers + kohya, mergers, masks,
-                                 fit.json, config.yaml); `_SUCCESS` (the row, JSON) is written last: its
-                                 `files` names every file it vouches for, with size and sha256; the worker
-                                 checks them in the library before writing it, `--recheck` checks them again
-                                 (`marker_problems`)
-  sources/<key>.json             the latest row for one source URL (ok or failed), written by the worker
-  attempts/<item_id>/<run>.<t>.<r>.json   one record per fit of the item started and not come back yet (a
-                                 crash or an interruption; removed when the fit ends); `.crashed` beside one:
-                                 the Train controller saw its rank die (poison-image guard, `crashes`)
-  lease/<generation>.json        which job writes the library now (lease.py)
-  manifest/part-<run>-<n>.parquet   this file's SCHEMA; pandas, pyarrow, DuckDB read the folder directly
-  reports/<run>.json             the run's summary
-  registry.json                  where the library's MLflow runs and registered LoRAs are (tracking.py)
+The library's layout (items/, sources/, attempts/, manifest/, ...): pipeline/layout.py, which spells each name.
 
 Schema version 5 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
 fingerprint and the mlflow.diffusers model URIs, version 4 the source's listing stamp, version 5 the quality
@@ -37,9 +24,11 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unziplora import fit_files
 from unziplora.errors import InputError, UnZipLoRAError, first_line
 from unziplora.redact import scrub
 
+from . import layout
 from .storage import Store, url_key
 
 SCHEMA_VERSION = 6
@@ -125,9 +114,9 @@ def ok_row(item: dict, known: dict, result, files: dict, **fields) -> dict:
         "content": cfg.content, "style": cfg.style, "class_word": cfg.resolved_class_word,
         "prompt_combined": record["prompts"]["combined"], "prompt_content": record["prompts"]["content"],
         "prompt_style": record["prompts"]["style"],
-        "output_uri": files["fit.json"]["uri"].rsplit("/", 1)[0],
-        "content_lora_uri": files["content_lora.safetensors"]["uri"],
-        "style_lora_uri": files["style_lora.safetensors"]["uri"],
+        "output_uri": files[fit_files.RECORD]["uri"].rsplit("/", 1)[0],
+        "content_lora_uri": files[fit_files.FILES["content"]]["uri"],
+        "style_lora_uri": files[fit_files.FILES["style"]]["uri"],
         "files": json.dumps(files, sort_keys=True),
         "rank": cfg.rank, "steps": cfg.steps, "resolution": cfg.resolution, "seed": cfg.seed,
         "final_loss": record["final"]["loss"], "final_mse": record["final"]["mse"],
@@ -175,16 +164,16 @@ def marker_problems(store: Store, markers: dict[str, dict]) -> dict[str, str]:
     for item_id, marker in markers.items():
         try:
             files = json.loads(marker.get("files") or "{}")
-            vouched[item_id] = {store.path("items", item_id, name): info.get("bytes") for name, info in files.items()}
+            vouched[item_id] = {store.path(*layout.item(item_id, name)): info.get("bytes") for name, info in files.items()}
         except (ValueError, TypeError, AttributeError, InputError) as exc:
             out[item_id] = f"its completion marker is unreadable ({exc})"
             continue
         if not vouched[item_id]:
             del vouched[item_id]
             out[item_id] = "its completion marker names no files"
-    listings = store.sizes_many([f"items/{item_id}" for item_id in vouched])
+    listings = store.sizes_many(["/".join(layout.item(item_id)) for item_id in vouched])
     for item_id, files in vouched.items():
-        found = listings[f"items/{item_id}"]
+        found = listings["/".join(layout.item(item_id))]
         for path, size in sorted(files.items()):
             name = path.rsplit("/", 1)[-1]
             if name not in found:
@@ -202,7 +191,7 @@ def utc_now() -> str:
 
 def source_key(uri: str) -> tuple[str, str]:
     """Where the latest row of one source URL is kept."""
-    return "sources", url_key(uri) + ".json"
+    return layout.SOURCES, url_key(uri) + ".json"
 
 
 # ---- crash accounting: one record per started fit ------------------------------------------------------
@@ -211,32 +200,32 @@ def source_key(uri: str) -> tuple[str, str]:
 def start_attempt(store: Store, item_id: str, run_id: str, info: dict) -> str:
     """Record that a fit of the item starts (before it starts, so a crash leaves the record); returns its name."""
     name = f"{run_id}.{time.time_ns()}.{uuid.uuid4().hex[:6]}.json"
-    store.write_json(info | {"run_id": run_id, "started_at": utc_now()}, "attempts", item_id, name)
+    store.write_json(info | {"run_id": run_id, "started_at": utc_now()}, layout.ATTEMPTS, item_id, name)
     return name
 
 
 def end_attempt(store: Store, item_id: str, name: str) -> None:
     """The fit came back from the device (ok or a handled error): its record goes. A removal, so it works on a
     full disk too."""
-    path = store.path("attempts", item_id, name)
+    path = store.path(layout.ATTEMPTS, item_id, name)
     if store.fs.exists(path):
         store.remove(path)
 
 
 def clear_attempts(store: Store, item_id: str) -> None:
     """The item is complete: the records of its earlier fits that never came back (and their crash marks) go."""
-    for path in store.list("attempts", item_id):
+    for path in store.list(layout.ATTEMPTS, item_id):
         store.remove(path)
 
 
 def charge_crash(store: Store, item_id: str, name: str) -> None:
     """The Train controller saw the rank that held this attempt die."""
-    store.write_bytes(b"", "attempts", item_id, name.removesuffix(".json") + ".crashed")
+    store.write_bytes(b"", layout.ATTEMPTS, item_id, name.removesuffix(".json") + layout.CRASHED)
 
 
 def past_attempts(store: Store, item_id: str) -> list[dict]:
     """The item's records of fits that never came back, oldest first: {"name", "run_id", "crashed"}."""
-    names = [p.rsplit("/", 1)[-1] for p in store.list("attempts", item_id)]
+    names = [p.rsplit("/", 1)[-1] for p in store.list(layout.ATTEMPTS, item_id)]
     crashed = {n.removesuffix(".crashed") for n in names if n.endswith(".crashed")}
     records = [{"name": n, "run_id": n.rsplit(".", 3)[0], "crashed": n.removesuffix(".json") in crashed}
                for n in names if n.endswith(".json") and n.count(".") >= 3]
@@ -270,7 +259,7 @@ def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[d
     wanted = _by_bucket(rows, buckets)
     parts: dict[int, list[str]] = {}  # bucket -> its part files in this layout
     stale = []  # parts of another layout (another bucket count, or the names before buckets)
-    for path in store.list("manifest"):
+    for path in store.list(layout.MANIFEST):
         match = PART_NAME.match(path.rsplit("/", 1)[-1])
         if match and int(match["of"]) == buckets:
             parts.setdefault(int(match["bucket"]), []).append(path)
@@ -291,8 +280,8 @@ def write_manifest(store: Store, rows: list[dict], run_id: str, previous: list[d
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         name = f"part-{bucket:05d}of{buckets:05d}-{run_id}.parquet"
-        store.write_bytes(buffer.getvalue(), "manifest", name)
-        out.append(store.url("manifest", name))
+        store.write_bytes(buffer.getvalue(), layout.MANIFEST, name)
+        out.append(store.url(layout.MANIFEST, name))
         stale += [p for p in old if p.rsplit("/", 1)[-1] != name]
     for path in stale:
         store.remove(path)
@@ -324,7 +313,7 @@ def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:
 
 
 def _part_paths(store: Store) -> list[str]:
-    return [p for p in store.list("manifest") if p.endswith(".parquet")]
+    return [p for p in store.list(layout.MANIFEST) if p.endswith(".parquet")]
 
 
 class ManifestPartError(InputError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from unziplora import load_fit
+from unziplora import fit_files, load_fit
 from unziplora.export import FitArtifacts
 from unziplora.card import write_model_card
 from unziplora.config import FitConfig
@@ -99,13 +99,13 @@ def save_previews(drawn: dict | None, fit_dir: Path) -> dict:
         return {"files": [], "scores": {}}
     written = []
     for kind, panels in drawn["panels"].items():
-        strip(panels).save(fit_dir / f"preview_{kind}.png")
-        written.append(f"preview_{kind}.png")
-    (fit_dir / "previews.json").write_text(json.dumps({"prompts": drawn["prompts"], "steps": drawn["steps"],
-                                                       "seed": SEED}))
-    written.append("previews.json")
+        strip(panels).save(fit_dir / fit_files.PREVIEWS[kind])
+        written.append(fit_files.PREVIEWS[kind])
+    (fit_dir / fit_files.PREVIEW_PROMPTS).write_text(json.dumps({"prompts": drawn["prompts"],
+                                                                 "steps": drawn["steps"], "seed": SEED}))
+    written.append(fit_files.PREVIEW_PROMPTS)
     if drawn["scores"]:
-        (fit_dir / "scores.json").write_text(json.dumps({"scorer": drawn["scorer"], "scores": drawn["scores"]}))
-        written.append("scores.json")
+        (fit_dir / fit_files.SCORES).write_text(json.dumps({"scorer": drawn["scorer"], "scores": drawn["scores"]}))
+        written.append(fit_files.SCORES)
     write_model_card(fit_dir)
     return {"files": written, "scores": drawn["scores"]}

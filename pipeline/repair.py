@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from unziplora.errors import InputError
 
+from . import layout
 from .lease import LibraryLease
 from .manifest import (FIELDS, SCHEMA, SCHEMA_VERSION, ManifestPartError, _part_paths, _read_part, check_item_id,
                        failed_row, marker_problems, write_manifest)
@@ -28,7 +29,7 @@ def repair_manifest(output: str, *, storage_options: dict | None = None, dry_run
                     wait_s: float = 0.0) -> dict:
     """Make the manifest readable and whole again, under the library's lease; returns what was done."""
     store = library_store(output, storage_options)
-    if not store.list("manifest") and not store.list("sources"):
+    if not store.list(layout.MANIFEST) and not store.list(layout.SOURCES):
         raise InputError(f"{store.url()} holds no manifest and no source records: not a library (the --output "
                          "of decompose), or no job has written one yet")
     run_id = "repair-" + time.strftime("%Y%m%dT%H%M%S")
@@ -40,8 +41,8 @@ def repair_manifest(output: str, *, storage_options: dict | None = None, dry_run
             except ManifestPartError:
                 unreadable.append(part)
         known = {url_key(row["source_uri"]) for row in kept}
-        records = [path.rsplit("/", 1)[-1] for path in store.list("sources")]
-        missing = [f"sources/{name}" for name in records
+        records = [path.rsplit("/", 1)[-1] for path in store.list(layout.SOURCES)]
+        missing = [f"{layout.SOURCES}/{name}" for name in records
                    if name.endswith(".json") and name.removesuffix(".json") not in known]
         recovered, bad_records = [], []
         for key, data in store.cat_many(missing).items():

@@ -17,15 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from unziplora import fit_files
 from unziplora.errors import InputError, first_line
 
+from . import layout
 from .lease import LibraryLease
 from .manifest import SCORE_COLUMNS, manifest_rows, marker_problems, source_key, write_manifest
 from .previews import write_previews
 from .scoring import load_scorer, scorer_spec
 from .storage import library_store, open_url, sha256_hex
 
-WRITTEN = ("preview_content.png", "preview_style.png", "previews.json", "scores.json", "README.md")
+WRITTEN = (*fit_files.PREVIEWS.values(), fit_files.PREVIEW_PROMPTS, fit_files.SCORES, fit_files.CARD)
 
 
 def rescore_library(output: str, *, storage_options: dict | None = None, steps: int = 8, scorer: str = "auto",
@@ -97,7 +99,7 @@ def _rescore(store, row: dict, base, judge, steps: int, subjects, styles, storag
         folder = Path(scratch)
         for name in files:
             if name not in WRITTEN:
-                (folder / name).write_bytes(store.read_bytes("items", item, name))
+                (folder / name).write_bytes(store.read_bytes(*layout.item(item, name)))
         source = None
         if judge is not None:
             try:
@@ -110,11 +112,11 @@ def _rescore(store, row: dict, base, judge, steps: int, subjects, styles, storag
         files = {k: v for k, v in files.items() if k not in WRITTEN}
         for path in sorted(folder.iterdir()):
             if path.name in WRITTEN:
-                store.upload_file(str(path), "items", item, path.name)
-                files[path.name] = {"uri": store.url("items", item, path.name),
+                store.upload_file(str(path), *layout.item(item, path.name))
+                files[path.name] = {"uri": store.url(*layout.item(item, path.name)),
                                     "sha256": sha256_hex(path.read_bytes()), "bytes": path.stat().st_size}
     new = row | {"files": json.dumps(files, sort_keys=True)} | {column: None for column in SCORE_COLUMNS} | {
         f"score_{name}": value for name, value in made["scores"].items()}
-    store.write_json(new, "items", item, "_SUCCESS")
+    store.write_json(new, *layout.marker(item))
     store.write_json(new, *source_key(row["source_uri"]))
     return new

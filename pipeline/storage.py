@@ -25,6 +25,8 @@ from fsspec.core import url_to_fs
 
 from unziplora.errors import InputError
 
+from . import layout
+
 
 FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write failed because the destination is full
 # stores where a single write of an object is atomic (all or nothing, visible only when complete): S3 (PUT,
@@ -183,7 +185,7 @@ def library_store(url: str, storage_options: dict | None = None) -> Store:
 
 def require_library(store: Store) -> None:
     """Refuse, creating nothing, a folder that holds no library manifest (a mistyped path, say)."""
-    if not store.list("manifest"):
+    if not store.list(layout.MANIFEST):
         raise InputError(f"{store.url()} holds no library manifest (manifest/*.parquet): not the --output of a "
                          "decompose job, or none has finished there yet")
 

@@ -14,6 +14,7 @@ import time
 
 from unziplora.errors import InputError
 
+from . import layout
 from .manifest import read_manifest, source_key, write_manifest
 from .registry_names import library_name
 from .lease import LibraryLease
@@ -103,8 +104,8 @@ def _sync(store: Store, lease: LibraryLease, tracking_uri: str | None, library: 
             if row["status"] == "ok":
                 store.write_json(row, *source_key(row["source_uri"]))
     for item_id, update in updates.items():
-        marker = store.read_json("items", item_id, "_SUCCESS")
-        store.write_json(marker | update, "items", item_id, "_SUCCESS")
+        marker = store.read_json(*layout.marker(item_id))
+        store.write_json(marker | update, *layout.marker(item_id))
     lease.check()
     write_manifest(store, rows, "sync-" + time.strftime("%Y%m%dT%H%M%S"))
     return summary

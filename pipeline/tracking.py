@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from unziplora import fit_files
 from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import redact, scrub
 
@@ -377,7 +378,7 @@ class Tracker:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         files = json.loads(row.get("files") or "{}")
-        record = self._read_json(files, "fit.json") or {}
+        record = self._read_json(files, fit_files.RECORD) or {}
         tags = {"kind": "fit", "item_id": row["item_id"], "status": row["status"], "worker": row.get("worker"),
                 "job_run_id": row.get("run_id"), "error": scrub(row.get("error") or "")[:4000],
                 "library_uri": redact(self.output), "library_key": self.library_key}
@@ -394,7 +395,7 @@ class Tracker:
         params |= {"base_model": str(record.get("base_model") or row.get("base_model")),
                    "base_model_fingerprint": str(row.get("base_model_fingerprint")),
                    "code_version": str(row.get("code_version"))}
-        history = self._read_json(files, "history.json") or []
+        history = self._read_json(files, fit_files.HISTORY) or []
         metrics = step_metrics(history, run.info.start_time)
         metrics += [Metric(k, float(v), run.info.start_time, 0) for k, v in final_metrics(row, record).items()]
         self.client.log_batch(run_id, params=_params(params))
@@ -403,8 +404,8 @@ class Tracker:
         if history:
             self._log_figure(run_id, lambda: loss_figure(history), "loss_curves.png")
         with tempfile.TemporaryDirectory(prefix="unziplora-track-") as tmp:
-            for name in ("fit.json", "config.yaml", "preview_content.png", "preview_style.png", "previews.json",
-                         "scores.json"):
+            for name in (fit_files.RECORD, fit_files.CONFIG, *fit_files.PREVIEWS.values(), fit_files.PREVIEW_PROMPTS,
+                         fit_files.SCORES):
                 if name in files:
                     Path(tmp, name).write_bytes(open_url(files[name]["uri"], self.storage_options))
             if os.listdir(tmp):
@@ -450,8 +451,8 @@ class Tracker:
                 tags |= {f"score_{name}": row.get(f"score_{name}") for name in SCORES}  # None: not scored
                 tags |= {"gate_passed": None if row.get("gate_passed") is None else str(row["gate_passed"]).lower(),
                          "split_score": row.get("split_score")}
-                if f"preview_{kind}.png" in files:
-                    tags["preview_uri"] = redact(files[f"preview_{kind}.png"]["uri"])
+                if fit_files.PREVIEWS[kind] in files:
+                    tags["preview_uri"] = redact(files[fit_files.PREVIEWS[kind]]["uri"])
                 description = (f"{kind} LoRA ({tags['lora_file']}) of {tags['source_uri']}: content "
                                f"'{row['content']}', style '{row['style']}'")
                 version = self.client.create_model_version(

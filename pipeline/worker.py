@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-from unziplora import FitConfig, UnZipLoRAError, fit_many
+from unziplora import FitConfig, UnZipLoRAError, fit_files, fit_many
 from unziplora.export import FitArtifacts, write_fit
 from unziplora.models import load_base_model_for
 from unziplora.quiet import quiet_libraries
 from unziplora.redact import redact
 
+from . import layout
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
 from .manifest import (LibraryChangedError, clear_attempts, crashes, end_attempt, failed_row, marker_problems,
                        ok_row, past_attempts, scrubbed, source_key, start_attempt)
@@ -146,7 +147,7 @@ class FitWorker:
             item_id = r.known["item_id"]
             try:  # each item on its own: one that cannot be committed does not take its mates' rows along
                 if row["status"] == "ok":
-                    self.store.write_json(row, "items", item_id, "_SUCCESS")  # the item now counts as complete
+                    self.store.write_json(row, *layout.marker(item_id))  # the item now counts as complete
                     if r.records:  # the records of earlier fits that never came back: no longer needed
                         clear_attempts(self.store, item_id)
                 out[r.n] = self._track(row) | {"this_run": "fit" if row["status"] == "ok" else "failed"}
@@ -201,7 +202,7 @@ class FitWorker:
                 result.out_dir = write_fit(result, out_dir, formats=self.job.lora_formats,
                                            started=time.perf_counter() - result.record["timings"]["total_s"])
             # per-step losses and mask stats: MLflow's metric history, also for a later `registry sync`
-            (result.out_dir / "history.json").write_text(json.dumps(result.history))
+            (result.out_dir / fit_files.HISTORY).write_text(json.dumps(result.history))
             return result, save_previews(drawn, result.out_dir)["scores"]
         except Exception as exc:
             return exc
@@ -222,9 +223,9 @@ class FitWorker:
 
     def _complete(self, item_id: str) -> dict | None:
         """The item's marker, if it holds (every file it vouches for is there, at its size)."""
-        if not self.store.exists("items", item_id, "_SUCCESS"):
+        if not self.store.exists(*layout.marker(item_id)):
             return None
-        marker = self.store.read_json("items", item_id, "_SUCCESS")
+        marker = self.store.read_json(*layout.marker(item_id))
         return None if marker_problems(self.store, {item_id: marker}) else marker
 
     def _admit(self, item: dict, item_id: str, records: int) -> str:
@@ -257,8 +258,8 @@ class FitWorker:
 
     def _discard_files(self, item_id: str) -> None:
         try:
-            for path in self.store.list("items", item_id):
-                if not path.endswith("/_SUCCESS"):
+            for path in self.store.list(*layout.item(item_id)):
+                if path.rsplit("/", 1)[-1] != layout.MARKER:
                     self.store.remove(path)
         except Exception:
             pass  # best effort: without a marker these files are not part of the library anyway
@@ -269,7 +270,7 @@ class FitWorker:
             return row
         row = scrubbed(row | track_row(self.job, row))
         if row["status"] == "ok":  # the marker is the row: a later run or `sync` finds what is tracked
-            self.store.write_json(row, "items", row["item_id"], "_SUCCESS")
+            self.store.write_json(row, *layout.marker(row["item_id"]))
         return row
 
     def _upload(self, ready: "_Ready", result, scores: dict) -> dict:
@@ -315,8 +316,8 @@ def upload_fit_files(store: Store, item_id: str, folder: Path) -> dict[str, dict
     returns what the marker will vouch for: {name: {uri, sha256, bytes}}."""
     files = {}
     for path in sorted(folder.iterdir()):
-        store.upload_file(str(path), "items", item_id, path.name)
-        files[path.name] = {"uri": store.url("items", item_id, path.name), "sha256": sha256_hex(path.read_bytes()),
+        store.upload_file(str(path), *layout.item(item_id, path.name))
+        files[path.name] = {"uri": store.url(*layout.item(item_id, path.name)), "sha256": sha256_hex(path.read_bytes()),
                             "bytes": path.stat().st_size}
     # the marker will vouch for these files: they must be in the library now, whole (a library folder
     # deleted or moved during the job would otherwise leave a marker, and an ok row, with no fit)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from unziplora.fit_files import CONFIG, FILES, MASKS, MERGERS, RECORD
 
 # Tiny fits: the pipeline is under test, not the fit quality.
 FIT = {"steps": 4, "rank": 2}
@@ -301,10 +302,9 @@ def row_error(row: dict) -> str:
 
 def files_of(row: dict) -> dict[str, dict]:
     files = json.loads(row["files"])
-    assert {"content_lora.safetensors", "style_lora.safetensors", "mergers.safetensors", "masks.safetensors",
-            "fit.json", "config.yaml"} <= set(files), sorted(files)
-    assert files["content_lora.safetensors"]["uri"] == row["content_lora_uri"]
-    assert files["style_lora.safetensors"]["uri"] == row["style_lora_uri"]
+    assert {*FILES.values(), MERGERS, MASKS, RECORD, CONFIG} <= set(files), sorted(files)
+    assert files[FILES["content"]]["uri"] == row["content_lora_uri"]
+    assert files[FILES["style"]]["uri"] == row["style_lora_uri"]
     return files
 
 
@@ -322,11 +322,11 @@ def check_artifacts(row: dict, read) -> dict[str, bytes]:
 def assert_lora_loads(pipe, files: dict[str, bytes], folder) -> None:
     """The content (and style) LoRA files load into a diffusers SDXL pipeline of the tiny base model."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("content_lora.safetensors", "style_lora.safetensors"):
+    for name in (FILES["content"], FILES["style"]):
         (folder / name).write_bytes(files[name])
     try:
-        pipe.load_lora_weights(str(folder), weight_name="content_lora.safetensors", adapter_name="content")
-        pipe.load_lora_weights(str(folder), weight_name="style_lora.safetensors", adapter_name="style")
+        pipe.load_lora_weights(str(folder), weight_name=FILES["content"], adapter_name="content")
+        pipe.load_lora_weights(str(folder), weight_name=FILES["style"], adapter_name="style")
         adapters = pipe.get_list_adapters()
         assert "content" in adapters.get("unet", []) and "style" in adapters.get("unet", []), adapters
         lora_modules = [n for n, _ in pipe.unet.named_modules() if n.endswith("lora_A.content")]

@@ -10,18 +10,21 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from jobs import cli
+from pipeline import layout
 from pipeline.bank import Bank, build_bank, load_embedder, write_gallery
 from pipeline.bank.search import FIT_FILES
-from pipeline.manifest import empty_row, write_manifest
+from pipeline.manifest import empty_row, ok_row, write_manifest
 from pipeline.registry_names import item_handle
 from pipeline.storage import Store
 from unziplora.errors import InputError
+from unziplora.fit_files import CARD, FILES, PREVIEWS
 
 WATERCOLOR = ["loose watercolor wash with black ink linework", "watercolor painting with pen and ink outlines"]
 OTHERS = ["neon cyberpunk city glow", "thick impasto oil painting", "8-bit pixel art", "low-poly 3D render",
@@ -60,22 +63,26 @@ def write_library(root: str, items: list[dict], storage_options=None, failed: in
         inputs.write_bytes(image, f"img{n:03d}.png")
         item_id = hashlib.sha256(image).hexdigest()
         files = {}
-        names = list(FIT_FILES) + (["preview_style.png"] if n % 2 == 0 else [])
+        names = list(FIT_FILES) + ([PREVIEWS["style"]] if n % 2 == 0 else [])
         for name in names:
             data = style_image(n, seed=99) if name.endswith(".png") else f"{name} of {n}".encode()
-            store.write_bytes(data, "items", item_id, name)
-            files[name] = {"uri": store.url("items", item_id, name), "sha256": hashlib.sha256(data).hexdigest(),
+            store.write_bytes(data, *layout.item(item_id, name))
+            files[name] = {"uri": store.url(*layout.item(item_id, name)), "sha256": hashlib.sha256(data).hexdigest(),
                            "bytes": len(data)}
-        rows.append(empty_row(inputs.url(f"img{n:03d}.png")) | {
-            "item_id": item_id, "status": "ok", "content": f"sks {item['class_word']}", "style": item["style"],
-            "class_word": item["class_word"], "prompt_combined": f"A sks {item['class_word']} in {item['style']} style",
-            "output_uri": store.url("items", item_id), "files": json.dumps(files),
-            "content_lora_uri": files["content_lora.safetensors"]["uri"],
-            "style_lora_uri": files["style_lora.safetensors"]["uri"], "image_sha256": item_id,
-            "base_model": item["base_model"], "run_id": item["run_id"], "finished_at": item["finished_at"],
-            # quality scores (pipeline/scoring.py); every fourth fit unscored
-            "score_style": None if n % 4 == 3 else (n % 4) / 3, "score_content": 0.9,
-            "score_content_style_leak": 0.05 if n % 2 else 0.3, "score_style_shape_leak": 0.0})
+        # the row a fit's would be (manifest.ok_row) of a stand-in result: what the bank reads, the rest empty
+        config = SimpleNamespace(content=f"sks {item['class_word']}", style=item["style"],
+                                 resolved_class_word=item["class_word"], rank=None, steps=None, resolution=None,
+                                 seed=None)
+        record = {"prompts": {"combined": f"A sks {item['class_word']} in {item['style']} style", "content": None,
+                              "style": None}, "final": {"loss": None, "mse": None, "ortho": None}, "mask_stats": None,
+                  "timings": {"train_s": None, "total_s": None}, "base_model": item["base_model"],
+                  "base_model_fingerprint": None}
+        rows.append(ok_row({"source_uri": inputs.url(f"img{n:03d}.png")}, {"item_id": item_id, "image_sha256": item_id},
+                           SimpleNamespace(config=config, record=record), files, run_id=item["run_id"],
+                           finished_at=item["finished_at"], mask_stats=None,
+                           # quality scores (pipeline/scoring.py); every fourth fit unscored
+                           score_style=None if n % 4 == 3 else (n % 4) / 3, score_content=0.9,
+                           score_content_style_leak=0.05 if n % 2 else 0.3, score_style_shape_leak=0.0))
     for i in range(failed):
         rows.append(empty_row(inputs.url(f"broken{i}.png")) | {"status": "failed", "error": "not an image",
                                                                   "style": WATERCOLOR[0], "content": "sks dog"})
@@ -129,7 +136,7 @@ def test_text_search_finds_planted_matches_first(library, minilm):
     assert {h["style"] for h in hits[:2]} == set(WATERCOLOR), [(h["style"], h["score"]) for h in hits]
     assert hits[0]["score"] >= hits[1]["score"] > hits[2]["score"]
     hit = hits[0]
-    assert hit["status"] == "ok" and hit["style_lora_uri"].endswith(f"items/{hit['item_id']}/style_lora.safetensors")
+    assert hit["status"] == "ok" and hit["style_lora_uri"].endswith("/".join(layout.item(hit["item_id"], FILES["style"])))
     assert hit["registry"] == {"content": item_handle("library", "content", hit["item_id"]),
                                "style": item_handle("library", "style", hit["item_id"])}
     # the failed row has a watercolor description too, but no LoRAs: only `status="any"` shows it
@@ -300,7 +307,7 @@ def test_cli_build_search_and_generate_resolution(library, tmp_path, capsys, mon
     assert Path(seen["content_from"]) == Path(cat["output_uri"])  # a local library's item folder, used in place
     style_dir = Path(seen["style_from"])
     assert json.loads(capsys.readouterr().err.splitlines()[-1])["text"] in WATERCOLOR
-    assert (style_dir / "style_lora.safetensors").read_bytes().startswith(b"style_lora.safetensors of")
+    assert (style_dir / FILES["style"]).read_bytes().startswith(b"style_lora.safetensors of")
     with pytest.raises(InputError, match="not a fit directory"):
         args = parser.parse_args(["generate", "--style", "watercolor", "--out", str(tmp_path / "y.png")])
         args.run(args)
@@ -314,7 +321,7 @@ def test_generate_from_bank_end_to_end(tiny_base, sample_image, tmp_path, capsys
     root, rows, ids = tmp_path / "library", [], []
     for style in ("ink wash with soft watercolor", "neon glow"):
         item_id = hashlib.sha256(style.encode()).hexdigest()
-        folder = root / "items" / item_id
+        folder = root / layout.ITEMS / item_id
         fit(sample_image, FitConfig(content="sks dog", style=style, steps=3, rank=2), base=tiny_base,
             out_dir=folder, progress=False)
         files = {p.name: {"uri": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
@@ -341,7 +348,7 @@ def test_generate_from_bank_end_to_end(tiny_base, sample_image, tmp_path, capsys
     assert lora_format(tmp_path / "exported" / "style_lora_diffusers.safetensors") == "diffusers"
     with pytest.raises(SystemExit, match="give --out"):
         cli.main(["export", ids[1][:8], "--bank", str(root), "--format", "diffusers"])
-    assert not list((root / "items" / ids[1]).glob("*_diffusers.safetensors"))
+    assert not list((root / layout.ITEMS / ids[1]).glob("*_diffusers.safetensors"))
 
 
 def test_s3_library(tmp_path, minilm):
@@ -362,13 +369,13 @@ def test_s3_library(tmp_path, minilm):
         bank = Bank(root, options)
         hits = bank.search("soft watercolor with ink outlines", k=2, text_embedder=minilm)
         assert {h["style"] for h in hits} == set(WATERCOLOR)
-        assert hits[0]["style_lora_uri"].startswith("s3://bucket/lib/items/")
+        assert hits[0]["style_lora_uri"].startswith(f"s3://bucket/lib/{layout.ITEMS}/")
         assert bank.search(image=f"s3://{s3.bucket}/lib-input/img001.png", k=1)[0]["style"] == OTHERS[0]
         folder = bank.fit_dir(hits[0], tmp_path / "cache")  # downloaded, sha256-checked
         assert sorted(p.name for p in folder.iterdir()) == sorted(FIT_FILES)
         page = write_gallery(hits, tmp_path / "gallery", storage_options=options)
         assert len(list((tmp_path / "gallery" / "thumbs").iterdir())) == 3  # 2 sources + 1 style preview
-        assert "s3://bucket/lib/items/" in page.read_text()
+        assert f"s3://bucket/lib/{layout.ITEMS}/" in page.read_text()
 
 
 
@@ -377,10 +384,10 @@ def test_gallery_shows_scores_and_links(library, tmp_path):
     never a link a browser would run (javascript:) or could not open (s3://)."""
     bank = Bank(library)
     hits = bank.search(k=None)
-    hits[0]["files"]["README.md"] = {"uri": "/lib/items/x/README.md"}
+    hits[0]["files"][CARD] = {"uri": "/lib/items/x/README.md"}
     hits[0]["mlflow_run_id"] = "abc123"
-    hits[1]["files"]["README.md"] = {"uri": "javascript:alert(1)"}
-    hits[2]["files"]["README.md"] = {"uri": "s3://bucket/items/y/README.md"}
+    hits[1]["files"][CARD] = {"uri": "javascript:alert(1)"}
+    hits[2]["files"][CARD] = {"uri": "s3://bucket/items/y/README.md"}
     registry = {"tracking_uri": "http://mlflow.example:5000/", "experiment_id": "7"}
     page = write_gallery(hits[:3], tmp_path / "g", registry=registry).read_text()
     cards = page.split('<article class="card"')[1:]

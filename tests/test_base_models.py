@@ -20,10 +20,12 @@ import torch
 import yaml
 
 from checkpoints import copy_without_weights, write_hub_cache, write_single_file, write_wrong_kind
+from pipeline import layout
 from pipeline.identify import identify
 from pipeline.manifest import read_manifest
 from pipeline.spec import JobSpec
 from unziplora import BaseModelError, load_base_model
+from unziplora.fit_files import CONFIG, RECORD
 from unziplora.locate import locate_base_model, packaged_dir
 from unziplora.models import sdxl_config_dir
 
@@ -193,9 +195,9 @@ def test_single_file_fit_through_the_cli(tiny_files, sample_image, tmp_path):
     assert main(["fit", str(sample_image), "--content", "sks dog", "--style", "ink", "--steps", "3", "--rank", "2",
                  "--base-model", str(root / "tiny-xl.safetensors"), "--base-config", str(root / "config"),
                  "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    record = json.loads((out / "fit.json").read_text())
+    record = json.loads((out / RECORD).read_text())
     assert record["base_model_fingerprint"].startswith("sha256:")
-    assert yaml.safe_load((out / "config.yaml").read_text())["base_config"] == str(root / "config")
+    assert yaml.safe_load((out / CONFIG).read_text())["base_config"] == str(root / "config")
     assert main(["generate", str(out), "--out", str(tmp_path / "x.png"), "--steps", "2", "--device", "cpu"]) == 0
 
 
@@ -255,10 +257,10 @@ def test_hub_ids_fit_offline_through_the_cli(hub_cache, sample_image, tmp_path):
     for name, (flags, commit) in runs.items():
         done = unziplora(["fit", str(sample_image), *common, *flags, "--out", str(tmp_path / name)], env)
         assert done.returncode == 0, done.stderr[-2000:]
-        saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        saved = yaml.safe_load((tmp_path / name / CONFIG).read_text())
         assert saved["revision"] == commit  # the saved settings name the exact snapshot: a rerun gets it
         repo = flags[1].split("@")[0]
-        assert json.loads((tmp_path / name / "fit.json").read_text())["base_model_fingerprint"] == \
+        assert json.loads((tmp_path / name / RECORD).read_text())["base_model_fingerprint"] == \
             f"hub:{repo}@{commit}"
 
 
@@ -302,7 +304,7 @@ def test_decompose_with_a_hub_id_offline(hub_cache, tmp_path):
     assert {r["base_model"] for r in rows} == {"test-org/toy-sdxl"}
     for row in rows:  # each fit's saved settings name the commit the driver pinned
         files = json.loads(row["files"])
-        assert yaml.safe_load(Path(files["config.yaml"]["uri"]).read_text())["revision"] == COMMIT
+        assert yaml.safe_load(Path(files[CONFIG]["uri"]).read_text())["revision"] == COMMIT
 
 
 def test_a_worker_whose_weights_differ_from_the_plan_fails_its_items(tmp_path):
@@ -317,4 +319,4 @@ def test_a_worker_whose_weights_differ_from_the_plan_fails_its_items(tmp_path):
     row = FitWorker(job, device="cpu").process({"source_uri": str(tmp_path / "a.png"), "content": "sks dog",
                                                  "style": "ink", "overrides": "{}", "prompt_error": None})
     assert row["status"] == "failed" and "not the one the job planned with" in row["error"], row
-    assert "preset:tiny" in row["error"] and not (tmp_path / "lib" / "items").exists()
+    assert "preset:tiny" in row["error"] and not (tmp_path / "lib" / layout.ITEMS).exists()

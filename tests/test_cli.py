@@ -11,6 +11,7 @@ import yaml
 
 from unziplora import FitConfig, InputError, fit, load_base_model, load_fit
 from unziplora.cli import default_threads, main
+from unziplora.fit_files import CONFIG, FILES
 
 
 def test_prompts_are_derived_from_trigger_and_style():
@@ -73,7 +74,7 @@ def test_cli_fit_with_yaml_then_toml_and_config_reproduces(sample_image, tmp_pat
     first = load_fit(tmp_path / "a")
     assert first.config.seed == 5 and first.config.steps == 3 and first.config.resolution == 64  # flag + file
     # the written config.yaml repeats the fit exactly
-    assert main(["fit", str(sample_image), "--config", str(tmp_path / "a" / "config.yaml"),
+    assert main(["fit", str(sample_image), "--config", str(tmp_path / "a" / CONFIG),
                  "--out", str(tmp_path / "b"), "--quiet"]) == 0
     second = load_fit(tmp_path / "b")
     for kind in ("content", "style"):
@@ -201,10 +202,9 @@ def test_cli_formats_and_export(sample_image, tmp_path, capsys):
     common = ["--content", "sks dog", "--style", "ink", "--steps", "2", "--rank", "2", "--recalibrations", "1",
               "--quiet"]
     assert main(["fit", str(sample_image), "--out", str(tmp_path / "one"), *common]) == 0
-    assert sorted(p.name for p in (tmp_path / "one").glob("*_lora*")) == ["content_lora.safetensors",
-                                                                            "style_lora.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one").glob("*_lora*")) == [FILES["content"], FILES["style"]]
     assert main(["fit", str(sample_image), "--out", str(tmp_path / "two"), "--formats", "diffusers,kohya", *common]) == 0
-    assert lora_format(tmp_path / "two" / "style_lora.safetensors") == "diffusers"
+    assert lora_format(tmp_path / "two" / FILES["style"]) == "diffusers"
     assert lora_format(tmp_path / "two" / "style_lora_kohya.safetensors") == "kohya"
     capsys.readouterr()
     assert unziplora(["export", str(tmp_path / "one"), "--format", "diffusers", "--kind", "style"]) == 0

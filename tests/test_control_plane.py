@@ -14,11 +14,13 @@ import pipeline.identify
 import pipeline.job
 import pipeline.manifest
 from benchmarks.control_plane import FIT, SYNTHETIC_FILE_BYTES, build_library, image_bytes
+from pipeline import layout
 from pipeline.job import plan_items, run_job
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.source import read_inputs
 from pipeline.spec import JobSpec
 from pipeline.storage import Store
+from unziplora.fit_files import FILES
 
 
 def _pinned(job: JobSpec) -> JobSpec:
@@ -26,7 +28,7 @@ def _pinned(job: JobSpec) -> JobSpec:
 
 
 def _parts(library) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in (library / "manifest").iterdir()}
+    return {p.name: p.stat().st_mtime_ns for p in (library / layout.MANIFEST).iterdir()}
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def reads(monkeypatch):
 def test_a_complete_library_reruns_reading_nothing_per_item(tmp_path, reads, monkeypatch):
     """No image read, no marker or source row read or written, no manifest part rewritten, no Ray started."""
     build_library(str(tmp_path / "in"), str(tmp_path / "lib"), 40)
-    parts, sources = _parts(tmp_path / "lib"), sorted((tmp_path / "lib" / "sources").iterdir())
+    parts, sources = _parts(tmp_path / "lib"), sorted((tmp_path / "lib" / layout.SOURCES).iterdir())
     times = [p.stat().st_mtime_ns for p in sources]
 
     def no_ray(*_):
@@ -77,10 +79,10 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     with open(inp / "prompts.csv", "a") as f:
         f.write("new.png,sks new,new style\n")
     rows = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
-    (lib / "items" / rows[str(inp / "img000007.png")]["item_id"] / "_SUCCESS").unlink()
-    deleted, truncated = (lib / "items" / rows[str(inp / f"img00000{n}.png")]["item_id"] for n in (5, 6))
-    (deleted / "content_lora.safetensors").unlink()
-    with open(truncated / "style_lora.safetensors", "r+b") as f:
+    (lib / layout.ITEMS / rows[str(inp / "img000007.png")]["item_id"] / layout.MARKER).unlink()
+    deleted, truncated = (lib / layout.ITEMS / rows[str(inp / f"img00000{n}.png")]["item_id"] for n in (5, 6))
+    (deleted / FILES["content"]).unlink()
+    with open(truncated / FILES["style"], "r+b") as f:
         f.truncate(10)
 
     def plan(**options):
@@ -94,7 +96,7 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     assert sorted(i["source_uri"] for i in planned.to_fit) == changed
     assert sorted(reads["images"]) == changed
     assert planned.complete == 11 and len(planned.unchanged) == 11
-    assert not any(f.endswith(rows[str(inp / "img000000.png")]["item_id"] + "/_SUCCESS") for f in reads["files"])
+    assert not any(f.endswith(layout.marker_key(rows[str(inp / "img000000.png")]["item_id"])) for f in reads["files"])
 
     monkeypatch.setattr(pipeline.job, "INLINE_IDENTIFY", 100)  # no Ray Data pass in this test
     rechecked = plan(recheck=True)
@@ -105,8 +107,8 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     assert "content_lora.safetensors is missing" in rechecked.refit[deleted.name]
     assert f"has 10 bytes, not the {SYNTHETIC_FILE_BYTES} its marker vouches for" in rechecked.refit[truncated.name]
     # a marker that no longer holds is removed: no later run, with or without --recheck, trusts it
-    assert not (deleted / "_SUCCESS").exists() and not (truncated / "_SUCCESS").exists()
-    assert (lib / "items" / rows[str(inp / "img000004.png")]["item_id"] / "_SUCCESS").exists()
+    assert not (deleted / layout.MARKER).exists() and not (truncated / layout.MARKER).exists()
+    assert (lib / layout.ITEMS / rows[str(inp / "img000004.png")]["item_id"] / layout.MARKER).exists()
 
 
 def test_an_image_rewritten_in_place_is_read_again(tmp_path, reads):
@@ -141,7 +143,7 @@ def test_the_manifest_rewrites_only_the_buckets_that_changed(tmp_path, monkeypat
     after = _parts(tmp_path)
     assert len(after) == 4 and len(set(after) - set(before)) == 1 and len(set(before) - set(after)) == 1
     assert sorted(set(after) - set(before))[0].endswith("-r3.parquet") and sorted(second) == sorted(
-        store.url("manifest", n) for n in after)
+        store.url(layout.MANIFEST, n) for n in after)
     table = read_manifest(str(tmp_path)).to_pylist()
     assert len(table) == 35 and {r["source_uri"]: r["error"] for r in table}["/x/017.png"] == "changed"
 
@@ -157,8 +159,17 @@ def test_a_manifest_from_before_buckets_is_replaced_whole(tmp_path):
     store = Store(str(tmp_path))
     rows = [{"source_uri": f"/x/{i}.png", "status": "failed", "error": "e", "attempts": 0} for i in range(3)]
     write_manifest(store, rows, "r1")
-    old = tmp_path / "manifest" / "part-20260101T000000-abcdef-00000.parquet"
-    (tmp_path / "manifest" / "part-00000of00001-r1.parquet").rename(old)
+    old = tmp_path / layout.MANIFEST / "part-20260101T000000-abcdef-00000.parquet"
+    (tmp_path / layout.MANIFEST / "part-00000of00001-r1.parquet").rename(old)
     write_manifest(store, rows, "r2")
     assert list(_parts(tmp_path)) == ["part-00000of00001-r2.parquet"]
     assert read_manifest(str(tmp_path)).to_pylist() == read_manifest(str(tmp_path)).to_pylist()[:3]
+
+
+def test_a_librarys_layout_is_the_documented_one():
+    """pipeline/layout.py spells each name of a library's layout once; this pins them (libraries on disk and
+    in buckets, repair and the docs know them by these names)."""
+    assert layout.marker_key("ab12") == "items/ab12/_SUCCESS"
+    assert layout.item("ab12", "fit.json") == ("items", "ab12", "fit.json")
+    assert (layout.SOURCES, layout.ATTEMPTS, layout.CRASHED, layout.LEASE, layout.MANIFEST, layout.REPORTS) == \
+        ("sources", "attempts", ".crashed", "lease", "manifest", "reports")

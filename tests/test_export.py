@@ -10,8 +10,9 @@ import torch
 from safetensors import safe_open
 
 from unziplora import FitConfig, InputError, fit, load_fit
-from unziplora.export import FILES, FitArtifacts, kohya_module_name, lora_format
+from unziplora.export import FILES, FitArtifacts, kohya_module_name, lora_file_name, lora_format
 from unziplora.generate import generate, generate_each
+from unziplora.fit_files import CARD, CONFIG, MASKS, MERGERS, PREVIEWS, RECORD
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +85,9 @@ def _pipe_out(tiny_base, fitted_dir, files, inputs):
 def test_files_written(fitted):
     result, art = fitted
     names = {p.name for p in art.path.iterdir()}
-    assert names == {*FILES.values(), "mergers.safetensors", "masks.safetensors", "fit.json", "config.yaml",
-                     "README.md"}  # each LoRA once
+    assert names == {*FILES.values(), MERGERS, MASKS, RECORD, CONFIG, CARD}  # each LoRA once
     assert all(lora_format(art.path / name) == "kohya" for name in FILES.values())
-    record = json.loads((art.path / "fit.json").read_text())
+    record = json.loads((art.path / RECORD).read_text())
     assert record["settings"]["steps"] == 8 and record["prompts"]["style"] == "A dog in watercolor painting style"
     assert set(record["mask_stats"]) == {"content", "style", "shared"}
     assert record["timings"]["train_s"] > 0 and record["versions"]["torch"]
@@ -278,25 +278,25 @@ def test_model_card_as_the_hub_reads_it(fitted, old_layout, tmp_path):
     from unziplora.card import write_model_card
 
     _, art = fitted
-    card = ModelCard.load(art.path / "README.md")
+    card = ModelCard.load(art.path / CARD)
     assert {"lora", "text-to-image", "diffusers", "unziplora"} <= set(card.data.tags)
     assert card.data.instance_prompt == "sks dog" and card.data.base_model is None  # tiny: not on the Hub
-    for text in ("content_lora.safetensors", "style_lora.safetensors", "A sks dog", "kohya format",
+    for text in (FILES["content"], FILES["style"], "A sks dog", "kohya format",
                  "A dog in watercolor painting style", "load_lora_weights", "<lora:content_lora:1>",
                  "unziplora export FOLDER --format diffusers"):
         assert text in card.text, text
     assert "_kohya" not in card.text and "The files are in kohya format." in card.text
-    old = ModelCard.load(old_layout.path / "README.md").text  # an old two-format fit's card names both
+    old = ModelCard.load(old_layout.path / CARD).text  # an old two-format fit's card names both
     assert "The files are in diffusers format; `content_lora_kohya.safetensors` and `style_lora_kohya" in old
     folder = shutil.copytree(art.path, tmp_path / "fit")
-    record = json.loads((folder / "fit.json").read_text())
+    record = json.loads((folder / RECORD).read_text())
     record["settings"] |= {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "revision": "462165984030"}
     record["base_model_fingerprint"] = "hub:stabilityai/stable-diffusion-xl-base-1.0@462165984030"
-    (folder / "fit.json").write_text(json.dumps(record))
-    (folder / "preview_style.png").write_bytes(b"png")
+    (folder / RECORD).write_text(json.dumps(record))
+    (folder / PREVIEWS["style"]).write_bytes(b"png")
     card = ModelCard.load(write_model_card(folder))
     assert card.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert card.data.widget == [{"text": "A dog in watercolor painting style", "output": {"url": "preview_style.png"}}]
+    assert card.data.widget == [{"text": "A dog in watercolor painting style", "output": {"url": PREVIEWS["style"]}}]
     assert "](preview_style.png)" in card.text and 'revision="462165984030"' in card.text
 
 
@@ -359,7 +359,7 @@ def test_existing_output_dir_refused_unless_overwrite(tiny_base, sample_image, t
         fit(sample_image, config, base=tiny_base, out_dir=out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
     fit(sample_image, config, base=tiny_base, out_dir=out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "fit.json").is_file()
+    assert not (out / "keep.txt").exists() and (out / RECORD).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "sample.png"]  # no staging or trash left
 
 
@@ -479,3 +479,18 @@ def test_budget_model_counts_the_bytes_a_fit_writes(fitted, old_layout, layout):
     counted = budget.export_bytes("tiny", formats=formats, config=art.config)
     written = {p.name: p.stat().st_size for p in art.path.glob("*.safetensors")}
     assert counted == written
+
+
+def test_a_fit_folders_file_names_are_the_documented_ones():
+    """unziplora/fit_files.py spells each name once and every module and test reads it there; this pins them,
+    since users, the model card, ComfyUI / A1111 and older libraries know the files by these names."""
+    from unziplora import fit_files
+
+    assert fit_files.FILES == {"content": "content_lora.safetensors", "style": "style_lora.safetensors"}
+    assert lora_file_name("style", "diffusers") == "style_lora_diffusers.safetensors"
+    assert lora_file_name("style", "diffusers", ("diffusers", "kohya")) == "style_lora.safetensors"
+    assert (fit_files.MERGERS, fit_files.MASKS, fit_files.RECORD, fit_files.CONFIG, fit_files.CARD) == \
+        ("mergers.safetensors", "masks.safetensors", "fit.json", "config.yaml", "README.md")
+    assert fit_files.PREVIEWS == {"content": "preview_content.png", "style": "preview_style.png"}
+    assert (fit_files.PREVIEW_PROMPTS, fit_files.SCORES, fit_files.HISTORY) == \
+        ("previews.json", "scores.json", "history.json")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import layout
 from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, GateError, fit_gated, split_score
 from pipeline.identify import identify
 from pipeline.job import run_job
@@ -18,6 +19,7 @@ from pipeline.spec import Gate, JobSpec
 from toyworld import world
 from unziplora import FitConfig, load_fit
 from unziplora.errors import InputError
+from unziplora.fit_files import CARD, FILES, PREVIEW_PROMPTS, RECORD, SCORES
 
 
 def png(image: Image.Image) -> bytes:
@@ -143,15 +145,15 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     best = max(t["split_score"] for t in tried)
     assert row["split_score"] == best and row["gate_passed"] is True  # no bar: the best passes
     assert set(tried[0]["scores"]) == {"content", "style", "content_style_leak", "style_shape_leak"}
-    marker = json.loads((tmp_path / "lib" / "items" / row["item_id"] / "_SUCCESS").read_text())
+    marker = json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / layout.MARKER).read_text())
     assert marker["candidate_scores"] == row["candidate_scores"] and marker["seed"] in (0, 1)
-    fit_record = json.loads((tmp_path / "lib" / "items" / row["item_id"] / "fit.json").read_text())
+    fit_record = json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / RECORD).read_text())
     assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
-    card = (tmp_path / "lib" / "items" / row["item_id"] / "README.md").read_text()
+    card = (tmp_path / "lib" / layout.ITEMS / row["item_id"] / CARD).read_text()
     assert f"Quality gate (toy-judges, on panels of its own): 2 candidate fits" in card
     assert f"kept seed {marker['seed']}" in card
     # the stored previews are still the users' (preview seed), besides the gate's choice
-    assert json.loads((tmp_path / "lib" / "items" / row["item_id"] / "previews.json").read_text())["seed"] == PREVIEW_SEED
+    assert json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / PREVIEW_PROMPTS).read_text())["seed"] == PREVIEW_SEED
 
 
 def test_fit_with_candidates_on_one_image(tmp_path, capsys):
@@ -218,9 +220,9 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
     store = Store(job.output)
     write_manifest(store, rows, "run-1")
     assert all(r["status"] == "ok" and r["score_style"] is None for r in rows)
-    loras = {r["item_id"]: store.read_bytes("items", r["item_id"], "style_lora.safetensors") for r in rows}
+    loras = {r["item_id"]: store.read_bytes(layout.ITEMS, r["item_id"], FILES["style"]) for r in rows}
     broken = rows[1]["item_id"]
-    store.fs.rm(store.path("items", broken, "content_lora.safetensors"))
+    store.fs.rm(store.path(layout.ITEMS, broken, FILES["content"]))
 
     assert main(["rescore", job.output, "--scorer", "toy", "--preview-steps", "2", "--quiet"]) == 3
     report = json.loads(capsys.readouterr().out)
@@ -230,11 +232,11 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
     good = rows[0]["item_id"]
     assert 0 <= after[good]["score_style"] <= 1 and after[good]["score_content_style_leak"] is not None
     assert after[broken]["score_style"] is None  # left as it was
-    assert json.loads(store.read_bytes("items", good, "previews.json"))["steps"] == 2
-    marker = store.read_json("items", good, "_SUCCESS")
+    assert json.loads(store.read_bytes(layout.ITEMS, good, PREVIEW_PROMPTS))["steps"] == 2
+    marker = store.read_json(layout.ITEMS, good, layout.MARKER)
     assert marker["score_style"] == after[good]["score_style"] and not marker_problems(store, {good: marker})
-    assert store.read_bytes("items", good, "style_lora.safetensors") == loras[good]  # never refitted
-    assert store.read_json("items", good, "scores.json")["scorer"] == "toy-judges"
+    assert store.read_bytes(layout.ITEMS, good, FILES["style"]) == loras[good]  # never refitted
+    assert store.read_json(layout.ITEMS, good, SCORES)["scorer"] == "toy-judges"
 
 
 def test_the_report_counts_what_the_gate_did():

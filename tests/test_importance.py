@@ -77,22 +77,21 @@ def layer_with_grads(small_adapter, seed=0):
     layer = dict(adapter.named_layers())["blocks.0.transformer_blocks.0.attn2.to_q"]
     g = torch.Generator().manual_seed(seed + 1)
     # per-column scales spread |dW * G| across the 1e-5 threshold, so scores vary between columns
-    scale = torch.logspace(-5, 0, layer.out_features, dtype=torch.float64)[:, None, None]
-    layer.lora_A.grad = torch.randn(layer.lora_A.shape, generator=g, dtype=torch.float64) * 1e-2
-    layer.lora_B.grad = torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * scale
+    scale = torch.logspace(-5, 0, layer.out_features, dtype=torch.float64)[:, None]
+    for kind in KINDS:
+        A, B = layer.factors(kind)
+        A.grad = torch.randn(A.shape, generator=g, dtype=torch.float64) * 1e-2
+        B.grad = torch.randn(B.shape, generator=g, dtype=torch.float64) * scale
     return layer
 
 
 def test_cone_scores_match_dense_formula(small_adapter):
     layer = layer_with_grads(small_adapter)
-    r = layer.rank
     merger = torch.rand(layer.out_features, dtype=torch.float64)
     merger[3] = 0.0
-    for i, kind in enumerate(KINDS):
-        A = layer.lora_A.detach()[i * r:(i + 1) * r]
-        B = layer.lora_B.detach()[:, i, :]
-        gA = layer.lora_A.grad[i * r:(i + 1) * r]
-        gB = layer.lora_B.grad[:, i, :]
+    for kind in KINDS:
+        A, B = (t.detach() for t in layer.factors(kind))
+        gA, gB = layer.grads(kind)
         dW = torch.einsum("or,ri->oi", B, A)
         G = (torch.einsum("or,ri->oi", B, gA) + torch.einsum("or,ri->oi", gB, A)) * merger[:, None]
         expected = torch.tensor([sum(float(abs(dW[o, j] * G[o, j]) > CONE_THRESHOLD)
@@ -110,8 +109,8 @@ def test_cone_scores_use_each_kinds_own_factors_and_grads(small_adapter):
     merger = torch.ones(layer.out_features, dtype=torch.float64)
     before = cone_scores(layer, "content", merger)
     with torch.no_grad():
-        layer.lora_A.grad[layer.rank:] *= 0  # style's gradient only
-        layer.lora_B.grad[:, 1] *= 0
+        for grad in layer.grads("style"):  # style's gradient only
+            grad *= 0
     assert torch.equal(cone_scores(layer, "content", merger), before)
     assert cone_scores(layer, "style", merger).sum() == 0
 

@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from unziplora.layers import TARGETS, ColumnGates, DualLoRALinear, PromptRoutingProcessor, UnZipLoRA
-from unziplora.roles import role_for
+from unziplora.roles import KINDS, role_for
 
 ROUTED_K = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k"  # a style-role block
 ATTN2 = "up_blocks.0.attentions.1.transformer_blocks.0.attn2"
@@ -349,8 +349,9 @@ def test_zeros_init_leaves_unet_output_unchanged(tiny_base, unet_inputs, make_st
     unet = tiny_base.unet
     before = unet_out(unet, unet_inputs)
     with UnZipLoRA(unet, rank=4, init="zeros") as adapter:
-        assert all(torch.equal(l.lora_B, torch.zeros_like(l.lora_B)) for l in adapter.layers.values())
-        assert all(l.lora_A.abs().sum() > 0 for l in adapter.layers.values())
+        factors = [l.factors(kind) for l in adapter.layers.values() for kind in KINDS]
+        assert all(torch.equal(B, torch.zeros_like(B)) for _, B in factors)
+        assert all(A.abs().sum() > 0 for A, _ in factors)
         with torch.no_grad():
             adapter.gates.masks.fill_(1.0)
         torch.testing.assert_close(unet_out(unet, unet_inputs), before, atol=1e-6, rtol=0)
@@ -362,8 +363,8 @@ def test_zeros_init_leaves_unet_output_unchanged(tiny_base, unet_inputs, make_st
 def test_reference_init_std_is_one_over_rank(tiny_base):
     rank = 4
     adapter = UnZipLoRA(tiny_base.unet, rank=rank, init="reference")
-    A = torch.cat([l.lora_A.detach().flatten() for l in adapter.layers.values()])
-    B = torch.cat([l.lora_B.detach().flatten() for l in adapter.layers.values()])
+    A = torch.cat([l.factors(k)[0].detach().flatten() for l in adapter.layers.values() for k in KINDS])
+    B = torch.cat([l.factors(k)[1].detach().flatten() for l in adapter.layers.values() for k in KINDS])
     for t in (A, B):
         assert abs(t.std().item() - 1 / rank) < 0.01
         assert abs(t.mean().item()) < 0.01
@@ -371,8 +372,49 @@ def test_reference_init_std_is_one_over_rank(tiny_base):
     again = UnZipLoRA(tiny_base.unet, rank=rank, init="reference")
     other = UnZipLoRA(tiny_base.unet, rank=rank, init="reference", seed=1)
     first = next(iter(adapter.layers))
-    assert torch.equal(adapter.layers[first].lora_A, again.layers[first].lora_A)
-    assert not torch.equal(adapter.layers[first].lora_A, other.layers[first].lora_A)
+    for kind in KINDS:
+        assert torch.equal(adapter.layers[first].factors(kind)[0], again.layers[first].factors(kind)[0])
+        assert not torch.equal(adapter.layers[first].factors(kind)[0], other.layers[first].factors(kind)[0])
+
+
+# ---- 10. one LoRA of a layer: the per-kind API (issue 33) ----
+
+def test_each_lora_is_its_own_parameters_and_loads_alone(tiny_base):
+    """factors() are the parameters themselves (what the optimizer holds); load_kind writes one LoRA, its mergers
+    and masks, from what export.adapter_tensors gives, and leaves the other as it was; the parameter groups
+    split the LoRA parameters by kind and own blocks, each parameter once."""
+    from unziplora.export import adapter_tensors
+
+    source = UnZipLoRA(tiny_base.unet, rank=3, seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        source.gates.masks.copy_((torch.rand(source.gates.masks.shape, generator=g) > 0.5).float())
+        source.gates.mergers.copy_(torch.rand(source.gates.mergers.shape, generator=g))
+    saved = adapter_tensors(source, "fp32")
+    target = UnZipLoRA(tiny_base.unet, rank=3, seed=2)
+    untouched = adapter_tensors(target, "fp32")
+    target.load_kind("style", saved["style"], saved["mergers"], saved["masks"])
+    loaded = adapter_tensors(target, "fp32")
+    for name, layer in target.named_layers():
+        A, B = layer.factors("style")
+        assert isinstance(A, torch.nn.Parameter) and A.shape == (3, layer.in_features)
+        assert B.shape == (layer.out_features, 3)
+        for key in (f"{name}.lora_A.weight", f"{name}.lora_B.weight"):
+            assert torch.equal(loaded["style"][key], saved["style"][key])  # lora_B: its mask folded in, as saved
+            assert torch.equal(loaded["content"][key], untouched["content"][key])
+        assert torch.equal(layer.mask("style"), saved["masks"][f"{name}.style"])
+        assert torch.equal(layer.merger("content"), untouched["mergers"][f"{name}.content"])
+    first = next(iter(target.layers.values()))
+    with pytest.raises(RuntimeError):
+        first.set_factors("content", torch.zeros(2, first.in_features), torch.zeros(first.out_features, 2))
+    groups = target.lora_parameter_groups()
+    assert sorted(map(id, (p for ps in groups.values() for p in ps))) == sorted(map(id, target.lora_parameters()))
+    assert {id(p) for (kind, _), ps in groups.items() if kind == "style" for p in ps} == \
+        {id(p) for p in target.lora_parameters("style")}
+    for (kind, own), params in groups.items():
+        roles = {layer.role.name for layer in target.layers.values() for p in layer.factors(kind)
+                 if any(p is q for q in params)}
+        assert roles and all((role == kind) == own for role in roles)
 
 
 def test_unknown_init_raises(tiny_base):

@@ -17,10 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import layout
 from pipeline.job import JobSpec, run_job
 from pipeline.manifest import SCHEMA, read_manifest
 from pipeline_fixtures import (AWS_ENV, FIT, assert_lora_loads, by_name, check_artifacts, check_rows, local_ray,
                                local_s3, make_dataset, png_bytes, write_local)
+from unziplora.fit_files import RECORD
 
 pytestmark = pytest.mark.timeout(600)  # generous: CI runs two test files at once on 2 cores
 
@@ -94,7 +96,7 @@ def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_i
     frame = pd.read_parquet(f"{job.output}/manifest/", storage_options=options)
     assert len(frame) == len(dataset.images) and frame["source_uri"].is_unique
     assert frame.set_index("source_uri")["status"].to_dict() == {r["source_uri"]: r["status"] for r in named.values()}
-    local = tmp_path / "manifest"
+    local = tmp_path / layout.MANIFEST
     fs = s3.fs()
     parts = [p for p in fs.ls(f"{s3.bucket}/{prefix}/manifest") if p.endswith(".parquet")]
     assert len(parts) == 1 and report["run_id"] in parts[0], parts
@@ -106,23 +108,23 @@ def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_i
 
     # every artifact of every ok row is on S3 with the recorded sha256; the LoRAs load in a diffusers pipeline
     artifacts = {n: check_artifacts(named[n], s3.get) for n in dataset.names("ok")}
-    assert any(json.loads(a["fit.json"])["timings"]["batch_size"] == 2 for a in artifacts.values())
+    assert any(json.loads(a[RECORD])["timings"]["batch_size"] == 2 for a in artifacts.values())
     assert_lora_loads(tiny_pipe, artifacts["img00.png"], tmp_path / "lora")
     for name in dataset.names("ok"):  # _SUCCESS is the row itself, written after the files
-        success = json.loads(s3.get(f"{named[name]['output_uri']}/_SUCCESS"))
+        success = json.loads(s3.get(f"{named[name]['output_uri']}/{layout.MARKER}"))
         assert success["files"] == named[name]["files"] and success["status"] == "ok"
     # the job's report is stored next to the library
     stored = json.loads(s3.get(f"{job.output}/reports/{report['run_id']}.json"))
     assert stored["fits_this_run"] == report["fits_this_run"]
 
     # re-run: nothing is fitted again, no item file is rewritten, the manifest is replaced (not appended)
-    items_before = s3.objects(f"{prefix}/items/")
-    assert sum(k.endswith("/_SUCCESS") for k in items_before) == len(dataset.names("ok"))
+    items_before = s3.objects(f"{prefix}/{layout.ITEMS}/")
+    assert sum(k.endswith("/" + layout.MARKER) for k in items_before) == len(dataset.names("ok"))
     assert not [k for k in items_before if ".tmp-" in k], "temporary keys left behind"
     rerun = run_job(s3_job(s3, s3_input, prefix, executor=executor), progress=False)
     assert rerun["run_id"] != report["run_id"]
     assert_counts(rerun, dataset, fits=0)
-    items_after = s3.objects(f"{prefix}/items/")
+    items_after = s3.objects(f"{prefix}/{layout.ITEMS}/")
     assert items_after == items_before, "a re-run rewrote item files"
     named_again = check_rows(manifest_rows(job), dataset, s3_input)
     for name in dataset.names("ok") + dataset.names("skipped"):
@@ -180,7 +182,7 @@ def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_
         assert named[name]["status"] == "ok", named[name]["error"]
     assert report["ok"] == 3
     # the poison image's records stay (it never completed): two crashes, each charged to it
-    crashed = list((tmp_path / "out" / "attempts" / named["b_poison.png"]["item_id"]).glob("*.crashed"))
+    crashed = list((tmp_path / "out" / layout.ATTEMPTS / named["b_poison.png"]["item_id"]).glob("*.crashed"))
     assert len(crashed) == 2, crashed
 
 
@@ -217,7 +219,7 @@ def test_local_folders_and_cli(ray_cluster, tmp_path, capsys):
     # the last lines say what it did and what to do next, with commands for this library
     tail = captured.err[captured.err.index("done: "):]
     assert tail.startswith("done: 6 inputs: 0 fitted now, 2 already complete, 1 duplicates, 3 failed\n"), tail
-    for says in (f"{out}/items/<item id>/", f"unziplora bank gallery {out} --out {out}-gallery",
+    for says in (f"{out}/{layout.ITEMS}/<item id>/", f"unziplora bank gallery {out} --out {out}-gallery",
                  f"then open {out}-gallery/index.html", f"unziplora ui {out}", f"unziplora bank search {out} ",
                  f"unziplora registry search WORDS --tracking-uri sqlite:///{out}/mlflow.db",
                  f"unziplora generate --bank {out} --content ITEM_ID"):
@@ -226,8 +228,8 @@ def test_local_folders_and_cli(ray_cluster, tmp_path, capsys):
     named = check_rows(read_manifest(str(out)).to_pylist(), data, str(tmp_path / "in"))
     for name in data.names("ok"):
         check_artifacts(named[name], lambda path: open(path, "rb").read())
-        assert named[name]["output_uri"].startswith(str(out / "items"))
-    parts = sorted((out / "manifest").glob("*.parquet"))
+        assert named[name]["output_uri"].startswith(str(out / layout.ITEMS))
+    parts = sorted((out / layout.MANIFEST).glob("*.parquet"))
     assert len(parts) == 1
     assert pq.read_table(parts[0]).num_rows == len(data.images)
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/manifest/*.parquet') WHERE status = 'ok'").fetchall()[0] == (2,)
@@ -281,7 +283,7 @@ def test_manifest_parts_of_a_new_run_replace_the_old(tmp_path):
     assert table.schema.metadata[b"unziplora.manifest.schema_version"] == str(SCHEMA_VERSION).encode()
     assert table.num_rows == 3 and table.schema.equals(SCHEMA, check_metadata=False)
     parts2 = write_manifest(store, rows[:1], "r2")  # a new run replaces the old parts
-    assert sorted(p.name for p in (tmp_path / "manifest").iterdir()) == [parts2[0].rsplit("/", 1)[-1]]
+    assert sorted(p.name for p in (tmp_path / layout.MANIFEST).iterdir()) == [parts2[0].rsplit("/", 1)[-1]]
 
 
 def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
@@ -293,18 +295,18 @@ def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
 
     items = {item["source_uri"]: item for item in read_inputs(job.input, job.prompts).items}
     legacy = {}
-    for marker in sorted(library.glob("items/*/_SUCCESS")):
+    for marker in sorted(library.glob(layout.marker_key("*"))):
         row = json.loads(marker.read_text())
         ids = identify(items[row["source_uri"]], dataclasses.replace(job, adopt_legacy=True))[0]
         old_id = ids["legacy_item_id"]
         assert ids["item_id"] == row["item_id"] and old_id and old_id != row["item_id"]
         text = marker.read_text().replace(row["item_id"], old_id)
-        marker.parent.rename(library / "items" / old_id)
+        marker.parent.rename(library / layout.ITEMS / old_id)
         row = json.loads(text) | {"schema_version": 2, "base_model_fingerprint": None}
-        (library / "items" / old_id / "_SUCCESS").write_text(json.dumps(row))
+        (library / layout.ITEMS / old_id / layout.MARKER).write_text(json.dumps(row))
         legacy[row["source_uri"]] = old_id
-    shutil.rmtree(library / "sources")
-    shutil.rmtree(library / "attempts")
+    shutil.rmtree(library / layout.SOURCES)
+    shutil.rmtree(library / layout.ATTEMPTS)
     for part in library.glob("manifest/*.parquet"):  # its rows under the old ids, without the columns since
         table = pq.read_table(part)
         rows = []

@@ -17,6 +17,7 @@ from pipeline.scoring import EmbeddingScorer, load_scorer, scorer_spec
 from toyworld import world
 from unziplora import FitConfig, fit
 from unziplora.errors import InputError
+from unziplora.fit_files import CARD, PREVIEWS, PREVIEW_PROMPTS, SCORES
 from unziplora.importance import recalibrate
 from unziplora.layers import UnZipLoRA
 from unziplora.models import load_base_model
@@ -146,21 +147,21 @@ def toy_fit(tmp_path_factory):
 def test_toy_previews_show_each_lora_away_from_its_source(toy_fit):
     base, folder, source = toy_fit
     out = write_previews(base, folder, steps=2, scorer=load_scorer("toy"), source=source)
-    assert set(out["files"]) == {"preview_content.png", "preview_style.png", "previews.json", "scores.json"}
+    assert set(out["files"]) == {PREVIEWS["content"], PREVIEWS["style"], PREVIEW_PROMPTS, SCORES}
     for kind in KINDS:  # a strip of three 32 px panels, stored 8x (256 px) so that one sees them
         shown = Image.open(folder / f"preview_{kind}.png")
         assert shown.size == (3 * 256, 256)
         panel = shown.crop((0, 0, 256, 256))  # each sampled pixel an 8x8 block: nothing made up
         assert panel.resize((32, 32), Image.NEAREST).resize((256, 256), Image.NEAREST).tobytes() == panel.tobytes()
-    shown = json.loads((folder / "previews.json").read_text())["prompts"]
+    shown = json.loads((folder / PREVIEW_PROMPTS).read_text())["prompts"]
     assert shown["style"] == ["A circle in dotted style", "A square in dotted style", "A triangle in dotted style"]
     assert all("sks star" in p and "dotted" not in p for p in shown["content"])
-    scores = json.loads((folder / "scores.json").read_text())
+    scores = json.loads((folder / SCORES).read_text())
     assert scores["scorer"] == "toy-judges" and set(scores["scores"]) == {
         "content", "style", "content_style_leak", "style_shape_leak"}
     assert out["scores"] == scores["scores"]
     assert all(min(abs(v - n / 3) for n in range(4)) < 1e-6 for v in out["scores"].values())  # 3 panels each
-    card = (folder / "README.md").read_text()
+    card = (folder / CARD).read_text()
     assert "`A circle in dotted style`" in card and "Quality scores (toy-judges" in card
     assert "text: A sks star in flat style" in card  # the Hub widget shows the content preview's first prompt
 
@@ -168,9 +169,9 @@ def test_toy_previews_show_each_lora_away_from_its_source(toy_fit):
 def test_previews_with_own_subjects_and_styles(toy_fit):
     base, folder, _ = toy_fit
     write_previews(base, folder, steps=1, subjects=["heart"], styles=["flat", "dotted"])
-    assert json.loads((folder / "previews.json").read_text())["prompts"] == {
+    assert json.loads((folder / PREVIEW_PROMPTS).read_text())["prompts"] == {
         "content": ["A sks star in flat style"], "style": ["A heart in dotted style"]}
-    assert Image.open(folder / "preview_style.png").size == (256, 256)
+    assert Image.open(folder / PREVIEWS["style"]).size == (256, 256)
 
 
 def test_routed_generation_takes_one_prompt(toy_fit):

@@ -24,6 +24,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from pipeline import layout
 from pipeline.job import JobSpec, run_job
 from pipeline.lease import LeaseLostError, LibraryBusyError, LibraryLease
 from pipeline.manifest import past_attempts, read_manifest
@@ -31,6 +32,7 @@ from pipeline.source import read_inputs
 from pipeline.storage import Store, UnsafePathError
 from pipeline_fixtures import AWS_ENV, check_artifacts, free_port, local_ray, local_s3, png_bytes
 from unziplora.errors import InputError
+from unziplora.fit_files import FILES, PREVIEWS, RECORD
 from unziplora.redact import redact, scrub
 
 pytestmark = pytest.mark.timeout(600)
@@ -98,12 +100,12 @@ def test_paths_and_ids_from_data_never_leave_their_folder(tmp_path, capsys):
     store = Store(str(tmp_path / "lib"))
     for part in ("../x", "a/../../x", "/etc/passwd", "", "a\\b", "."):
         with pytest.raises(UnsafePathError, match="would leave its folder"):
-            store.write_bytes(b"x", "items", part, "_SUCCESS")
+            store.write_bytes(b"x", layout.ITEMS, part, layout.MARKER)
     assert not (tmp_path / "x").exists()
     # a hostile manifest: the bank and `registry sync` refuse it with one line, and write nothing outside
     row = empty_row(str(tmp_path / "a.png")) | {"item_id": "../../escaped", "status": "ok"}
-    (tmp_path / "lib" / "manifest").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), tmp_path / "lib" / "manifest" / "part-x.parquet")
+    (tmp_path / "lib" / layout.MANIFEST).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), tmp_path / "lib" / layout.MANIFEST / "part-x.parquet")
     with pytest.raises(InputError, match="'../../escaped' is not an item id"):
         read_manifest(str(tmp_path / "lib"))
     assert main(["bank", "build", str(tmp_path / "lib")]) == 2
@@ -252,7 +254,7 @@ def test_a_full_disk_fails_the_item_cleanly(tmp_path, capsys):
     fs = QuotaFS()
     left = fs.find("/lib")
     assert not [p for p in left if ".tmp-" in p], left
-    assert not [p for p in left if "/items/" in p], left  # no partial fit, no marker
+    assert not [p for p in left if f"/{layout.ITEMS}/" in p], left  # no partial fit, no marker
     assert past_attempts(worker.store, row["item_id"]) == []  # a full disk is not a crash
     QuotaFS.quota = 10**12
     again = worker.process(item)
@@ -354,7 +356,7 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     assert main(["forget", str(quoted), str(other)]) == 0
     rows = read_manifest(job.output).to_pylist()
     assert [r["source_uri"] for r in rows] == [str(folder / "im0.png")]
-    assert len(list(quoted.glob("items/*/_SUCCESS"))) == 2
+    assert len(list(quoted.glob(layout.marker_key("*")))) == 2
 
 
 def test_rows_carry_the_workers_own_error(tmp_path):
@@ -479,8 +481,8 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
             writer.writerows(rows)
         library = folder / "lib" if library_inside else Path(tmp, "lib")
         if library_inside:  # a library holds images of its own (previews): never inputs
-            (library / "items" / ("0" * 24)).mkdir(parents=True)
-            (library / "items" / ("0" * 24) / "preview_style.png").write_bytes(png_bytes(99, 12, 12))
+            (library / layout.ITEMS / ("0" * 24)).mkdir(parents=True)
+            (library / layout.ITEMS / ("0" * 24) / PREVIEWS["style"]).write_bytes(png_bytes(99, 12, 12))
         images = sorted(str(folder / n) for n in kinds if n.endswith((".png", ".jpg", ".webp")))
         job = JobSpec(input=str(folder), output=str(library), fit={"steps": 1, "rank": 1, "recalibrations": 1},
                       tracking=False, preview_steps=0)
@@ -554,20 +556,20 @@ def test_a_fit_whose_files_are_gone_is_not_ok(ray_cluster, monkeypatch_module, m
 
     def upload_then_lose_the_library(store, local_path, *parts):
         upload(store, local_path, *parts)
-        if parts[-1] == "style_lora.safetensors":  # the last file of a fit (sorted names)
-            shutil.rmtree(library / "items")
+        if parts[-1] == FILES["style"]:  # the last file of a fit (sorted names)
+            shutil.rmtree(library / layout.ITEMS)
 
     monkeypatch.setattr(Store, "upload_file", upload_then_lose_the_library)
     report = run_job(job, progress=False)
     assert report["failed"] == 1 and report["ok"] == 0, report
     row = read_manifest(job.output).to_pylist()[0]
     assert "lost the fit's files before its marker was written" in row["error"] and "is missing" in row["error"]
-    assert "\n" not in row["error"] and not list(library.glob("items/*/_SUCCESS"))
+    assert "\n" not in row["error"] and not list(library.glob(layout.marker_key("*")))
     monkeypatch.setattr(Store, "upload_file", upload)
     assert run_job(job, progress=False)["fits_this_run"] == 1
 
     row = read_manifest(job.output).to_pylist()[0]
-    lora = Path(json.loads(row["files"])["content_lora.safetensors"]["uri"])
+    lora = Path(json.loads(row["files"])[FILES["content"]]["uri"])
     lora.unlink()
     assert run_job(job, progress=False)["fits_this_run"] == 0  # the manifest is the index (documented)
     again = run_job(dataclasses.replace(job, recheck=True), progress=False)
@@ -612,7 +614,7 @@ def test_the_library_inside_the_input_is_never_input(where, tmp_path, s3):
     """--output inside --input: the library's files (previews, plots) are skipped and counted, under any
     spelling of either (a symlink locally); --output equal to --input is refused in one line."""
     names = {"im0.png": png_bytes(1, 12, 12), "prompts.csv": b"image,content,style\nim0.png,sks a,ink\n",
-             "lib/items/" + "0" * 24 + "/preview_style.png": png_bytes(2, 12, 12), "lib/plot.png": b"x"}
+             "lib/" + "/".join(layout.item("0" * 24, PREVIEWS["style"])): png_bytes(2, 12, 12), "lib/plot.png": b"x"}
     if where == "local":
         for name, data in names.items():
             (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -677,8 +679,8 @@ def test_a_truncated_manifest_part_is_named_and_repaired(tmp_path, capsys):
     job = build_library(str(inp), str(lib), 6)
     rows = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
     lost = rows[str(inp / "img000002.png")]
-    (lib / "items" / lost["item_id"] / "style_lora.safetensors").unlink()
-    [part] = (lib / "manifest").iterdir()
+    (lib / layout.ITEMS / lost["item_id"] / FILES["style"]).unlink()
+    [part] = (lib / layout.MANIFEST).iterdir()
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     for argv in (["decompose", "--input", str(inp), "--output", str(lib), "--no-tracking", "--quiet"],
                  ["forget", str(lib), str(inp / "img000001.png")], ["bank", "build", str(lib)]):
@@ -717,13 +719,13 @@ def test_generate_names_each_base_and_the_lora_file_that_does_not_fit(tiny_base,
         out_dir=tmp_path / "a", progress=False)
     for name in ("toy", "foreign", "wide"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
-    record = json.loads((tmp_path / "toy" / "fit.json").read_text())
-    (tmp_path / "toy" / "fit.json").write_text(json.dumps(record | {"base_model": "toy",
+    record = json.loads((tmp_path / "toy" / RECORD).read_text())
+    (tmp_path / "toy" / RECORD).write_text(json.dumps(record | {"base_model": "toy",
                                                                     "base_model_fingerprint": "preset:toy"}))
-    save_file({"unet.foo.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "foreign" / "content_lora.safetensors")
-    tensors = load_file(tmp_path / "a" / "style_lora.safetensors")
+    save_file({"unet.foo.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "foreign" / FILES["content"])
+    tensors = load_file(tmp_path / "a" / FILES["style"])
     key = sorted(k for k in tensors if k.endswith("lora_down.weight"))[0]  # a kohya file: lora_down is A
-    save_file(tensors | {key: torch.zeros(2, tensors[key].shape[1] + 1)}, tmp_path / "wide" / "style_lora.safetensors")
+    save_file(tensors | {key: torch.zeros(2, tensors[key].shape[1] + 1)}, tmp_path / "wide" / FILES["style"])
     run = ["--out", str(tmp_path / "x.png"), "--steps", "1", "--device", "cpu"]
     cases = {("--content-from", "a", "--style-from", "toy"): [f"({tmp_path / 'a'}) was fitted on tiny (preset:tiny)",
                                                                 f"({tmp_path / 'toy'}) on toy (preset:toy)"],
@@ -785,7 +787,7 @@ def test_a_full_library_disk_names_the_library_file(tmp_path, monkeypatch):
     assert row["status"] == "failed" and "No space left on device" in row["error"], row["error"]
     assert f"could not write {tmp_path / 'lib' / 'items' / row['item_id']}/" in row["error"], row["error"]
     assert tempfile.gettempdir() + "/unziplora-item-" not in row["error"] and "\n" not in row["error"]
-    assert not list((tmp_path / "lib").glob("items/*/_SUCCESS"))
+    assert not list((tmp_path / "lib").glob(layout.marker_key("*")))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import layout
 from pipeline_fixtures import local_s3
+from unziplora.fit_files import FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 KILLED_UPLOAD = """
 import os, signal, sys
 import s3fs.core
+from pipeline import layout
 from pipeline.storage import Store
+from unziplora.fit_files import FILES
 
 s3fs.core.calculate_chunksize = lambda size, chunksize=None, **kw: 5 * 2**20
 call = s3fs.core.S3FileSystem._call_s3
@@ -32,7 +36,7 @@ async def dies_at_part_2(self, method, *args, **kwargs):
 s3fs.core.S3FileSystem._call_s3 = dies_at_part_2
 root, local = sys.argv[1], sys.argv[2]
 Store(root, {"endpoint_url": os.environ["ENDPOINT"]} if root.startswith("s3://") else {}).upload_file(
-    local, "items", "abc", "content_lora.safetensors")
+    local, *layout.item("abc", FILES["content"]))
 """
 
 
@@ -50,7 +54,7 @@ def test_an_upload_killed_mid_way_leaves_no_partial_object_on_s3(tmp_path, earli
     (tmp_path / "lora").write_bytes(data)
     with local_s3() as s3:
         library = f"lib-{tmp_path.name}"  # moto's state is per process: each case its own library
-        key = f"{library}/items/abc/content_lora.safetensors"
+        key = f"{library}/" + "/".join(layout.item("abc", FILES["content"]))
         if earlier is not None:
             s3.client.put_object(Bucket=s3.bucket, Key=key, Body=earlier)
         done = _run_killed_upload(f"s3://{s3.bucket}/{library}", tmp_path / "lora", {"ENDPOINT": s3.endpoint})
@@ -82,9 +86,9 @@ shutil.copyfile = half_then_die
     done = subprocess.run([sys.executable, "-c", kill_mid_copy, str(tmp_path / "lib"), str(tmp_path / "lora")],
                           capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == -9, done.stderr
-    folder = tmp_path / "lib" / "items" / "abc"
+    folder = tmp_path / "lib" / layout.ITEMS / "abc"
     left = [p.name for p in folder.iterdir()]
-    assert "content_lora.safetensors" not in left
+    assert FILES["content"] not in left
     assert len(left) == 1 and left[0].startswith(".content_lora.safetensors.tmp-")  # the half-written temporary
 
 

@@ -24,6 +24,7 @@ import pytest
 
 import pipeline.job
 from jobs.cli import main as cli_main
+from pipeline import layout
 from pipeline.job import JobSpec, run_job
 from pipeline.manifest import SCHEMA, read_manifest
 from pipeline.registry_names import item_filter, item_handle, item_key, model_name
@@ -31,6 +32,7 @@ from pipeline.storage import Store
 from pipeline.tracking import TAG, redact
 from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, local_s3,
                                make_dataset, sha256_hex, write_local)
+from unziplora.fit_files import CONFIG, FILES, HISTORY, PREVIEWS, PREVIEW_PROMPTS, RECORD, SCORES
 
 pytestmark = pytest.mark.timeout(600)  # generous: CI runs two test files at once on 2 cores
 
@@ -186,11 +188,11 @@ def check_tracked(job: JobSpec, uri: str, rows: list[dict], library: str) -> dic
         assert run.data.metrics["score.style"] == pytest.approx(row["score_style"])
         assert "score.style_shape_leak" not in run.data.metrics
         artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-        assert {"fit.json", "preview_content.png", "preview_style.png", "previews.json", "scores.json",
+        assert {RECORD, PREVIEWS["content"], PREVIEWS["style"], PREVIEW_PROMPTS, SCORES,
                 "loss_curves.png"} <= artifacts, artifacts
         assert "job_summary.png" in {a.path for a in c.list_artifacts(parent.info.run_id)}  # MLflow's log_figure
         files = files_of(row)
-        assert {"preview_content.png", "preview_style.png", "history.json"} <= set(files)
+        assert {PREVIEWS["content"], PREVIEWS["style"], HISTORY} <= set(files)
         for kind in ("content", "style"):
             version = by_item(c, model_name(library, kind), item_id)
             assert row[f"{kind}_model_uri"] == f"models:/{model_name(library, kind)}/{version.version}"
@@ -234,8 +236,8 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
         uri = item_uri(client(mlflow_server.url), "lib-a", "style", item_id)
         assert uri == row["style_model_uri"]
         got = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "plain"))
-        lora = (Path(got) / "style_lora.safetensors").read_bytes()
-        assert sha256_hex(lora) == files_of(row)["style_lora.safetensors"]["sha256"]
+        lora = (Path(got) / FILES["style"]).read_bytes()
+        assert sha256_hex(lora) == files_of(row)[FILES["style"]]["sha256"]
 
         # `unziplora registry search` finds by style text (case-insensitive), `get` fetches one kind's files
         capsys.readouterr()
@@ -251,11 +253,11 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
         assert cli_main(["registry", "get", f"item-{item_id}", "--kind", "style", "--dest", str(dest_style),
                          "--tracking-uri", mlflow_server.url]) == 0
         assert json.loads(capsys.readouterr().out)["model_uri"] == row["style_model_uri"]
-        assert "style_lora.safetensors" in os.listdir(dest_style)
+        assert FILES["style"] in os.listdir(dest_style)
     got_files = sorted(p.name for p in dest.iterdir())
-    assert got_files == ["config.yaml", "content_lora.safetensors", "fit.json", "preview_content.png"], got_files
-    assert sha256_hex((dest / "content_lora.safetensors").read_bytes()) == \
-        files_of(row)["content_lora.safetensors"]["sha256"]
+    assert got_files == [CONFIG, FILES["content"], RECORD, PREVIEWS["content"]], got_files
+    assert sha256_hex((dest / FILES["content"]).read_bytes()) == \
+        files_of(row)[FILES["content"]]["sha256"]
 
     # a re-run fits nothing and registers nothing new
     before = counts(mlflow_server.url)
@@ -299,7 +301,7 @@ def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dat
     for item_id, row in ok.items():
         run = c.get_run(row["mlflow_run_id"])
         assert len(c.get_metric_history(run.info.run_id, "loss")) == row["steps"]  # history.json in the library
-        marker = json.loads(s3.get(f"{row['output_uri']}/_SUCCESS"))
+        marker = json.loads(s3.get(f"{row['output_uri']}/{layout.MARKER}"))
         assert marker["mlflow_run_id"] == row["mlflow_run_id"] and marker["tracking_error"] is None
         assert by_item(c, "lib-b-style", item_id).run_id == run.info.run_id
     assert SECRET not in everything_logged(c, experiment.experiment_id)
@@ -327,12 +329,12 @@ def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path, caps
         got = mlflow.artifacts.download_artifacts(item_uri(client(uri), library, "style", item_id),
                                                   dst_path=str(tmp_path / "dl"))
     # with log_lora_artifacts the version points at the run's copy: only that kind's files
-    assert sorted(os.listdir(got)) == ["style_lora.safetensors"]  # the one file (kohya format)
+    assert sorted(os.listdir(got)) == [FILES["style"]]  # the one file (kohya format)
     assert (out / "mlartifacts").as_uri() in client(uri).get_model_version(f"{library}-style", "1").source
     for spec in (f"{library}-content/1", f"{library}-content"):  # a version number; the latest version
         dest = tmp_path / spec.replace("/", "_")
         assert cli_main(["registry", "get", spec, "--dest", str(dest), "--tracking-uri", uri]) == 0
-        assert sorted(p.name for p in dest.iterdir()) == ["content_lora.safetensors"]
+        assert sorted(p.name for p in dest.iterdir()) == [FILES["content"]]
 
     # the same library as the layout before issue 34 left it: no item tags, an alias `item-<id>` per version
     c = client(uri)
@@ -362,7 +364,7 @@ def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path, caps
     with environ({"MLFLOW_TRACKING_URI": uri}):  # the documented URI, after the move
         got = mlflow.artifacts.download_artifacts(item_uri(c, library, "content", item_id),
                                                   dst_path=str(tmp_path / "migrated"))
-    assert "content_lora.safetensors" in os.listdir(got)
+    assert FILES["content"] in os.listdir(got)
     # a second sync finds nothing to move, and neither creates a run or a version
     assert cli_main(["registry", "sync", str(out), "--all"]) == 0
     assert "migrated" not in json.loads(capsys.readouterr().out)
@@ -377,7 +379,7 @@ def test_redact_and_old_manifest_parts(tmp_path):
     old = pa.table({"schema_version": pa.array([1], pa.int32()), "source_uri": ["a.png"], "status": ["ok"]})
     buffer = io.BytesIO()
     pq.write_table(old, buffer)
-    Store(str(tmp_path)).write_bytes(buffer.getvalue(), "manifest", "part-old-00000.parquet")
+    Store(str(tmp_path)).write_bytes(buffer.getvalue(), layout.MANIFEST, "part-old-00000.parquet")
     table = read_manifest(str(tmp_path))
     assert table.schema.equals(SCHEMA) and table.to_pylist()[0]["mlflow_run_id"] is None
 
@@ -441,8 +443,8 @@ def test_loras_registered_as_diffusers_models(s3, pg_mlflow_server, ray_cluster,
         assert cli_main(["registry", "get", item_handle("lib-d", "style", row["item_id"]), "--dest",
                          str(tmp_path / "got"), "--tracking-uri", mlflow_server.url]) == 0
         assert json.loads(capsys.readouterr().out)["model_uri"] == row["style_model_uri"]
-        assert sha256_hex((tmp_path / "got" / "style_lora.safetensors").read_bytes()) == \
-            files_of(row)["style_lora.safetensors"]["sha256"]
+        assert sha256_hex((tmp_path / "got" / FILES["style"]).read_bytes()) == \
+            files_of(row)[FILES["style"]]["sha256"]
         image = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").predict(
             pd.DataFrame({"prompt": ["A sks thing0"]}), params={"num_inference_steps": 2, "height": 64, "width": 64})
         assert len(image) == 1
@@ -487,8 +489,8 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
     with environ({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url} | AWS_ENV):
         uri = item_uri(client(mlflow_server.url), "lib-e", "style", second["item_id"])
         got = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "models")))
-    want = files_of(second)["style_lora.safetensors"]["sha256"]
-    assert sha256_hex((got / "style_lora.safetensors").read_bytes()) == want
+    want = files_of(second)[FILES["style"]]["sha256"]
+    assert sha256_hex((got / FILES["style"]).read_bytes()) == want
 
     # the bank of the S3 library: built, searched by the second fit's own style text
     capsys.readouterr()
@@ -510,8 +512,8 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
     image = Image.open(out)
     assert image.size == (64, 64) and len(set(image.getdata())) > 1  # drawn, not a blank
     for row in (first, second):  # what generate read: the fits' files, downloaded and checked against the manifest
-        cached = tmp_path / "cache" / row["item_id"] / "style_lora.safetensors"
-        assert sha256_hex(cached.read_bytes()) == files_of(row)["style_lora.safetensors"]["sha256"]
+        cached = tmp_path / "cache" / row["item_id"] / FILES["style"]
+        assert sha256_hex(cached.read_bytes()) == files_of(row)[FILES["style"]]["sha256"]
 
 
 def test_job_summary_figure_counts_in_whole_numbers_and_labels_do_not_overlap():

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .fit_files import CARD, FILES, LORA_COPY, PREVIEW_PROMPTS, PREVIEWS, RECORD, SCORES
+
 TAGS = ["lora", "text-to-image", "diffusers", "unziplora", "stable-diffusion-xl"]
-PREVIEWS = {"content": "preview_content.png", "style": "preview_style.png"}
+
 
 TEMPLATE = """---
 {{ card_data }}
@@ -88,16 +90,16 @@ def write_model_card(folder: str | Path) -> Path:
     from .export import lora_format
 
     folder = Path(folder)
-    record = json.loads((folder / "fit.json").read_text())
+    record = json.loads((folder / RECORD).read_text())
     settings, prompts = record["settings"], record["prompts"]
     fingerprint = record.get("base_model_fingerprint") or ""
     hub = fingerprint.startswith("hub:")
     previews = {kind: name for kind, name in PREVIEWS.items() if (folder / name).is_file()}
-    kohya = lora_format(folder / "content_lora.safetensors") == "kohya"  # fits before the one-file default: diffusers
-    copies = sorted(p.name for p in folder.glob("*_lora_*.safetensors"))  # other formats, where written
-    shown = _read(folder / "previews.json").get("prompts") or {}
+    kohya = lora_format(folder / FILES["content"]) == "kohya"  # fits before the one-file default: diffusers
+    copies = sorted(p.name for p in folder.glob(LORA_COPY.format(kind="*", fmt="*")))  # other formats, where written
+    shown = _read(folder / PREVIEW_PROMPTS).get("prompts") or {}
     preview_prompts = {kind: shown.get(kind) or [prompts[kind]] for kind in previews}  # older fits: own prompt
-    scored = _read(folder / "scores.json")
+    scored = _read(folder / SCORES)
     subject = settings["content"] if len(settings["content"]) < 40 else settings["content"][:37] + "..."
     data = ModelCardData(
         base_model=settings["base_model"] if hub else None, library_name="diffusers", pipeline_tag="text-to-image",
@@ -113,8 +115,8 @@ def write_model_card(folder: str | Path) -> Path:
         fingerprint=fingerprint or "unknown", load_base=_load_base_code(settings, fingerprint),
         settings=[(k, settings[k]) for k in SHOWN_SETTINGS if k in settings], final=record["final"], kohya=kohya,
         copies=copies)
-    card.save(folder / "README.md")
-    return folder / "README.md"
+    card.save(folder / CARD)
+    return folder / CARD
 
 
 def _read(path: Path) -> dict:

@@ -36,16 +36,16 @@ from safetensors.torch import save as safetensors_bytes
 from .config import DEFAULT_FORMATS, FitConfig, check_formats
 from .errors import InputError
 from .card import write_model_card
+from .fit_files import CONFIG, FILES, LORA_COPY, MASKS, MERGERS, RECORD  # noqa: F401 (FILES: export.FILES)
 from .layers import TARGETS, UnZipLoRA
 from .roles import KINDS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FILES = {kind: f"{kind}_lora.safetensors" for kind in KINDS}  # each LoRA's one file, in the first format
 
 
-def lora_file_name(kind: str, fmt: str, formats: tuple[str, ...]) -> str:
+def lora_file_name(kind: str, fmt: str, formats: tuple[str, ...] | None = None) -> str:
     """The first format's file is `{kind}_lora.safetensors`, any other's `{kind}_lora_{fmt}.safetensors`."""
-    return FILES[kind] if fmt == formats[0] else f"{kind}_lora_{fmt}.safetensors"
+    return FILES[kind] if formats and fmt == formats[0] else LORA_COPY.format(kind=kind, fmt=fmt)
 
 
 @torch.no_grad()
@@ -54,13 +54,12 @@ def adapter_tensors(adapter: UnZipLoRA, save_precision: str = "fp16") -> dict[st
     dtype = DTYPES[save_precision]
     out = {kind: {} for kind in KINDS} | {"mergers": {}, "masks": {}}
     for name, layer in adapter.named_layers():
-        cols = layer.columns()
-        for i, kind in enumerate(KINDS):
+        for kind in KINDS:
             A, B = layer.factors(kind)
-            mask = adapter.gates.masks[i, cols]
+            mask = layer.mask(kind)
             out[kind][f"{name}.lora_A.weight"] = A.detach().to("cpu", dtype).contiguous()
             out[kind][f"{name}.lora_B.weight"] = (B * mask[:, None]).to("cpu", dtype).contiguous()
-            out["mergers"][f"{name}.{kind}"] = adapter.gates.mergers[i, cols].detach().float().cpu().contiguous()
+            out["mergers"][f"{name}.{kind}"] = layer.merger(kind).detach().float().cpu().contiguous()
             out["masks"][f"{name}.{kind}"] = mask.float().cpu().contiguous()
     return out
 
@@ -224,13 +223,13 @@ def write_fit(result, out_dir: str | Path, *, overwrite: bool = False, started: 
         for kind in KINDS:
             for fmt in formats:
                 write_lora(staging / lora_file_name(kind, fmt, formats), fmt, kind, tensors[kind], config, record)
-        save_file(tensors["mergers"], staging / "mergers.safetensors")
-        save_file(tensors["masks"], staging / "masks.safetensors")
-        config.save(staging / "config.yaml")
+        save_file(tensors["mergers"], staging / MERGERS)
+        save_file(tensors["masks"], staging / MASKS)
+        config.save(staging / CONFIG)
         record["timings"]["export_s"] = time.perf_counter() - t
         if started is not None:
             record["timings"]["total_s"] = time.perf_counter() - started
-        (staging / "fit.json").write_text(json.dumps(record, indent=2))
+        (staging / RECORD).write_text(json.dumps(record, indent=2))
         write_model_card(staging)
         _make_readable(staging)
         if out.exists():  # --overwrite: move the old fit aside first, delete it only once the new one is in
@@ -283,7 +282,7 @@ class FitArtifacts:
         main = self.path / FILES[kind]
         if fmt is None or _format_of(main) == fmt:
             return main
-        other = self.path / f"{kind}_lora_{fmt}.safetensors"
+        other = self.path / lora_file_name(kind, fmt)
         if not other.is_file():
             raise InputError(f"{self.path} holds no {fmt}-format {kind} LoRA: `unziplora export {self.path} "
                              f"--format {fmt}` writes one")
@@ -300,10 +299,10 @@ class FitArtifacts:
         return {k.removeprefix("unet."): v for k, v in tensors.items()}
 
     def mergers(self) -> dict[str, torch.Tensor]:
-        return self.tensors["mergers"] if self.tensors is not None else read_tensors(self.path / "mergers.safetensors")
+        return self.tensors["mergers"] if self.tensors is not None else read_tensors(self.path / MERGERS)
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return self.tensors["masks"] if self.tensors is not None else read_tensors(self.path / "masks.safetensors")
+        return self.tensors["masks"] if self.tensors is not None else read_tensors(self.path / MASKS)
 
 
 def _format_of(path: Path) -> str:
@@ -315,7 +314,7 @@ def export_lora(fit: "FitArtifacts", kind: str, fmt: str, out_dir: str | Path) -
     `out_dir`, written whole under a temporary name, then renamed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final = out / f"{kind}_lora_{check_formats([fmt])[0]}.safetensors"
+    final = out / lora_file_name(kind, check_formats([fmt])[0])
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=out))
     try:
         write_lora(staging / final.name, fmt, kind, fit.lora_state_dict(kind), fit.config, fit.record)
@@ -343,9 +342,9 @@ def read_safetensors(path, read):
 
 def load_fit(path: str | Path) -> FitArtifacts:
     path = Path(path)
-    record_file = path / "fit.json"
+    record_file = path / RECORD
     if not record_file.is_file():
-        raise InputError(f"{path} is not a fit directory (no fit.json)")
+        raise InputError(f"{path} is not a fit directory (no {RECORD})")
     try:
         record = json.loads(record_file.read_text())
     except ValueError as exc:

@@ -172,19 +172,13 @@ def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts) ->
                          "use mode='direct'")
     adapter = UnZipLoRA(base.unet, content.config.rank, content.config.role_table or base.role_table,
                         init="zeros").to(base.device)
-    with torch.no_grad():
-        for i, (kind, fit) in enumerate(zip(KINDS, (content, style))):
-            state, mergers, masks = fit.lora_state_dict(kind), fit.mergers(), fit.masks()
-            try:
-                for name, layer in adapter.named_layers():
-                    r, cols = layer.rank, layer.columns()
-                    layer.lora_A[i * r:(i + 1) * r] = state[f"{name}.lora_A.weight"]
-                    layer.lora_B[:, i] = state[f"{name}.lora_B.weight"]
-                    adapter.gates.mergers[i, cols] = mergers[f"{name}.{kind}"]
-                    adapter.gates.masks[i, cols] = masks[f"{name}.{kind}"]
-            except (KeyError, RuntimeError) as exc:  # another role table or model: name the fit, not a line of ours
-                raise InputError(f"{fit.path}: its {kind} LoRA, mergers or masks do not fit the adapter on "
-                                 f"{base.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    for kind, fit in zip(KINDS, (content, style)):
+        state, mergers, masks = fit.lora_state_dict(kind), fit.mergers(), fit.masks()
+        try:
+            adapter.load_kind(kind, state, mergers, masks)
+        except (KeyError, RuntimeError) as exc:  # another role table or model: name the fit, not a line of ours
+            raise InputError(f"{fit.path}: its {kind} LoRA, mergers or masks do not fit the adapter on "
+                             f"{base.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return adapter
 
 

@@ -18,9 +18,7 @@ CONE_THRESHOLD = 1e-5
 def cone_scores(layer: DualLoRALinear, kind: str, merger: torch.Tensor) -> torch.Tensor:
     """score_j = mean_i 1[|dW_ij * G_ij| > 1e-5], dW = B A, G = (B gradA + gradB A) * m[:, None]."""
     A, B = layer.factors(kind)
-    i = KINDS.index(kind)
-    grad_A = layer.lora_A.grad[i * layer.rank:(i + 1) * layer.rank]
-    grad_B = layer.lora_B.grad[:, i]
+    grad_A, grad_B = layer.grads(kind)
     delta_w = B @ A
     grad_w = (B @ grad_A + grad_B @ A) * merger[:, None]
     return ((delta_w * grad_w).abs() > CONE_THRESHOLD).float().mean(dim=1)
@@ -55,39 +53,36 @@ def recalibrate(adapter: UnZipLoRA, ratio: float, fresh: bool = False, owner: bo
     With `owner`, no column is ever held by both: a sparse LoRA picks only among columns where its importance
     beats the other LoRA's, and a column it takes is taken from the other (full or sparse). "Off" LoRAs hold none.
     """
-    masks, mergers = adapter.gates.masks, adapter.gates.mergers
     for _, layer in adapter.named_layers():
-        cols = layer.columns()
         k = int(ratio * layer.out_features)
-        sparse = [i for i, kind in enumerate(KINDS) if layer.role.is_sparse(kind)]
+        sparse = [kind for kind in KINDS if layer.role.is_sparse(kind)]
         if not sparse:
             continue
-        scores = {i: cone_scores(layer, kind, mergers[i, cols]) for i, kind in enumerate(KINDS)
-                  if i in sparse or (owner and layer.role.is_full(kind))}
-        for i in sparse:  # content first
-            other = 1 - i
+        scores = {kind: cone_scores(layer, kind, layer.merger(kind)) for kind in KINDS
+                  if kind in sparse or (owner and layer.role.is_full(kind))}
+        for kind in sparse:  # content first
+            other = KINDS[1 - KINDS.index(kind)]
+            mask, other_mask = layer.mask(kind), layer.mask(other)  # views: writing them writes the gates
             if owner:
-                forbidden = (scores[other] >= scores[i]) if other in scores else torch.zeros_like(masks[i, cols])
+                forbidden = (scores[other] >= scores[kind]) if other in scores else torch.zeros_like(mask)
             else:
-                forbidden = masks[other, cols] if layer.role.exclusive else torch.zeros_like(masks[i, cols])
+                forbidden = other_mask if layer.role.exclusive else torch.zeros_like(mask)
             if fresh:
-                forbidden = torch.maximum(forbidden.float(), masks[i, cols])
-            picked = top_k_columns(scores[i], k, forbidden)
-            masks[i, cols] = torch.maximum(masks[i, cols], picked)
+                forbidden = torch.maximum(forbidden.float(), mask)
+            picked = top_k_columns(scores[kind], k, forbidden)
+            mask.copy_(torch.maximum(mask, picked))
             if owner:  # what this LoRA won, the other no longer holds
-                masks[other, cols] = masks[other, cols] * (1 - picked)
+                other_mask.mul_(1 - picked)
 
 
 def mask_stats(adapter: UnZipLoRA) -> dict[str, dict[str, float]]:
     """Fraction of columns each LoRA holds, per block role, and their overlap."""
-    masks = adapter.gates.masks
-    by_role: dict[str, list[slice]] = {}
+    by_role: dict[str, list[DualLoRALinear]] = {}
     for _, layer in adapter.named_layers():
-        by_role.setdefault(layer.role.name, []).append(layer.columns())
+        by_role.setdefault(layer.role.name, []).append(layer)
     stats = {}
-    for role, slices in sorted(by_role.items()):
-        idx = torch.cat([torch.arange(s.start, s.stop) for s in slices])
-        m = masks[:, idx]
-        stats[role] = {"content": float(m[0].mean()), "style": float(m[1].mean()),
-                       "overlap": float((m[0] * m[1]).mean()), "layers": len(slices)}
+    for role, layers in sorted(by_role.items()):
+        content, style = (torch.cat([layer.mask(kind) for layer in layers]) for kind in KINDS)
+        stats[role] = {"content": float(content.mean()), "style": float(style.mean()),
+                       "overlap": float((content * style).mean()), "layers": len(layers)}
     return stats

@@ -4,8 +4,13 @@
 
 x_c = x_s = x everywhere except attn2.to_k / attn2.to_v, where the content and style prompts are routed
 in by `PromptRoutingProcessor`. Where both LoRAs see the same input they run as ONE rank-2r LoRA
-(`[A_c; A_s] x`, then `[B_c g_c | B_s g_s]`), so a step costs about what a single LoRA's step costs.
+(`[A_c x; A_s x]`, then `[B_c g_c | B_s g_s]`), so a step costs about what a single LoRA's step costs.
 Dense delta-W is never built in the forward pass.
+
+Each LoRA's factors are parameters of their own (`lora_A[kind]`, `lora_B[kind]`, as peft's LoraLayer keys its
+adapters), stacked only for a pass; the rest of the package reaches one LoRA through `factors`, `grads`,
+`set_factors`, `mask` and `merger` of a layer and `load_kind` / `lora_parameter_groups` of the adapter, never
+through the layout.
 
 All mergers m and masks M of all layers live in two flat tensors owned by `ColumnGates`, so the
 orthogonality loss, the merger clamp and the overlap-only merger gradient are one tensor op each.
@@ -98,7 +103,7 @@ class ColumnGates(nn.Module):
 class DualLoRALinear(nn.Module):
     """A frozen linear plus a content and a style LoRA of rank r, each gated per output column.
 
-    Parameters are stacked: `lora_A` is (2r, in) = [A_c; A_s]; `lora_B` is (out, 2, r) = [B_c, B_s].
+    Parameters, per kind ("content", "style"): `lora_A[kind]` (r, in) and `lora_B[kind]` (out, r).
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int, role: Role, routed: bool, gates: ColumnGates,
@@ -108,22 +113,28 @@ class DualLoRALinear(nn.Module):
         self.rank, self.role, self.routed, self.index, self.offset = rank, role, routed, index, offset
         self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         self._gates = [gates]  # a list: shared, not a registered submodule of every layer
-        self.lora_A = nn.Parameter(torch.empty(2 * rank, self.in_features, device=base_layer.weight.device))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, 2, rank, device=base_layer.weight.device))
+        device = base_layer.weight.device
+        self.lora_A = nn.ParameterDict({k: torch.empty(rank, self.in_features, device=device) for k in KINDS})
+        self.lora_B = nn.ParameterDict({k: torch.empty(self.out_features, rank, device=device) for k in KINDS})
         self.reset_parameters(init, generator)
         self.route: tuple[torch.Tensor, torch.Tensor] | None = None  # set per call by the processor
 
     @torch.no_grad()
     def reset_parameters(self, init: str, generator: torch.Generator | None) -> None:
+        # drawn for both LoRAs at once, [A_c; A_s] (2r, in) and [B_c, B_s] (out, 2, r): a seed gives the LoRAs it
+        # always gave
+        shape_A, shape_B = (2 * self.rank, self.in_features), (self.out_features, 2, self.rank)
         if init == "reference":  # both factors ~ N(0, (1/r)^2): each LoRA slightly non-zero at step 0
-            self.lora_A.copy_(torch.randn(self.lora_A.shape, generator=generator) / self.rank)
-            self.lora_B.copy_(torch.randn(self.lora_B.shape, generator=generator) / self.rank)
+            A = torch.randn(shape_A, generator=generator) / self.rank
+            B = torch.randn(shape_B, generator=generator) / self.rank
         elif init == "zeros":  # the usual LoRA init: A random, B zero, so the start equals the base
             bound = 1.0 / self.in_features ** 0.5
-            self.lora_A.copy_(torch.rand(self.lora_A.shape, generator=generator) * 2 * bound - bound)
-            self.lora_B.zero_()
+            A = torch.rand(shape_A, generator=generator) * 2 * bound - bound
+            B = torch.zeros(shape_B)
         else:
             raise ValueError(f"unknown init {init!r}; use 'reference' or 'zeros'")
+        for i, kind in enumerate(KINDS):
+            self.set_factors(kind, A[i * self.rank:(i + 1) * self.rank], B[:, i])
 
     def column_gates(self) -> torch.Tensor:
         """(out, 2, 1): this layer's slice of the gates, shaped to scale B's rows."""
@@ -131,22 +142,48 @@ class DualLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        gated_B = self.lora_B * self.column_gates()  # (out, 2, r)
-        dtype = self.lora_A.dtype
-        if self.route is None:
-            delta = F.linear(F.linear(x.to(dtype), self.lora_A), gated_B.reshape(self.out_features, -1))
+        gates = self.column_gates()  # (out, 2, 1)
+        (A_c, B_c), (A_s, B_s) = self.factors("content"), self.factors("style")
+        gated_c, gated_s = B_c * gates[:, 0], B_s * gates[:, 1]  # (out, r): the gates scale B's rows
+        if self.route is None:  # one rank-2r LoRA: [B_c g_c | B_s g_s] [A_c x; A_s x]
+            # (A_c x and A_s x apart: a concatenated [A_c; A_s] would be one more tensor the backward pass keeps)
+            x = x.to(A_c.dtype)
+            delta = F.linear(torch.cat([F.linear(x, A_c), F.linear(x, A_s)], -1), torch.cat([gated_c, gated_s], 1))
         else:
-            content_x, style_x = (t.to(dtype) for t in self.route)
-            r = self.rank
-            delta = F.linear(F.linear(content_x, self.lora_A[:r]), gated_B[:, 0]) + \
-                F.linear(F.linear(style_x, self.lora_A[r:]), gated_B[:, 1])
+            content_x, style_x = (t.to(A_c.dtype) for t in self.route)
+            delta = F.linear(F.linear(content_x, A_c), gated_c) + F.linear(F.linear(style_x, A_s), gated_s)
         return out + delta.to(out.dtype)
 
-    # ---- views used by recalibration and export ----
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both LoRAs as one rank-2r LoRA (new tensors, for a pass): A (2r, in) = [A_c; A_s], B (out, 2, r)."""
+        return (torch.cat([self.lora_A[k] for k in KINDS]),
+                torch.stack([self.lora_B[k] for k in KINDS], dim=1))
+
+    # ---- one LoRA of the layer (`kind`: "content" or "style"): the only code that knows the layout ----
     def factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_k, B_k) of one LoRA: A (r, in), B (out, r)."""
-        i = KINDS.index(kind)
-        return self.lora_A[i * self.rank:(i + 1) * self.rank], self.lora_B[:, i]
+        """(A_k, B_k) of one LoRA, its parameters: A (r, in), B (out, r)."""
+        return self.lora_A[kind], self.lora_B[kind]
+
+    def grads(self, kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gradients of (A_k, B_k), None where there is none."""
+        A, B = self.factors(kind)
+        return A.grad, B.grad
+
+    @torch.no_grad()
+    def set_factors(self, kind: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy (A_k, B_k) in (any dtype or device); a tensor of another shape raises RuntimeError."""
+        for own, new in zip(self.factors(kind), (A, B)):
+            if own.shape != new.shape:
+                raise RuntimeError(f"{kind} LoRA factor of shape {tuple(new.shape)} for one of {tuple(own.shape)}")
+            own.copy_(new)
+
+    def mask(self, kind: str) -> torch.Tensor:
+        """(out,): this layer's binary column mask of one LoRA, a view into the shared gates (writable)."""
+        return self._gates[0].masks[KINDS.index(kind), self.columns()]
+
+    def merger(self, kind: str) -> torch.Tensor:
+        """(out,): this layer's column mergers of one LoRA, a view into the shared gates (writable)."""
+        return self._gates[0].mergers[KINDS.index(kind), self.columns()]
 
     def columns(self) -> slice:
         return slice(self.offset, self.offset + self.out_features)
@@ -168,8 +205,9 @@ class StackedDualLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         k, r = len(self.fits), self.fits[0].rank
-        A = torch.stack([f.lora_A for f in self.fits])  # (K, 2r, in)
-        B = torch.stack([f.lora_B for f in self.fits]) * self._batch[0].layer_gates(self.index)  # (K, out, 2, r)
+        stacked = [f.stacked() for f in self.fits]
+        A = torch.stack([a for a, _ in stacked])  # (K, 2r, in)
+        B = torch.stack([b for _, b in stacked]) * self._batch[0].layer_gates(self.index)  # (K, out, 2, r)
         if self.route is None:
             delta = _per_fit(x, A, B.reshape(k, B.shape[1], 2 * r))
         else:
@@ -309,8 +347,31 @@ class UnZipLoRA(nn.Module):
         for (full_name, *_), layer in zip(self._slots, self.layers.values()):
             yield full_name, layer
 
-    def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+    def lora_parameters(self, kind: str | None = None) -> list[nn.Parameter]:
+        """The LoRA factors of every layer: of one LoRA, or of both."""
+        kinds = KINDS if kind is None else (kind,)
+        return [p for layer in self.layers.values() for k in kinds for p in layer.factors(k)]
+
+    def lora_parameter_groups(self) -> dict[tuple[str, bool], list[nn.Parameter]]:
+        """Each LoRA's factors, split by whether a layer is in that LoRA's own blocks (its role is named after
+        the LoRA): (kind, own blocks) -> parameters, empty groups left out. What a step trains is a union of
+        these (an alone step: one LoRA's own blocks), so per-LoRA learning rates are optimizer parameter groups."""
+        groups = {(kind, own): [] for kind in KINDS for own in (True, False)}
+        for layer in self.layers.values():
+            for kind in KINDS:
+                groups[(kind, layer.role.name == kind)].extend(layer.factors(kind))
+        return {key: params for key, params in groups.items() if params}
+
+    @torch.no_grad()
+    def load_kind(self, kind: str, state: dict[str, torch.Tensor], mergers: dict[str, torch.Tensor],
+                  masks: dict[str, torch.Tensor]) -> None:
+        """One LoRA of every layer from a peft-format state dict (`<layer>.lora_A.weight`, `.lora_B.weight`) and
+        its mergers and masks (`<layer>.<kind>`), as `export.adapter_tensors` gives them; the other LoRA is left
+        as it is. A missing key raises KeyError, a tensor of another shape RuntimeError."""
+        for name, layer in self.named_layers():
+            layer.set_factors(kind, state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"])
+            layer.merger(kind).copy_(mergers[f"{name}.{kind}"])
+            layer.mask(kind).copy_(masks[f"{name}.{kind}"])
 
     def attach(self) -> "UnZipLoRA":
         self._batch = FitBatch(self._unet[0], [self]).__enter__()

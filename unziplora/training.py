@@ -26,7 +26,6 @@ from .images import image_to_tensor, load_image
 from .importance import mask_stats, recalibrate
 from .layers import FitBatch, UnZipLoRA
 from .models import BaseModel, load_base_model_for
-from .roles import KINDS
 
 StepCallback = Callable[[int, dict], None]
 
@@ -207,10 +206,14 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         device = gates.mergers.device
         self.rng = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
+        # each LoRA's own learning rate; a parameter group per LoRA and per "its own blocks or not", whose rate
+        # each step sets (`_set_learning_rates`)
+        self.lora_lr = {"content": config.lr, "style": config.style_lr or config.lr}
+        lora_groups = [{"params": params, "lr": self.lora_lr[kind], "weight_decay": config.weight_decay,
+                        "lora": (kind, own)} for (kind, own), params in self.adapter.lora_parameter_groups().items()]
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.adapter.lora_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
-             # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
-             {"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
+            # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
+            lora_groups + [{"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
             # fused: one kernel for all parameters (a per-tensor loop over hundreds of LoRA factors costs ~20 %
             # of a tiny step on CPU; benchmarks/step_overhead.py)
             betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
@@ -218,9 +221,6 @@ class FitState:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.latents.dtype == torch.float16)
         self.trainable = self.adapter.lora_parameters() + [gates.mergers]
         self.calibration_steps = set(config.calibration_steps)
-        # the style LoRA's own learning rate: its half of each optimizer step is stretched by this ratio
-        # (both LoRAs share stacked tensors, so they cannot be two parameter groups)
-        self.style_step_ratio = (config.style_lr or config.lr) / config.lr
 
     def restarted(self, base: BaseModel) -> "FitState":
         """This fit from step 0 again: a fresh adapter from its seed, its encoded prompts and image kept."""
@@ -276,12 +276,9 @@ class FitState:
         torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
         alone = gates.alone
         frozen = "content" if self.in_style_stage else None
-        adjust = alone is not None or frozen is not None or self.style_step_ratio != 1
-        before = [p.detach().clone() for p in self.adapter.lora_parameters()] if adjust else None
+        self._set_learning_rates(alone, frozen)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if adjust:
-            self._adjust_step(before, alone, frozen)
         gates.clamp_()
         metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}
         if frozen:
@@ -296,20 +293,16 @@ class FitState:
             self.on_step(self.step, metrics)
         self.step += 1
 
-    @torch.no_grad()
-    def _adjust_step(self, before: list[torch.Tensor], alone: str | None, frozen: str | None = None) -> None:
-        """What the optimizer step did, per LoRA half (both share stacked tensors, so they cannot be two
-        parameter groups): the style half moved `style_step_ratio` times as far; on an alone step only that
-        LoRA's half on its own blocks moves at all, and a `frozen` LoRA's half not at all (no momentum drift
-        of what the step did not train)."""
-        for layer, a0, b0 in zip(self.adapter.layers.values(), before[0::2], before[1::2]):
-            r = layer.rank
-            for i, kind in enumerate(KINDS):
-                if kind == frozen or (alone is not None and (kind != alone or layer.role.name != kind)):
-                    layer.lora_A[i * r:(i + 1) * r], layer.lora_B[:, i] = a0[i * r:(i + 1) * r], b0[:, i]
-                elif kind == "style" and self.style_step_ratio != 1:
-                    layer.lora_A[r:] = torch.lerp(a0[r:], layer.lora_A[r:], self.style_step_ratio)
-                    layer.lora_B[:, 1] = torch.lerp(b0[:, 1], layer.lora_B[:, 1], self.style_step_ratio)
+    def _set_learning_rates(self, alone: str | None, frozen: str | None = None) -> None:
+        """This step's rate of each LoRA parameter group: its LoRA's own, but on an alone step 0 for all except
+        that LoRA's own blocks, and 0 for a `frozen` LoRA. A rate of 0 leaves a parameter exactly as it was (no
+        momentum drift or weight decay of what the step did not train) while AdamW's moments still take the
+        step's gradient, as they did when the step was undone afterwards."""
+        for group in self.optimizer.param_groups:
+            if "lora" in group:
+                kind, own = group["lora"]
+                moves = kind != frozen and (alone is None or (kind == alone and own))
+                group["lr"] = self.lora_lr[kind] if moves else 0.0
 
 
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]"

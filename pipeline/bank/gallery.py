@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from unziplora import fit_files
+
 from ..storage import open_url
 
 THUMB = 256
@@ -140,7 +142,7 @@ def _href(target: str | None) -> str | None:
 def _links(hit: dict, registry: dict) -> dict[str, str]:
     """label -> URL: the fit's model card and, on an MLflow server, its run page."""
     out = {}
-    card = _href((hit.get("files") or {}).get("README.md", {}).get("uri"))
+    card = _href((hit.get("files") or {}).get(fit_files.CARD, {}).get("uri"))
     if card:
         out["model card"] = card
     server, experiment = registry.get("tracking_uri") or "", registry.get("experiment_id")

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from unziplora.errors import InputError
 from unziplora.images import load_image
 
+from .. import layout
 from ..manifest import read_manifest
 from ..storage import Store, open_url
 from .embedders import TEXT_DEFAULT, load_embedder
@@ -107,7 +108,7 @@ def decode(data: bytes):
 
 def read_rows(store: Store, storage_options: dict | None) -> pa.Table:
     """The library's manifest; a URL without one is a user error, not an empty bank."""
-    if not any(p.endswith(".parquet") for p in store.list("manifest")):
+    if not any(p.endswith(".parquet") for p in store.list(layout.MANIFEST)):
         raise InputError(f"{store.url()} has no manifest/*.parquet: is it a library (a decompose --output)?")
     return read_manifest(store.url(), storage_options)
 

@@ -21,8 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from unziplora import fit_files
 from unziplora.errors import InputError
 
+from .. import layout
 from ..manifest import check_item_id
 from ..registry_names import KINDS, item_handle, library_name
 from ..storage import Store, open_url
@@ -30,8 +32,7 @@ from .embedders import TEXT_DEFAULT, load_embedder
 from .index import decode, field_texts, read_meta, read_rows, read_vectors
 
 # Files a fit directory needs for `unziplora generate` (copies in other formats, where a fit has them, are not).
-FIT_FILES = ("fit.json", "config.yaml", "content_lora.safetensors", "style_lora.safetensors",
-             "mergers.safetensors", "masks.safetensors")
+FIT_FILES = (fit_files.RECORD, fit_files.CONFIG, *fit_files.FILES.values(), fit_files.MERGERS, fit_files.MASKS)
 ITEM_ID = re.compile(r"^[0-9a-f]{6,64}$")
 
 
@@ -167,8 +168,8 @@ class Bank:
         `<library>-<kind>@item-<id>` that `unziplora registry get` resolves (by the version's item tag)."""
         row = {name: self.rows[name][i].as_py() for name in self.rows.column_names}
         row["files"] = json.loads(row["files"]) if row.get("files") else {}
-        row["previews"] = {kind: row["files"][f"preview_{kind}.png"]["uri"] for kind in KINDS
-                           if f"preview_{kind}.png" in row["files"]}
+        row["previews"] = {kind: row["files"][name]["uri"] for kind, name in fit_files.PREVIEWS.items()
+                           if name in row["files"]}
         row["registry"] = ({kind: item_handle(self.library_name, kind, row["item_id"]) for kind in KINDS}
                            if row["status"] == "ok" and row["item_id"] else {})
         return {"score": score, "scores": scores or {}, **row}
@@ -226,7 +227,7 @@ class Bank:
         if missing:
             raise InputError(f"item {item_id} lacks {sorted(missing)} in its manifest row")
         if self.store.url_prefix == "":
-            folder = Path(self.store.path("items", item_id))
+            folder = Path(self.store.path(*layout.item(item_id)))
             for name, info in files.items():
                 try:
                     data = (folder / name).read_bytes()
@@ -241,7 +242,7 @@ class Bank:
             target = folder / name
             if target.is_file() and target.stat().st_size == info["bytes"]:
                 continue
-            data = self.store.read_bytes("items", item_id, name)
+            data = self.store.read_bytes(*layout.item(item_id, name))
             if hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise InputError(f"{self.store.url('items', item_id, name)}: sha256 differs from the manifest")
             partial = target.with_name(target.name + ".partial")
