@@ -41,7 +41,7 @@ from pipeline.identify import check_job_settings, identify, ids_of
 from pipeline.job import pin_base_model, run_job
 from pipeline.manifest import ok_row, source_key, write_manifest
 from pipeline.source import read_inputs
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, Tracking
 from pipeline.storage import Store, sha256_hex
 from unziplora import fit_files
 from unziplora.export import lora_file_name
@@ -86,7 +86,8 @@ def build_library(input_url: str, output_url: str, n: int, storage_options: dict
     table = "image,content,style\n" + "".join(f"{name},sks thing{i},style{i % 50} painting\n"
                                               for i, name in enumerate(images))
     put_many(Store(input_url, options), images | {"prompts.csv": table.encode()}, put)
-    job = JobSpec(input=input_url, output=output_url, fit=dict(FIT), storage_options=options, tracking=False)
+    job = JobSpec(input=input_url, output=output_url, fit=dict(FIT), storage_options=options,
+                  tracking=Tracking(enabled=False))
     job = pin_base_model(job, check_job_settings(job.fit))
     out = Store(output_url, options)
     rows, files = [], {}
@@ -122,7 +123,7 @@ def synthetic_row(item: dict, identity: dict, job: JobSpec, out: Store) -> dict:
                           "style": item["style"]},
               "final": {"loss": 0.1, "mse": 0.1, "ortho": 0.0}, "mask_stats": {"content": 0.3, "style": 0.3},
               "timings": {"train_s": 60.0, "total_s": 62.0}, "base_model": "toy",
-              "base_model_fingerprint": job.base_fingerprint}
+              "base_model_fingerprint": job.state.base_fingerprint}
     return ok_row(item, ids_of(identity), SimpleNamespace(config=config, record=record), files, attempts=1,
                   worker="builder", code_version="builder", run_id="built", source_stat=item["source_stat"])
 
@@ -131,7 +132,7 @@ def rerun(job: JobSpec, recheck: bool = False) -> dict:
     """The job on the library again, as a driver of its own (a fresh process, so its peak memory is the
     driver's alone): {"seconds", "report", "peak_rss_mb"}."""
     spec = {"input": job.input, "output": job.output, "fit": dict(FIT), "storage_options": job.storage_options,
-            "tracking": False, "recheck": recheck}
+            "tracking": {"enabled": False}, "recheck": recheck}
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.control_plane", "--driver", json.dumps(spec)],
                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     out = child.stdout.read()

@@ -123,7 +123,7 @@ def run_mode(in_flight: int, args, tracking_uri: str, s3_endpoint: str, folder: 
     from pipeline.executors import feed
     from pipeline.identify import batch_columns
     from pipeline.source import read_inputs
-    from pipeline.spec import JobSpec
+    from pipeline.spec import JobSpec, Previews, RunState, Scaling, Tracking
     from pipeline.storage import Store
     from pipeline.tracking import start_job
 
@@ -131,12 +131,14 @@ def run_mode(in_flight: int, args, tracking_uri: str, s3_endpoint: str, folder: 
                   storage_options={"endpoint_url": s3_endpoint, "skip_instance_cache": True},
                   default_content="sks square", default_style="flat",
                   fit={"base_model": "tiny", "steps": 2, "recalibrations": 1, "rank": 4},
-                  preview_steps=1 if args.previews_s else 0, tracking_uri=tracking_uri, library=f"overlap-{in_flight}",
-                  batches_in_flight=in_flight, run_id=f"overlap-{in_flight}-{os.getpid()}")
+                  scaling=Scaling(batches_in_flight=in_flight),
+                  tracking=Tracking(uri=tracking_uri, library=f"overlap-{in_flight}"),
+                  previews=Previews(steps=1 if args.previews_s else 0),
+                  state=RunState(run_id=f"overlap-{in_flight}-{os.getpid()}"))
     store = Store(job.output, job.storage_options)
     job = start_job(job, store, progress=False)
-    if job.tracking_error:
-        raise RuntimeError(f"MLflow: {job.tracking_error}")
+    if job.state.tracking_error:
+        raise RuntimeError(f"MLflow: {job.state.tracking_error}")
     items = read_inputs(job.input, default_content=job.default_content, default_style=job.default_style).items
     device = StandInDevice(template, args.device_s, lora_bytes)
     worker = worker_mod.FitWorker(job, device="cpu")

@@ -28,7 +28,7 @@ except ImportError:  # run as a file: benchmarks/ is sys.path[0]
 import pipeline.job
 from pipeline.executors import longest_first
 from pipeline.job import run_job
-from pipeline.spec import JobSpec
+from pipeline.spec import Faults, JobSpec, Scaling
 
 
 def make_dataset(folder: Path, n: int, min_steps: int, max_steps: int) -> None:
@@ -63,9 +63,10 @@ def main() -> None:
         pipeline.job.longest_first = longest_first if order == "longest-first" else lambda items, job: items
         for executor in args.executors:
             name = executor if len(args.orders) == 1 else f"{executor}/{order}"
-            job = JobSpec(input=str(root / "in"), output=str(root / f"out-{executor}-{order}"), executor=executor,
-                          workers=args.workers, fit={"rank": 8}, crash_once_on=["img05"] if args.crash else [],
-                          fits_per_worker=args.fits_per_worker)
+            job = JobSpec(input=str(root / "in"), output=str(root / f"out-{executor}-{order}"), fit={"rank": 8},
+                          scaling=Scaling(executor=executor, workers=args.workers,
+                                          fits_per_worker=args.fits_per_worker),
+                          faults=Faults(crash_once_on=["img05"] if args.crash else []))
             t = time.perf_counter()
             report = run_job(job, progress=False)
             report["job_wall_s"] = round(time.perf_counter() - t, 2)

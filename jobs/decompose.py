@@ -17,99 +17,53 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import MISSING
 
 from pipeline.identify import check_job_settings
-from pipeline.spec import EXECUTORS, JobSpec  # plain data: the job itself (Ray, torch, MLflow) loads in run()
+# plain data: the job itself (Ray, torch, MLflow) loads in run()
+from pipeline.spec import GROUPS, SECTIONS, JobSpec, default_value, flag_kind, options
 from unziplora import cli
 from unziplora.cli import add_setting_flags, setting_values
-from unziplora.config import DEFAULT_FORMATS, LORA_FORMATS, read_settings_file, settings
+from unziplora.config import read_settings_file, settings
 
 # fit settings a job sets for every image (the prompt table may override the per-item ones, pipeline/source.py)
 JOB_SETTINGS = settings("item", "worker")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="folder or URL (s3://, gs://, file://, path) of images")
-    p.add_argument("--output", required=True, help="folder or URL of the LoRA library (created)")
-    p.add_argument("--prompts", help="CSV/Parquet prompt table (default: prompts.csv|parquet in --input)")
-    p.add_argument("--default-content", help="content trigger for images without a prompt row")
-    p.add_argument("--default-style", help="style description for images without a prompt row")
-    p.add_argument("--executor", choices=EXECUTORS, default="actor-pool",
-                   help="actor-pool (Ray Data, default) or train (Ray Train TorchTrainer)")
-    p.add_argument("--workers", type=int, default=1, help="fit workers (one base model each)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--train-start-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="executor train: a worker group that cannot start within this (a node lost, a cluster "
-                   "smaller than --workers) goes on with the workers the live nodes hold, or the job fails")
-    p.add_argument("--max-attempts", type=int, default=3, help="give up on an image after this many crashes")
-    p.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
-                   help="if another job is writing --output, wait up to this long for it (default: refuse at "
-                   "once); a job that died is taken over 120 s after its last heartbeat")
+    add_job_flags(p, JobSpec)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
-    p.add_argument("--storage-options", type=json.loads, default={},
-                   help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
-    p.add_argument("--adopt-legacy", action="store_true",
-                   help="reuse the fits of a library made before item ids held the base model's fingerprint "
-                   "(manifest schema < 3), vouching that they were made with these same weights")
-    p.add_argument("--fits-per-worker", type=int, default=1, metavar="K",
-                   help="each worker trains up to K images together, one batched UNet pass per step (more fits "
-                   "per hour per device; benchmarks/multifit.py)")
-    p.add_argument("--batches-in-flight", type=int, default=0, metavar="N",
-                   help="batches a worker holds at once: one fits on the device while the others are read, "
-                   "uploaded and tracked (default 0: 2 on a GPU worker, 1 on a CPU one; benchmarks/device_overlap.py)")
-    p.add_argument("--recheck", action="store_true",
-                   help="read every image and completion marker again instead of trusting the manifest (a "
-                   "re-run reads only images whose size or time/ETag changed, and takes ok rows as complete)")
-    p.add_argument("--max-failed-fraction", type=float, default=0.0, metavar="F",
-                   help="exit status 0 while at most this share of the inputs failed (default 0: any failed input "
-                   "makes the exit status 3, so a RayJob in which images failed is not reported as succeeded)")
-    p.add_argument("--formats", type=_words, default=list(DEFAULT_FORMATS), metavar="FORMAT[,FORMAT]",
-                   help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: each "
-                   "LoRA once, in the file diffusers, ComfyUI and A1111 all load); the first is "
-                   "{kind}_lora.safetensors, others {kind}_lora_{format}.safetensors")
     p.add_argument("--quiet", action="store_true")
-    t = p.add_argument_group("MLflow tracking and model registry")
-    t.add_argument("--tracking-uri", help="MLflow tracking/registry URI, e.g. http://mlflow:5000 (default: "
-                   "$MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db for a local --output; none for a "
-                   "remote one)")
-    t.add_argument("--no-tracking", dest="tracking", action="store_false", help="no MLflow runs or registry")
-    t.add_argument("--library", help="registry prefix: models <library>-content, <library>-style "
-                   "(default: the --output folder's name)")
-    t.add_argument("--log-lora-artifacts", action="store_true",
-                   help="also copy the LoRA files into the MLflow runs (default: referenced by URI)")
-    t.add_argument("--log-diffusers-models", action="store_true",
-                   help="also register each LoRA as an mlflow.diffusers model (MLmodel: base pipeline + LoRA, "
-                   "loadable with mlflow.pyfunc) as <library>-<kind>-diffusers, when the base model is a hub id "
-                   "or a local folder")
-    t.add_argument("--preview-steps", type=int, default=8,
-                   help="sampling steps of the content/style preview images of each fit (0: no previews)")
-    t.add_argument("--preview-subjects", type=_words, default=[], metavar="A,B,C",
-                   help="what the style preview draws the style LoRA on (default: the base model's; SDXL: "
-                   "house, cat, car, tree; toy: its shapes); the source's own class word is skipped")
-    t.add_argument("--preview-styles", type=_words, default=[], metavar="A,B,C",
-                   help="the styles the content preview draws the content LoRA in (default: the base model's)")
-    t.add_argument("--scorer", default="auto",
-                   help="quality scores of each fit from its previews, into its manifest row and MLflow run: "
-                   "auto (the toy world's judges on the toy model, else none) | none | toy | clip:/local/dir | "
-                   "tiny[:seed] | package.module:factory (an image embedder: cosine similarity to the source, or "
-                   "a scorer)")
-    q = p.add_argument_group("quality control (each image's split checked: pipeline/gate.py)")
-    q.add_argument("--candidates", type=int, default=1, metavar="N",
-                   help="fit each image with N seeds together, score each candidate with --scorer on its own "
-                   "preview panels, keep the best (default 1: no gate)")
-    q.add_argument("--max-candidates", type=int, default=0, metavar="M",
-                   help="while an image's best split score is below --min-split-score, fit N more, up to M in all")
-    q.add_argument("--min-split-score", type=float, default=0.0, metavar="S",
-                   help="the split score (mean of content kept, style carried, 1 - each leak; 0-1) a fit must "
-                   "reach; one that never does is kept as the best found, with gate_passed false")
+    for name in SECTIONS:
+        add_job_flags(p.add_argument_group(SECTIONS[name]), GROUPS[name], prefix=name + ".")
     p.add_argument("--config", help="YAML or TOML file of fit settings for every image; flags win")
     add_setting_flags(p, JOB_SETTINGS, "fit settings for every image (per-item ones also as prompt-table "
                       "columns, which win)")
 
 
-def _words(text: str) -> list[str]:
-    return [w.strip() for w in text.split(",") if w.strip()]
+def add_job_flags(group, cls, prefix: str = "") -> None:
+    """One flag per option JobSpec or one of its groups declares (pipeline/spec.py): its flag, help, default and
+    choices are the declaration's; the value lands in `args.<prefix><field>`."""
+    for f in options(cls):
+        kind, meta = flag_kind(f), f.metadata
+        flag = dict(dest=prefix + f.name, help=meta["help"])
+        if f.default is MISSING and f.default_factory is MISSING:
+            flag["required"] = True
+        else:
+            flag["default"] = default_value(f)
+        if kind is bool:  # a switch: on, or off (`--no-...`) where the default is on
+            flag["action"] = "store_false" if flag["default"] else "store_true"
+        else:  # the metavar argparse would give a flag of this name (the dest names the group too)
+            flag |= dict(type=kind, choices=meta["choices"], metavar=meta["metavar"] or (
+                None if meta["choices"] else meta["flag"][2:].replace("-", "_").upper()))
+        group.add_argument(meta["flag"], **flag)
+
+
+def job_spec(args: argparse.Namespace, fit: dict) -> JobSpec:
+    """The JobSpec the flags declare: each option's value from its flag (add_job_flags), `fit` the fit settings."""
+    groups = {name: GROUPS[name](**{f.name: getattr(args, f"{name}.{f.name}") for f in options(GROUPS[name])})
+              for name in SECTIONS}
+    return JobSpec(**{f.name: getattr(args, f.name) for f in options(JobSpec)}, fit=fit, **groups)
 
 
 def check_paths_under_ray_job(args: argparse.Namespace) -> None:
@@ -137,20 +91,7 @@ def check_paths_under_ray_job(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_paths_under_ray_job(args)
     fit_settings = (read_settings_file(args.config) if args.config else {}) | setting_values(args, JOB_SETTINGS)
-    job = JobSpec(input=args.input, output=args.output, prompts=args.prompts, default_content=args.default_content,
-                  default_style=args.default_style, fit=fit_settings, executor=args.executor,
-                  workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                  fits_per_worker=args.fits_per_worker, batches_in_flight=args.batches_in_flight,
-                  train_start_timeout_s=args.train_start_timeout,
-                  max_attempts=args.max_attempts, wait_for_library_s=args.wait_for_library,
-                  storage_options=args.storage_options,
-                  tracking=args.tracking, tracking_uri=args.tracking_uri, library=args.library,
-                  log_lora_artifacts=args.log_lora_artifacts, preview_steps=args.preview_steps,
-                  preview_subjects=args.preview_subjects, preview_styles=args.preview_styles, scorer=args.scorer,
-                  adopt_legacy=args.adopt_legacy, log_diffusers_models=args.log_diffusers_models,
-                  recheck=args.recheck, max_failed_fraction=args.max_failed_fraction, lora_formats=args.formats,
-                  candidates=args.candidates, max_candidates=args.max_candidates,
-                  min_split_score=args.min_split_score)
+    job = job_spec(args, fit_settings)
     job.check()  # a bad flag answers here, before seconds of imports (Ray, torch, MLflow)
     check_job_settings(job.fit)
     from pipeline.job import run_job

@@ -63,12 +63,13 @@ def item_dataset(items: list[dict]):
 def run_actor_pool(job: JobSpec, items: list[dict], progress: bool = True) -> dict[str, dict]:
     """Fit `items`; returns the rows the workers returned, by source URL."""
     fitted = item_dataset(items).map_batches(
-        FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=job.fits_per_worker,
+        FitWorker, fn_constructor_kwargs={"job": job.to_dict()}, batch_size=job.scaling.fits_per_worker,
         # `in_flight` batches per actor, run in threads: FitWorker holds its device lock only while it fits
-        compute=ray.data.ActorPoolStrategy(size=job.workers, max_tasks_in_flight_per_actor=job.in_flight,
-                                           max_concurrent_calls_per_actor=job.in_flight,
-                                           enable_true_multi_threading=job.in_flight > 1),
-        num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)
+        compute=ray.data.ActorPoolStrategy(size=job.scaling.workers,
+                                           max_tasks_in_flight_per_actor=job.scaling.in_flight,
+                                           max_concurrent_calls_per_actor=job.scaling.in_flight,
+                                           enable_true_multi_threading=job.scaling.in_flight > 1),
+        num_cpus=job.scaling.cpus_per_worker, num_gpus=job.scaling.gpus_per_worker)
     counts = Counter()
     rows = {}
     with tqdm(total=len(items), desc="images", unit="img", disable=not progress) as bar:
@@ -101,7 +102,7 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
     workers the cluster's live nodes hold (finished items are skipped), or the job fails in one line."""
     from ray.train import ControllerError
 
-    workers, retries = job.workers, 0
+    workers, retries = job.scaling.workers, 0
     while True:
         try:
             _fit_with_train(job, items, workers, storage_path)
@@ -111,20 +112,22 @@ def run_train(job: JobSpec, items: list[dict], progress: bool = True, storage_pa
             if cause not in ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError",
                              "WorkerGroupStartupFailedError"):
                 raise
-            held = min(job.workers, workers_the_cluster_holds(job))
+            held = min(job.scaling.workers, workers_the_cluster_holds(job))
             need = _worker_resources(job)
             if held == 0:
-                raise JobError(f"Ray Train could not start a fit worker within {job.train_start_timeout_s:.0f} s: "
+                raise JobError("Ray Train could not start a fit worker within "
+                               f"{job.scaling.train_start_timeout_s:.0f} s: "
                                f"no live node has {need} (lower --cpus-per-worker/--gpus-per-worker, or add a node)"
                                ) from None
             if held >= workers:  # the cluster holds them, yet they did not start: another job, a node starting
                 retries += 1
                 if retries > 2:
                     raise JobError(f"Ray Train could not start {workers} fit workers of {need} within "
-                                   f"{job.train_start_timeout_s:.0f} s, three times ({cause}); the cluster holds "
+                                   f"{job.scaling.train_start_timeout_s:.0f} s, three times ({cause}); the cluster "
+                                   "holds "
                                    f"{held}: is another job using them?") from None
                 continue
-            print(f"Ray Train could not start {workers} fit workers within {job.train_start_timeout_s:.0f} s; "
+            print(f"Ray Train could not start {workers} fit workers within {job.scaling.train_start_timeout_s:.0f} s; "
                   f"going on with {held}, what the live nodes hold", file=sys.stderr, flush=True)
             workers = held
 
@@ -141,7 +144,8 @@ def workers_the_cluster_holds(job: JobSpec) -> int:
 
 
 def _worker_resources(job: JobSpec) -> dict[str, float]:
-    return {"CPU": job.cpus_per_worker} | ({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})
+    scaling = job.scaling
+    return {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})
 
 
 def _fit_with_train(job: JobSpec, items: list[dict], workers: int, storage_path: str | None) -> None:
@@ -175,23 +179,24 @@ def _fit_with_train(job: JobSpec, items: list[dict], workers: int, storage_path:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"job": job.to_dict()},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(job.gpus_per_worker),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(job.scaling.gpus_per_worker),
                                      resources_per_worker=_worker_resources(job)),
         datasets={"items": item_dataset(items)},
         dataset_config=UnevenSplit(),
         run_config=RunConfig(
-            name=f"unziplora-{job.run_id}-{workers}w-{uuid.uuid4().hex[:6]}",
+            name=f"unziplora-{job.state.run_id}-{workers}w-{uuid.uuid4().hex[:6]}",
             storage_path=storage_path or tempfile.mkdtemp(prefix="unziplora-train-"),
             # each restart makes progress (finished items are skipped, crashing ones are counted and given
             # up on after max_attempts), so this bound is only against crashes outside any item; a group that
             # cannot start is not retried by the controller (it would wait forever) but by run_train
-            failure_config=FailureConfig(max_failures=job.max_attempts * len(items) + 1, controller_failure_limit=0),
+            failure_config=FailureConfig(max_failures=job.failure.max_attempts * len(items) + 1,
+                                         controller_failure_limit=0),
             callbacks=[ChargeCrashedRanks()],
         ),
     )
     # the controller reads its start timeout from this variable, which Train hands from the driver to it
     previous = os.environ.get(START_TIMEOUT_VAR)
-    os.environ[START_TIMEOUT_VAR] = str(job.train_start_timeout_s)
+    os.environ[START_TIMEOUT_VAR] = str(job.scaling.train_start_timeout_s)
     try:
         trainer.fit()
     finally:
@@ -213,8 +218,8 @@ def _train_loop(config: dict) -> None:
     worker = FitWorker(job, device=ray.train.torch.get_device())
     worker.inflight = inflight
     shard = ray.train.get_dataset_shard("items")
-    batches = shard.iter_batches(batch_size=job.fits_per_worker, batch_format="numpy", prefetch_batches=0)
-    ray.train.report({"items": feed(worker, batches, job.in_flight)})  # a barrier: exactly once per worker
+    batches = shard.iter_batches(batch_size=job.scaling.fits_per_worker, batch_format="numpy", prefetch_batches=0)
+    ray.train.report({"items": feed(worker, batches, job.scaling.in_flight)})  # a barrier: exactly once per worker
 
 
 def feed(worker: FitWorker, batches, in_flight: int = 1) -> int:
@@ -239,7 +244,7 @@ def feed(worker: FitWorker, batches, in_flight: int = 1) -> int:
 
 
 def inflight_key(job: JobSpec, rank: int) -> tuple[str, str, str]:
-    return "inflight", job.run_id, f"rank-{rank}.json"
+    return "inflight", job.state.run_id, f"rank-{rank}.json"
 
 
 EXECUTORS = {"actor-pool": run_actor_pool, "train": run_train}

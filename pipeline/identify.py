@@ -56,7 +56,8 @@ def identify(item: dict, job: JobSpec, image_sha256: str | None = None) -> tuple
     except Exception as exc:  # never a dead job for one item's settings: its row says what went wrong
         return out | {"error": f"{item['source_uri']}: its settings: {type(exc).__name__}: {exc}"}, None
     image_sha = image_sha256 or sha256_hex(data)
-    settings_sha = sha256_hex(json.dumps(hashed_settings(config) | {"base_model_fingerprint": job.base_fingerprint}
+    settings_sha = sha256_hex(json.dumps(hashed_settings(config)
+                                         | {"base_model_fingerprint": job.state.base_fingerprint}
                                          | job.gate.identity(), sort_keys=True).encode())
     legacy_sha = legacy_settings_sha256(config) if job.adopt_legacy else None  # only adoption looks for it
     return out | {"item_id": _item_id(image_sha, settings_sha), "image_sha256": image_sha,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     job.check()  # every number and choice, before anything starts
     exit_cleanly_on_signals()  # SIGTERM (`ray job stop`), SIGHUP: an exit that closes the MLflow run and the lease
     settings = check_job_settings(job.fit)
-    scorer = scorer_spec(job.scorer, settings.base_model) if job.preview_steps > 0 else None
+    scorer = scorer_spec(job.previews.scorer, settings.base_model) if job.previews.steps > 0 else None
     if scorer:
         load_scorer(scorer)  # a scorer that cannot load refuses the job here, not in every worker
     elif job.gate.active:
@@ -47,8 +46,9 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
     store = library_store(job.output, job.storage_options)
     # a copy with this run's id (the caller's spec can be run again and gets a new one), the driver's code
     # version, which workers cannot find out themselves under `ray job submit`, and the library's one spelling
-    job = dataclasses.replace(job, run_id=job.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
-                              code_version=job.code_version or code_version(), output=store.url())
+    job = job.replace(output=store.url(), state={
+        "run_id": job.state.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+        "code_version": job.state.code_version or code_version()})
     inputs = read_inputs(job.input, job.prompts, default_content=job.default_content,
                          default_style=job.default_style, storage_options=job.storage_options, library=job.output)
     items = inputs.items
@@ -56,7 +56,8 @@ def run_job(job: JobSpec, *, address: str | None = None, progress: bool = True) 
         raise InputError(f"no images found under {job.input}" + (
             f" ({len(inputs.ignored)} other files, e.g. {inputs.ignored[0]['uri']}: {inputs.ignored[0]['reason']})"
             if inputs.ignored else ""))
-    with LibraryLease(store, job.run_id, job.lease_ttl_s).acquire(job.wait_for_library_s) as lease:
+    lease = LibraryLease(store, job.state.run_id, job.failure.lease_ttl_s)
+    with lease.acquire(job.failure.wait_for_library_s):
         if lease.took_over and progress:
             print(f"took {job.output} over from job {lease.took_over.get('run_id')}, which stopped without "
                   "releasing it", file=sys.stderr)
@@ -98,21 +99,22 @@ def _fit_and_report(job: JobSpec, inputs: Inputs, plan: "Plan", index: dict, pre
     returned = {}
     if plan.to_fit:  # Ray only now: a re-run with nothing to fit starts no cluster
         # no worker without work: each one loads the base model and holds its CPUs or GPU for the whole job
-        job = dataclasses.replace(job, workers=min(job.workers, -(-len(plan.to_fit) // job.fits_per_worker)))
+        job = job.replace(scaling={"workers": min(job.scaling.workers,
+                                                  -(-len(plan.to_fit) // job.scaling.fits_per_worker))})
         _init_ray(address, job)
-        if job.gpus_per_worker is None:
+        if job.scaling.gpus_per_worker is None:
             import ray
 
-            job.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        returned = EXECUTORS[job.executor](job, longest_first(plan.to_fit, job), progress)
+            job = job.replace(scaling={"gpus_per_worker": 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0})
+        returned = EXECUTORS[job.scaling.executor](job, longest_first(plan.to_fit, job), progress)
     wall = time.perf_counter() - start
 
-    rows = collect_rows(store, items, plan, returned, job.run_id)
+    rows = collect_rows(store, items, plan, returned, job.state.run_id)
     # a library accumulates: rows of sources other jobs fed it stay (`unziplora forget` removes sources)
     sources = {item["source_uri"] for item in items}
     kept = [row for uri, row in index.items() if uri not in sources]
     lease.check()  # a job that lost the library to another writes no manifest over the new owner's
-    parts = write_manifest(store, rows + kept, job.run_id, previous)
+    parts = write_manifest(store, rows + kept, job.state.run_id, previous)
     report = summarize(job, rows, wall, parts, plan.complete) | inputs.notes() | {
         "library_rows": len(rows) + len(kept), "refitted_markers": len(plan.refit)}
     report |= outcome(job, report)
@@ -123,7 +125,7 @@ def _fit_and_report(job: JobSpec, inputs: Inputs, plan: "Plan", index: dict, pre
     if report["tracking_incomplete"] and progress:
         print(f"{report['tracking_incomplete']} fits are not fully tracked in MLflow: run `unziplora registry sync "
               f"{redact(job.output)}`", file=sys.stderr)
-    store.write_json(report, layout.REPORTS, f"{job.run_id}.json")
+    store.write_json(report, layout.REPORTS, f"{job.state.run_id}.json")
     return report
 
 
@@ -135,10 +137,10 @@ def outcome(job: JobSpec, report: dict) -> dict:
     tolerated fraction (0 by default: any failed input), so that a RayJob that fitted nothing is no success."""
     failed, inputs = report["failed"], report["inputs"]
     share = f"{failed} of {inputs} inputs failed ({100 * failed / max(1, inputs):.0f} %)"
-    if failed > job.max_failed_fraction * inputs:
+    if failed > job.failure.max_failed_fraction * inputs:
         return {"exit_code": EXIT_FAILED_INPUTS, "exit_reason": f"{share}, more than --max-failed-fraction "
-                f"{job.max_failed_fraction:g} tolerates; their rows say why (`failures`)"}
-    return {"exit_code": 0, "exit_reason": f"{share}, within --max-failed-fraction {job.max_failed_fraction:g}"
+                f"{job.failure.max_failed_fraction:g} tolerates; their rows say why (`failures`)"}
+    return {"exit_code": 0, "exit_reason": f"{share}, within --max-failed-fraction {job.failure.max_failed_fraction:g}"
             if failed else f"no input failed ({inputs} inputs)"}
 
 
@@ -167,7 +169,7 @@ def pin_base_model(job: JobSpec, settings: FitConfig) -> JobSpec:
     fit = dict(job.fit, base_model=settings.base_model)
     if location.kind == "hub":
         fit["revision"] = location.revision
-    return dataclasses.replace(job, fit=fit, base_fingerprint=location.fingerprint)
+    return job.replace(fit=fit, state={"base_fingerprint": location.fingerprint})
 
 
 @dataclass
@@ -247,8 +249,8 @@ def plan_items(job: JobSpec, items: list[dict], store: Store, index: dict[str, d
             done = legacy.get(marker_key(done["adopted_from"]))
         elif not done and job.adopt_legacy and _adoptable(legacy.get(marker_key(row["legacy_item_id"])), job):
             done = legacy[marker_key(row["legacy_item_id"])]
-            store.write_json({"adopted_from": done["item_id"], "base_model_fingerprint": job.base_fingerprint,
-                              "run_id": job.run_id, "adopted_at": utc_now()}, marker_key(item_id))
+            store.write_json({"adopted_from": done["item_id"], "base_model_fingerprint": job.state.base_fingerprint,
+                              "run_id": job.state.run_id, "adopted_at": utc_now()}, marker_key(item_id))
         if done:
             plan.complete += 1
             plan.item_ids[uri] = done["item_id"]
@@ -285,7 +287,7 @@ def _legacy_markers(job: JobSpec, rows: list[dict], markers: dict, store: Store)
 def _adoptable(marker: dict | None, job: JobSpec) -> bool:
     """A legacy fit that is complete and was not made with weights known to differ."""
     return bool(marker) and marker.get("status") == "ok" and \
-        marker.get("base_model_fingerprint") in (None, job.base_fingerprint)
+        marker.get("base_model_fingerprint") in (None, job.state.base_fingerprint)
 
 
 def collect_rows(store: Store, items: list[dict], plan: Plan, returned: dict[str, dict] | None = None,
@@ -321,23 +323,24 @@ def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str], c
     `ok`, `failed`, `skipped` count the rows by status (`skipped`: duplicates of another input);
     `fits_this_run` the fits made now, `already_complete` the items a previous run had fitted (`complete`)."""
     # the files of these were made by this run (a group restart's re-stream only reuses them)
-    fitted = [r for r in rows if r["status"] == "ok" and r.get("run_id") == job.run_id]
+    fitted = [r for r in rows if r["status"] == "ok" and r.get("run_id") == job.state.run_id]
     fit_time = sum(r["total_s"] or 0 for r in fitted)
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     return {
-        "run_id": job.run_id, "executor": job.executor, "workers": job.workers, "inputs": len(rows),
+        "run_id": job.state.run_id, "executor": job.scaling.executor, "workers": job.scaling.workers,
+        "inputs": len(rows),
         **statuses, "fits_this_run": len(fitted), "already_complete": complete,
         "redone_fits": sum(max(0, (r["attempts"] or 1) - 1) for r in fitted),
         "wall_s": round(wall_s, 2), "fit_s": round(fit_time, 2),
         # rates of a run that fitted nothing are no figures (null, not 0.0)
-        "efficiency": round(fit_time / (wall_s * job.workers), 3) if wall_s > 0 and fitted else None,
+        "efficiency": round(fit_time / (wall_s * job.scaling.workers), 3) if wall_s > 0 and fitted else None,
         "fits_per_hour": round(3600 * len(fitted) / wall_s, 1) if wall_s > 0 and fitted else None,
         "manifest": parts, "output": redact(job.output),
         "failures": [{"source_uri": r["source_uri"], "error": (r["error"] or "")[:300]}
                      for r in rows if r["status"] == "failed"],
         "tracking_errors": sum(bool(r.get("tracking_error")) for r in fitted),
         # every fit of the library whose run or registered versions are missing, whatever run made it
-        "tracking_incomplete": sum(needs_tracking(r) for r in rows) if job.tracking else 0,
+        "tracking_incomplete": sum(needs_tracking(r) for r in rows) if job.tracking.enabled else 0,
     } | ({"gate": gate_counts(job, fitted)} if job.gate.active else {})
 
 
@@ -346,7 +349,7 @@ def gate_counts(job: JobSpec, fitted: list[dict]) -> dict:
     round (refitted), how many never passed (kept as the best found), and the candidates fitted in all."""
     passed = sum(r.get("gate_passed") is True for r in fitted)
     return {"passed": passed, "never_passed": sum(r.get("gate_passed") is False for r in fitted),
-            "refitted": sum((r.get("candidates") or 0) > job.candidates for r in fitted),
+            "refitted": sum((r.get("candidates") or 0) > job.gate.candidates for r in fitted),
             "candidates_fitted": sum(r.get("candidates") or 0 for r in fitted)}
 
 
@@ -360,5 +363,5 @@ def _init_ray(address: str | None, job: JobSpec) -> None:
         return
     # A local Ray on a small machine: declare more logical CPUs than cores, so that fit workers holding
     # their CPUs never starve Ray Data's own read/split tasks (which would hang the job).
-    cpus = max(os.cpu_count() or 1, int(job.workers * job.cpus_per_worker) + 2)
+    cpus = max(os.cpu_count() or 1, int(job.scaling.workers * job.scaling.cpus_per_worker) + 2)
     start_local_ray(cpus)

@@ -547,17 +547,18 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
 
 
 def tracker_for(job, experiment_id: str | None = None, create_store: bool = False) -> Tracker:
-    return Tracker(job.tracking_uri, job.library or library_name(job.output), job.output, job.storage_options,
-                   experiment_id=experiment_id, log_lora_artifacts=job.log_lora_artifacts,
-                   diffusers_models=job.log_diffusers_models, create_store=create_store)
+    return Tracker(job.tracking.uri, job.tracking.library or library_name(job.output), job.output, job.storage_options,
+                   experiment_id=experiment_id, log_lora_artifacts=job.tracking.log_lora_artifacts,
+                   diffusers_models=job.tracking.log_diffusers_models, create_store=create_store)
 
 
 def job_params(job) -> dict:
     """The job's settings as params: no storage options (credentials), URLs without secrets."""
     return {"input": redact(job.input), "output": redact(job.output), "prompts": redact(job.prompts),
-            "executor": job.executor, "workers": job.workers, "max_attempts": job.max_attempts,
-            "library": job.library or library_name(job.output), "preview_steps": job.preview_steps,
-            "fit": job.fit, "base_model_fingerprint": job.base_fingerprint, "code_version": job.code_version}
+            "executor": job.scaling.executor, "workers": job.scaling.workers, "max_attempts": job.failure.max_attempts,
+            "library": job.tracking.library or library_name(job.output), "preview_steps": job.previews.steps,
+            "fit": job.fit, "base_model_fingerprint": job.state.base_fingerprint,
+            "code_version": job.state.code_version}
 
 
 def _stored_report(store: Store | None, job_run_id: str | None) -> dict | None:
@@ -570,36 +571,35 @@ def _stored_report(store: Store | None, job_run_id: str | None) -> dict | None:
 
 def start_job(job, store: Store, progress: bool = True, parent: bool = True):
     """Resolve the tracking URI, open the job's parent run, write registry.json; returns the job with
-    `tracking_uri`, `mlflow_experiment_id`, `mlflow_parent_run_id` set (or `tracking_error` when it failed).
-    Without `parent` (a job with nothing to fit) no run is opened: the runs of jobs that died are closed."""
-    import dataclasses
-
-    if not job.tracking:
+    `tracking.uri`, `state.mlflow_experiment_id`, `state.mlflow_parent_run_id` set (or `state.tracking_error`
+    when it failed). Without `parent` (a job with nothing to fit) no run is opened: the runs of jobs that died
+    are closed."""
+    if not job.tracking.enabled:
         return job
-    uri = job.tracking_uri or default_tracking_uri(job.output)
+    uri = job.tracking.uri or default_tracking_uri(job.output)
     if uri is None:
         if progress:
             print("tracking off: no MLflow tracking URI for a remote --output (give --tracking-uri or "
                   "$MLFLOW_TRACKING_URI)", flush=True)
-        return dataclasses.replace(job, tracking=False)
-    job = dataclasses.replace(job, tracking_uri=uri, library=job.library or recorded_library(store)
-                              or library_name(job.output))
+        return job.replace(tracking={"enabled": False})
+    job = job.replace(tracking={"uri": uri, "library": job.tracking.library or recorded_library(store)
+                                or library_name(job.output)})
     if not parent:
         if sqlite_file(uri) and not os.path.exists(sqlite_file(uri)):
             return job  # no store yet (the library was never tracked): no run to close, none made
         try:
             tracker = tracker_for(job)
-            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
+            closed = retrying(lambda: tracker.close_dead_jobs(job.state.run_id, store))
         except Exception as exc:  # nothing of this job to track: the next job closes them
-            return dataclasses.replace(job, tracking_error=describe(exc))
+            return job.replace(state={"tracking_error": describe(exc)})
         _say_closed(closed, progress)
-        return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id)
+        return job.replace(state={"mlflow_experiment_id": tracker.experiment_id})
     for attempt in range(SETUP_ATTEMPTS):  # a hiccup at job start must not leave the whole job untracked
         try:
             tracker = tracker_for(job, create_store=True)
             retrying(tracker.ensure_registered_models)
-            run = retrying(lambda: tracker.job_run(job.run_id, job_params(job)))
-            closed = retrying(lambda: tracker.close_dead_jobs(job.run_id, store))
+            run = retrying(lambda: tracker.job_run(job.state.run_id, job_params(job)))
+            closed = retrying(lambda: tracker.close_dead_jobs(job.state.run_id, store))
             aliased = retrying(tracker.aliased_models)
             store.write_json(tracker.registry_record(), REGISTRY_FILE)
             break
@@ -610,13 +610,13 @@ def start_job(job, store: Store, progress: bool = True, parent: bool = True):
             if progress:
                 print(f"tracking unavailable ({redact(uri)}) after {SETUP_ATTEMPTS} tries: {describe(exc)}; fits "
                       "go on, `unziplora registry sync` backfills them", flush=True)
-            return dataclasses.replace(job, tracking_error=describe(exc))
+            return job.replace(state={"tracking_error": describe(exc)})
     _say_closed(closed, progress)
     if aliased and progress:
         print(f"the registered models {', '.join(aliased)} still hold an alias per item, which makes every "
               f"registration slower as the library grows: `unziplora registry sync {redact(job.output)}` moves "
               "them to item tags", flush=True)
-    return dataclasses.replace(job, mlflow_experiment_id=tracker.experiment_id, mlflow_parent_run_id=run)
+    return job.replace(state={"mlflow_experiment_id": tracker.experiment_id, "mlflow_parent_run_id": run})
 
 
 def _say_closed(closed: list[str], progress: bool) -> None:
@@ -635,16 +635,16 @@ def recorded_library(store: Store) -> str | None:
 
 def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:
     """Close the parent run with the job's counts; returns the report's `tracking` entry."""
-    if not job.tracking:
+    if not job.tracking.enabled:
         return {"enabled": False}
-    out = {"enabled": True, "tracking_uri": redact(job.tracking_uri), "library": job.library,
-           "parent_run_id": job.mlflow_parent_run_id or None, "error": job.tracking_error or None}
-    if job.mlflow_parent_run_id:
+    out = {"enabled": True, "tracking_uri": redact(job.tracking.uri), "library": job.tracking.library,
+           "parent_run_id": job.state.mlflow_parent_run_id or None, "error": job.state.tracking_error or None}
+    if job.state.mlflow_parent_run_id:
         out["closed"] = False
         for attempt in range(SETUP_ATTEMPTS):  # a server that is back within seconds still gets the run closed
             try:
-                retrying(lambda: tracker_for(job, job.mlflow_experiment_id).end_job(job.mlflow_parent_run_id,
-                                                                                     report, rows))
+                retrying(lambda: tracker_for(job, job.state.mlflow_experiment_id).end_job(
+                    job.state.mlflow_parent_run_id, report, rows))
                 out["closed"] = True
                 break
             except TrackingStoreGoneError as exc:
@@ -660,11 +660,12 @@ def end_job(job, report: dict, rows: list[dict] | None = None) -> dict:
 def abort_job(job, exc: BaseException) -> None:
     """Close the job's parent run on any exit but its end: FAILED for an error, KILLED for an interruption
     (Ctrl-C, SIGTERM from `ray job stop`). Never raises: what cannot be closed now, the next job closes."""
-    if not (job.tracking and job.mlflow_parent_run_id):
+    if not (job.tracking.enabled and job.state.mlflow_parent_run_id):
         return
     status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
     try:
-        tracker_for(job, job.mlflow_experiment_id).abort_job(job.mlflow_parent_run_id, status, describe(exc))
+        tracker_for(job, job.state.mlflow_experiment_id).abort_job(job.state.mlflow_parent_run_id, status,
+                                                                   describe(exc))
     except Exception:
         pass
 
@@ -675,15 +676,16 @@ _trackers_lock = threading.Lock()
 
 def track_row(job, row: dict) -> dict:
     """The tracking columns of one fit's row (a worker's fit); never raises."""
-    if job.tracking_error:
-        return {"tracking_error": f"not tracked: MLflow was unavailable when the job started: {job.tracking_error}"}
+    if job.state.tracking_error:
+        return {"tracking_error": "not tracked: MLflow was unavailable when the job started: "
+                                  f"{job.state.tracking_error}"}
     try:
-        key = (job.tracking_uri, job.library, job.output, job.mlflow_experiment_id)
+        key = (job.tracking.uri, job.tracking.library, job.output, job.state.mlflow_experiment_id)
         with _trackers_lock:  # batches in flight track from threads
             if key not in _trackers:  # one client per worker process
-                _trackers[key] = tracker_for(job, job.mlflow_experiment_id)
+                _trackers[key] = tracker_for(job, job.state.mlflow_experiment_id)
             tracker = _trackers[key]
-        return tracker.track_fit(row, job.mlflow_parent_run_id or None)
+        return tracker.track_fit(row, job.state.mlflow_parent_run_id or None)
     except Exception as exc:
         return {"tracking_error": describe(exc)}
 

@@ -56,21 +56,21 @@ class FitWorker:
         self.store = Store(self.job.output, self.job.storage_options)
         self.device = torch.device(device) if device is not None else _assigned_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(self.job.cpus_per_worker)))
+            torch.set_num_threads(max(1, int(self.job.scaling.cpus_per_worker)))
         self.base = load_base_model_for(check_job_settings(self.job.fit), device=self.device)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
         # the driver named the weights in every item id (run_job); a node holding other files under that name
         # must not fit under those ids
-        planned = self.job.base_fingerprint
+        planned = self.job.state.base_fingerprint
         self.base_mismatch = "" if not planned or self.base.fingerprint == planned else (
             f"the base model {self.base.name} on {socket.gethostname()} is not the one the job planned with "
-            f"(fingerprint {self.base.fingerprint}, planned {self.job.base_fingerprint}): make every node hold "
+            f"(fingerprint {self.base.fingerprint}, planned {self.job.state.base_fingerprint}): make every node hold "
             f"the same weights")
         self.inflight: tuple[str, ...] | None = None  # set by the Train executor: where this rank notes its items
         self.held: list[dict] = []  # Train: the attempts this rank holds now (the batch on its device)
         # one batch on the device at a time; with several in flight the others read, upload and track meanwhile
         self.device_lock = threading.Lock()
-        spec = scorer_spec(self.job.scorer, self.base.name) if self.job.preview_steps > 0 else None
+        spec = scorer_spec(self.job.previews.scorer, self.base.name) if self.job.previews.steps > 0 else None
         self.scorer = load_scorer(spec) if spec else None
 
     def __call__(self, batch: dict) -> dict:
@@ -109,7 +109,7 @@ class FitWorker:
 
     def _report(self, item: dict, row: dict) -> dict:
         try:  # `reported_by`: the driver takes this run's word over its plan (the bytes may have changed)
-            self.store.write_json(row | {"reported_by": self.job.run_id}, *source_key(item["source_uri"]))
+            self.store.write_json(row | {"reported_by": self.job.state.run_id}, *source_key(item["source_uri"]))
         except Exception as exc:  # the row still reaches the driver through the executor
             row = row | {"error": row.get("error") or self._failure_text(item, exc)}
         return row
@@ -124,9 +124,9 @@ class FitWorker:
         if done:  # e.g. fitted before a Train group restart
             return done | {"source_uri": item["source_uri"], "this_run": "reused"}
         records = past_attempts(self.store, known["item_id"])
-        crashed = crashes(records, self.job.executor, self.job.run_id)
-        if crashed >= self.job.max_attempts:
-            return failed_row(item, f"gave up after {self.job.max_attempts} attempts: the worker process died "
+        crashed = crashes(records, self.job.scaling.executor, self.job.state.run_id)
+        if crashed >= self.job.failure.max_attempts:
+            return failed_row(item, f"gave up after {self.job.failure.max_attempts} attempts: the worker process died "
                               "each time it fitted this image", attempts=len(records), this_run="failed", **known)
         return _Ready(item=item, data=data, config=item_config(item, self.job), known=known, records=len(records),
                       crashed=crashed)
@@ -166,8 +166,8 @@ class FitWorker:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-candidates-")))
                 results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
                                     gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,
-                                    steps=self.job.preview_steps, subjects=self.job.preview_subjects,
-                                    styles=self.job.preview_styles, formats=self.job.lora_formats)
+                                    steps=self.job.previews.steps, subjects=self.job.previews.subjects,
+                                    styles=self.job.previews.styles, formats=self.job.lora_formats)
             else:
                 results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
                                    progress=False, formats=self.job.lora_formats,
@@ -185,10 +185,10 @@ class FitWorker:
         return results
 
     def _draw_previews(self, ready: "_Ready", result) -> dict | None:
-        if self.job.preview_steps <= 0:
+        if self.job.previews.steps <= 0:
             return None
-        return draw_previews(self.base, FitArtifacts.of(result), self.job.preview_steps,
-                             subjects=self.job.preview_subjects, styles=self.job.preview_styles, scorer=self.scorer,
+        return draw_previews(self.base, FitArtifacts.of(result), self.job.previews.steps,
+                             subjects=self.job.previews.subjects, styles=self.job.previews.styles, scorer=self.scorer,
                              source=ready.data)
 
     def _files(self, result, out_dir: Path):
@@ -230,7 +230,7 @@ class FitWorker:
 
     def _admit(self, item: dict, item_id: str, records: int) -> str:
         """Record this attempt (its name is returned) before the fit starts."""
-        attempt = start_attempt(self.store, item_id, self.job.run_id,
+        attempt = start_attempt(self.store, item_id, self.job.state.run_id,
                                 {"source_uri": item["source_uri"], "worker": self.name})
         if self.inflight is not None:  # Train: which attempts this rank holds, should its process die
             self.held.append({"item_id": item_id, "attempt": attempt})
@@ -266,7 +266,7 @@ class FitWorker:
 
     def _track(self, row: dict) -> dict:
         """The fit in MLflow, once its files and marker are safe; an error is recorded, never raised."""
-        if not (self.job.tracking and self.job.tracking_uri and row.get("item_id")):  # uri: set by run_job
+        if not (self.job.tracking.enabled and self.job.tracking.uri and row.get("item_id")):  # uri: set by run_job
             return row
         row = scrubbed(row | track_row(self.job, row))
         if row["status"] == "ok":  # the marker is the row: a later run or `sync` finds what is tracked
@@ -277,12 +277,12 @@ class FitWorker:
         """A finished fit's files into the library; its ok row."""
         files = upload_fit_files(self.store, ready.known["item_id"], result.out_dir)
         return ok_row(ready.item, ready.known, result, files, attempts=ready.records + 1, worker=self.name,
-                      code_version=self.job.code_version or code_version(), run_id=self.job.run_id,
+                      code_version=self.job.state.code_version or code_version(), run_id=self.job.state.run_id,
                       **{f"score_{name}": value for name, value in scores.items()})
 
     def _maybe_crash(self, uri: str, attempts: int) -> None:
-        if any(s in uri for s in self.job.crash_always_on) or \
-                (attempts == 1 and any(s in uri for s in self.job.crash_once_on)):
+        if any(s in uri for s in self.job.faults.crash_always_on) or \
+                (attempts == 1 and any(s in uri for s in self.job.faults.crash_once_on)):
             os._exit(13)  # fault injection: die like an OOM-killed or segfaulted process would
 
 

@@ -23,7 +23,7 @@ from checkpoints import copy_without_weights, write_hub_cache, write_single_file
 from pipeline import layout
 from pipeline.identify import identify
 from pipeline.manifest import read_manifest
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, Previews, RunState, Tracking
 from unziplora import BaseModelError, load_base_model
 from unziplora.fit_files import CONFIG, RECORD
 from unziplora.locate import locate_base_model, packaged_dir
@@ -206,7 +206,7 @@ def test_item_ids_hold_the_fingerprint(tmp_path):
     another item."""
     (tmp_path / "a.png").write_bytes(b"not even an image: identify only hashes it")
     item = {"source_uri": str(tmp_path / "a.png"), "content": "sks dog", "style": "ink", "overrides": "{}"}
-    ids = [identify(item, JobSpec(input="", output="", base_fingerprint=fp))[0]
+    ids = [identify(item, JobSpec(input="", output="", state=RunState(base_fingerprint=fp)))[0]
            for fp in ("sha256:aa", "sha256:aa", "sha256:bb")]
     assert ids[0]["item_id"] == ids[1]["item_id"] != ids[2]["item_id"]
     assert ids[0]["legacy_item_id"] == ids[2]["legacy_item_id"]  # what a schema-2 library called it
@@ -314,8 +314,9 @@ def test_a_worker_whose_weights_differ_from_the_plan_fails_its_items(tmp_path):
     from pipeline_fixtures import png_bytes
 
     (tmp_path / "a.png").write_bytes(png_bytes(3, 40, 40))
-    job = JobSpec(input=str(tmp_path), output=str(tmp_path / "lib"), fit={"steps": 3, "rank": 2}, tracking=False,
-                  preview_steps=0, base_fingerprint="sha256-tree:" + "0" * 64)
+    job = JobSpec(input=str(tmp_path), output=str(tmp_path / "lib"), fit={"steps": 3, "rank": 2},
+                  tracking=Tracking(enabled=False), previews=Previews(steps=0),
+                  state=RunState(base_fingerprint="sha256-tree:" + "0" * 64))
     row = FitWorker(job, device="cpu").process({"source_uri": str(tmp_path / "a.png"), "content": "sks dog",
                                                  "style": "ink", "overrides": "{}", "prompt_error": None})
     assert row["status"] == "failed" and "not the one the job planned with" in row["error"], row

@@ -140,16 +140,16 @@ def test_train_start_failures_go_on_with_fewer_workers_or_fail_in_one_line(monke
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     from pipeline import executors
-    from pipeline.spec import JobSpec
+    from pipeline.spec import JobSpec, Scaling
 
-    job = JobSpec(input="in", output="out", executor="train", workers=3, cpus_per_worker=2, gpus_per_worker=0,
-                  train_start_timeout_s=7)
+    job = JobSpec(input="in", output="out", scaling=Scaling(executor="train", workers=3, cpus_per_worker=2,
+                                                            gpus_per_worker=0, train_start_timeout_s=7))
     tried: list[int] = []
     cpus_per_node: list[float] = []
 
     def fit_with_train(job, items, workers, storage_path):
         tried.append(workers)
-        if workers * job.cpus_per_worker > sum(cpus_per_node):
+        if workers * job.scaling.cpus_per_worker > sum(cpus_per_node):
             raise ControllerError(WorkerGroupStartupTimeoutError(workers))
 
     monkeypatch.setattr(executors, "_fit_with_train", fit_with_train)

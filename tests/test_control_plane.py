@@ -18,7 +18,7 @@ from pipeline import layout
 from pipeline.job import plan_items, run_job
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.source import read_inputs
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, Tracking
 from pipeline.storage import Store
 from unziplora.fit_files import FILES
 
@@ -61,7 +61,7 @@ def test_a_complete_library_reruns_reading_nothing_per_item(tmp_path, reads, mon
 
     monkeypatch.setattr(pipeline.job, "_init_ray", no_ray)
     report = run_job(JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit=dict(FIT),
-                             tracking=False), progress=False)
+                             tracking=Tracking(enabled=False)), progress=False)
     assert (report["ok"], report["fits_this_run"], report["library_rows"]) == (40, 0, 40), report
     assert reads["images"] == [] and reads["files"] == [], reads
     assert _parts(tmp_path / "lib") == parts
@@ -86,7 +86,8 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
         f.truncate(10)
 
     def plan(**options):
-        job = _pinned(JobSpec(input=str(inp), output=str(lib), fit=dict(FIT), tracking=False, **options))
+        job = _pinned(JobSpec(input=str(inp), output=str(lib), fit=dict(FIT), **options,
+                              tracking=Tracking(enabled=False)))
         items = read_inputs(job.input).items
         reads["images"].clear()
         return plan_items(job, items, Store(str(lib)), {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()})
@@ -122,7 +123,7 @@ def test_an_image_rewritten_in_place_is_read_again(tmp_path, reads):
     stat = path.stat()
     path.write_bytes(new)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # a 1 us newer time is enough
-    job = _pinned(JobSpec(input=str(inp), output=str(lib), fit=dict(FIT), tracking=False))
+    job = _pinned(JobSpec(input=str(inp), output=str(lib), fit=dict(FIT), tracking=Tracking(enabled=False)))
     index = {r["source_uri"]: r for r in read_manifest(str(lib)).to_pylist()}
     planned = plan_items(job, read_inputs(str(inp)).items, Store(str(lib)), index)
     assert [i["source_uri"] for i in planned.to_fit] == [str(path)] and reads["images"] == [str(path)]

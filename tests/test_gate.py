@@ -15,7 +15,7 @@ from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, GateError, fit_ga
 from pipeline.identify import identify
 from pipeline.job import run_job
 from pipeline.previews import SEED as PREVIEW_SEED
-from pipeline.spec import Gate, JobSpec
+from pipeline.spec import Gate, JobSpec, Previews, RunState, Tracking
 from toyworld import world
 from unziplora import FitConfig, load_fit
 from unziplora.errors import InputError
@@ -60,26 +60,26 @@ def test_split_score_and_the_gates_settings():
                          (dict(max_candidates=-1), "--max-candidates"), (dict(min_split_score=1.5), "score in"),
                          (dict(candidates=3, max_candidates=2), "below --candidates")]:
         with pytest.raises(InputError, match=message):
-            JobSpec(input="in", output="out", **bad).check()
+            JobSpec(input="in", output="out", gate=Gate(**bad)).check()
 
 
 def test_a_gated_item_has_its_own_id_and_an_ungated_one_keeps_its_id(tmp_path):
     (tmp_path / "a.png").write_bytes(toy_png("star", "dotted"))
     item = {"source_uri": str(tmp_path / "a.png"), "content": "sks star", "style": "dotted"}
     plain = JobSpec(input=str(tmp_path), output=str(tmp_path / "lib"), fit={"steps": 3})
-    ids = {identify(item, plain)[0]["item_id"], identify(item, JobSpec(**plain.to_dict() | {"candidates": 1}))[0]["item_id"]}
+    ids = {identify(item, plain)[0]["item_id"], identify(item, plain.replace(gate={"candidates": 1}))[0]["item_id"]}
     assert len(ids) == 1  # --candidates 1 is no gate: the library's ids stay
-    gated = identify(item, JobSpec(**plain.to_dict() | {"candidates": 3}))[0]["item_id"]
-    stricter = identify(item, JobSpec(**plain.to_dict() | {"candidates": 3, "min_split_score": 0.9}))[0]["item_id"]
+    gated = identify(item, JobSpec(**plain.to_dict() | {"gate": {"candidates": 3}}))[0]["item_id"]  # as Ray ships it
+    stricter = identify(item, plain.replace(gate={"candidates": 3, "min_split_score": 0.9}))[0]["item_id"]
     assert len(ids | {gated, stricter}) == 3
 
 
 def test_a_job_with_candidates_and_no_scorer_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted"))
-    for settings in ({"scorer": "none"}, {"preview_steps": 0}):
-        job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit={"steps": 3}, tracking=False,
-                      candidates=2, **settings)
+    for previews in (Previews(scorer="none"), Previews(steps=0)):
+        job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit={"steps": 3},
+                      tracking=Tracking(enabled=False), previews=previews, gate=Gate(candidates=2))
         with pytest.raises(InputError, match="needs a scorer"):
             run_job(job, progress=False)
     assert not (tmp_path / "lib").exists()
@@ -135,8 +135,9 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted", seed=3))
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks star",
-                  default_style="dotted", fit={"base_model": "toy", "steps": 6, "rank": 4, "recalibrations": 2}, tracking=False,
-                  preview_steps=1, candidates=2, run_id="run-gate")
+                  default_style="dotted", fit={"base_model": "toy", "steps": 6, "rank": 4, "recalibrations": 2},
+                  tracking=Tracking(enabled=False), previews=Previews(steps=1), gate=Gate(candidates=2),
+                  state=RunState(run_id="run-gate"))
     worker = FitWorker(job, device="cpu")
     row = worker.process(read_inputs(job.input, default_content="sks star", default_style="dotted").items[0])
     assert row["status"] == "ok", row.get("error")
@@ -211,7 +212,8 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
         (tmp_path / "in" / f"{name}.png").write_bytes(toy_png(shape, style, seed=4))
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks shape",
                   default_style="zwx", fit={"base_model": "toy", "steps": 4, "rank": 4, "recalibrations": 1},
-                  tracking=False, preview_steps=1, scorer="none", run_id="run-1")
+                  tracking=Tracking(enabled=False), previews=Previews(steps=1, scorer="none"),
+                  state=RunState(run_id="run-1"))
     worker = FitWorker(job, device="cpu")
     rows = [manifest_row(worker.process(item)) for item in
             read_inputs(job.input, default_content="sks shape", default_style="zwx").items]
@@ -244,8 +246,8 @@ def test_the_report_counts_what_the_gate_did():
     from jobs.decompose import next_steps
     from pipeline.job import summarize
 
-    job = JobSpec(input="in", output="lib", candidates=2, max_candidates=4, min_split_score=0.6, run_id="r",
-                  tracking=False)
+    job = JobSpec(input="in", output="lib", tracking=Tracking(enabled=False),
+                  gate=Gate(candidates=2, max_candidates=4, min_split_score=0.6), state=RunState(run_id="r"))
     base = {"status": "ok", "run_id": "r", "total_s": 1.0, "attempts": 1, "source_uri": "x"}
     rows = [base | {"candidates": 2, "gate_passed": True}, base | {"candidates": 4, "gate_passed": True},
             base | {"candidates": 4, "gate_passed": False}, base | {"status": "failed", "error": "bad image"}]
@@ -253,4 +255,5 @@ def test_the_report_counts_what_the_gate_did():
     assert report["gate"] == {"passed": 2, "never_passed": 1, "refitted": 2, "candidates_fitted": 10}
     text = next_steps(report | {"skipped": 0, "already_complete": 0, "tracking": {}})
     assert "quality gate: 2 passed, 2 needed more candidates, 1 never passed" in text
-    assert "gate" not in summarize(JobSpec(input="in", output="lib", run_id="r", tracking=False), rows, 10.0, [])
+    assert "gate" not in summarize(JobSpec(input="in", output="lib", tracking=Tracking(enabled=False),
+                                           state=RunState(run_id="r")), rows, 10.0, [])

@@ -14,7 +14,7 @@ from pipeline.executors import feed
 from pipeline.identify import batch_columns
 from pipeline.manifest import past_attempts
 from pipeline.source import read_inputs
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, Previews, RunState, Scaling, Tracking
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,8 @@ def run(images, template, tmp_path, in_flight: int):
     """Every image through one worker, `in_flight` at a time; the fits' and the uploads' time spans."""
     job = JobSpec(input=str(images), output=str(tmp_path / f"lib-{in_flight}"), default_content="sks square",
                   default_style="flat", fit={"base_model": "tiny", "steps": 2, "recalibrations": 1, "rank": 4},
-                  preview_steps=0, tracking=False, run_id=f"run-{in_flight}")
+                  tracking=Tracking(enabled=False), previews=Previews(steps=0),
+                  state=RunState(run_id=f"run-{in_flight}"))
     device = StandInDevice(template, device_s=0.6, lora_bytes=20_000)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     worker = worker_mod.FitWorker(job, device="cpu")
@@ -79,5 +80,5 @@ def test_one_batch_in_flight_does_everything_in_turn(images, template, tmp_path)
 
 def test_batches_in_flight_default_to_two_on_a_gpu_worker():
     job = JobSpec(input="in", output="out")
-    assert JobSpec(input="in", output="out", gpus_per_worker=1.0).in_flight == 2
-    assert job.in_flight == 1 and JobSpec(input="in", output="out", batches_in_flight=3).in_flight == 3
+    assert Scaling(gpus_per_worker=1.0).in_flight == 2
+    assert job.scaling.in_flight == 1 and Scaling(batches_in_flight=3).in_flight == 3

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import layout
-from pipeline.job import JobSpec, run_job
+from pipeline.job import run_job
 from pipeline.manifest import SCHEMA, read_manifest
+from pipeline.spec import Failure, Faults, JobSpec, Previews, Scaling, Tracking
 from pipeline_fixtures import (AWS_ENV, FIT, assert_lora_loads, by_name, check_artifacts, check_rows, local_ray,
                                local_s3, make_dataset, png_bytes, write_local)
 from unziplora.fit_files import RECORD
@@ -57,9 +58,11 @@ def tiny_pipe():
     return load_base_model("tiny", device="cpu").pipeline()
 
 
-def s3_job(s3, input_url: str, prefix: str, **kwargs) -> JobSpec:
-    settings = dict(fit=dict(FIT), workers=2, storage_options=s3.storage_options, preview_steps=2) | kwargs
-    return JobSpec(input=input_url, output=f"s3://{s3.bucket}/{prefix}", **settings)
+def s3_job(s3, input_url: str, prefix: str, **changes) -> JobSpec:
+    """The S3 job, with `changes` (a group's as a dict of the fields that change: JobSpec.replace)."""
+    return JobSpec(input=input_url, output=f"s3://{s3.bucket}/{prefix}", fit=dict(FIT),
+                   storage_options=s3.storage_options, scaling=Scaling(workers=2),
+                   previews=Previews(steps=2)).replace(**changes)
 
 
 def manifest_rows(job: JobSpec) -> list[dict]:
@@ -81,7 +84,7 @@ def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_i
     prefix = f"out-{executor}"
     # two fits per worker, trained together in one batched UNet pass (a worker's batch: 2 items), and two such
     # batches in flight per actor (threads: one fits while the other uploads), as on a GPU worker
-    job = s3_job(s3, s3_input, prefix, executor=executor, fits_per_worker=2, batches_in_flight=2)
+    job = s3_job(s3, s3_input, prefix, scaling={"executor": executor, "fits_per_worker": 2, "batches_in_flight": 2})
     report = run_job(job, progress=False)
     assert_counts(report, dataset, fits=len(dataset.names("ok")))
     assert report["redone_fits"] == 0
@@ -121,7 +124,7 @@ def test_s3_job_then_rerun_fits_nothing(executor, s3, ray_cluster, dataset, s3_i
     items_before = s3.objects(f"{prefix}/{layout.ITEMS}/")
     assert sum(k.endswith("/" + layout.MARKER) for k in items_before) == len(dataset.names("ok"))
     assert not [k for k in items_before if ".tmp-" in k], "temporary keys left behind"
-    rerun = run_job(s3_job(s3, s3_input, prefix, executor=executor), progress=False)
+    rerun = run_job(s3_job(s3, s3_input, prefix, scaling={"executor": executor}), progress=False)
     assert rerun["run_id"] != report["run_id"]
     assert_counts(rerun, dataset, fits=0)
     items_after = s3.objects(f"{prefix}/{layout.ITEMS}/")
@@ -140,8 +143,8 @@ def test_a_crash_is_retried_once_and_a_poison_image_is_given_up(s3, ray_cluster,
     given up after max_attempts; a batch mate that was admitted when its worker died is charged that one
     crash, fitted alone next time, and never given up with the poison image; no other item is fitted twice."""
     victim, poison = "img01.png", "img03.png"  # each second in its batch (longest first: 8, 7 | 6, 5 | 4 steps)
-    job = s3_job(s3, s3_input, "crash-actor-pool", crash_once_on=[victim], crash_always_on=[poison],
-                 max_attempts=2, fits_per_worker=2)
+    job = s3_job(s3, s3_input, "crash-actor-pool", faults=Faults(crash_once_on=[victim], crash_always_on=[poison]),
+                 failure={"max_attempts": 2}, scaling={"fits_per_worker": 2})
     report = run_job(job, progress=False)
     named = check_rows(manifest_rows(job), dataset, s3_input, expected=dict(dataset.expected, **{poison: "failed"}))
     assert named[victim]["status"] == "ok" and named[victim]["attempts"] == 2, named[victim]
@@ -172,8 +175,9 @@ def test_train_restarts_do_not_give_up_a_healthy_workers_image(ray_cluster, tmp_
         (tmp_path / "in" / f"{name}.png").write_bytes(png_bytes(seed + 1, 64, 64))
     (tmp_path / "in" / "prompts.csv").write_text("image,content,style,steps\n" + "".join(
         f"{name}.png,sks {name[0]},style {name[0]},{60 if name == 'a_slow' else 4}\n" for name in names))
-    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), executor="train",
-                  workers=2, fits_per_worker=2, crash_always_on=["b_poison"], max_attempts=2, preview_steps=0)
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT),
+                  scaling=Scaling(executor="train", workers=2, fits_per_worker=2), failure=Failure(max_attempts=2),
+                  previews=Previews(steps=0), faults=Faults(crash_always_on=["b_poison"]))
     report = run_job(job, progress=False)
     named = by_name(read_manifest(job.output).to_pylist())
     assert sorted(named) == [f"{name}.png" for name in names]
@@ -257,8 +261,8 @@ def test_rerun_keeps_the_real_error_of_an_undecodable_image(ray_cluster, tmp_pat
     must not turn it into 'the worker process died each time' once the re-runs exceed max_attempts."""
     data = make_dataset(valid=1, corrupt=True, no_prompt=False, duplicate=False)
     write_local(data, tmp_path / "in")
-    job = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), max_attempts=1,
-               tracking=False, preview_steps=0)  # neither is what is tested here
+    job = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), fit=dict(FIT), failure={"max_attempts": 1},
+               tracking={"enabled": False}, previews={"steps": 0})  # neither is what is tested here
     for run in range(2):
         report = run_job(JobSpec(**job), progress=False)
         named = check_rows(read_manifest(job["output"]).to_pylist(), data, job["input"])
@@ -326,11 +330,11 @@ def test_a_library_from_before_fingerprints_is_refit_or_adopted(ray_cluster, tmp
     (in place, under their old ids) by that run and every later one."""
     data = make_dataset(valid=2, corrupt=False, no_prompt=False, duplicate=False)
     write_local(data, tmp_path / "in")
-    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "first"), fit=dict(FIT), tracking=False,
-                  preview_steps=0)
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "first"), fit=dict(FIT),
+                  tracking=Tracking(enabled=False), previews=Previews(steps=0))
     run_job(job, progress=False)
     shutil.copytree(tmp_path / "first", tmp_path / "second")
-    planned = dataclasses.replace(job, base_fingerprint="preset:tiny")
+    planned = job.replace(state={"base_fingerprint": "preset:tiny"})
     _as_schema_2(tmp_path / "first", planned)
     legacy = _as_schema_2(tmp_path / "second", planned)
     capsys.readouterr()

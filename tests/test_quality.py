@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline.identify import hashed_settings, identify
-from pipeline.job import JobSpec, run_job
+from pipeline.job import run_job
 from pipeline.previews import preview_prompts, write_previews
 from pipeline.scoring import EmbeddingScorer, load_scorer, scorer_spec
+from pipeline.spec import JobSpec, Previews, Tracking
 from toyworld import world
 from unziplora import FitConfig, fit
 from unziplora.errors import InputError
@@ -127,8 +128,8 @@ def test_embedding_and_custom_scorers(monkeypatch):
 
 def test_a_job_refuses_a_scorer_that_cannot_load(tmp_path):
     (tmp_path / "in").mkdir()
-    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit={"steps": 3}, tracking=False,
-                  scorer="no_such_package.scorers:Clip")
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit={"steps": 3},
+                  tracking=Tracking(enabled=False), previews=Previews(scorer="no_such_package.scorers:Clip"))
     with pytest.raises(InputError, match="no_such_package"):
         run_job(job, progress=False)
     assert not (tmp_path / "lib").exists()  # refused before anything was written

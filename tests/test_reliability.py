@@ -25,10 +25,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline import layout
-from pipeline.job import JobSpec, run_job
+from pipeline.job import run_job
 from pipeline.lease import LeaseLostError, LibraryBusyError, LibraryLease
 from pipeline.manifest import past_attempts, read_manifest
 from pipeline.source import read_inputs
+from pipeline.spec import Failure, JobSpec, Previews, RunState, Tracking
 from pipeline.storage import Store, UnsafePathError
 from pipeline_fixtures import AWS_ENV, check_artifacts, free_port, local_ray, local_s3, png_bytes
 from unziplora.errors import InputError
@@ -185,19 +186,20 @@ def test_two_jobs_on_one_library(where, ray_cluster, s3, tmp_path):
     options = s3.storage_options if where == "s3" else {}
 
     def job(**kwargs) -> JobSpec:
-        return JobSpec(input=str(folder), output=output, fit=dict(SMALL), tracking=False, preview_steps=0,
-                       storage_options=options, **kwargs)
+        return JobSpec(input=str(folder), output=output, fit=dict(SMALL), storage_options=options, **kwargs,
+                       tracking=Tracking(enabled=False), previews=Previews(steps=0))
 
     reports: dict = {}
-    first = threading.Thread(target=lambda: reports.setdefault("a", run_job(job(run_id="job-a"), progress=False)))
+    first = threading.Thread(target=lambda: reports.setdefault("a", run_job(job(state=RunState(run_id="job-a")),
+                                                                            progress=False)))
     first.start()
     store = Store(output, options)
     deadline = time.monotonic() + 120
     while not store.list("lease") and time.monotonic() < deadline:
         time.sleep(0.1)
     with pytest.raises(LibraryBusyError, match="being written by job job-a"):
-        run_job(job(run_id="job-b"), progress=False)
-    waited = run_job(job(run_id="job-c", wait_for_library_s=300), progress=False)
+        run_job(job(state=RunState(run_id="job-b")), progress=False)
+    waited = run_job(job(state=RunState(run_id="job-c"), failure=Failure(wait_for_library_s=300)), progress=False)
     first.join()
     assert reports["a"]["fits_this_run"] == 2 and reports["a"]["ok"] == 2
     assert waited["fits_this_run"] == 0 and waited["ok"] == 2
@@ -243,8 +245,8 @@ def test_a_full_disk_fails_the_item_cleanly(tmp_path, capsys):
 
     fsspec.register_implementation("quotafs", QuotaFS, clobber=True)
     folder = small_input(tmp_path / "in", n=1)
-    job = JobSpec(input=str(folder), output="quotafs://lib", fit=dict(SMALL), tracking=False, preview_steps=0,
-                  run_id="run-full")
+    job = JobSpec(input=str(folder), output="quotafs://lib", fit=dict(SMALL), tracking=Tracking(enabled=False),
+                  previews=Previews(steps=0), state=RunState(run_id="run-full"))
     item = read_inputs(job.input).items[0]
     worker = FitWorker(job, device="cpu")
     QuotaFS.written, QuotaFS.quota = 0, 20_000  # room for the bookkeeping, not for the LoRAs
@@ -283,8 +285,8 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
     # a tracking server that is down, whose URI carries a token: no row, marker, report or line shows it
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after MLflow's backoff
     dead = f"http://127.0.0.1:{free_port()}/?token=SECRET123"
-    job = JobSpec(input=str(folder), output=str(tmp_path / "secret-lib"), fit=dict(SMALL), preview_steps=0,
-                  tracking_uri=dead)
+    job = JobSpec(input=str(folder), output=str(tmp_path / "secret-lib"), fit=dict(SMALL),
+                  tracking=Tracking(uri=dead), previews=Previews(steps=0))
     report = run_job(job, progress=True)
     out = capfd.readouterr()
     texts = [out.out, out.err, json.dumps(report)] + [p.read_text() for p in (tmp_path / "secret-lib").rglob("*")
@@ -301,7 +303,7 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
 
     # quotes in the library's path reach MLflow filters: tracking still works, and nothing is tracked twice
     quoted = tmp_path / "it's \"quoted\""
-    job = JobSpec(input=str(folder), output=str(quoted), fit=dict(SMALL), preview_steps=0)
+    job = JobSpec(input=str(folder), output=str(quoted), fit=dict(SMALL), previews=Previews(steps=0))
     first = run_job(job, progress=False)
     assert first["tracking_errors"] == 0 and first["tracking"]["error"] is None, first["tracking"]
     row = read_manifest(job.output).to_pylist()[0]
@@ -417,8 +419,8 @@ def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
     # job on the machine does, which is the point)
     left = orphans()
     started = time.monotonic()
-    job = JobSpec(input=str(folder), output=str(library), max_attempts=1, preview_steps=0, tracking=False,
-                  fit={"steps": 30, "rank": 2, "recalibrations": 1})
+    job = JobSpec(input=str(folder), output=str(library), fit={"steps": 30, "rank": 2, "recalibrations": 1},
+                  failure=Failure(max_attempts=1), tracking=Tracking(enabled=False), previews=Previews(steps=0))
     report = run_job(job, progress=False)
     print(f"kill after {started - deadline + 240:.1f} s; rerun {time.monotonic() - started:.1f} s")
     assert report["ok"] == 1 and report["fits_this_run"] == 1, report["failures"]
@@ -485,7 +487,7 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
             (library / layout.ITEMS / ("0" * 24) / PREVIEWS["style"]).write_bytes(png_bytes(99, 12, 12))
         images = sorted(str(folder / n) for n in kinds if n.endswith((".png", ".jpg", ".webp")))
         job = JobSpec(input=str(folder), output=str(library), fit={"steps": 1, "rank": 1, "recalibrations": 1},
-                      tracking=False, preview_steps=0)
+                      tracking=Tracking(enabled=False), previews=Previews(steps=0))
         event(f"library inside the input: {library_inside}")
         event(f"a prompt cell that is not text: {any(not_text(r['content'] + r['image']) for r in rows)}")
         try:
@@ -551,7 +553,8 @@ def test_a_fit_whose_files_are_gone_is_not_ok(ray_cluster, monkeypatch_module, m
 
     folder = small_input(tmp_path / "in", n=1)
     library = tmp_path / "lib"
-    job = JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), tracking=False, preview_steps=0)
+    job = JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), tracking=Tracking(enabled=False),
+                  previews=Previews(steps=0))
     upload = Store.upload_file
 
     def upload_then_lose_the_library(store, local_path, *parts):
@@ -757,7 +760,7 @@ def test_the_tracking_store_vanishing_mid_job_is_one_line(ray_cluster, monkeypat
         return job
 
     monkeypatch.setattr(pipeline.job, "start_job", start_then_delete_the_store)
-    report = run_job(JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), preview_steps=0),
+    report = run_job(JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), previews=Previews(steps=0)),
                      progress=True)
     err = capfd.readouterr().err
     assert report["ok"] == 2 and report["tracking_errors"] == 2, report
@@ -775,8 +778,8 @@ def test_a_full_library_disk_names_the_library_file(tmp_path, monkeypatch):
     from pipeline.worker import FitWorker
 
     folder = small_input(tmp_path / "in", n=1)
-    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), tracking=False,
-                  preview_steps=0, run_id="run-full")
+    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), tracking=Tracking(enabled=False),
+                  previews=Previews(steps=0), state=RunState(run_id="run-full"))
     worker = FitWorker(job, device="cpu")
 
     def full(*args):
@@ -804,7 +807,7 @@ def test_the_parent_run_is_closed_on_every_exit_path(ray_cluster, monkeypatch_mo
     from pipeline import job as job_module
 
     folder = small_input(tmp_path / "in", n=1)
-    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), preview_steps=0)
+    job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), previews=Previews(steps=0))
     client = MlflowClient(f"sqlite:///{tmp_path}/lib/mlflow.db")
 
     def job_runs() -> list:

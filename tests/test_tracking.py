@@ -25,9 +25,10 @@ import pytest
 import pipeline.job
 from jobs.cli import main as cli_main
 from pipeline import layout
-from pipeline.job import JobSpec, run_job
+from pipeline.job import run_job
 from pipeline.manifest import SCHEMA, read_manifest
 from pipeline.registry_names import item_filter, item_handle, item_key, model_name
+from pipeline.spec import JobSpec, Previews, Scaling, Tracking
 from pipeline.storage import Store
 from pipeline.tracking import TAG, redact
 from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, local_s3,
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.timeout(600)  # generous: CI runs two test files at onc
 
 SECRET = "sEcReT-do-not-log-42"  # an S3 secret key in storage_options: must never reach MLflow
 # scored by a tiny random image embedder (cosine similarity of each preview panel to the source)
-JOB = {"fit": dict(FIT), "workers": 2, "preview_steps": 2, "scorer": "tiny:0"}
+JOB = {"fit": dict(FIT), "scaling": Scaling(workers=2), "previews": Previews(steps=2, scorer="tiny:0")}
 FAST_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
@@ -128,7 +129,7 @@ def dataset():
 def s3_job(s3, dataset, prefix: str, tracking_uri: str) -> JobSpec:
     options = s3.storage_options | {"key": "testing", "secret": SECRET}  # moto takes any secret
     return JobSpec(input=s3.upload(dataset, f"{prefix}-in"), output=f"s3://{s3.bucket}/{prefix}",
-                   storage_options=options, tracking_uri=tracking_uri, **JOB)
+                   storage_options=options, **JOB, tracking=Tracking(uri=tracking_uri))
 
 
 def client(uri: str):
@@ -267,7 +268,7 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
 
 
 def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dataset, monkeypatch):
-    job = dataclasses.replace(s3_job(s3, dataset, "lib-b", mlflow_server.url), workers=1)  # 2: the test above
+    job = s3_job(s3, dataset, "lib-b", mlflow_server.url).replace(scaling={"workers": 1})  # 2: the test above
     started = pipeline.job.start_job
 
     def start_then_stop(*args, **kwargs):  # the parent run exists, then the server goes away
@@ -315,7 +316,7 @@ def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dat
 def test_local_library_default_sqlite_store(ray_cluster, dataset, tmp_path, capsys):
     write_local(dataset, tmp_path / "in")
     out = tmp_path / "my lib"
-    job = JobSpec(input=str(tmp_path / "in"), output=str(out), log_lora_artifacts=True, **JOB)
+    job = JobSpec(input=str(tmp_path / "in"), output=str(out), **JOB, tracking=Tracking(log_lora_artifacts=True))
     report = run_job(job, progress=False)
     uri = f"sqlite:///{out}/mlflow.db"
     assert report["tracking"]["tracking_uri"] == uri and report["tracking_errors"] == 0
@@ -386,14 +387,16 @@ def test_redact_and_old_manifest_parts(tmp_path):
 
 def test_decompose_tracking_flags():
     from jobs.cli import build_parser
+    from jobs.decompose import job_spec
 
     args = build_parser().parse_args(["decompose", "--input", "in", "--output", "out", "--no-tracking",
                                       "--tracking-uri", "http://h:5000", "--library", "cats", "--log-lora-artifacts",
                                       "--preview-steps", "0"])
-    assert (args.tracking, args.tracking_uri, args.library, args.log_lora_artifacts, args.preview_steps) == \
-        (False, "http://h:5000", "cats", True, 0)
-    args = build_parser().parse_args(["decompose", "--input", "in", "--output", "out"])
-    assert args.tracking and args.tracking_uri is None and args.preview_steps == 8
+    job = job_spec(args, {})
+    assert job.tracking == Tracking(enabled=False, uri="http://h:5000", library="cats", log_lora_artifacts=True)
+    assert job.previews.steps == 0
+    job = job_spec(build_parser().parse_args(["decompose", "--input", "in", "--output", "out"]), {})
+    assert job.tracking.enabled and job.tracking.uri is None and job.previews.steps == 8
 
 
 def test_loras_registered_as_diffusers_models(s3, pg_mlflow_server, ray_cluster, tmp_path, capsys):
@@ -410,8 +413,8 @@ def test_loras_registered_as_diffusers_models(s3, pg_mlflow_server, ray_cluster,
     build_preset("tiny").pipeline().save_pretrained(folder)
     data = make_dataset(valid=1, corrupt=False, no_prompt=False, duplicate=False)
     write_local(data, tmp_path / "in")
-    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib-d"), tracking_uri=mlflow_server.url,
-                  fit=dict(FIT, base_model=str(folder)), preview_steps=0, log_diffusers_models=True)
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib-d"), fit=dict(FIT, base_model=str(folder)),
+                  tracking=Tracking(uri=mlflow_server.url, log_diffusers_models=True), previews=Previews(steps=0))
     # the submitting side names the code (`ray job submit` uploads no .git); workers learn it from the driver
     with environ({"UNZIPLORA_CODE_VERSION": "0.1.0+gc0ffee1234"}):
         report = run_job(job, progress=False)
@@ -465,7 +468,7 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
     from unziplora.export import lora_format
 
     # two batches in flight per worker, as on a GPU: a batch uploads and tracks while the next one fits
-    job = dataclasses.replace(s3_job(s3, dataset, "lib-e", mlflow_server.url), executor="train", batches_in_flight=2)
+    job = s3_job(s3, dataset, "lib-e", mlflow_server.url).replace(scaling={"executor": "train", "batches_in_flight": 2})
     report = run_job(job, progress=False)
     assert report["ok"] == 2 and report["tracking_errors"] == 0 and report["executor"] == "train", report
     rows = read_manifest(job.output, job.storage_options).to_pylist()

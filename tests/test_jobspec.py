@@ -1,0 +1,69 @@
+"""JobSpec: its groups are plain data Ray ships to workers, and `decompose`'s flags are derived from what each
+field declares (pipeline/spec.py), as `unziplora fit`'s are from FitConfig."""
+
+import dataclasses
+import pickle
+
+import pytest
+
+from jobs.decompose import build_parser, job_spec
+from pipeline.spec import GROUPS, SECTIONS, Failure, JobSpec, Previews, RunState, Scaling, options
+from unziplora.errors import InputError
+
+
+def parse(*flags: str) -> JobSpec:
+    return job_spec(build_parser().parse_args(["--input", "in", "--output", "lib", *flags]), {})
+
+
+def declared():
+    """(group or None, field) of every user-facing option."""
+    return [(None, f) for f in options(JobSpec)] + [(name, f) for name in SECTIONS for f in options(GROUPS[name])]
+
+
+def test_every_option_has_its_flag_and_the_flags_defaults_are_the_declarations():
+    flags = {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
+    for group, f in declared():
+        action = flags[f.metadata["flag"]]
+        assert action.dest == (f"{group}.{f.name}" if group else f.name) and action.help == f.metadata["help"]
+    assert parse() == JobSpec(input="in", output="lib")  # no flag: the declared defaults, nothing repeated
+    assert set(GROUPS) == {"scaling", "failure", "tracking", "previews", "gate", "state", "faults"}
+    assert not options(RunState) and "state" not in SECTIONS and "faults" not in SECTIONS  # no flags
+
+
+def test_each_flag_lands_in_its_group():
+    job = parse("--workers", "3", "--gpus-per-worker", "0.5", "--executor", "train", "--lease-ttl", "30",
+                "--wait-for-library", "5", "--no-tracking", "--tracking-uri", "http://m:5000", "--preview-steps", "2",
+                "--preview-subjects", "cat, car", "--scorer", "toy", "--candidates", "2", "--min-split-score", "0.5",
+                "--formats", "kohya,diffusers", "--storage-options", '{"anon": true}', "--recheck")
+    assert job.scaling == Scaling(executor="train", workers=3, gpus_per_worker=0.5)
+    assert job.failure == Failure(wait_for_library_s=5, lease_ttl_s=30)
+    assert not job.tracking.enabled and job.tracking.uri == "http://m:5000"
+    assert job.previews == Previews(steps=2, subjects=["cat", "car"], scorer="toy")
+    assert (job.gate.candidates, job.gate.min_split_score) == (2, 0.5)
+    assert job.lora_formats == ["kohya", "diffusers"] and job.storage_options == {"anon": True} and job.recheck
+    job.check()
+
+
+def test_a_bad_value_of_any_option_is_refused_naming_its_flag():
+    checked = [(group, f) for group, f in declared() if f.metadata["check"] or f.metadata["choices"]]
+    assert len(checked) >= 12
+    for group, f in checked:
+        job = JobSpec(input="in", output="lib")
+        bad = job.replace(**{group: {f.name: float("nan")}}) if group else job.replace(**{f.name: float("nan")})
+        with pytest.raises(InputError, match=f"^{f.metadata['flag']} must be"):
+            bad.check()
+    with pytest.raises(InputError, match="^--max-failed-fraction must be at most 1"):
+        parse("--max-failed-fraction", "1.5").check()
+
+
+def test_a_job_is_plain_data_and_comes_back_whole():
+    job = parse("--workers", "2", "--candidates", "3").replace(state={"run_id": "r", "base_fingerprint": "fp"},
+                                                               faults={"crash_once_on": ["img1"]})
+    plain = job.to_dict()
+    assert plain["scaling"]["workers"] == 2 and plain["state"]["run_id"] == "r"  # nested dicts, as Ray ships them
+    assert JobSpec(**plain) == job and pickle.loads(pickle.dumps(job)) == job
+    changed = job.replace(scaling={"workers": 1}, output="elsewhere")
+    assert changed.scaling == dataclasses.replace(job.scaling, workers=1) and changed.output == "elsewhere"
+    assert job.scaling.workers == 2 and changed.gate == job.gate  # a copy; the other groups stay
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.scaling.workers = 5  # a group changes by replace only
