@@ -1,30 +1,45 @@
 """Small matplotlib figures for MLflow runs: a fit's loss curves, a job's fit times and outcomes.
 
-Made with the Agg backend (no display) and closed by the caller; a figure that cannot be drawn is skipped,
-never a failed fit or job.
+Plain `matplotlib.figure.Figure`s with their own Agg canvas (no display, nothing left in pyplot's registry), drawn
+one at a time per process (`png`): matplotlib is not thread-safe (pyplot's state, its mathtext parser), and a
+worker with two batches in flight tracks two fits at once (a figure went missing that way). A figure that cannot
+be drawn is skipped, never a failed fit or job.
 """
 
 from __future__ import annotations
 
+import io
+import threading
 
-def _pyplot():
-    import matplotlib
+_DRAWING = threading.Lock()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def png(draw) -> bytes:
+    """The figure `draw()` makes, as PNG bytes, drawn and saved while no other thread of this process draws."""
+    with _DRAWING:
+        buffer = io.BytesIO()
+        draw().savefig(buffer, format="png")
+        return buffer.getvalue()
+
+
+def _figure(**kwargs):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(dpi=100, **kwargs)
+    FigureCanvasAgg(figure)  # its own Agg canvas: drawn and saved without pyplot or a display
+    return figure
 
 
 def loss_figure(history: list[dict]):
     """Prediction MSE per step (raw and a 25-step moving mean) and the orthogonality loss; recalibration
     steps marked."""
-    plt = _pyplot()
     steps = range(len(history))
     mse = [h["mse"] for h in history]
     window = 25
     mean = [sum(mse[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in steps]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 4), dpi=100, sharex=True)
+    figure = _figure(figsize=(6, 4))
+    top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(steps, mse, color="#bbb", linewidth=0.7, label="mse")
     top.plot(steps, mean, color="#1f77b4", label=f"mse, {window}-step mean")
     top.set(ylabel="prediction MSE", yscale="log")
@@ -43,13 +58,13 @@ def loss_figure(history: list[dict]):
 
 def job_figure(rows: list[dict], run_id: str):
     """Fit time of each item fitted by this run (slowest first) and how many items ended how."""
-    plt = _pyplot()
     fitted = sorted((r["total_s"] or 0 for r in rows if r["status"] == "ok" and r.get("run_id") == run_id),
                     reverse=True)
     statuses = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "skipped")}
     from matplotlib.ticker import MaxNLocator
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100, gridspec_kw={"width_ratios": [2.2, 1]})
+    figure = _figure(figsize=(8, 3.2))
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
     left.bar(range(1, len(fitted) + 1), fitted, color="#1f77b4")
     left.set(xlabel="fits of this run (slowest first)", ylabel="fit time (s)")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))  # fit 1, 2, 3: no 0.5

@@ -30,7 +30,7 @@ from unziplora import fit_files
 from unziplora.errors import InputError, UnZipLoRAError
 from unziplora.redact import redact, scrub
 
-from .figures import job_figure, loss_figure
+from .figures import job_figure, loss_figure, png
 from .registry_names import ITEM_KEY, KINDS, item_filter, item_key, library_name, model_name
 from .scoring import SCORES
 from .storage import Store, library_store, open_url
@@ -344,15 +344,12 @@ class Tracker:
     def _log_figure(self, run_id: str, draw, name: str) -> None:
         """A figure beside the run's metrics; one that cannot be drawn is left out."""
         try:
-            figure = draw()
+            image = png(draw)
         except Exception:
             return
-        try:
-            self.client.log_figure(run_id, figure, name)
-        finally:
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+        with tempfile.TemporaryDirectory(prefix="unziplora-figure-") as tmp:
+            Path(tmp, name).write_bytes(image)
+            self.client.log_artifact(run_id, str(Path(tmp, name)))
 
     def track_fit(self, row: dict, parent_run_id: str | None) -> dict:
         """One fit's nested run (and for an ok row its registered versions); returns the row's new columns.

@@ -520,31 +520,42 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
 
 
 def test_job_summary_figure_counts_in_whole_numbers_and_labels_do_not_overlap():
-    import matplotlib.pyplot as plt
-
     from pipeline.figures import job_figure
 
     rows = [dict(status="ok", run_id="r", total_s=t) for t in (3.1, 2.0, 1.7)] + \
         [dict(status="ok", run_id="earlier", total_s=9.0), dict(status="skipped", run_id="r", total_s=None)] + \
         [dict(status="failed", run_id="r", total_s=None)] * 2
     figure = job_figure(rows, "r")
-    try:
-        left, right = figure.axes
-        assert [p.get_height() for p in left.patches] == [3.1, 2.0, 1.7]  # this run's fits, slowest first
-        assert all(float(t).is_integer() for t in left.get_xticks())  # fit 1, 2, 3
-        assert [p.get_height() for p in right.patches] == [4, 2, 1]
-        assert all(float(t).is_integer() for t in right.get_yticks())  # counts of inputs
-        figure.canvas.draw()  # the layout as saved
-        renderer = figure.canvas.get_renderer()
-        labels = [t.get_window_extent(renderer) for t in right.get_xticklabels()]
-        assert [t.get_text() for t in right.get_xticklabels()] == ["ok", "failed", "skipped"]
-        assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:]))
-        assert not right.yaxis.label.get_window_extent(renderer).overlaps(left.get_window_extent(renderer))
-    finally:
-        plt.close(figure)
+    left, right = figure.axes
+    assert [p.get_height() for p in left.patches] == [3.1, 2.0, 1.7]  # this run's fits, slowest first
+    assert all(float(t).is_integer() for t in left.get_xticks())  # fit 1, 2, 3
+    assert [p.get_height() for p in right.patches] == [4, 2, 1]
+    assert all(float(t).is_integer() for t in right.get_yticks())  # counts of inputs
+    figure.canvas.draw()  # the layout as saved
+    renderer = figure.canvas.get_renderer()
+    labels = [t.get_window_extent(renderer) for t in right.get_xticklabels()]
+    assert [t.get_text() for t in right.get_xticklabels()] == ["ok", "failed", "skipped"]
+    assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:]))
+    assert not right.yaxis.label.get_window_extent(renderer).overlaps(left.get_window_extent(renderer))
     figure = job_figure([dict(status="failed", run_id="r", total_s=None)], "r")
-    try:
-        left = figure.axes[0]
-        assert [t.get_text() for t in left.texts] == ["no fit completed in this run"] and not len(left.get_xticks())
-    finally:
-        plt.close(figure)
+    left = figure.axes[0]
+    assert [t.get_text() for t in left.texts] == ["no fit completed in this run"] and not len(left.get_xticks())
+
+
+def test_figures_are_drawn_from_threads_at_once_without_pyplot():
+    """A worker with two batches in flight tracks two fits at once: each draws its loss curves in its own thread
+    (pyplot's global state lost one of them); every figure comes out whole, and pyplot is never imported."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.figures import loss_figure, png
+
+    history = [{"mse": 1.0 / (i + 1), "ortho": 0.01 * i} | ({"mask_stats": {}} if i == 5 else {}) for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(lambda _: png(lambda: loss_figure(history)), range(16)))
+    assert len(set(images)) == 1 and images[0].startswith(b"\x89PNG")
+    code = ("import sys; from pipeline.figures import loss_figure, job_figure; "
+            "loss_figure([{'mse': 1.0, 'ortho': 0.0}]*3); job_figure([], 'r'); "
+            "sys.exit('matplotlib.pyplot' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0
