@@ -163,8 +163,10 @@ def main() -> None:
                        x[start:start + PART_SIZE])
         return
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.threads)))
-        return
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.threads)), flush=True)
+        # the measurement is out: skip the interpreter's teardown, where a native thread pool once aborted the
+        # child ("terminate called without an active exception", SIGABRT) after a complete run
+        os._exit(0)
     env_threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     print(f"{'backend':<14}{'entries':>10}{'build s':>10}{'median ms':>11}{'p95 ms':>9}{'index MB':>10}"
           f"{'recall@10':>10}{'load s':>8}")
