@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from unziplora.errors import UnZipLoRAError
 
+from . import layout
 from .identify import item_config, plain_row
 from .manifest import SCHEMA, charge_crash
 from .spec import JobSpec
@@ -244,7 +245,7 @@ def feed(worker: FitWorker, batches, in_flight: int = 1) -> int:
 
 
 def inflight_key(job: JobSpec, rank: int) -> tuple[str, str, str]:
-    return "inflight", job.state.run_id, f"rank-{rank}.json"
+    return layout.INFLIGHT, job.state.run_id, f"rank-{rank}.json"
 
 
 EXECUTORS = {"actor-pool": run_actor_pool, "train": run_train}

@@ -23,6 +23,7 @@ MARKER = "_SUCCESS"  # items/<item_id>/_SUCCESS: the item's ok row, written last
 SOURCES = "sources"  # sources/<key>.json: the latest row of one source URL
 ATTEMPTS = "attempts"  # attempts/<item_id>/...: one record per started fit
 CRASHED = ".crashed"  # beside an attempt record: its worker died
+INFLIGHT = "inflight"  # inflight/<run>/rank-<n>.json: the attempts a Ray Train rank holds on its device
 LEASE = "lease"  # lease/<generation>.json
 MANIFEST = "manifest"  # manifest/part-<run>-<n>.parquet
 REPORTS = "reports"  # reports/<run>.json
