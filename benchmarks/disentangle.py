@@ -10,7 +10,8 @@ fixed sampling seeds and the shape/style judges:
 - content LoRA alone, asked for each OTHER style:  shape accuracy (higher is better) and source-style
   leakage (how often the judge still sees the source style: lower is better);
 - style LoRA alone, asked for each OTHER shape:    style accuracy and source-shape leakage;
-- content of image A + style of image B:            both right (and each one alone);
+- content of image A + style of image B:            both right (and each one alone), for each of up to
+  --recomb-partners images B that differ from A in shape and style, --recomb-seeds images each;
 - both LoRAs of one image, its own prompt:          reconstruction (did the fit learn the image at all?).
 
 The content and style are named with words the base model never learned ("sks shape", "zwx"), so only the
@@ -126,7 +127,7 @@ CANDIDATES = [
 
 
 def held_out_images(n: int, seed: int = HELD_OUT_SEED) -> world.Batch:
-    """n images in which consecutive ones (the recombination pairs) differ in both shape and style."""
+    """n images in which consecutive ones differ in both shape and style (so each has a recombination partner)."""
     rng = np.random.default_rng(seed)
     pairs = [(sh, st) for sh in world.SHAPE_NAMES for st in world.STYLE_NAMES]
     order = rng.permutation(len(pairs))
@@ -195,10 +196,8 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
     return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode, **call))
 
 
-def hit_lists(base, judges, method: Method, batch: world.Batch, i: int, own, partner, partner_index: int | None,
-              call: dict) -> dict[str, list[float]]:
-    """The judged hits (1.0 / 0.0 per image) of one unit: image i's fit `own`, and for recombination its content
-    with the style of image `partner_index`'s fit `partner` (same fit seed)."""
+def own_hits(base, judges, method: Method, batch: world.Batch, i: int, own, call: dict) -> dict[str, list[float]]:
+    """The judged hits (1.0 / 0.0 per image) of image i's fit `own` alone: each LoRA alone, and both together."""
     hits: dict[str, list[float]] = {}
 
     def add(name, values: torch.Tensor):
@@ -225,19 +224,30 @@ def hit_lists(base, judges, method: Method, batch: world.Batch, i: int, own, par
     add("style_follows_shape", shapes == asked)
     shapes, styles = judges.classify(draw(base, method, content=own, style=own, prompt=COMBINED, call=call))
     add("recon_both", (shapes == shape) & (styles == style))
-    if partner is not None:  # content of this image with the style of its partner
-        shapes, styles = judges.classify(draw(base, method, content=own, style=partner, prompt=COMBINED, call=call))
-        other = batch.styles[partner_index].item()
-        add("recomb_shape", shapes == shape)
-        add("recomb_style", styles == other)
-        add("recomb_both", (shapes == shape) & (styles == other))
     return hits
 
 
-def partner_of(i: int, n: int) -> int | None:
-    """Recombination pairs are (0, 1), (2, 3), ...: each image's content meets its partner's style."""
-    j = i ^ 1
-    return j if j < n else None
+def recomb_hits(base, judges, method: Method, batch: world.Batch, i: int, own, partners: dict, call: dict
+                ) -> dict[str, list[float]]:
+    """Image i's content LoRA with the style LoRA of each partner image j (`partners`: j -> its fit, same fit
+    seed), `num_images` each: is the shape i's and the style j's?"""
+    hits: dict[str, list[float]] = {}
+    shape = batch.shapes[i].item()
+    for j, partner in partners.items():
+        shapes, styles = judges.classify(draw(base, method, content=own, style=partner, prompt=COMBINED, call=call))
+        for name, values in (("recomb_shape", shapes == shape), ("recomb_style", styles == batch.styles[j].item()),
+                             ("recomb_both", (shapes == shape) & (styles == batch.styles[j].item()))):
+            hits.setdefault(name, []).extend(values.float().tolist())
+    return hits
+
+
+def partners_of(i: int, batch: world.Batch, k: int) -> list[int]:
+    """The images whose style image i's content meets: the first k after i (cyclically) that differ from it in
+    both shape and style, so that a right answer is neither image's own. Consecutive images always differ in
+    both (held_out_images), so every image of a set of two or more has at least one partner."""
+    n = len(batch.factors)
+    others = [(i + step) % n for step in range(1, n)]
+    return [j for j in others if batch.shapes[j] != batch.shapes[i] and batch.styles[j] != batch.styles[i]][:k]
 
 
 def finished_fit(folder: Path, config: FitConfig, image: Path):
@@ -292,26 +302,45 @@ def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, ou
 
 def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a, out: Path) -> dict:
     """(image, fit seed) -> {metric: mean of its hits, "fit_s", "score_s"}. Each unit's hits are kept in its fit
-    folder (`scores.json`) with what they depend on (the sampling protocol, its own fit and its partner's), so a
-    re-run, another fit seed or another method re-scores only what changed."""
+    folder (`scores.json`) in two parts, each with what it depends on: the LoRAs alone (the sampling protocol
+    and its own fit) and the recombinations (also the partners, their fits, and the recombination draws), so a
+    re-run, another fit seed, another method or a change of one part re-scores only what changed."""
     call = dict(steps=a.sample_steps, guidance=a.guidance, seed=0, num_images=a.seeds, negative_prompt=a.negative_prompt)
-    n, units = len(batch.factors), {}
+    units = {}
     for (i, seed), own in fits.items():
-        j = partner_of(i, n)
-        partner = fits.get((j, seed)) if j is not None else None
-        key = dict(call, fit=_digest(own), partner=_digest(partner) if partner is not None else None)
+        partners = {j: fits[j, seed] for j in partners_of(i, batch, a.recomb_partners) if (j, seed) in fits}
+        keys = dict(own=dict(call, fit=_digest(own)),
+                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own),
+                                partners={str(j): _digest(f) for j, f in partners.items()}))
         cache = unit_folder(out, method, i, seed) / "scores.json"
-        saved = json.loads(cache.read_text()) if cache.is_file() else {}
-        if saved.get("key") != key:
-            t = time.time()
-            saved = dict(key=key, hits=hit_lists(base, judges, method, batch, i, own, partner, j, call),
-                         score_s=time.time() - t)
+        saved = _upgraded(json.loads(cache.read_text())) if cache.is_file() else {}
+        changed = False
+        for part, key in keys.items():
+            if saved.get(part, {}).get("key") == key:
+                continue
+            t, changed = time.time(), True
+            hits = (own_hits(base, judges, method, batch, i, own, call) if part == "own" else
+                    recomb_hits(base, judges, method, batch, i, own, partners, dict(call, num_images=a.recomb_seeds)))
+            saved[part] = dict(key=key, hits=hits, score_s=time.time() - t)
+        if changed:
             tmp = cache.with_name(f".scores.{os.getpid()}")
             tmp.write_text(json.dumps(saved))
             os.replace(tmp, cache)
-        units[i, seed] = {name: float(np.mean(h)) for name, h in saved["hits"].items()} | {
-            "fit_s": own.record["timings"]["total_s"], "score_s": saved["score_s"]}
+        hits = saved["own"]["hits"] | saved["recomb"]["hits"]
+        units[i, seed] = {name: float(np.mean(h)) for name, h in hits.items() if h} | {
+            "fit_s": own.record["timings"]["total_s"],
+            "score_s": saved["own"]["score_s"] + saved["recomb"]["score_s"]}
     return units
+
+
+def _upgraded(saved: dict) -> dict:
+    """A unit's scores.json as this code keeps it. Before the recombination had its own part (one partner,
+    `num_images` draws), one key covered everything: its single-LoRA hits are still good under the "own" key."""
+    if "key" not in saved:
+        return saved
+    key = {k: v for k, v in saved["key"].items() if k != "partner"}
+    hits = {k: v for k, v in saved["hits"].items() if not k.startswith("recomb_")}
+    return {"own": dict(key=key, hits=hits, score_s=saved["score_s"])}
 
 
 def _digest(fit) -> str:
@@ -373,6 +402,9 @@ def parse_args(argv):
     p.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="every method is fitted once per image and fit seed")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds: images per prompt")
+    p.add_argument("--recomb-partners", type=int, default=3, help="each image's content LoRA meets the style LoRAs "
+                   "of this many other images (each differing from it in shape and style)")
+    p.add_argument("--recomb-seeds", type=int, default=4, help="sampling seeds: images per recombination")
     p.add_argument("--steps", type=int, default=600, help="fit steps")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -394,7 +426,8 @@ def parse_args(argv):
     given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     a = p.parse_args(argv)
     if a.quick:
-        for flag, value in (("images", 2), ("fit_seeds", [0]), ("steps", 100), ("seeds", 1), ("sample_steps", 10)):
+        for flag, value in (("images", 2), ("fit_seeds", [0]), ("steps", 100), ("seeds", 1), ("sample_steps", 10),
+                            ("recomb_partners", 1), ("recomb_seeds", 1)):
             if f"--{flag.replace('_', '-')}" not in given:
                 setattr(a, flag, value)
     if a.set and a.held_out_seed is not None:
@@ -402,8 +435,10 @@ def parse_args(argv):
     a.held_out_seed = SETS[a.set or "A"] if a.held_out_seed is None else a.held_out_seed
     name = a.set or ("A" if a.held_out_seed == SETS["A"] else f"seed{a.held_out_seed}")
     a.out = a.out or ("out/disentangle-quick" if a.quick else f"out/disentangle-{name}")
-    if a.images < 1 or a.seeds < 1 or a.fits_together < 1 or len(set(a.fit_seeds)) != len(a.fit_seeds):
-        raise SystemExit("--images, --seeds and --fits-together must be >= 1, and --fit-seeds distinct")
+    if min(a.images, a.seeds, a.fits_together, a.recomb_partners, a.recomb_seeds) < 1 or \
+            len(set(a.fit_seeds)) != len(a.fit_seeds):
+        raise SystemExit("--images, --seeds, --recomb-partners, --recomb-seeds and --fits-together must be >= 1, "
+                         "and --fit-seeds distinct")
     return a
 
 
@@ -482,8 +517,9 @@ def main(argv=None) -> dict:
 
 def protocol(a) -> dict:
     """What a row's numbers depend on, besides the method."""
-    return {k: vars(a)[k] for k in ("model", "images", "held_out_seed", "fit_seeds", "seeds", "steps", "rank", "lr",
-                                    "sample_steps", "guidance", "negative_prompt", "quick")}
+    return {k: vars(a)[k] for k in ("model", "images", "held_out_seed", "fit_seeds", "seeds", "recomb_partners",
+                                    "recomb_seeds", "steps", "rank", "lr", "sample_steps", "guidance",
+                                    "negative_prompt", "quick")}
 
 
 def plot(rows: dict, path: str, title: str, sizes: dict[str, int]) -> None:

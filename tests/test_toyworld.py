@@ -420,3 +420,21 @@ def test_quality_gate_benchmark_judges_the_gates_choice_with_the_benchmarks_prot
     assert gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
                       "--gate-steps", "1", "--out", str(tmp_path), "--no-timing"])["per_image"] == report["per_image"]
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/*.json")] == stamps
+
+
+def test_recombination_partners_differ_in_shape_and_style(monkeypatch):
+    bench = _benchmark_module(monkeypatch, "disentangle")
+    batch = bench.held_out_images(6)
+    for i in range(6):
+        partners = bench.partners_of(i, batch, 3)
+        assert 1 <= len(partners) <= 3 and i not in partners
+        assert i == 5 or partners[0] == i + 1  # consecutive images always differ in both
+        for j in partners:
+            assert batch.shapes[j] != batch.shapes[i] and batch.styles[j] != batch.styles[i]
+    assert bench.partners_of(0, bench.held_out_images(2), 3) == [1]
+    assert bench.partners_of(0, bench.held_out_images(1), 3) == []
+    # a unit judged before recombination had its own part keeps its single-LoRA hits; its recombination goes
+    legacy = {"key": {"steps": 20, "fit": "f", "partner": "p"}, "score_s": 3.0,
+              "hits": {"content_acc": [1.0, 0.0], "recomb_both": [0.0, 1.0]}}
+    assert bench._upgraded(legacy) == {"own": {"key": {"steps": 20, "fit": "f"}, "score_s": 3.0,
+                                               "hits": {"content_acc": [1.0, 0.0]}}}
