@@ -123,6 +123,8 @@ CANDIDATES = [
            overrides=(("style_stage", 0.25),)),
     Method("class-free", "UnZipLoRA, style prompt names no subject", "{table}",
            overrides=(("style_prompt", f"An image in {STYLE} style"),)),
+    Method("window-8", "UnZipLoRA, each recalibration averages 8 steps' importance", "{table}",
+           overrides=(("calibration_window", 8),)),
 ]
 
 

@@ -180,3 +180,25 @@ def test_alone_steps_are_spread_and_never_collide():
     state.calibration_steps = {1, 3}  # a recalibration step is never an alone step
     state.step = 1
     assert state.alone is None
+
+
+def test_a_calibration_window_picks_columns_once_at_its_end(tiny_base, sample_image):
+    """calibration_window 2, two recalibrations over 6 steps: steps 0-1 and 3-4 run with masks off and score the
+    columns; the masks take their picks only at steps 1 and 4, from both steps' scores."""
+    config = FitConfig(content="sks dog", style="ink", steps=6, recalibrations=2, calibration_window=2, rank=2)
+    assert config.calibration_steps == [0, 1, 3, 4] and config.recalibration_steps == [1, 4]
+    history = fit(sample_image, config, base=tiny_base, progress=False).history
+    assert [step for step, h in enumerate(history) if "mask_stats" in h] == [0, 1, 3, 4]
+    held = [sum(r["content"] + r["style"] for r in history[step]["mask_stats"].values()) for step in (0, 1, 3, 4)]
+    shared = [min(r["content"], r["style"]) for r in history[1]["mask_stats"].values()]
+    assert max(shared) < 1  # some block holds sparse masks, which the picks fill
+    assert held[0] < held[1] and held[1] == held[2] <= held[3]  # picks only at a window's last step
+
+
+def test_a_calibration_window_must_fit_between_recalibrations():
+    from unziplora.errors import InputError
+
+    with pytest.raises(InputError, match="calibration_window"):
+        FitConfig(content="a b", style="c", steps=10, recalibrations=2, calibration_window=6)
+    assert FitConfig(content="a b", style="c", steps=10, recalibrations=2, calibration_window=5).calibration_steps \
+        == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]

@@ -33,7 +33,7 @@ SHARED_COLUMNS = ("mergers", "owner")
 # settings added later, with the value that does what fits did before the setting existed (a fit record
 # without the setting had it): item ids leave them out at that value, the benchmark's reuse of fits reads it
 IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0,
-                  "shared_columns": "mergers", "style_stage": 0.0}
+                  "shared_columns": "mergers", "style_stage": 0.0, "calibration_window": 1}
 
 
 class Prompts(NamedTuple):
@@ -95,6 +95,9 @@ class FitConfig:
                                   "the LoRA whose importance score is higher when it is picked; the other loses it)",
                                   "mergers", choices=SHARED_COLUMNS)
     recalibrations: int = setting("number of mask recalibrations", 3)
+    calibration_window: int = setting("steps (masks off, each at its own random timestep and crop) whose column "
+                                      "importance a recalibration averages before it picks (1: the paper's, one "
+                                      "step's gradient)", 1)
     ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
     content_alone: float = setting("fraction of steps that train the content LoRA alone, on its own blocks (role "
                                    "'content') under the content prompt, the style LoRA off (0: the paper's recipe, "
@@ -144,7 +147,7 @@ class FitConfig:
             if not getattr(self, name).strip():
                 raise InputError(f"the {name} text is empty: give e.g. "
                                  "--content 'sks dog' --style 'watercolor painting'")
-        positive = ("steps", "rank", "recalibrations", "lr", "merger_lr")
+        positive = ("steps", "rank", "recalibrations", "calibration_window", "lr", "merger_lr")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -157,6 +160,9 @@ class FitConfig:
             raise InputError(f"style_lr must be positive, got {self.style_lr}")
         if self.recalibrations > self.steps:
             raise InputError(f"recalibrations ({self.recalibrations}) cannot exceed steps ({self.steps})")
+        if self.calibration_window > self.steps // self.recalibrations:
+            raise InputError(f"calibration_window ({self.calibration_window}) cannot exceed the steps between "
+                             f"recalibrations ({self.steps // self.recalibrations})")
         if not 0 < self.column_ratio * self.recalibrations <= 1:
             raise InputError("column_ratio x recalibrations must lie in (0, 1]")
         if self.resolution is not None and self.resolution < 8:
@@ -189,9 +195,16 @@ class FitConfig:
 
     @property
     def calibration_steps(self) -> list[int]:
-        """Steps taken with masks off whose gradients rescore the columns: 0, period, 2 * period, ..."""
+        """Steps taken with masks off whose gradients score the columns: a window of `calibration_window` steps
+        from 0, period, 2 * period, ..."""
         period = self.steps // self.recalibrations
-        return [i * period for i in range(self.recalibrations)]
+        return [i * period + k for i in range(self.recalibrations) for k in range(self.calibration_window)]
+
+    @property
+    def recalibration_steps(self) -> list[int]:
+        """The last step of each window: where the masks take the window's averaged picks."""
+        period = self.steps // self.recalibrations
+        return [i * period + self.calibration_window - 1 for i in range(self.recalibrations)]
 
     def to_dict(self) -> dict:
         # every value is a str, number, bool or None (check_type): a shallow copy is a full one, and fast

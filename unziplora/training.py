@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import FitConfig, Prompts
 from .errors import FitDivergedError, InputError
 from .images import image_to_tensor, load_image
-from .importance import mask_stats, recalibrate
+from .importance import column_scores, mask_stats, recalibrate
 from .layers import FitBatch, UnZipLoRA
 from .models import BaseModel, load_base_model_for
 
@@ -221,6 +221,8 @@ class FitState:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.latents.dtype == torch.float16)
         self.trainable = self.adapter.lora_parameters() + [gates.mergers]
         self.calibration_steps = set(config.calibration_steps)
+        self.recalibration_steps = set(config.recalibration_steps)
+        self.window_scores: dict | None = None  # the column scores summed over this calibration window so far
 
     def restarted(self, base: BaseModel) -> "FitState":
         """This fit from step 0 again: a fresh adapter from its seed, its encoded prompts and image kept."""
@@ -266,8 +268,7 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         self.scaler.unscale_(self.optimizer)  # true gradients for the cone scores and the clip
         if self.calibrating:
-            recalibrate(self.adapter, config.column_ratio, fresh=config.column_picks == "fresh",
-                        owner=config.shared_columns == "owner")
+            self._score_columns()
             gates.mergers.grad = None  # frozen for this step
         elif self.in_style_stage:
             gates.mergers.grad = None  # the columns are settled
@@ -292,6 +293,20 @@ class FitState:
         if self.on_step is not None:
             self.on_step(self.step, metrics)
         self.step += 1
+
+    def _score_columns(self) -> None:
+        """A calibration step: add its column scores to the window's; at the window's last step, pick."""
+        owner = self.config.shared_columns == "owner"
+        scores = column_scores(self.adapter, owner)
+        if self.window_scores is not None:
+            for name, kinds in scores.items():
+                for kind, value in kinds.items():
+                    value.add_(self.window_scores[name][kind])
+        self.window_scores = scores
+        if self.step in self.recalibration_steps:  # a sum ranks columns as the mean does
+            recalibrate(self.adapter, self.config.column_ratio, fresh=self.config.column_picks == "fresh",
+                        owner=owner, scores=scores)
+            self.window_scores = None
 
     def _set_learning_rates(self, alone: str | None, frozen: str | None = None) -> None:
         """This step's rate of each LoRA parameter group: its LoRA's own, but on an alone step 0 for all except
