@@ -1,7 +1,7 @@
 """Does a method separate content from style? Measured against the toy world's ground truth (issue 6).
 
     python benchmarks/disentangle.py [--set A|B|C] [--images 12] [--fit-seeds 0 1 2] [--methods all]
-                                     [--compare A B] [--quick] [--out DIR] [--plot PNG]
+                                     [--compare A B] [--quick] [--out DIR] [--plot PNG] [--json FILE]
 
 A fixed, seeded set of held-out toy-world images (each one shape in one style, seeds the base model never
 saw). Each image is fitted by every method once per fit seed (a unit: one image, one fit seed); then, with
@@ -425,6 +425,8 @@ def parse_args(argv):
     p.add_argument("--out", help="default: out/disentangle-<set> (out/disentangle-quick with --quick)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--plot", help="also draw the tables as bars with their 95 %% intervals into this PNG")
+    p.add_argument("--json", help="also write the rows and comparisons (not the units) as a result file, e.g. "
+                   "docs/results/disentangle-A.json, whose numbers the docs cite")
     given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     a = p.parse_args(argv)
     if a.quick:
@@ -514,6 +516,12 @@ def main(argv=None) -> dict:
             print(f"\n{name} ({subset} images):\n" + comparison_table(c[subset]))
     if a.plot:
         plot(rows, a.plot, title, {name: len(s) for name, s in subsets.items()})
+    if a.json:
+        import results as result_files  # beside this file
+
+        # rows by method key (`unziplora.all.style_acc.0`: the mean; .1, .2: the interval)
+        result_files.save(a.json, {k: v for k, v in report.items() if k not in ("units", "results")} | {
+            "methods": {m.key: m.name for m in chosen}, "rows": {m.key: rows[m.name] for m in chosen}})
     return report
 
 

@@ -324,7 +324,12 @@ def test_disentangle_benchmark_runs_end_to_end_and_builds_rows_up(tmp_path, monk
     assert (tmp_path / "results.json").is_file() and len(loras) == 5
     # a second run with the same settings fits nothing and scores nothing again
     stamps = [p.stat().st_mtime_ns for p in tmp_path.glob("*/*-seed0/*.json")]
-    assert bench.main(args + ["--plot", str(tmp_path / "bars.png")])["results"] == report["results"]
+    saved = tmp_path / "saved.json"
+    assert bench.main(args + ["--plot", str(tmp_path / "bars.png"), "--json", str(saved)])["results"] == \
+        report["results"]
+    record = json.loads(saved.read_text())
+    assert record["results"]["rows"]["unziplora"] == json.loads(json.dumps(report["results"][bench.METHODS[0].name]))
+    assert record["benchmark"] and "units" not in record["results"]
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("*/*-seed0/*.json")] == stamps
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
     # a unit's judged hits lost, its fit kept: scored again from the same fit, to the same numbers
