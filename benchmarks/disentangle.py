@@ -125,6 +125,8 @@ CANDIDATES = [
            overrides=(("style_prompt", f"An image in {STYLE} style"),)),
     Method("window-8", "UnZipLoRA, each recalibration averages 8 steps' importance", "{table}",
            overrides=(("calibration_window", 8),)),
+    Method("down-ortho", "UnZipLoRA, the two LoRAs' down-projections kept orthogonal", "{table}",
+           overrides=(("down_ortho", 1.0),)),
 ]
 
 

@@ -202,3 +202,24 @@ def test_a_calibration_window_must_fit_between_recalibrations():
         FitConfig(content="a b", style="c", steps=10, recalibrations=2, calibration_window=6)
     assert FitConfig(content="a b", style="c", steps=10, recalibrations=2, calibration_window=5).calibration_steps \
         == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_down_projection_overlap_is_what_down_ortho_trains_away(tiny_base, sample_image):
+    from unziplora.layers import UnZipLoRA
+
+    adapter = UnZipLoRA(tiny_base.unet, rank=2, role_table="sdxl")
+    both = [layer for _, layer in adapter.named_layers() if "off" not in (layer.role.content, layer.role.style)]
+    assert both
+    with torch.no_grad():
+        for layer in both:  # the same down-projection: every cosine is 1 on its diagonal
+            layer.factors("style")[0].copy_(layer.factors("content")[0])
+    overlap = adapter.down_projection_overlap()
+    assert overlap > 0.4
+    overlap.backward()
+    assert all(layer.factors(kind)[0].grad is not None and layer.factors(kind)[1].grad is None
+               for layer in both for kind in ("content", "style"))
+    config = FitConfig(content="sks dog", style="ink", steps=4, rank=2, recalibrations=1, save_precision="fp32")
+    plain, kept_apart = (fit(sample_image, c, base=tiny_base, progress=False) for c in (config,
+                                                                                       config.replace(down_ortho=10.0)))
+    assert kept_apart.history[0]["loss"] > plain.history[0]["loss"]  # the same first step, plus the new term
+    assert any(not torch.equal(v, plain.tensors["content"][k]) for k, v in kept_apart.tensors["content"].items())

@@ -33,7 +33,7 @@ SHARED_COLUMNS = ("mergers", "owner")
 # settings added later, with the value that does what fits did before the setting existed (a fit record
 # without the setting had it): item ids leave them out at that value, the benchmark's reuse of fits reads it
 IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0,
-                  "shared_columns": "mergers", "style_stage": 0.0, "calibration_window": 1}
+                  "shared_columns": "mergers", "style_stage": 0.0, "calibration_window": 1, "down_ortho": 0.0}
 
 
 class Prompts(NamedTuple):
@@ -99,6 +99,9 @@ class FitConfig:
                                       "importance a recalibration averages before it picks (1: the paper's, one "
                                       "step's gradient)", 1)
     ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
+    down_ortho: float = setting("weight of a loss that keeps the two LoRAs' down-projections orthogonal (mean "
+                                "squared cosine between their rows) on every layer both act on, so that they read "
+                                "different input directions where they share columns (0: the paper's recipe)", 0.0)
     content_alone: float = setting("fraction of steps that train the content LoRA alone, on its own blocks (role "
                                    "'content') under the content prompt, the style LoRA off (0: the paper's recipe, "
                                    "every step joint)", 0.0)
@@ -151,6 +154,8 @@ class FitConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.down_ortho < 0:
+            raise InputError(f"down_ortho must be >= 0, got {self.down_ortho}")
         for name in ("content_alone", "style_alone"):
             if not 0 <= getattr(self, name) <= 0.5:
                 raise InputError(f"{name} must lie in [0, 0.5], got {getattr(self, name)}")

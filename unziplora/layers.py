@@ -343,6 +343,17 @@ class UnZipLoRA(nn.Module):
         self._unet = [unet]
         self._batch: FitBatch | None = None
 
+    def down_projection_overlap(self) -> torch.Tensor:
+        """Mean over the layers both LoRAs act on of the mean squared cosine between the rows of A_c and A_s
+        (0: they read orthogonal input directions; gradient reaches the down-projections only)."""
+        terms = []
+        for layer in self.layers.values():
+            if layer.role.content == "off" or layer.role.style == "off":
+                continue
+            a_c, a_s = (torch.nn.functional.normalize(layer.factors(kind)[0].float(), dim=1) for kind in KINDS)
+            terms.append((a_c @ a_s.t()).pow(2).mean())
+        return torch.stack(terms).mean() if terms else self.gates.mergers.new_zeros(())
+
     def named_layers(self):
         for (full_name, *_), layer in zip(self._slots, self.layers.values()):
             yield full_name, layer

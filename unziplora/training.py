@@ -387,6 +387,8 @@ def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int,
         mse = F.mse_loss(pred[k:k + 1].float(), target[k:k + 1].float())
         ortho = state.adapter.gates.orthogonality_loss()
         loss = mse + state.config.ortho_lambda * ortho
+        if state.config.down_ortho:
+            loss = loss + state.config.down_ortho * state.adapter.down_projection_overlap()
         if not math.isfinite(loss.item()):
             state.error = FitDivergedError(state.step, loss.item())
             continue
