@@ -443,3 +443,28 @@ def test_recombination_partners_differ_in_shape_and_style(monkeypatch):
               "hits": {"content_acc": [1.0, 0.0], "recomb_both": [0.0, 1.0]}}
     assert bench._upgraded(legacy) == {"own": {"key": {"steps": 20, "fit": "f"}, "score_s": 3.0,
                                                "hits": {"content_acc": [1.0, 0.0]}}}
+
+
+def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, monkeypatch):
+    agree = _benchmark_module(monkeypatch, "scorer_agreement")
+    assert agree.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert agree.spearman([3, 2, 1], [10, 20, 30]) == pytest.approx(-1.0)
+    assert agree.spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(np.sqrt(3) / 2)  # tied ranks averaged
+    assert agree.spearman([1, 1, 1], [5, 6, 7]) is None  # nothing to rank
+    truth = {(0, 0): 0.5, (0, 1): 0.9, (1, 0): 0.7, (1, 1): 0.7}
+    scored = {(0, 0): 0.1, (0, 1): 0.2, (1, 0): 0.3, (1, 1): 0.9}
+    got = agree.agreement(scored, truth, [0, 1], [0, 1])
+    # image 0: right choice (+0.4); image 1: a tie in the truth counts as agreeing, and cannot be ranked
+    assert got == pytest.approx({"choice_agreement": 1.0, "spearman_within": 1.0, "images_ranked": 1,
+                                 "truth_gain": 0.2})
+    args = ["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
+            "--gate-steps", "1", "--out", str(tmp_path), "--threads", "1", "--scorer", "toy", "tiny:0"]
+    report = agree.main(args)
+    assert set(report["scorers"]) == {"toy-judges", "tiny-style-0"}
+    for row in report["scorers"].values():
+        assert 0 <= row["choice_agreement"] <= 1 and row["truth_gain"] <= report["oracle_gain"] + 1e-9
+    panels = sorted(tmp_path.glob("unziplora/*-seed*/gate-panels-1/*.png"))
+    assert len(panels) == 4 * 2 * 6 * 2  # 4 candidates x 2 LoRAs x 6 prompts x 2 images, drawn once
+    stamps = [p.stat().st_mtime_ns for p in panels]
+    assert agree.main(args) == report  # the same pixels: the same figures, nothing drawn again
+    assert [p.stat().st_mtime_ns for p in panels] == stamps

@@ -1,0 +1,139 @@
+"""Does a scorer choose among an image's candidate fits as the toy world's judges do (issue 29 §2)?
+
+    python benchmarks/scorer_agreement.py [--set A|B] [--images 6] [--candidates 3] --scorer SPEC [SPEC ...]
+
+The candidates are the disentanglement benchmark's `unziplora` fits at fit seeds 0 .. N-1 (benchmarks/
+disentangle.py; reused from `out/disentangle-<set>`, fitted there if missing), and the truth is that benchmark's
+judged units: per candidate, the split score of its own protocol (the mean of content kept, style carried and
+one minus each leak, over its prompts and sampling seeds). Each scorer sees only what the quality gate gives it
+in a job: the source image and the gate's own panels of each LoRA alone (pipeline/gate.py: its sampling seed and
+prompts), drawn once per candidate and kept beside the fit (`gate-panels/`), so scorers are compared on the
+same pixels. Per scorer it prints:
+- choice agreement: the share of images where its best candidate is the judges' best (ties in the truth count
+  as agreement with any of the tied);
+- Spearman within images: the rank correlation of its split scores with the truth over an image's candidates,
+  averaged over images (an image whose candidates the truth cannot tell apart is left out);
+- the truth's gain from its choice: mean truth of the chosen candidate minus that of seed 0, against the
+  judges' own choice's gain (the most a choice among these candidates can give is the oracle's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import disentangle as bench  # noqa: E402  (beside this file)
+
+from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, split_score  # noqa: E402
+from pipeline.previews import preview_prompts  # noqa: E402
+from pipeline.scoring import checked, load_scorer  # noqa: E402
+from toyworld import judges as judges_mod  # noqa: E402
+from unziplora.generate import generate_each  # noqa: E402
+from unziplora.models import load_base_model  # noqa: E402
+
+TRUTH = ("content_acc", "style_acc", "content_style_leak", "style_shape_leak")
+
+
+def truth_score(unit: dict) -> float:
+    return float(np.mean([unit["content_acc"], unit["style_acc"], 1 - unit["content_style_leak"],
+                          1 - unit["style_shape_leak"]]))
+
+
+def gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:
+    """The gate's panels of one candidate, drawn once and kept in its folder."""
+    keep = folder / f"gate-panels-{steps}"
+    prompts = preview_prompts(fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
+    names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * GATE_IMAGES)] for kind, p in prompts.items()}
+    if not all(path.is_file() for paths in names.values() for path in paths):
+        panels = generate_each(base, {kind: fit for kind in prompts if prompts[kind]}, prompts, steps=steps,
+                               seed=GATE_SEED, num_images=GATE_IMAGES)
+        keep.mkdir(exist_ok=True)
+        for kind, images in panels.items():
+            for image, path in zip(images, names[kind]):
+                image.save(path)
+    return {kind: [Image.open(path).convert("RGB") for path in paths] for kind, paths in names.items()}
+
+
+def spearman(x, y) -> float | None:
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    rx, ry = (np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float) for v in (x, y))
+    # average ranks of ties
+    for r, v in ((rx, np.asarray(x)), (ry, np.asarray(y))):
+        for value in set(v.tolist()):
+            r[v == value] = r[v == value].mean()
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) -> dict:
+    chosen, within, gains = [], [], []
+    for i in images:
+        s = [scored[i, k] for k in seeds]
+        t = [truth[i, k] for k in seeds]
+        pick = seeds[int(np.argmax(s))]  # first of equals: the lowest seed, as the gate
+        chosen.append(truth[i, pick] == max(t))
+        gains.append(truth[i, pick] - truth[i, seeds[0]])
+        rho = spearman(s, t)
+        if rho is not None:
+            within.append(rho)
+    return {"choice_agreement": float(np.mean(chosen)), "spearman_within": float(np.mean(within)) if within else None,
+            "images_ranked": len(within), "truth_gain": float(np.mean(gains))}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scorer", nargs="+", default=["toy"], help="scorer specs (pipeline/scoring.py)")
+    p.add_argument("--candidates", type=int, default=3)
+    p.add_argument("--gate-steps", type=int, default=8)
+    p.add_argument("--json", help="also write the figures as a result file (docs/results/scorer_agreement-SET.json)")
+    own, rest = p.parse_known_args(argv)
+    a = bench.parse_args(rest + ["--fit-seeds", *map(str, range(own.candidates)), "--methods", "unziplora"])
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    method = next(m for m in bench.METHODS if m.key == "unziplora")
+    base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
+    a.guidance = base.guidance if a.guidance is None else a.guidance
+    batch = bench.held_out_images(a.images, a.held_out_seed)
+    paths = [bench.write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
+    fits = bench.fit_units(base, method, batch, paths, a, out)
+    units = bench.score_units(base, judges_mod.load_judges(), method, batch, fits, a, out)
+    truth = {key: truth_score(unit) for key, unit in units.items()}
+    images, seeds = list(range(a.images)), list(range(own.candidates))
+    panels = {key: gate_panels(base, fit, bench.unit_folder(out, method, *key), own.gate_steps)
+              for key, fit in sorted(fits.items())}
+    sources = {i: Image.open(paths[i]).convert("RGB") for i in images}
+    report = {"images": a.images, "candidates": own.candidates, "oracle_gain": float(np.mean(
+        [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "scorers": {}}
+    for spec in own.scorer:
+        scorer = load_scorer(spec)
+        scored = {(i, k): split_score(checked(scorer.score(sources[i], panels[i, k]["content"],
+                                                           panels[i, k]["style"]))) for i in images for k in seeds}
+        pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
+        report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
+    print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates; truth: "
+          f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}")
+    print("| scorer | choice agreement | Spearman within images (images) | Spearman pooled | truth gain of its choice |")
+    print("|---|---|---|---|---|")
+    for name, r in report["scorers"].items():
+        within = "-" if r["spearman_within"] is None else f"{r['spearman_within']:.2f}"
+        pooled = "-" if r["spearman_pooled"] is None else f"{r['spearman_pooled']:.2f}"
+        print(f"| {name} | {r['choice_agreement']:.2f} | {within} ({r['images_ranked']}) | {pooled} | "
+              f"{r['truth_gain']:+.3f} |")
+    if own.json:
+        import results as result_files  # beside this file
+
+        result_files.save(own.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
