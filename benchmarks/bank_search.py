@@ -54,7 +54,7 @@ def make_search(backend: str, x: np.ndarray, workdir: str, timings: dict):
         return lambda q: top_k(x @ q, K)
     if backend == "bank":
         from pipeline.bank.index import read_vectors
-        from pipeline.storage import Store
+        from pipeline.store.storage import Store
 
         # written by another process, so that this one's memory is only what loading costs
         subprocess.run([sys.executable, __file__, "--write", str(len(x)), workdir], check=True)
@@ -155,7 +155,7 @@ def main() -> None:
     if args.write:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from pipeline.bank.index import PART_SIZE, write_part
-        from pipeline.storage import Store
+        from pipeline.store.storage import Store
 
         n, x = int(args.write[0]), vectors(int(args.write[0]))
         for start in range(0, n, PART_SIZE):  # parts as `bank build` writes them

@@ -36,13 +36,13 @@ try:
 except ImportError:  # run as a file: benchmarks/ is sys.path[0]
     import results as result_files
 
-from pipeline import layout
-from pipeline.identify import check_job_settings, identify, ids_of
-from pipeline.job import pin_base_model, run_job
-from pipeline.manifest import ok_row, source_key, write_manifest
-from pipeline.source import read_inputs
-from pipeline.spec import JobSpec, Tracking
-from pipeline.storage import Store, sha256_hex
+from pipeline.store import layout
+from pipeline.run.identify import check_job_settings, identify, ids_of
+from pipeline.run.job import pin_base_model, run_job
+from pipeline.store.manifest import ok_row, source_key, write_manifest
+from pipeline.run.source import read_inputs
+from pipeline.run.spec import JobSpec, Tracking
+from pipeline.store.storage import Store, sha256_hex
 from unziplora import fit_files
 from unziplora.export import lora_file_name
 from unziplora.roles import KINDS

@@ -119,13 +119,13 @@ def run_mode(in_flight: int, args, tracking_uri: str, s3_endpoint: str, folder: 
     """Every image through one FitWorker, `in_flight` batches at a time, fed as the Train executor feeds it."""
     from unittest import mock
 
-    from pipeline import worker as worker_mod
-    from pipeline.executors import feed
-    from pipeline.identify import batch_columns
-    from pipeline.source import read_inputs
-    from pipeline.spec import JobSpec, Previews, RunState, Scaling, Tracking
-    from pipeline.storage import Store
-    from pipeline.tracking import start_job
+    from pipeline.run import worker as worker_mod
+    from pipeline.run.executors import feed
+    from pipeline.run.identify import batch_columns
+    from pipeline.run.source import read_inputs
+    from pipeline.run.spec import JobSpec, Previews, RunState, Scaling, Tracking
+    from pipeline.store.storage import Store
+    from pipeline.registry.tracking import start_job
 
     job = JobSpec(input=str(folder), output=f"s3://lib/overlap-{in_flight}",
                   storage_options={"endpoint_url": s3_endpoint, "skip_instance_cache": True},

@@ -25,10 +25,10 @@ try:
 except ImportError:  # run as a file: benchmarks/ is sys.path[0]
     import results as result_files
 
-import pipeline.job
-from pipeline.executors import longest_first
-from pipeline.job import run_job
-from pipeline.spec import Faults, JobSpec, Scaling
+import pipeline.run.job
+from pipeline.run.executors import longest_first
+from pipeline.run.job import run_job
+from pipeline.run.spec import Faults, JobSpec, Scaling
 
 
 def make_dataset(folder: Path, n: int, min_steps: int, max_steps: int) -> None:
@@ -60,7 +60,7 @@ def main() -> None:
     ray.init(num_cpus=args.workers + 4, include_dashboard=False, log_to_driver=False)
     results = {}
     for order in args.orders:
-        pipeline.job.longest_first = longest_first if order == "longest-first" else lambda items, job: items
+        pipeline.run.job.longest_first = longest_first if order == "longest-first" else lambda items, job: items
         for executor in args.executors:
             name = executor if len(args.orders) == 1 else f"{executor}/{order}"
             job = JobSpec(input=str(root / "in"), output=str(root / f"out-{executor}-{order}"), fit={"rank": 8},

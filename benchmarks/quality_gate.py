@@ -1,4 +1,4 @@
-"""Does the quality gate (pipeline/gate.py) give more images a split that holds, and at what device time?
+"""Does the quality gate (pipeline/quality/gate.py) give more images a split that holds, and at what device time?
 
     python benchmarks/quality_gate.py [--set A|B|C] [--images 12] [--candidates 3] [--scorer toy] [--threads 1]
 
@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 
-from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate  # noqa: E402
-from pipeline.scoring import load_scorer  # noqa: E402
+from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate  # noqa: E402
+from pipeline.quality.scoring import load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora import fit_many  # noqa: E402
 from unziplora.fit_files import RECORD  # noqa: E402
@@ -85,7 +85,7 @@ def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, can
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--candidates", type=int, default=3)
-    p.add_argument("--scorer", default="toy", help="what the gate scores with (pipeline/scoring.py)")
+    p.add_argument("--scorer", default="toy", help="what the gate scores with (pipeline/quality/scoring.py)")
     p.add_argument("--gate-steps", type=int, default=8, help="sampling steps of the gate's panels (a job's "
                    "--preview-steps)")
     p.add_argument("--no-timing", action="store_true")

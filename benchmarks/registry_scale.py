@@ -16,7 +16,7 @@ The committed runs the pages quote are docs/results/registry_scale*.json (`--jso
 docs/img/registry_scale.png is drawn from registry_scale.json (`python -m benchmarks.figures`).
 
 Layouts: `old` is the layout before issue 34 (one registered model per kind, an alias `item-<id>` per item,
-found by its item_id and library_key tags); `new` is pipeline/tracking.py's. `tag` (one model, no alias, found
+found by its item_id and library_key tags); `new` is pipeline/registry/tracking.py's. `tag` (one model, no alias, found
 by its item_id tag) and `shard` (256 models per kind by the item id's first two hex digits, an alias per
 item) are candidates measured for the choice, and `keytag` the chosen one written out (a tag whose key names
 the item: MLflow's tag table is keyed by tag key first, so the search is one index look-up).
@@ -78,7 +78,7 @@ def fake_row(n: int) -> dict:
 
 
 def version_tags(row: dict, kind: str, library_key: str, layout_name: str = "") -> dict:
-    """The tags the pipeline gives a version (pipeline/tracking.py, Tracker.register)."""
+    """The tags the pipeline gives a version (pipeline/registry/tracking.py, Tracker.register)."""
     files = json.loads(row["files"])
     lora = files[f"{kind}_lora.safetensors"]
     tags = {"kind": kind, "item_id": row["item_id"], "source_uri": row["source_uri"], "content": row["content"],
@@ -196,12 +196,12 @@ class KeyTag(Tag):
 
 
 class New(KeyTag):
-    """pipeline/tracking.py's own registration (Tracker.register) and `unziplora registry get`'s look-up
+    """pipeline/registry/tracking.py's own registration (Tracker.register) and `unziplora registry get`'s look-up
     (jobs/registry.py, resolve) of `<library>-<kind>@item-<id>`."""
     name = "new"
 
     def __init__(self, client, uri):
-        from pipeline.tracking import Tracker
+        from pipeline.registry.tracking import Tracker
 
         super().__init__(client, uri)
         self.tracker = Tracker(uri, LIBRARY, OUTPUT)
@@ -212,7 +212,7 @@ class New(KeyTag):
 
     def lookup(self, kind, iid):
         from jobs.registry import resolve
-        from pipeline.registry_names import item_handle
+        from pipeline.registry.registry_names import item_handle
 
         return resolve(self.client, item_handle(LIBRARY, kind, iid))
 

@@ -8,7 +8,7 @@ the new write path with the old two-format files, tells the two changes apart.
 
 The library is on a moto S3 server in this process, behind a WSGI layer that counts every request by S3
 operation, the bytes sent in request bodies and the bytes copied server-side (CopyObject / UploadPartCopy).
-The export is pipeline.worker.upload_fit_files (the worker's own code) and the marker write; "before" runs the
+The export is pipeline.run.worker.upload_fit_files (the worker's own code) and the marker write; "before" runs the
 same code with the old write path (temporary key, then fs.mv) and the old file set. File sizes come from the
 budget model (benchmarks/sdxl_budget.py --export-bytes); the text files and previews get nominal sizes.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import layout, storage  # noqa: E402
-from pipeline.storage import Store  # noqa: E402
-from pipeline.worker import upload_fit_files  # noqa: E402
+from pipeline.store import layout, storage  # noqa: E402
+from pipeline.store.storage import Store  # noqa: E402
+from pipeline.run.worker import upload_fit_files  # noqa: E402
 from unziplora import fit_files as names  # noqa: E402
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.manifest import read_manifest  # noqa: E402
-from pipeline.storage import open_url  # noqa: E402
+from pipeline.store.manifest import read_manifest  # noqa: E402
+from pipeline.store.storage import open_url  # noqa: E402
 from unziplora import load_fit  # noqa: E402
 from unziplora.fit_files import PREVIEW_PROMPTS, PREVIEWS  # noqa: E402
 from unziplora.generate import generate  # noqa: E402

@@ -19,14 +19,14 @@ import shlex
 import sys
 from dataclasses import MISSING
 
-from pipeline.identify import check_job_settings
+from pipeline.run.identify import check_job_settings
 # plain data: the job itself (Ray, torch, MLflow) loads in run()
-from pipeline.spec import GROUPS, SECTIONS, JobSpec, default_value, flag_kind, options
+from pipeline.run.spec import GROUPS, SECTIONS, JobSpec, default_value, flag_kind, options
 from unziplora import cli
 from unziplora.cli import add_setting_flags, setting_values
 from unziplora.config import read_settings_file, settings
 
-# fit settings a job sets for every image (the prompt table may override the per-item ones, pipeline/source.py)
+# fit settings a job sets for every image (the prompt table may override the per-item ones, pipeline/run/source.py)
 JOB_SETTINGS = settings("item", "worker")
 
 
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_job_flags(group, cls, prefix: str = "") -> None:
-    """One flag per option JobSpec or one of its groups declares (pipeline/spec.py): its flag, help, default and
+    """One flag per option JobSpec or one of its groups declares (pipeline/run/spec.py): its flag, help, default and
     choices are the declaration's; the value lands in `args.<prefix><field>`."""
     for f in options(cls):
         kind, meta = flag_kind(f), f.metadata
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     job = job_spec(args, fit_settings)
     job.check()  # a bad flag answers here, before seconds of imports (Ray, torch, MLflow)
     check_job_settings(job.fit)
-    from pipeline.job import run_job
+    from pipeline.run.job import run_job
 
     connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's Ray (tests) stays
     report = run_job(job, address=args.address, progress=not args.quiet)

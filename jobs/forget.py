@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     check_number("--wait-for-library", args.wait_for_library, minimum=0)
     if not args.prefixes and not args.missing:
         raise InputError("name the sources to forget (PREFIX ...) or give --missing")
-    from pipeline.forget import forget_sources
+    from pipeline.store.forget import forget_sources
 
     print(json.dumps(forget_sources(args.library, args.prefixes, missing=args.missing, dry_run=args.dry_run,
                                     storage_options=args.storage_options, wait_s=args.wait_for_library)))

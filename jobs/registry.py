@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.registry_names import ITEM_KEY, KINDS, item_filter, item_key
+from pipeline.registry.registry_names import ITEM_KEY, KINDS, item_filter, item_key
 from unziplora import fit_files
 from unziplora.config import check_number
 from unziplora.errors import InputError
@@ -68,7 +68,7 @@ def _client(args):
 def search(args: argparse.Namespace) -> int:
     check_number("--limit", args.limit, integer=True, minimum=1)
     client = _client(args)
-    from pipeline.tracking import literal
+    from pipeline.registry.tracking import literal
     text = args.text
     scope = f" AND name LIKE {literal(args.library + '-%')}" if args.library else ""
     found = {}
@@ -95,7 +95,7 @@ def search(args: argparse.Namespace) -> int:
 def resolve(client, spec: str, kind: str = "style"):
     """NAME@item-ID (by its item tag), item-ID (the `kind` LoRA of the one library holding it), NAME@ALIAS,
     NAME/VERSION, NAME (its latest version) or models:/... -> the model version."""
-    from pipeline.tracking import literal
+    from pipeline.registry.tracking import literal
 
     spec = spec.removeprefix("models:/")
     if ITEM_KEY.fullmatch(spec):
@@ -165,7 +165,7 @@ def get(args: argparse.Namespace) -> int:
 
 def sync(args: argparse.Namespace) -> int:
     check_number("--wait-for-library", args.wait_for_library, minimum=0)
-    from pipeline.sync import sync_library
+    from pipeline.registry.sync import sync_library
 
     summary = sync_library(args.library_uri, tracking_uri=args.tracking_uri, library=args.library,
                            storage_options=args.storage_options, log_lora_artifacts=args.log_lora_artifacts,

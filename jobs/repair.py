@@ -21,7 +21,7 @@ def add_commands(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_number("--wait-for-library", args.wait_for_library, minimum=0)
-    from pipeline.repair import repair_manifest
+    from pipeline.store.repair import repair_manifest
 
     print(json.dumps(repair_manifest(args.library, storage_options=args.storage_options, dry_run=args.dry_run,
                                      wait_s=args.wait_for_library), indent=1))

@@ -31,7 +31,7 @@ def _words(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     check_number("--preview-steps", args.preview_steps, integer=True, minimum=1)
     check_number("--wait-for-library", args.wait_for_library, minimum=0)
-    from pipeline.rescore import rescore_library
+    from pipeline.quality.rescore import rescore_library
 
     report = rescore_library(args.library, storage_options=args.storage_options, steps=args.preview_steps,
                              scorer=args.scorer, subjects=args.preview_subjects, styles=args.preview_styles,

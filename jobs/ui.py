@@ -20,7 +20,7 @@ from unziplora.redact import redact
 # MLflow 3's UI opens on its GenAI view (traces, prompts); this query opens its "Model training" view, where an
 # experiment's page lists its runs (the GenAI / Model training toggle at the top of MLflow's sidebar; 3.17.2)
 RUNS_VIEW = "?workflowType=machine_learning"
-REGISTRY_FILE = "registry.json"  # pipeline.tracking.REGISTRY_FILE: where a job records its tracking URI
+REGISTRY_FILE = "registry.json"  # pipeline.registry.tracking.REGISTRY_FILE: where a job records its tracking URI
 
 
 def add_commands(sub) -> None:
@@ -41,7 +41,7 @@ def plan(library: str, tracking_uri: str | None = None, host: str = "127.0.0.1",
          storage_options: dict | None = None) -> dict:
     """Where the library's runs are and how to see them: {tracking_uri, experiment, experiment_id, models,
     command (None when a server already serves them), url}."""
-    from pipeline.storage import library_store  # fsspec; pipeline.tracking would import MLflow (seconds)
+    from pipeline.store.storage import library_store  # fsspec; pipeline.registry.tracking would import MLflow (seconds)
 
     store = library_store(library, storage_options)
     try:

@@ -201,7 +201,7 @@ def environ(values: dict[str, str | None]):
 # token file already exists - so a leftover ~/.ray would change how the tests run. We set it explicitly.
 #
 # For the in-process cluster we choose RAY_AUTH_MODE=disabled. The auth mode a process uses is read into Ray's
-# C++ config once (when ray is imported - pytest imports it while collecting, via pipeline.executors), but the
+# C++ config once (when ray is imported - pytest imports it while collecting, via pipeline.run.executors), but the
 # GCS/raylet/workers that ray.init() spawns read it from the environment when they start. Setting "token" in
 # os.environ now would make the cluster demand a token that this driver does not send (verified: ray.init
 # fails with AuthenticationError "... RAY_AUTH_MODE is currently 'disabled'") unless Ray's private

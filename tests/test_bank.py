@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from jobs import cli
-from pipeline import layout
+from pipeline.store import layout
 from pipeline.bank import Bank, build_bank, load_embedder, write_gallery
 from pipeline.bank.search import FIT_FILES
-from pipeline.manifest import empty_row, ok_row, write_manifest
-from pipeline.registry_names import item_handle
-from pipeline.storage import Store
+from pipeline.store.manifest import empty_row, ok_row, write_manifest
+from pipeline.registry.registry_names import item_handle
+from pipeline.store.storage import Store
 from unziplora.errors import InputError
 from unziplora.fit_files import CARD, FILES, PREVIEWS
 
@@ -80,7 +80,7 @@ def write_library(root: str, items: list[dict], storage_options=None, failed: in
         rows.append(ok_row({"source_uri": inputs.url(f"img{n:03d}.png")}, {"item_id": item_id, "image_sha256": item_id},
                            SimpleNamespace(config=config, record=record), files, run_id=item["run_id"],
                            finished_at=item["finished_at"], mask_stats=None,
-                           # quality scores (pipeline/scoring.py); every fourth fit unscored
+                           # quality scores (pipeline/quality/scoring.py); every fourth fit unscored
                            score_style=None if n % 4 == 3 else (n % 4) / 3, score_content=0.9,
                            score_content_style_leak=0.05 if n % 2 else 0.3, score_style_shape_leak=0.0))
     for i in range(failed):

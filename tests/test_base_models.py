@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from checkpoints import copy_without_weights, write_hub_cache, write_single_file, write_wrong_kind
-from pipeline import layout
-from pipeline.identify import identify
-from pipeline.manifest import read_manifest
-from pipeline.spec import JobSpec, Previews, RunState, Tracking
+from pipeline.store import layout
+from pipeline.run.identify import identify
+from pipeline.store.manifest import read_manifest
+from pipeline.run.spec import JobSpec, Previews, RunState, Tracking
 from unziplora import BaseModelError, load_base_model
 from unziplora.fit_files import CONFIG, RECORD
 from unziplora.locate import locate_base_model, packaged_dir
@@ -310,7 +310,7 @@ def test_decompose_with_a_hub_id_offline(hub_cache, tmp_path):
 def test_a_worker_whose_weights_differ_from_the_plan_fails_its_items(tmp_path):
     """The driver named the weights in the item ids; a worker that loads other weights under that name (another
     node's copy of a folder, say) must not fit under those ids."""
-    from pipeline.worker import FitWorker
+    from pipeline.run.worker import FitWorker
     from pipeline_fixtures import png_bytes
 
     (tmp_path / "a.png").write_bytes(png_bytes(3, 40, 40))

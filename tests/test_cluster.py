@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_manifest
+from pipeline.store.manifest import read_manifest
 from pipeline_fixtures import check_artifacts, check_rows, make_dataset, write_local
 from ray_nodes import RAY, RayHead, RayNode
 
@@ -139,8 +139,8 @@ def test_train_start_failures_go_on_with_fewer_workers_or_fail_in_one_line(monke
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    from pipeline import executors
-    from pipeline.spec import JobSpec, Scaling
+    from pipeline.run import executors
+    from pipeline.run.spec import JobSpec, Scaling
 
     job = JobSpec(input="in", output="out", scaling=Scaling(executor="train", workers=3, cpus_per_worker=2,
                                                             gpus_per_worker=0, train_start_timeout_s=7))

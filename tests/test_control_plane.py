@@ -10,21 +10,21 @@ import os
 
 import pytest
 
-import pipeline.identify
-import pipeline.job
-import pipeline.manifest
+import pipeline.run.identify
+import pipeline.run.job
+import pipeline.store.manifest
 from benchmarks.control_plane import FIT, SYNTHETIC_FILE_BYTES, build_library, image_bytes
-from pipeline import layout
-from pipeline.job import plan_items, run_job
-from pipeline.manifest import read_manifest, write_manifest
-from pipeline.source import read_inputs
-from pipeline.spec import JobSpec, Tracking
-from pipeline.storage import Store
+from pipeline.store import layout
+from pipeline.run.job import plan_items, run_job
+from pipeline.store.manifest import read_manifest, write_manifest
+from pipeline.run.source import read_inputs
+from pipeline.run.spec import JobSpec, Tracking
+from pipeline.store.storage import Store
 from unziplora.fit_files import FILES
 
 
 def _pinned(job: JobSpec) -> JobSpec:
-    return pipeline.job.pin_base_model(job, pipeline.job.check_job_settings(job.fit))
+    return pipeline.run.job.pin_base_model(job, pipeline.run.job.check_job_settings(job.fit))
 
 
 def _parts(library) -> dict[str, int]:
@@ -35,7 +35,7 @@ def _parts(library) -> dict[str, int]:
 def reads(monkeypatch):
     """The URLs of every image the job reads and every small file it reads in bulk (markers, rows)."""
     seen = {"images": [], "files": []}
-    open_url, cat_many = pipeline.identify.open_url, Store.cat_many
+    open_url, cat_many = pipeline.run.identify.open_url, Store.cat_many
 
     def counting_open(url, options=None):
         seen["images"].append(url)
@@ -45,7 +45,7 @@ def reads(monkeypatch):
         seen["files"] += paths
         return cat_many(store, paths)
 
-    monkeypatch.setattr(pipeline.identify, "open_url", counting_open)
+    monkeypatch.setattr(pipeline.run.identify, "open_url", counting_open)
     monkeypatch.setattr(Store, "cat_many", counting_cat)
     return seen
 
@@ -59,7 +59,7 @@ def test_a_complete_library_reruns_reading_nothing_per_item(tmp_path, reads, mon
     def no_ray(*_):
         raise AssertionError("a re-run with nothing to do started Ray")
 
-    monkeypatch.setattr(pipeline.job, "_init_ray", no_ray)
+    monkeypatch.setattr(pipeline.run.job, "_init_ray", no_ray)
     report = run_job(JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), fit=dict(FIT),
                              tracking=Tracking(enabled=False)), progress=False)
     assert (report["ok"], report["fits_this_run"], report["library_rows"]) == (40, 0, 40), report
@@ -99,7 +99,7 @@ def test_only_new_and_changed_images_are_read(tmp_path, reads, monkeypatch):
     assert planned.complete == 11 and len(planned.unchanged) == 11
     assert not any(f.endswith(layout.marker_key(rows[str(inp / "img000000.png")]["item_id"])) for f in reads["files"])
 
-    monkeypatch.setattr(pipeline.job, "INLINE_IDENTIFY", 100)  # no Ray Data pass in this test
+    monkeypatch.setattr(pipeline.run.job, "INLINE_IDENTIFY", 100)  # no Ray Data pass in this test
     rechecked = plan(recheck=True)
     assert sorted(i["source_uri"] for i in rechecked.to_fit) == sorted(changed + [str(inp / f"img00000{n}.png")
                                                                                  for n in (5, 6, 7)])
@@ -130,7 +130,7 @@ def test_an_image_rewritten_in_place_is_read_again(tmp_path, reads):
 
 
 def test_the_manifest_rewrites_only_the_buckets_that_changed(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.manifest, "ROWS_PER_PART", 10)
+    monkeypatch.setattr(pipeline.store.manifest, "ROWS_PER_PART", 10)
     store = Store(str(tmp_path))
     rows = [{"source_uri": f"/x/{i:03d}.png", "status": "failed", "error": "e", "attempts": 0} for i in range(35)]
     first = write_manifest(store, rows, "r1")
@@ -168,7 +168,7 @@ def test_a_manifest_from_before_buckets_is_replaced_whole(tmp_path):
 
 
 def test_a_librarys_layout_is_the_documented_one():
-    """pipeline/layout.py spells each name of a library's layout once; this pins them (libraries on disk and
+    """pipeline/store/layout.py spells each name of a library's layout once; this pins them (libraries on disk and
     in buckets, repair and the docs know them by these names)."""
     assert layout.marker_key("ab12") == "items/ab12/_SUCCESS"
     assert layout.item("ab12", "fit.json") == ("items", "ab12", "fit.json")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import layout
-from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, GateError, fit_gated, split_score
-from pipeline.identify import identify
-from pipeline.job import run_job
-from pipeline.previews import SEED as PREVIEW_SEED
-from pipeline.spec import Gate, JobSpec, Previews, RunState, Tracking
+from pipeline.store import layout
+from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, GateError, fit_gated, split_score
+from pipeline.run.identify import identify
+from pipeline.run.job import run_job
+from pipeline.quality.previews import SEED as PREVIEW_SEED
+from pipeline.run.spec import Gate, JobSpec, Previews, RunState, Tracking
 from toyworld import world
 from unziplora import FitConfig, load_fit
 from unziplora.errors import InputError
@@ -129,8 +129,8 @@ def test_an_image_whose_candidates_cannot_be_scored_fails_rather_than_keep_an_un
 
 def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     """The worker path on `toy` with its judges: the row, the marker and fit.json say what was tried."""
-    from pipeline.source import read_inputs
-    from pipeline.worker import FitWorker
+    from pipeline.run.source import read_inputs
+    from pipeline.run.worker import FitWorker
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted", seed=3))
@@ -179,8 +179,8 @@ def test_fit_with_candidates_on_one_image(tmp_path, capsys):
 
 def test_the_bank_filters_on_the_gate(tmp_path):
     from pipeline.bank import Bank
-    from pipeline.manifest import empty_row, write_manifest
-    from pipeline.storage import Store
+    from pipeline.store.manifest import empty_row, write_manifest
+    from pipeline.store.storage import Store
 
     gates = {"passed": (0.9, True), "never-passed": (0.4, False), "ungated": (None, None)}
     rows = [empty_row(f"/in/{name}.png") | {"item_id": f"{n:024x}", "status": "ok", "content": "sks dog",
@@ -201,11 +201,11 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
     """`unziplora rescore`: an unscored library gets today's previews and scores; its LoRA files stay, its
     markers and manifest vouch for the new files; an item whose LoRA is gone is named, not rescored."""
     from jobs.cli import main
-    from pipeline.executors import manifest_row
-    from pipeline.manifest import marker_problems, read_manifest, write_manifest
-    from pipeline.source import read_inputs
-    from pipeline.storage import Store
-    from pipeline.worker import FitWorker
+    from pipeline.run.executors import manifest_row
+    from pipeline.store.manifest import marker_problems, read_manifest, write_manifest
+    from pipeline.run.source import read_inputs
+    from pipeline.store.storage import Store
+    from pipeline.run.worker import FitWorker
 
     (tmp_path / "in").mkdir()
     for name, (shape, style) in {"a": ("star", "dotted"), "b": ("heart", "flat")}.items():
@@ -244,7 +244,7 @@ def test_rescore_redraws_previews_and_scores_without_fitting(tmp_path, capsys):
 def test_the_report_counts_what_the_gate_did():
     """Passed, refitted (more candidates than the first round), never passed: in the report and its last lines."""
     from jobs.decompose import next_steps
-    from pipeline.job import summarize
+    from pipeline.run.job import summarize
 
     job = JobSpec(input="in", output="lib", tracking=Tracking(enabled=False),
                   gate=Gate(candidates=2, max_candidates=4, min_split_score=0.6), state=RunState(run_id="r"))

@@ -1,5 +1,5 @@
 """JobSpec: its groups are plain data Ray ships to workers, and `decompose`'s flags are derived from what each
-field declares (pipeline/spec.py), as `unziplora fit`'s are from FitConfig."""
+field declares (pipeline/run/spec.py), as `unziplora fit`'s are from FitConfig."""
 
 import dataclasses
 import pickle
@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from jobs.decompose import build_parser, job_spec
-from pipeline.spec import GROUPS, SECTIONS, Failure, JobSpec, Previews, RunState, Scaling, options
+from pipeline.run.spec import GROUPS, SECTIONS, Failure, JobSpec, Previews, RunState, Scaling, options
 from unziplora.errors import InputError
 
 

@@ -9,12 +9,12 @@ from unittest import mock
 import pytest
 
 from benchmarks.device_overlap import StandInDevice, template_fit, write_images
-from pipeline import worker as worker_mod
-from pipeline.executors import feed
-from pipeline.identify import batch_columns
-from pipeline.manifest import past_attempts
-from pipeline.source import read_inputs
-from pipeline.spec import JobSpec, Previews, RunState, Scaling, Tracking
+from pipeline.run import worker as worker_mod
+from pipeline.run.executors import feed
+from pipeline.run.identify import batch_columns
+from pipeline.store.manifest import past_attempts
+from pipeline.run.source import read_inputs
+from pipeline.run.spec import JobSpec, Previews, RunState, Scaling, Tracking
 
 
 @pytest.fixture(scope="module")

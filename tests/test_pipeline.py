@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import layout
-from pipeline.job import run_job
-from pipeline.manifest import SCHEMA, read_manifest
-from pipeline.spec import Failure, Faults, JobSpec, Previews, Scaling, Tracking
+from pipeline.store import layout
+from pipeline.run.job import run_job
+from pipeline.store.manifest import SCHEMA, read_manifest
+from pipeline.run.spec import Failure, Faults, JobSpec, Previews, Scaling, Tracking
 from pipeline_fixtures import (AWS_ENV, FIT, assert_lora_loads, by_name, check_artifacts, check_rows, local_ray,
                                local_s3, make_dataset, png_bytes, write_local)
 from unziplora.fit_files import RECORD
@@ -276,8 +276,8 @@ def test_rerun_keeps_the_real_error_of_an_undecodable_image(ray_cluster, tmp_pat
 
 def test_manifest_parts_of_a_new_run_replace_the_old(tmp_path):
     """No Ray needed: the manifest schema round-trips through Parquet with its version metadata."""
-    from pipeline.manifest import SCHEMA_VERSION, write_manifest
-    from pipeline.storage import Store
+    from pipeline.store.manifest import SCHEMA_VERSION, write_manifest
+    from pipeline.store.storage import Store
 
     store = Store(str(tmp_path))
     rows = [{"source_uri": f"/x/{i}.png", "status": "failed", "error": "e", "attempts": 0, "schema_version": 1}
@@ -294,8 +294,8 @@ def _as_schema_2(library, job: JobSpec) -> dict[str, str]:
     """Rewrite a library written now the way schema 2 wrote it: each fit under its schema-2 id (no base-model
     fingerprint in it), rows and markers without a fingerprint, manifest parts marked version 2. Returns
     source URL -> schema-2 item id."""
-    from pipeline.identify import identify
-    from pipeline.source import read_inputs
+    from pipeline.run.identify import identify
+    from pipeline.run.source import read_inputs
 
     items = {item["source_uri"]: item for item in read_inputs(job.input, job.prompts).items}
     legacy = {}
@@ -354,8 +354,8 @@ def test_a_library_from_before_fingerprints_is_refit_or_adopted(ray_cluster, tmp
 def test_prompt_table_cells_are_read_as_their_settings(tmp_path):
     """No Ray needed: every per-item setting is a column; a bad cell fails its own image with the column and the
     value, a per-job setting as a column refuses the table, and the job's own settings are checked up front."""
-    from pipeline.identify import check_job_settings
-    from pipeline.source import read_inputs
+    from pipeline.run.identify import check_job_settings
+    from pipeline.run.source import read_inputs
     from unziplora.errors import InputError
 
     for name in ("a.png", "b.png", "c.png"):
@@ -383,7 +383,7 @@ def test_fits_are_handed_out_longest_first():
     """No Ray needed: the costliest fits (steps x pixels) go first, so no worker starts a long fit while the
     others run out of work; equal costs keep their order, and an item whose settings do not parse goes last
     (its worker fails it with its own error)."""
-    from pipeline.executors import longest_first
+    from pipeline.run.executors import longest_first
 
     job = JobSpec(input="in", output="out", fit={"steps": 10, "resolution": 64})
     items = [{"source_uri": name, "content": "sks", "style": "ink", "overrides": json.dumps(overrides)}

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.identify import hashed_settings, identify
-from pipeline.job import run_job
-from pipeline.previews import preview_prompts, write_previews
-from pipeline.scoring import EmbeddingScorer, load_scorer, scorer_spec
-from pipeline.spec import JobSpec, Previews, Tracking
+from pipeline.run.identify import hashed_settings, identify
+from pipeline.run.job import run_job
+from pipeline.quality.previews import preview_prompts, write_previews
+from pipeline.quality.scoring import EmbeddingScorer, load_scorer, scorer_spec
+from pipeline.run.spec import JobSpec, Previews, Tracking
 from toyworld import world
 from unziplora import FitConfig, fit
 from unziplora.errors import InputError

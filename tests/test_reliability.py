@@ -24,13 +24,13 @@ from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline import layout
-from pipeline.job import run_job
-from pipeline.lease import LeaseLostError, LibraryBusyError, LibraryLease
-from pipeline.manifest import past_attempts, read_manifest
-from pipeline.source import read_inputs
-from pipeline.spec import Failure, JobSpec, Previews, RunState, Tracking
-from pipeline.storage import Store, UnsafePathError
+from pipeline.store import layout
+from pipeline.run.job import run_job
+from pipeline.store.lease import LeaseLostError, LibraryBusyError, LibraryLease
+from pipeline.store.manifest import past_attempts, read_manifest
+from pipeline.run.source import read_inputs
+from pipeline.run.spec import Failure, JobSpec, Previews, RunState, Tracking
+from pipeline.store.storage import Store, UnsafePathError
 from pipeline_fixtures import AWS_ENV, check_artifacts, free_port, local_ray, local_s3, png_bytes
 from unziplora.errors import InputError
 from unziplora.fit_files import FILES, PREVIEWS, RECORD
@@ -96,7 +96,7 @@ def test_paths_and_ids_from_data_never_leave_their_folder(tmp_path, capsys):
     import pyarrow.parquet as pq
 
     from jobs.cli import main
-    from pipeline.manifest import SCHEMA, empty_row
+    from pipeline.store.manifest import SCHEMA, empty_row
 
     store = Store(str(tmp_path / "lib"))
     for part in ("../x", "a/../../x", "/etc/passwd", "", "a\\b", "."):
@@ -241,7 +241,7 @@ def test_a_full_disk_fails_the_item_cleanly(tmp_path, capsys):
     partial file is left, no marker claims it, and it is not charged a crash; with space again it is fitted."""
     import fsspec
 
-    from pipeline.worker import FitWorker
+    from pipeline.run.worker import FitWorker
 
     fsspec.register_implementation("quotafs", QuotaFS, clobber=True)
     folder = small_input(tmp_path / "in", n=1)
@@ -363,8 +363,8 @@ def test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs(ray_cluster, tmp_
 
 def test_rows_carry_the_workers_own_error(tmp_path):
     """An input deleted or replaced after planning: the row says what its worker found, not "not processed"."""
-    from pipeline.job import Plan, collect_rows
-    from pipeline.manifest import failed_row, source_key
+    from pipeline.run.job import Plan, collect_rows
+    from pipeline.store.manifest import failed_row, source_key
 
     store = Store(str(tmp_path / "lib"))
     items = [{"source_uri": f"/in/{n}.png"} for n in ("gone", "replaced", "lost", "stale")]
@@ -389,7 +389,7 @@ def test_a_killed_job_costs_nothing_and_leaves_nothing(ray_cluster, tmp_path):
     """The next job on the library takes the lease over at once (the dead driver's process is gone), fits the
     image even with --max-attempts 1 (an interrupted fit is no crash), and ends the local Ray processes the dead
     driver left running. (Closing its MLflow run: test_secrets_quotes_dead_runs_and_stray_files_in_real_jobs.)"""
-    from pipeline.local_ray import MARK
+    from pipeline.run.local_ray import MARK
 
     folder = small_input(tmp_path / "in", n=1)
     library = tmp_path / "lib"
@@ -526,10 +526,10 @@ def test_the_job_never_crashes_and_every_input_gets_one_row(ray_cluster, monkeyp
 def monkeypatch_module():
     """The property test runs fits in this process (FitWorker.process, as an actor would), not in a new
     actor pool per drawn case: the same code, without starting actors ten times."""
-    from pipeline import job as job_module
-    from pipeline.executors import manifest_row
-    from pipeline.identify import plain_row
-    from pipeline.worker import FitWorker
+    from pipeline.run import job as job_module
+    from pipeline.run.executors import manifest_row
+    from pipeline.run.identify import plain_row
+    from pipeline.run.worker import FitWorker
 
     def in_process(job, items, progress=True):
         worker = FitWorker(job, device="cpu")
@@ -676,7 +676,7 @@ def test_a_truncated_manifest_part_is_named_and_repaired(tmp_path, capsys):
     rebuilds it from sources/ (a row whose fit lost a file comes back failed, so the next run fits it again)."""
     from benchmarks.control_plane import build_library
     from jobs.cli import main
-    from pipeline.job import check_job_settings, pin_base_model, plan_items
+    from pipeline.run.job import check_job_settings, pin_base_model, plan_items
     
     inp, lib = tmp_path / "in", tmp_path / "lib"
     job = build_library(str(inp), str(lib), 6)
@@ -748,18 +748,18 @@ def test_the_tracking_store_vanishing_mid_job_is_one_line(ray_cluster, monkeypat
     """The library's SQLite MLflow store deleted after the job opened its parent run: every fit is ok, each
     row says in one line that the store is gone (no worker makes a new empty one), the report says so, and no
     SQLAlchemy traceback reaches the terminal."""
-    import pipeline.job
+    import pipeline.run.job
 
     folder = small_input(tmp_path / "in", n=2)
     library = tmp_path / "lib"
-    started = pipeline.job.start_job
+    started = pipeline.run.job.start_job
 
     def start_then_delete_the_store(*args, **kwargs):
         job = started(*args, **kwargs)
         (library / "mlflow.db").unlink()
         return job
 
-    monkeypatch.setattr(pipeline.job, "start_job", start_then_delete_the_store)
+    monkeypatch.setattr(pipeline.run.job, "start_job", start_then_delete_the_store)
     report = run_job(JobSpec(input=str(folder), output=str(library), fit=dict(SMALL), previews=Previews(steps=0)),
                      progress=True)
     err = capfd.readouterr().err
@@ -775,7 +775,7 @@ def test_the_tracking_store_vanishing_mid_job_is_one_line(ray_cluster, monkeypat
 def test_a_full_library_disk_names_the_library_file(tmp_path, monkeypatch):
     """The library's disk fills up while a fit's files are copied into it: shutil names the local scratch file
     it was reading (sendfile's error carries the source first); the row names the library file instead."""
-    from pipeline.worker import FitWorker
+    from pipeline.run.worker import FitWorker
 
     folder = small_input(tmp_path / "in", n=1)
     job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), tracking=Tracking(enabled=False),
@@ -803,8 +803,8 @@ def test_the_parent_run_is_closed_on_every_exit_path(ray_cluster, monkeypatch_mo
     FINISHED with the stored report's metrics."""
     from mlflow import MlflowClient
 
-    import pipeline.tracking
-    from pipeline import job as job_module
+    import pipeline.registry.tracking
+    from pipeline.run import job as job_module
 
     folder = small_input(tmp_path / "in", n=1)
     job = JobSpec(input=str(folder), output=str(tmp_path / "lib"), fit=dict(SMALL), previews=Previews(steps=0))
@@ -827,19 +827,19 @@ def test_the_parent_run_is_closed_on_every_exit_path(ray_cluster, monkeypatch_mo
     assert [r.info.status for r in job_runs()] == ["FAILED", "KILLED"]
 
     monkeypatch.setitem(job_module.EXECUTORS, "actor-pool", in_process)
-    monkeypatch.setattr(pipeline.tracking, "SETUP_ATTEMPTS", 1)
-    end_job = pipeline.tracking.Tracker.end_job
+    monkeypatch.setattr(pipeline.registry.tracking, "SETUP_ATTEMPTS", 1)
+    end_job = pipeline.registry.tracking.Tracker.end_job
 
     def away(*args, **kwargs):
         raise ConnectionError("the tracking server is away")
 
-    monkeypatch.setattr(pipeline.tracking.Tracker, "end_job", away)
+    monkeypatch.setattr(pipeline.registry.tracking.Tracker, "end_job", away)
     ended = run_job(job, progress=True)
     assert ended["ok"] == 1 and not ended["tracking"]["closed"] and "is away" in ended["tracking"]["error"]
     assert "the job's MLflow run could not be closed (ConnectionError: the tracking server is away)" in \
         capfd.readouterr().err
     assert client.get_run(ended["tracking"]["parent_run_id"]).info.status == "RUNNING"
-    monkeypatch.setattr(pipeline.tracking.Tracker, "end_job", end_job)  # the server is back
+    monkeypatch.setattr(pipeline.registry.tracking.Tracker, "end_job", end_job)  # the server is back
     noop = run_job(job, progress=False)
     assert noop["fits_this_run"] == 0 and noop["tracking"]["parent_run_id"] is None
     run = client.get_run(ended["tracking"]["parent_run_id"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import layout
+from pipeline.store import layout
 from pipeline_fixtures import local_s3
 from unziplora.fit_files import FILES
 
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KILLED_UPLOAD = """
 import os, signal, sys
 import s3fs.core
-from pipeline import layout
-from pipeline.storage import Store
+from pipeline.store import layout
+from pipeline.store.storage import Store
 from unziplora.fit_files import FILES
 
 s3fs.core.calculate_chunksize = lambda size, chunksize=None, **kw: 5 * 2**20

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_manifest
+from pipeline.store.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "collection.md"

@@ -123,8 +123,8 @@ def test_bank_built_with_the_style_judge_finds_an_examples_style(tmp_path, capsy
     import io
 
     from pipeline.bank import Bank, build_bank
-    from pipeline.manifest import empty_row, write_manifest
-    from pipeline.storage import Store
+    from pipeline.store.manifest import empty_row, write_manifest
+    from pipeline.store.storage import Store
 
     def png(image):
         buffer = io.BytesIO()

@@ -22,15 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.job
+import pipeline.run.job
 from jobs.cli import main as cli_main
-from pipeline import layout
-from pipeline.job import run_job
-from pipeline.manifest import SCHEMA, read_manifest
-from pipeline.registry_names import item_filter, item_handle, item_key, model_name
-from pipeline.spec import JobSpec, Previews, Scaling, Tracking
-from pipeline.storage import Store
-from pipeline.tracking import TAG, redact
+from pipeline.store import layout
+from pipeline.run.job import run_job
+from pipeline.store.manifest import SCHEMA, read_manifest
+from pipeline.registry.registry_names import item_filter, item_handle, item_key, model_name
+from pipeline.run.spec import JobSpec, Previews, Scaling, Tracking
+from pipeline.store.storage import Store
+from pipeline.registry.tracking import TAG, redact
 from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, local_s3,
                                make_dataset, sha256_hex, write_local)
 from unziplora.fit_files import CONFIG, FILES, HISTORY, PREVIEWS, PREVIEW_PROMPTS, RECORD, SCORES
@@ -269,14 +269,14 @@ def test_job_against_server_and_lookup_commands(s3, mlflow_server, ray_cluster, 
 
 def test_server_down_mid_job_then_sync_twice(s3, mlflow_server, ray_cluster, dataset, monkeypatch):
     job = s3_job(s3, dataset, "lib-b", mlflow_server.url).replace(scaling={"workers": 1})  # 2: the test above
-    started = pipeline.job.start_job
+    started = pipeline.run.job.start_job
 
     def start_then_stop(*args, **kwargs):  # the parent run exists, then the server goes away
         out = started(*args, **kwargs)
         mlflow_server.stop()
         return out
 
-    monkeypatch.setattr(pipeline.job, "start_job", start_then_stop)
+    monkeypatch.setattr(pipeline.run.job, "start_job", start_then_stop)
     try:
         report = run_job(job, progress=False)
     finally:
@@ -520,7 +520,7 @@ def test_the_production_combination_end_to_end(s3, mlflow_server, ray_cluster, d
 
 
 def test_job_summary_figure_counts_in_whole_numbers_and_labels_do_not_overlap():
-    from pipeline.figures import job_figure
+    from pipeline.registry.figures import job_figure
 
     rows = [dict(status="ok", run_id="r", total_s=t) for t in (3.1, 2.0, 1.7)] + \
         [dict(status="ok", run_id="earlier", total_s=9.0), dict(status="skipped", run_id="r", total_s=None)] + \
@@ -549,13 +549,13 @@ def test_figures_are_drawn_from_threads_at_once_without_pyplot():
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.figures import loss_figure, png
+    from pipeline.registry.figures import loss_figure, png
 
     history = [{"mse": 1.0 / (i + 1), "ortho": 0.01 * i} | ({"mask_stats": {}} if i == 5 else {}) for i in range(40)]
     with ThreadPoolExecutor(4) as pool:
         images = list(pool.map(lambda _: png(lambda: loss_figure(history)), range(16)))
     assert len(set(images)) == 1 and images[0].startswith(b"\x89PNG")
-    code = ("import sys; from pipeline.figures import loss_figure, job_figure; "
+    code = ("import sys; from pipeline.registry.figures import loss_figure, job_figure; "
             "loss_figure([{'mse': 1.0, 'ortho': 0.0}]*3); job_figure([], 'r'); "
             "sys.exit('matplotlib.pyplot' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent).returncode == 0

@@ -196,7 +196,7 @@ if __name__ == "__main__":
 
 
 class PreviewScorer:
-    """The judges as a fit's quality scorer (pipeline/scoring.py's protocol): from a fit's previews, how often
+    """The judges as a fit's quality scorer (pipeline/quality/scoring.py's protocol): from a fit's previews, how often
     its content LoRA keeps the source's shape (and leaks its style), and its style LoRA keeps the source's
     style (and leaks its shape). The source's shape and style are what the judges read off the source image.
     The toy world's default scorer: `--scorer toy`, or `toyworld.judges:PreviewScorer`."""

@@ -151,13 +151,13 @@ def _fit(args) -> int:
 
 
 def _fit_candidates(args, config: FitConfig):
-    """`fit --candidates N`: the dataset job's quality gate (pipeline/gate.py) on one image."""
+    """`fit --candidates N`: the dataset job's quality gate (pipeline/quality/gate.py) on one image."""
     import shutil
     import tempfile
 
-    from pipeline.gate import fit_gated
-    from pipeline.scoring import load_scorer, scorer_spec
-    from pipeline.spec import Gate
+    from pipeline.quality.gate import fit_gated
+    from pipeline.quality.scoring import load_scorer, scorer_spec
+    from pipeline.run.spec import Gate
 
     from .export import check_output_dir
     from .models import load_base_model_for

@@ -266,7 +266,7 @@ class FitArtifacts:
     @classmethod
     def of(cls, result) -> "FitArtifacts":
         """A finished fit (unziplora.FitResult) as artifacts, before (or without) its files: previews drawn on
-        the device while the files are written elsewhere (pipeline/worker.py)."""
+        the device while the files are written elsewhere (pipeline/run/worker.py)."""
         return cls(path=None, config=result.config, record=result.record, tensors=result.tensors)
 
     def lora_weights(self, kind: str) -> tuple:

@@ -10,6 +10,6 @@ FILES = {kind: f"{kind}_lora.safetensors" for kind in KINDS}  # each LoRA's one 
 LORA_COPY = "{kind}_lora_{fmt}.safetensors"  # each LoRA in every other format
 MERGERS, MASKS = "mergers.safetensors", "masks.safetensors"
 RECORD, CONFIG, CARD = "fit.json", "config.yaml", "README.md"
-# what a job adds beside them (pipeline/worker.py, pipeline/previews.py); the card and tracking read them
+# what a job adds beside them (pipeline/run/worker.py, pipeline/quality/previews.py); the card and tracking read them
 PREVIEWS = {kind: f"preview_{kind}.png" for kind in KINDS}
 PREVIEW_PROMPTS, SCORES, HISTORY = "previews.json", "scores.json", "history.json"

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from unziplora import fit_files
 
-from ..storage import open_url
+from ..store.storage import open_url
 
 THUMB = 256
 
@@ -124,7 +124,7 @@ QUALITY = (("content", "score_content"), ("style", "score_style"), ("content's s
 
 
 def _quality(hit: dict) -> str | None:
-    """The fit's quality scores (pipeline/scoring.py), when it was scored."""
+    """The fit's quality scores (pipeline/quality/scoring.py), when it was scored."""
     parts = [f"{label} {hit[key]:.2f}" for label, key in QUALITY if hit.get(key) is not None]
     return ", ".join(parts) or None
 

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 from unziplora.errors import InputError
 from unziplora.images import load_image
 
-from .. import layout
-from ..manifest import read_manifest
-from ..storage import Store, open_url
+from ..store import layout
+from ..store.manifest import read_manifest
+from ..store.storage import Store, open_url
 from .embedders import TEXT_DEFAULT, load_embedder
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 from unziplora import fit_files
 from unziplora.errors import InputError
 
-from .. import layout
-from ..manifest import check_item_id
-from ..registry_names import KINDS, item_handle, library_name
-from ..storage import Store, open_url
+from ..store import layout
+from ..store.manifest import check_item_id
+from ..registry.registry_names import KINDS, item_handle, library_name
+from ..store.storage import Store, open_url
 from .embedders import TEXT_DEFAULT, load_embedder
 from .index import decode, field_texts, read_meta, read_rows, read_vectors
 
@@ -94,9 +94,9 @@ class Bank:
         class_word: the content's class ("dog"; case-insensitive, also matched as the trigger's last word).
         since/until: ISO dates or times compared with finished_at (until a date includes that whole day).
         run: the job's run_id (or its MLflow run id when tracked). content: a substring of the trigger.
-        min_content_score / min_style_score / max_leak: bounds on the fit's quality scores (pipeline/scoring.py;
+        min_content_score / min_style_score / max_leak: bounds on the fit's quality scores (pipeline/quality/scoring.py;
         max_leak bounds both leaks); a row without that score does not pass. min_split_score: the quality gate's
-        score (pipeline/gate.py); skip_gate_failures: leave out fits that never reached the gate's bar."""
+        score (pipeline/quality/gate.py); skip_gate_failures: leave out fits that never reached the gate's bar."""
         rows, keep = self.rows, np.ones(self.rows.num_rows, bool)
 
         def apply(condition):

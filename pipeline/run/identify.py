@@ -12,7 +12,7 @@ from unziplora.config import IMPLIED_BEFORE, FitConfig, settings
 from unziplora.errors import InputError, UnZipLoRAError
 
 from .spec import JobSpec
-from .storage import open_url, sha256_hex
+from ..store.storage import open_url, sha256_hex
 
 
 def item_config(item: dict, job: JobSpec) -> FitConfig:

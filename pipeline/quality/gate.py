@@ -3,7 +3,7 @@
 The fit seed alone moves a split from good to useless, so with `--candidates N` each image is fitted with N
 seeds (the item's own seed, then the next ones), trained together in one multi-fit pass. Each candidate draws
 the gate's own preview panels (its own sampling seed and prompts, never the benchmark's or the stored
-previews') and the job's scorer (pipeline/scoring.py) scores them. The split score is the mean of what the
+previews') and the job's scorer (pipeline/quality/scoring.py) scores them. The split score is the mean of what the
 scorer gives of: content kept by the content LoRA alone, style carried by the style LoRA alone, one minus
 each leak. While an image's best is below `--min-split-score` and fewer than `--max-candidates` were tried,
 N more are fitted. The best scored candidate becomes the item's fit; one that never passes is kept as the
@@ -27,7 +27,7 @@ from unziplora.generate import generate_each
 
 from .previews import preview_prompts
 from .scoring import checked
-from .spec import Gate
+from ..run.spec import Gate
 
 GATE_SEED = 1_000_003  # the gate's sampling seed: previews draw with 0, the benchmark with 0 too
 GATE_PANELS = 6  # subjects (styles) each candidate is judged on, at most

@@ -4,8 +4,9 @@ several images at once (`--fits-per-worker K`: trained together in one batched U
 For each item, in named steps (`process_many`): identify it (read the bytes, derive the item id); reuse it if it
 is complete (its `_SUCCESS` marker exists); admit it (give up on an image that killed its worker too often,
 else record the attempt first, so a crash leaves the record); fit, make the previews and upload the files
-(each written whole: pipeline.storage); commit (the marker makes the item count as complete); track it in MLflow (run
-id and registered versions go into the row and the marker; a tracking error only into `tracking_error`).
+(each written whole: pipeline.store.storage); commit (the marker makes the item count as complete); track it
+in MLflow (run id and registered versions go into the row and the marker; a tracking error only into
+`tracking_error`).
 Every error becomes a `failed` row, including a library that cannot be written (a full disk): one line, no
 temporary files, no marker, and the attempt's record removed, so it is not charged as a crash. Only a crash
 of the process escapes, and the executor retries the item on a fresh worker.
@@ -35,16 +36,16 @@ from unziplora.models import load_base_model_for
 from unziplora.quiet import quiet_libraries
 from unziplora.redact import redact
 
-from . import layout
+from ..store import layout
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
-from .manifest import (LibraryChangedError, clear_attempts, crashes, end_attempt, failed_row, marker_problems,
+from ..store.manifest import (LibraryChangedError, clear_attempts, crashes, end_attempt, failed_row, marker_problems,
                        ok_row, past_attempts, scrubbed, source_key, start_attempt)
-from .gate import fit_gated
-from .previews import draw_previews, save_previews
-from .scoring import load_scorer, scorer_spec
+from ..quality.gate import fit_gated
+from ..quality.previews import draw_previews, save_previews
+from ..quality.scoring import load_scorer, scorer_spec
 from .spec import JobSpec
-from .storage import Store, sha256_hex
-from .tracking import track_row
+from ..store.storage import Store, sha256_hex
+from ..registry.tracking import track_row
 
 
 class FitWorker:
@@ -162,7 +163,7 @@ class FitWorker:
         it. Ungated fits come back as tensors, written outside the lock; the gate writes its chosen fit's files."""
         attempts = [self._admit(r.item, r.known["item_id"], r.records) for r in group]
         try:
-            if self.job.gate.active:  # candidates per image, the best kept (pipeline/gate.py)
+            if self.job.gate.active:  # candidates per image, the best kept (pipeline/quality/gate.py)
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unziplora-candidates-")))
                 results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
                                     gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,

@@ -13,20 +13,20 @@ from unziplora.errors import InputError
 from unziplora.locate import locate_base_model
 from unziplora.redact import redact, scrub
 
-from . import layout
+from ..store import layout
 from .executors import EXECUTORS, longest_first
 from .identify import check_job_settings, identify_batch, identify_row, plain_row
-from .layout import marker_key
-from .lease import LibraryLease
+from ..store.layout import marker_key
+from ..store.lease import LibraryLease
 from .local_ray import exit_cleanly_on_signals, reap_orphans, start_local_ray
-from .manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions,
+from ..store.manifest import (check_item_id, failed_row, loads_json, manifest_rows, manifest_schema_versions,
                        marker_problems, source_key, utc_now, write_manifest)
 from .source import Inputs, read_inputs
-from .scoring import load_scorer, scorer_spec
+from ..quality.scoring import load_scorer, scorer_spec
 from .spec import JobSpec
-from .storage import Store, library_store
-from .sync import needs_tracking
-from .tracking import abort_job, end_job, start_job
+from ..store.storage import Store, library_store
+from ..registry.sync import needs_tracking
+from ..registry.tracking import abort_job, end_job, start_job
 from .worker import code_version
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from unziplora.config import parse_value, settings
 from unziplora.errors import InputError
 
-from .storage import Store
+from ..store.storage import Store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 PROMPT_FIELDS = tuple(f.name for f in settings("prompt"))

@@ -1,6 +1,6 @@
 """The library's Parquet manifest: one row per input image, rebuilt from per-item records after each run.
 
-The library's layout (items/, sources/, attempts/, manifest/, ...): pipeline/layout.py, which spells each name.
+The library's layout (items/, sources/, attempts/, manifest/, ...): pipeline/store/layout.py, which spells each name.
 
 Schema version 5 (`schema_version` column; version 2 added the MLflow columns, version 3 the base model's
 fingerprint and the mlflow.diffusers model URIs, version 4 the source's listing stamp, version 5 the quality
@@ -77,13 +77,13 @@ SCHEMA = pa.schema([
     ("style_diffusers_model_uri", pa.string()),
     ("tracking_error", pa.string()),  # why the fit is not (fully) tracked; `unziplora registry sync` retries
     ("source_stat", pa.string()),  # the source's listing stamp when it was identified (source.listing_stamp)
-    # quality scores from the previews (pipeline/scoring.py; null: not scored): content kept, style carried to
+    # quality scores from the previews (pipeline/quality/scoring.py; null: not scored): content kept, style carried to
     # other subjects (higher is better), and what each LoRA leaks of the other's factor (lower is better)
     ("score_content", pa.float64()),
     ("score_style", pa.float64()),
     ("score_content_style_leak", pa.float64()),
     ("score_style_shape_leak", pa.float64()),
-    # quality control (pipeline/gate.py; null: no gate): candidates fitted, each one's seed and scores (JSON
+    # quality control (pipeline/quality/gate.py; null: no gate): candidates fitted, each one's seed and scores (JSON
     # list), the kept one's split score, and whether it reached --min-split-score
     ("candidates", pa.int32()),
     ("candidate_scores", pa.string()),
@@ -91,7 +91,7 @@ SCHEMA = pa.schema([
     ("gate_passed", pa.bool_()),
 ])
 FIELDS = SCHEMA.names
-SCORE_COLUMNS = tuple(name for name in FIELDS if name.startswith("score_"))  # pipeline/scoring.py's SCORES
+SCORE_COLUMNS = tuple(name for name in FIELDS if name.startswith("score_"))  # pipeline/quality/scoring.py's SCORES
 
 
 def empty_row(source_uri: str) -> dict:

@@ -14,11 +14,11 @@ import time
 
 from unziplora.errors import InputError
 
-from . import layout
-from .manifest import read_manifest, source_key, write_manifest
+from ..store import layout
+from ..store.manifest import read_manifest, source_key, write_manifest
 from .registry_names import library_name
-from .lease import LibraryLease
-from .storage import Store, library_store, require_library
+from ..store.lease import LibraryLease
+from ..store.storage import Store, library_store, require_library
 from .tracking import (REGISTRY_FILE, Tracker, default_tracking_uri, describe, is_local, redact, retrying,
                        sqlite_file)
 

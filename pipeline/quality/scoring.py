@@ -20,7 +20,7 @@ import numpy as np
 
 from unziplora.errors import InputError
 
-from .bank.embedders import load_embedder
+from ..bank.embedders import load_embedder
 
 SCORES = ("content", "style", "content_style_leak", "style_shape_leak")
 ALIASES = {"toy": "toyworld.judges:PreviewScorer"}

@@ -2,7 +2,7 @@
 
 A library scored by an older protocol (other preview prompts or steps, another scorer, fits made before scores
 existed) gets today's: for each `ok` item its LoRA files are read, the previews drawn and scored against its
-source image (pipeline/previews.py), and the new preview files, `scores.json` and model card written beside the
+source image (pipeline/quality/previews.py), and the new preview files, `scores.json` and model card written beside the
 fit; its marker, its `sources/` record and the manifest then vouch for them, with the new `score_*` columns. The
 LoRA files are never touched. An interrupted rescore leaves at most one item whose marker does not match its new
 preview files: a job would fit it again, so run the rescore again first (it finishes such an item: only files
@@ -20,12 +20,12 @@ from pathlib import Path
 from unziplora import fit_files
 from unziplora.errors import InputError, first_line
 
-from . import layout
-from .lease import LibraryLease
-from .manifest import SCORE_COLUMNS, manifest_rows, marker_problems, source_key, write_manifest
+from ..store import layout
+from ..store.lease import LibraryLease
+from ..store.manifest import SCORE_COLUMNS, manifest_rows, marker_problems, source_key, write_manifest
 from .previews import write_previews
 from .scoring import load_scorer, scorer_spec
-from .storage import library_store, open_url, sha256_hex
+from ..store.storage import library_store, open_url, sha256_hex
 
 WRITTEN = (*fit_files.PREVIEWS.values(), fit_files.PREVIEW_PROMPTS, fit_files.SCORES, fit_files.CARD)
 

@@ -5,7 +5,7 @@
 - `preview_content.png`: the content LoRA alone in styles other than the source's ("A sks dog in pencil sketch
   style"): the subject should show, the source's style should not.
 Each is a strip of panels, one per prompt, and `previews.json` names the prompts. With a scorer
-(pipeline/scoring.py) the panels are scored against the source image into `scores.json`. Few sampling steps
+(pipeline/quality/scoring.py) the panels are scored against the source image into `scores.json`. Few sampling steps
 and a fixed seed: a cheap, comparable glimpse (MLflow run, model card, style bank), not a showcase. A preview
 that cannot be made never fails the fit.
 """

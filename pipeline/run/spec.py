@@ -121,7 +121,7 @@ class Failure:
 
 @dataclass(frozen=True)
 class Tracking:
-    """MLflow tracking (pipeline/tracking.py): uri None = the default for --output (SQLite next to a local
+    """MLflow tracking (pipeline/registry/tracking.py): uri None = the default for --output (SQLite next to a local
     library); library = the registry prefix (default: the output folder's name)."""
 
     enabled: bool = option(True, "no MLflow runs or registry", flag="--no-tracking")
@@ -142,7 +142,7 @@ class Tracking:
 
 @dataclass(frozen=True)
 class Previews:
-    """Each fit's preview images (pipeline/previews.py) and the quality scores drawn from them (scoring.py)."""
+    """Each fit's preview images (pipeline/quality/previews.py) and the quality scores drawn from them (scoring.py)."""
 
     # sampling steps of the content-only / style-only preview images; 0: none
     steps: int = option(8, "sampling steps of the content/style preview images of each fit (0: no previews)",
@@ -160,7 +160,8 @@ class Previews:
 
 @dataclass(frozen=True)
 class Gate:
-    """Quality control (pipeline/gate.py): how many candidate fits of each image, and when a split is good enough."""
+    """Quality control (pipeline/quality/gate.py): how many candidate fits of each image, and when a split is
+    good enough."""
 
     # fitted together for each image first
     candidates: int = option(1, "fit each image with N seeds together, score each candidate with --scorer on its "
@@ -294,7 +295,7 @@ SECTIONS = {
     "failure": "failures, and the library's lease (one job writes a library at a time: lease.py)",
     "tracking": "MLflow tracking and model registry",
     "previews": "previews and quality scores of each fit",
-    "gate": "quality control (each image's split checked: pipeline/gate.py)",
+    "gate": "quality control (each image's split checked: pipeline/quality/gate.py)",
 }
 
 

@@ -32,8 +32,8 @@ from unziplora.redact import redact, scrub
 
 from .figures import job_figure, loss_figure, png
 from .registry_names import ITEM_KEY, KINDS, item_filter, item_key, library_name, model_name
-from .scoring import SCORES
-from .storage import Store, library_store, open_url
+from ..quality.scoring import SCORES
+from ..store.storage import Store, library_store, open_url
 
 TAG = "unziplora."  # prefix of our run tags
 REGISTRY_FILE = "registry.json"
@@ -380,7 +380,7 @@ class Tracker:
                 "job_run_id": row.get("run_id"), "error": scrub(row.get("error") or "")[:4000],
                 "library_uri": redact(self.output), "library_key": self.library_key}
         tags |= {k: redact(row.get(k)) for k in ("source_uri", "output_uri", "content_lora_uri", "style_lora_uri")}
-        if row.get("gate_passed") is not None:  # went through the quality gate (pipeline/gate.py)
+        if row.get("gate_passed") is not None:  # went through the quality gate (pipeline/quality/gate.py)
             tags |= {"gate_passed": str(row["gate_passed"]).lower(), "candidates": str(row["candidates"])}
         tags = {TAG + k: v for k, v in tags.items() if v}
         if parent_run_id:
@@ -529,8 +529,8 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
     for role, stats in (record.get("mask_stats") or {}).items():
         out |= {f"final_mask.{role}.{k}": stats[k] for k in ("content", "style", "overlap")}
     out["attempts"] = row.get("attempts") or 0
-    out |= {f"score.{name}": row.get(f"score_{name}") for name in SCORES}  # pipeline/scoring.py
-    gate = record.get("gate") or {}  # pipeline/gate.py: the kept candidate's split score, and every candidate's
+    out |= {f"score.{name}": row.get(f"score_{name}") for name in SCORES}  # pipeline/quality/scoring.py
+    gate = record.get("gate") or {}  # pipeline/quality/gate.py: the kept candidate's split score, and every candidate's
     out["split_score"] = gate.get("split_score")
     for candidate in gate.get("candidates", []):
         prefix = f"candidate.seed_{candidate['seed']}"

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from unziplora.errors import UnZipLoRAError
 
-from . import layout
+from ..store import layout
 from .identify import item_config, plain_row
-from .manifest import SCHEMA, charge_crash
+from ..store.manifest import SCHEMA, charge_crash
 from .spec import JobSpec
-from .storage import Store
+from ..store.storage import Store
 from .worker import FitWorker
 
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -1,0 +1,1 @@
+"""MLflow: tracking runs, registering LoRAs under their names, syncing a library, the runs' figures."""
