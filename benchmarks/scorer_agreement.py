@@ -6,7 +6,7 @@ The candidates are the disentanglement benchmark's `unziplora` fits at fit seeds
 disentangle.py; reused from `out/disentangle-<set>`, fitted there if missing), and the truth is that benchmark's
 judged units: per candidate, the split score of its own protocol (the mean of content kept, style carried and
 one minus each leak, over its prompts and sampling seeds). Each scorer sees only what the quality gate gives it
-in a job: the source image and the gate's own panels of each LoRA alone (pipeline/gate.py: its sampling seed and
+in a job: the source image and the gate's own panels of each LoRA alone (pipeline/quality/gate.py: its sampling seed and
 prompts), drawn once per candidate and kept beside the fit (`gate-panels/`), so scorers are compared on the
 same pixels. Per scorer it prints:
 - choice agreement: the share of images where its best candidate is the judges' best (ties in the truth count
@@ -31,9 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 
-from pipeline.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, split_score  # noqa: E402
-from pipeline.previews import preview_prompts  # noqa: E402
-from pipeline.scoring import checked, load_scorer  # noqa: E402
+from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, split_score  # noqa: E402
+from pipeline.quality.previews import preview_prompts  # noqa: E402
+from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora.generate import generate_each  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
@@ -89,7 +89,7 @@ def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) ->
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scorer", nargs="+", default=["toy"], help="scorer specs (pipeline/scoring.py)")
+    p.add_argument("--scorer", nargs="+", default=["toy"], help="scorer specs (pipeline/quality/scoring.py)")
     p.add_argument("--candidates", type=int, default=3)
     p.add_argument("--gate-steps", type=int, default=8)
     p.add_argument("--json", help="also write the figures as a result file (docs/results/scorer_agreement-SET.json)")
