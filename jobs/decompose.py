@@ -17,11 +17,10 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import MISSING
 
 from pipeline.run.identify import check_job_settings
 # plain data: the job itself (Ray, torch, MLflow) loads in run()
-from pipeline.run.spec import GROUPS, SECTIONS, JobSpec, default_value, flag_kind, options
+from pipeline.run.spec import GROUPS, SECTIONS, JobSpec, add_flags, from_flags, options
 from unziplora import cli
 from unziplora.cli import add_setting_flags, setting_values
 from unziplora.config import read_settings_file, settings
@@ -31,38 +30,19 @@ JOB_SETTINGS = settings("item", "worker")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_job_flags(p, JobSpec)
+    add_flags(p, JobSpec)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--quiet", action="store_true")
     for name in SECTIONS:
-        add_job_flags(p.add_argument_group(SECTIONS[name]), GROUPS[name], prefix=name + ".")
+        add_flags(p.add_argument_group(SECTIONS[name]), GROUPS[name], prefix=name + ".")
     p.add_argument("--config", help="YAML or TOML file of fit settings for every image; flags win")
     add_setting_flags(p, JOB_SETTINGS, "fit settings for every image (per-item ones also as prompt-table "
                       "columns, which win)")
 
 
-def add_job_flags(group, cls, prefix: str = "") -> None:
-    """One flag per option JobSpec or one of its groups declares (pipeline/run/spec.py): its flag, help, default and
-    choices are the declaration's; the value lands in `args.<prefix><field>`."""
-    for f in options(cls):
-        kind, meta = flag_kind(f), f.metadata
-        flag = dict(dest=prefix + f.name, help=meta["help"])
-        if f.default is MISSING and f.default_factory is MISSING:
-            flag["required"] = True
-        else:
-            flag["default"] = default_value(f)
-        if kind is bool:  # a switch: on, or off (`--no-...`) where the default is on
-            flag["action"] = "store_false" if flag["default"] else "store_true"
-        else:  # the metavar argparse would give a flag of this name (the dest names the group too)
-            flag |= dict(type=kind, choices=meta["choices"], metavar=meta["metavar"] or (
-                None if meta["choices"] else meta["flag"][2:].replace("-", "_").upper()))
-        group.add_argument(meta["flag"], **flag)
-
-
 def job_spec(args: argparse.Namespace, fit: dict) -> JobSpec:
-    """The JobSpec the flags declare: each option's value from its flag (add_job_flags), `fit` the fit settings."""
-    groups = {name: GROUPS[name](**{f.name: getattr(args, f"{name}.{f.name}") for f in options(GROUPS[name])})
-              for name in SECTIONS}
+    """The JobSpec the flags declare: each option's value from its flag (add_flags), `fit` the fit settings."""
+    groups = {name: from_flags(args, GROUPS[name], prefix=name + ".") for name in SECTIONS}
     return JobSpec(**{f.name: getattr(args, f.name) for f in options(JobSpec)}, fit=fit, **groups)
 
 

@@ -3,8 +3,9 @@
 Grouped by concern, the way Ray Train splits ScalingConfig / RunConfig / FailureConfig:
 - what a user declares: the job's own fields (input, output, prompts, formats, ...) and the groups `Scaling`,
   `Failure`, `Tracking`, `Previews` and `Gate`. Each of their fields declares its `decompose` flag, help and
-  check once (`option`); jobs/decompose.py derives its command line, defaults and the JobSpec from them, as
-  `unziplora fit` derives its flags from FitConfig's fields;
+  check once (`option`); jobs/decompose.py derives its command line, defaults and the JobSpec from them
+  (`add_flags`, `from_flags`), as `unziplora fit` derives its flags from FitConfig's fields; the commands that
+  share a few of these settings (`fit`'s gate, `rescore`'s previews, `--wait-for-library`) derive those too;
 - `RunState`: what the driver sets for the workers as the job runs (run id, base fingerprint, MLflow ids);
 - `Faults`: fault injection, for tests and benchmarks only (no flag).
 
@@ -41,6 +42,38 @@ def options(cls) -> list[dataclasses.Field]:
 
 def default_value(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def add_flags(parser, cls, prefix: str | None = "", names: tuple[str, ...] | None = None) -> None:
+    """One flag per option JobSpec or one of its groups declares (or per field of `names`): its flag, help,
+    default, choices and metavar are the declaration's. The value lands in `args.<prefix><field>`; with prefix
+    None in the dest argparse gives the flag (`--wait-for-library`: args.wait_for_library), as a command's own."""
+    for f in options(cls):
+        if names is not None and f.name not in names:
+            continue
+        kind, meta = flag_kind(f), f.metadata
+        flag = dict(dest=flag_dest(f, prefix), help=meta["help"])
+        if f.default is MISSING and f.default_factory is MISSING:
+            flag["required"] = True
+        else:
+            flag["default"] = default_value(f)
+        if kind is bool:  # a switch: on, or off (`--no-...`) where the default is on
+            flag["action"] = "store_false" if flag["default"] else "store_true"
+        else:  # the metavar argparse would give a flag of this name (the dest may name the group too)
+            flag |= dict(type=kind, choices=meta["choices"], metavar=meta["metavar"] or (
+                None if meta["choices"] else meta["flag"][2:].replace("-", "_").upper()))
+        parser.add_argument(meta["flag"], **flag)
+
+
+def from_flags(args, cls, prefix: str | None = "", names: tuple[str, ...] | None = None):
+    """The group whose flags `add_flags` added (same prefix and names): those fields from their flags, the
+    others their defaults. Not checked: `check()` (or check_options) it."""
+    return cls(**{f.name: getattr(args, flag_dest(f, prefix)) for f in options(cls)
+                  if names is None or f.name in names})
+
+
+def flag_dest(f: dataclasses.Field, prefix: str | None) -> str:
+    return f.metadata["flag"][2:].replace("-", "_") if prefix is None else prefix + f.name
 
 
 def check_options(settings) -> None:
