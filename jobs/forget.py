@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from unziplora.config import check_number
+from pipeline.run.spec import Failure, add_flags, from_flags
 from unziplora.errors import InputError
 
 
@@ -16,13 +16,12 @@ def add_commands(sub) -> None:
     p.add_argument("--missing", action="store_true", help="also forget sources whose file no longer exists")
     p.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
-    p.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
-                   help="if a job is writing the library, wait up to this long for it")
+    add_flags(p, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_number("--wait-for-library", args.wait_for_library, minimum=0)
+    from_flags(args, Failure, prefix=None, names=("wait_for_library_s",)).check()
     if not args.prefixes and not args.missing:
         raise InputError("name the sources to forget (PREFIX ...) or give --missing")
     from pipeline.store.forget import forget_sources

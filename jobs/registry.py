@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.registry.registry_names import ITEM_KEY, KINDS, item_filter, item_key
+from pipeline.run.spec import Failure, add_flags, from_flags
 from unziplora import fit_files
 from unziplora.config import check_number
 from unziplora.errors import InputError
@@ -47,8 +48,7 @@ def add_commands(sub) -> None:
     y.add_argument("--log-lora-artifacts", action="store_true", help="copy the LoRA files into the runs")
     y.add_argument("--all", dest="everything", action="store_true",
                    help="check every ok row, not only those without a run or version (e.g. a new server)")
-    y.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
-                   help="if a job is writing the library, wait up to this long for it (default: refuse at once)")
+    add_flags(y, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's
     y.set_defaults(run=sync)
 
     for p in (s, g, y):
@@ -164,7 +164,7 @@ def get(args: argparse.Namespace) -> int:
 
 
 def sync(args: argparse.Namespace) -> int:
-    check_number("--wait-for-library", args.wait_for_library, minimum=0)
+    from_flags(args, Failure, prefix=None, names=("wait_for_library_s",)).check()
     from pipeline.registry.sync import sync_library
 
     summary = sync_library(args.library_uri, tracking_uri=args.tracking_uri, library=args.library,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.run.spec import Failure, add_flags, from_flags
 from unziplora.config import check_number
 
 
@@ -18,8 +19,7 @@ def add_commands(sub) -> None:
     p.add_argument("--preview-subjects", type=_words, default=None, metavar="A,B,C")
     p.add_argument("--preview-styles", type=_words, default=None, metavar="A,B,C")
     p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
-    p.add_argument("--wait-for-library", type=float, default=0.0, metavar="SECONDS",
-                   help="if a job is writing the library, wait up to this long for it")
+    add_flags(p, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run)
 
@@ -30,7 +30,7 @@ def _words(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     check_number("--preview-steps", args.preview_steps, integer=True, minimum=1)
-    check_number("--wait-for-library", args.wait_for_library, minimum=0)
+    from_flags(args, Failure, prefix=None, names=("wait_for_library_s",)).check()
     from pipeline.quality.rescore import rescore_library
 
     report = rescore_library(args.library, storage_options=args.storage_options, steps=args.preview_steps,

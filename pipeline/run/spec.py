@@ -136,7 +136,8 @@ class Failure:
                                         metavar="F", check=dict(minimum=0))
     # one job writes a library at a time (lease.py): wait this long for another job to finish, else refuse;
     # a job that stopped heartbeating for lease_ttl_s (killed) is taken over
-    wait_for_library_s: float = option(0.0, "if another job is writing --output, wait up to this long for it "
+    wait_for_library_s: float = option(0.0, "if another job is writing the library (--output), wait up to this "
+                                       "long for it "
                                        "(default: refuse at once); a job that died is taken over --lease-ttl "
                                        "(120 s) after its last heartbeat", flag="--wait-for-library",
                                        metavar="SECONDS", check=dict(minimum=0))
