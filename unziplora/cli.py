@@ -48,15 +48,16 @@ def add_commands(sub) -> None:
                    help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: "
                    "each LoRA once, in the file diffusers, ComfyUI and A1111 all load); the first is "
                    "{kind}_lora.safetensors, others {kind}_lora_{format}.safetensors")
+    # the dataset job's quality gate on one image: its flags are decompose's (pipeline/run/spec.py's Gate, Previews)
+    from pipeline.run.spec import Gate, Previews, add_flags
+
     q = p.add_argument_group("quality control: several candidate fits, the best split kept (docs/collection.md)")
-    q.add_argument("--candidates", type=int, default=1, metavar="N",
-                   help="fit with N seeds together (--seed, the next ones), score each with --scorer, keep the best")
-    q.add_argument("--max-candidates", type=int, default=0, metavar="M",
-                   help="while the best split score is below --min-split-score, fit N more, up to M in all")
-    q.add_argument("--min-split-score", type=float, default=0.0, metavar="S", help="the split score to reach (0-1)")
-    q.add_argument("--scorer", default="auto", help="what scores the candidates: auto (the toy world's judges on "
-                   "toy) | toy | clip:/local/dir | package.module:factory (see `decompose --scorer`)")
-    q.add_argument("--gate-steps", type=int, default=8, help="sampling steps of each candidate's scored panels")
+    add_flags(q, Gate, prefix=None)  # --candidates, --max-candidates, --min-split-score
+    add_flags(q, Previews, prefix=None, names=("scorer",))
+    # the job's --preview-steps (its gate scores the panels drawn with them), under a name of its own here: fit
+    # draws no previews, and needs at least 1 step to score the candidates
+    q.add_argument("--gate-steps", type=int, default=Previews().steps,
+                   help="sampling steps of each candidate's scored panels")
     add_setting_flags(p, settings(), "fit settings (also keys of a --config file; flags win)")
     p.set_defaults(run=_fit)
 
@@ -131,11 +132,15 @@ def _fit(args) -> int:
     if missing:
         raise InputError(f"give --{' and --'.join(missing)} (or the same keys in a --config file)")
     config = FitConfig.from_dict({**from_file, **flags})
+    from pipeline.run.spec import Gate, from_flags
+
+    gate = from_flags(args, Gate, prefix=None)
+    gate.check()  # every fit: a bad gate flag answers before torch is imported
     from .training import fit  # torch and diffusers: seconds, so only once the arguments are known to be good
 
     set_threads(args.threads, say=None if args.quiet else "fit")
-    if args.candidates > 1 or args.max_candidates > 1:
-        result = _fit_candidates(args, config)
+    if gate.active:
+        result = _fit_candidates(args, config, gate)
     else:
         result = fit(args.image, config, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet,
                      formats=args.formats)
@@ -150,20 +155,17 @@ def _fit(args) -> int:
     return 0
 
 
-def _fit_candidates(args, config: FitConfig):
+def _fit_candidates(args, config: FitConfig, gate):
     """`fit --candidates N`: the dataset job's quality gate (pipeline/quality/gate.py) on one image."""
     import shutil
     import tempfile
 
     from pipeline.quality.gate import fit_gated
     from pipeline.quality.scoring import load_scorer, scorer_spec
-    from pipeline.run.spec import Gate
 
     from .export import check_output_dir
     from .models import load_base_model_for
 
-    gate = Gate(args.candidates, args.max_candidates, args.min_split_score)
-    gate.check()
     check_number("--gate-steps", args.gate_steps, integer=True, minimum=1)
     spec = scorer_spec(args.scorer, config.base_model)
     if spec is None:
