@@ -7,7 +7,8 @@ import pickle
 import pytest
 
 from jobs.decompose import build_parser, job_spec
-from pipeline.run.spec import GROUPS, SECTIONS, Failure, JobSpec, Previews, RunState, Scaling, options
+from pipeline.run.spec import (GROUPS, SECTIONS, Failure, Gate, JobSpec, Previews, RunState, Scaling, default_value,
+                               flag_kind, options)
 from unziplora.errors import InputError
 
 
@@ -67,3 +68,42 @@ def test_a_job_is_plain_data_and_comes_back_whole():
     assert job.scaling.workers == 2 and changed.gate == job.gate  # a copy; the other groups stay
     with pytest.raises(dataclasses.FrozenInstanceError):
         job.scaling.workers = 5  # a group changes by replace only
+
+
+# the flags other commands share with decompose: (command, group, fields); each is the declaration's own
+SHARED = [(("fit",), Gate, ("candidates", "max_candidates", "min_split_score")), (("fit",), Previews, ("scorer",)),
+          (("rescore",), Previews, ("steps", "subjects", "styles", "scorer"))] + [
+    (command, Failure, ("wait_for_library_s",)) for command in (("registry", "sync"), ("repair",), ("forget",),
+                                                                ("rescore",))]
+
+
+def command_flags(*path: str) -> dict:
+    """A `unziplora` subcommand's flags by name."""
+    from jobs.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        parser = next(a for a in parser._actions if a.choices and name in a.choices).choices[name]
+    return {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+
+
+def test_the_flags_other_commands_share_with_the_job_are_its_declarations(capsys):
+    for command, cls, names in SHARED:
+        flags = command_flags(*command)
+        for f in [f for f in options(cls) if f.name in names]:
+            meta, action = f.metadata, flags[f.metadata["flag"]]
+            assert (action.default, action.help, action.choices) == (default_value(f), meta["help"], meta["choices"])
+            plain = meta["flag"][2:].replace("-", "_")  # the dest argparse gives the flag: args.wait_for_library
+            assert (action.metavar, action.dest, action.type) == (meta["metavar"] or plain.upper(), plain, flag_kind(f))
+    # fit's --gate-steps is the job's --preview-steps under its own name (at least 1: it scores the panels)
+    assert command_flags("fit")["--gate-steps"].default == Previews().steps
+    # and each command checks its value as the job does, naming the flag
+    from jobs.cli import main
+
+    for argv, says in [(["repair", "lib", "--wait-for-library", "-1"], "--wait-for-library must be"),
+                       (["rescore", "lib", "--preview-steps", "0"], "--preview-steps must be an integer >= 1"),
+                       (["fit", "x.png", "--out", "o", "--content", "a", "--style", "b", "--candidates", "0"],
+                        "--candidates must be an integer >= 1"),
+                       (["fit", "x.png", "--out", "o", "--content", "a", "--style", "b", "--min-split-score", "2"],
+                        "--min-split-score is a score in [0, 1]")]:
+        assert main(argv) == 2 and says in capsys.readouterr().err, argv
