@@ -504,7 +504,8 @@ def main(argv=None) -> dict:
                                        for name, subset in subsets.items()}
     label = "QUICK, not a measurement: " if a.quick else ""
     title = (f"{label}{base.name} base, {a.images} images (seed {a.held_out_seed}) x fit seeds "
-             f"{','.join(map(str, a.fit_seeds))} x {a.seeds} sampling seeds")
+             f"{','.join(map(str, a.fit_seeds))} x {a.seeds} sampling seeds (recombination: {a.recomb_partners} "
+             f"partners x {a.recomb_seeds})")
     report = dict(settings=vars(a) | {"quick": a.quick}, title=title, base_model=base.name,
                   role_table=base.role_table, images=[asdict(f) for f in batch.factors],
                   reconstructable=drawable, reference_reconstruction={i: recon[i] for i in images},
@@ -542,12 +543,13 @@ def plot(rows: dict, path: str, title: str, sizes: dict[str, int]) -> None:
 
     figure, panels = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100, sharey=True)
     width = 0.8 / len(rows)
+    colours = plt.get_cmap("tab20").colors  # one colour per row (the default cycle repeats after 10)
     for axes, (subset, size) in zip(panels, sizes.items()):
         for i, (name, row) in enumerate(rows.items()):
             xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(METRICS))]
             stat = [row[subset][k] or (np.nan,) * 3 for k in METRICS]
             means, lows, highs = (np.array(column, dtype=float) * 100 for column in zip(*stat))
-            axes.bar(xs, np.nan_to_num(means), width, label=name,
+            axes.bar(xs, np.nan_to_num(means), width, label=name, color=colours[i % len(colours)],
                      yerr=np.nan_to_num([means - lows, highs - means]), capsize=1.5, error_kw=dict(lw=0.7))
         axes.set_xticks(range(len(METRICS)), [h.replace(" ", "\n") for _, h, _ in COLUMNS], fontsize=8)
         axes.set_title(f"{subset} images ({size})", fontsize=9)

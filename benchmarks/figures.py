@@ -40,20 +40,30 @@ def _registry_scale(path: Path) -> None:
     registry_scale.plot(result_files.load("registry_scale.json"), str(path))
 
 
+def _disentangle(image_set: str):
+    def draw(path: Path) -> None:
+        from benchmarks import disentangle
+
+        saved = result_files.load(f"disentangle-{image_set}.json")
+        rows = {saved["methods"][key]: row for key, row in saved["rows"].items()}
+        sizes = {"all": saved["settings"]["images"], "reconstructable": len(saved["reconstructable"])}
+        disentangle.plot(rows, str(path), saved["title"], sizes)
+    return draw
+
+
 # figure file name -> (the function that draws it, the result files it is drawn from)
 FIGURES = {
     "multifit.png": (_multifit, ("multifit.json", "multifit-sweep.json", "multifit-toy.json")),
     "control_plane.png": (_control_plane, ("control_plane.json",)),
     "registry_scale.png": (_registry_scale, ("registry_scale.json",)),
+    "disentangle.png": (_disentangle("A"), ("disentangle-A.json",)),
+    "disentangle-B.png": (_disentangle("B"), ("disentangle-B.json",)),
 }
 
 # the other pictures under docs/img, and why they are not drawn from a result file here
 OTHERS = {
     "sample_job.png": "examples/make_figure.py, from the sample job's library (images, not numbers)",
     "mlflow_ui.png": "a screenshot of the MLflow UI on a library (commit e2cc72d)",
-    "disentangle.png": "benchmarks/disentangle.py --plot, from its saved units under out/disentangle-A/ (the "
-                       "tables of docs/toy-world.md come from the same run's printed output)",
-    "disentangle-B.png": "benchmarks/disentangle.py --set B --plot, likewise from out/disentangle-B/",
     "bank_search.png": "benchmarks/bank_search.py --plot as run on 2026-12-01 (commit d2b4db0): only its 1M "
                        "medians were written down (docs/results/bank_search-plot.json), and its other points "
                        "overlap too much to be read off it; the next run's --json makes it a result file",
