@@ -239,8 +239,9 @@ def recomb_hits(base, judges, method: Method, batch: world.Batch, i: int, own, p
     shape = batch.shapes[i].item()
     for j, partner in partners.items():
         shapes, styles = judges.classify(draw(base, method, content=own, style=partner, prompt=COMBINED, call=call))
-        for name, values in (("recomb_shape", shapes == shape), ("recomb_style", styles == batch.styles[j].item()),
-                             ("recomb_both", (shapes == shape) & (styles == batch.styles[j].item()))):
+        style = batch.styles[j].item()
+        for name, values in (("recomb_shape", shapes == shape), ("recomb_style", styles == style),
+                             ("recomb_both", (shapes == shape) & (styles == style))):
             hits.setdefault(name, []).extend(values.float().tolist())
     return hits
 

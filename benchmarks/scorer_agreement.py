@@ -20,7 +20,6 @@ same pixels. Per scorer it prints:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,12 +37,10 @@ from toyworld import judges as judges_mod  # noqa: E402
 from unziplora.generate import generate_each  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
-TRUTH = ("content_acc", "style_acc", "content_style_leak", "style_shape_leak")
-
-
 def truth_score(unit: dict) -> float:
-    return float(np.mean([unit["content_acc"], unit["style_acc"], 1 - unit["content_style_leak"],
-                          1 - unit["style_shape_leak"]]))
+    """The gate's split score (the same formula) of a unit as the benchmark judged it."""
+    return split_score({"content": unit["content_acc"], "style": unit["style_acc"],
+                        "content_style_leak": unit["content_style_leak"], "style_shape_leak": unit["style_shape_leak"]})
 
 
 def gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:

@@ -48,10 +48,10 @@ def column_scores(adapter: UnZipLoRA, owner: bool = False) -> dict[str, dict[str
     ones; with `owner`, full ones too). Summed over a calibration window by the caller."""
     scores = {}
     for name, layer in adapter.named_layers():
-        kinds = [kind for kind in KINDS if layer.role.is_sparse(kind) or
-                 (owner and layer.role.is_full(kind) and any(layer.role.is_sparse(k) for k in KINDS))]
-        if any(layer.role.is_sparse(kind) for kind in KINDS):
-            scores[name] = {kind: cone_scores(layer, kind, layer.merger(kind)) for kind in kinds}
+        if not any(layer.role.is_sparse(kind) for kind in KINDS):
+            continue  # nothing to pick in this layer
+        kinds = [kind for kind in KINDS if layer.role.is_sparse(kind) or (owner and layer.role.is_full(kind))]
+        scores[name] = {kind: cone_scores(layer, kind, layer.merger(kind)) for kind in kinds}
     return scores
 
 
