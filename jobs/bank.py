@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.run.spec import add_storage_options
+
 CACHE = os.environ.get("UNZIPLORA_CACHE", "~/.cache/unziplora/bank")
 SUMMARY = ("score", "item_id", "content", "style")
 
@@ -62,7 +64,7 @@ def add_commands(sub) -> None:
 
 def _library(p) -> None:
     p.add_argument("library", help="library URL or path (the decompose --output)")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    add_storage_options(p)
 
 
 def _build(args) -> int:
@@ -128,7 +130,7 @@ def _extend_generate(g) -> None:
                    "query matched against content classes")
     g.add_argument("--style", help="style LoRA: a fit directory, or with --bank an item id (prefix) or a text query "
                    "('soft watercolor with ink outlines') matched against style descriptions")
-    g.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options of --bank, as JSON")
+    add_storage_options(g, of="--bank")
     g.add_argument("--cache-dir", default=CACHE, help=f"where fits from a remote bank are downloaded ({CACHE})")
     generate = g.get_default("run")
     g.set_defaults(run=lambda args: generate(resolve_fits(args)))
@@ -137,7 +139,7 @@ def _extend_generate(g) -> None:
 def _extend_export(e) -> None:
     """`unziplora export ITEM --bank LIBRARY`: ITEM an item id (prefix) of the library, fetched like generate's."""
     e.add_argument("--bank", help="library whose item ITEM is (an item id or its prefix)")
-    e.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options of --bank, as JSON")
+    add_storage_options(e, of="--bank")
     e.add_argument("--cache-dir", default=CACHE, help=f"where fits from a remote bank are downloaded ({CACHE})")
     export = e.get_default("run")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.run.spec import Failure, add_flags, from_flags
+from pipeline.run.spec import Failure, add_flags, add_storage_options, from_flags
 from unziplora.errors import InputError
 
 
@@ -15,7 +15,7 @@ def add_commands(sub) -> None:
     p.add_argument("prefixes", nargs="*", metavar="PREFIX", help="input folders, URL prefixes or files to forget")
     p.add_argument("--missing", action="store_true", help="also forget sources whose file no longer exists")
     p.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    add_storage_options(p)
     add_flags(p, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's
     p.set_defaults(run=run)
 

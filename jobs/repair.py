@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.run.spec import Failure, add_flags, from_flags
+from pipeline.run.spec import Failure, add_flags, add_storage_options, from_flags
 
 
 def add_commands(sub) -> None:
@@ -13,7 +13,7 @@ def add_commands(sub) -> None:
                        "a manifest part was truncated or lost")
     p.add_argument("library", help="the library (the --output of decompose)")
     p.add_argument("--dry-run", action="store_true", help="say what would be rebuilt, change nothing")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    add_storage_options(p)
     add_flags(p, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's
     p.set_defaults(run=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.run.spec import Failure, Previews, add_flags, check_options, from_flags
+from pipeline.run.spec import Failure, Previews, add_flags, add_storage_options, check_options, from_flags
 from unziplora.config import check_number
 
 
@@ -13,8 +13,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("rescore", help="redraw the previews and quality scores of a library's fits with today's "
                        "protocol and scorer, without fitting again (the LoRA files are not touched)")
     p.add_argument("library", help="the library (the --output of decompose)")
-    add_flags(p, Previews, prefix=None)  # --preview-steps, --preview-subjects, --preview-styles, --scorer: decompose's
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    # --preview-steps, --preview-subjects, --preview-styles, --scorer: decompose's (0 steps, no previews, is not
+    # a rescore)
+    add_flags(p, Previews, prefix=None, helps={"steps": "sampling steps of the redrawn content/style previews "
+                                                        "(>= 1)"})
+    add_storage_options(p)
     add_flags(p, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run)

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
+from pipeline.run.spec import add_storage_options
 from unziplora.config import check_number
 from unziplora.errors import InputError
 from unziplora.redact import redact
@@ -33,7 +33,7 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="only print the command and the page to open; start nothing")
-    p.add_argument("--storage-options", type=json.loads, default={}, help="fsspec options as JSON")
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 

@@ -2,6 +2,7 @@
 MLflow: seconds each), so a newcomer's first commands answer at once. Checked by what a fresh interpreter
 has imported, never by timing; benchmarks/cli_startup.py prints the times beside `ray --help`."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -84,3 +85,27 @@ def test_help_of_the_command_and_every_subcommand_imports_nothing_heavy():
 def test_bad_arguments_are_refused_before_any_heavy_import(argv, says):
     [r] = probe([argv])
     assert r["code"] not in (0, None) and says in r["err"] and not r["heavy"], r
+
+
+def commands_with(flag: str) -> list[list[str]]:
+    """Every command path of `unziplora` that takes `flag`."""
+    from jobs.cli import build_parser
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if flag in action.option_strings:
+                yield prefix
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, prefix + [name])
+    return list(walk(build_parser(), []))
+
+
+def test_storage_options_that_are_not_a_json_object_are_refused_alike_without_echoing_them():
+    commands = commands_with("--storage-options")
+    assert len(commands) >= 8 and ["decompose"] in commands and ["generate"] in commands, commands
+    bad = {'{"key": "SECRET-1"': "not valid JSON", '["SECRET-2"]': "a JSON object is expected"}
+    results = probe([[*c, "--storage-options", text] for c in commands for text in bad])
+    for r, says in zip(results, [s for _ in commands for s in bad.values()]):
+        assert r["code"] == 2 and f"--storage-options: {says}" in r["err"] and "SECRET" not in r["err"], r
+        assert not r["heavy"], r

@@ -15,6 +15,7 @@ a dict of its fields), and `job.replace(scaling={"workers": 2})` changes some fi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import MISSING, dataclass, field
@@ -44,15 +45,17 @@ def default_value(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def add_flags(parser, cls, prefix: str | None = "", names: tuple[str, ...] | None = None) -> None:
+def add_flags(parser, cls, prefix: str | None = "", names: tuple[str, ...] | None = None,
+              helps: dict[str, str] | None = None) -> None:
     """One flag per option JobSpec or one of its groups declares (or per field of `names`): its flag, help,
-    default, choices and metavar are the declaration's. The value lands in `args.<prefix><field>`; with prefix
-    None in the dest argparse gives the flag (`--wait-for-library`: args.wait_for_library), as a command's own."""
+    default, choices and metavar are the declaration's (`helps`: another command's own words for some fields).
+    The value lands in `args.<prefix><field>`; with prefix None in the dest argparse gives the flag
+    (`--wait-for-library`: args.wait_for_library), as a command's own."""
     for f in options(cls):
         if names is not None and f.name not in names:
             continue
         kind, meta = flag_kind(f), f.metadata
-        flag = dict(dest=flag_dest(f, prefix), help=meta["help"])
+        flag = dict(dest=flag_dest(f, prefix), help=(helps or {}).get(f.name, meta["help"]))
         if f.default is MISSING and f.default_factory is MISSING:
             flag["required"] = True
         else:
@@ -338,7 +341,26 @@ def words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
+def json_object(text: str) -> dict:
+    """A flag's JSON object (fsspec options): an argparse error for anything else. The text is not echoed, as it
+    may hold credentials."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is expected, e.g. '{{\"endpoint_url\": "
+                                         f"\"http://127.0.0.1:9000\"}}', not a {type(value).__name__}")
+    return value
+
+
+def add_storage_options(parser, of: str = "the library") -> None:
+    """`--storage-options` as every command reads it (decompose's comes from JobSpec's declaration)."""
+    parser.add_argument("--storage-options", type=json_object, default={}, metavar="JSON",
+                        help=f"fsspec options of {of} as a JSON object")
+
+
 def flag_kind(f: dataclasses.Field):
     """How a declared option reads from its flag: bool, a list of words, JSON, or str / int / float."""
     kind = str(f.type).split("|")[0].strip()
-    return {"bool": bool, "list[str]": words, "dict": json.loads, "str": str, "int": int, "float": float}[kind]
+    return {"bool": bool, "list[str]": words, "dict": json_object, "str": str, "int": int, "float": float}[kind]
