@@ -1,10 +1,12 @@
-"""Shared fixtures: the tiny offline SDXL-layout base model, a small image file, one CPU thread."""
+"""Shared fixtures: the tiny and toy base models (once per test process), S3 and Ray (once per test module), a
+small image file, one CPU thread."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from pipeline_fixtures import AWS_ENV, local_ray, local_s3
 from unziplora.models import load_base_model
 
 
@@ -22,6 +24,31 @@ def tiny_base():
     """The `tiny` preset (SDXL module names, toy widths). Pinned to CPU so it is fp32 everywhere:
     several tests compare outputs exactly or to 1e-5. Tests that attach an adapter must detach it."""
     return load_base_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_base():
+    """The committed `toy` model (toyworld/weights/toy-sdxl) on CPU. Tests that attach an adapter must detach it."""
+    return load_base_model("toy", device="cpu")
+
+
+# S3 and Ray are per module, not per session: each sets environment variables in this process while it runs
+# (credentials, Ray's auth mode), and those must not reach files that check what a fresh machine sees
+# (test_submit_doc); a module's Ray workers may also be given the module's own RAY_WORKER_ENV.
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 (pipeline_fixtures.LocalS3), its credentials in this process's environment."""
+    with local_s3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request, s3):
+    """A private in-process Ray whose workers reach `s3` (its credentials; MLflow's S3 client its endpoint too),
+    with the test module's RAY_WORKER_ENV on top."""
+    env = AWS_ENV | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint} | getattr(request.module, "RAY_WORKER_ENV", {})
+    with local_ray(num_cpus=6, env=env) as ray:
+        yield ray
 
 
 @pytest.fixture

@@ -151,7 +151,7 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     fit_record = json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / RECORD).read_text())
     assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
     card = (tmp_path / "lib" / layout.ITEMS / row["item_id"] / CARD).read_text()
-    assert f"Quality gate (toy-judges, on panels of its own): 2 candidate fits" in card
+    assert "Quality gate (toy-judges, on panels of its own): 2 candidate fits" in card
     assert f"kept seed {marker['seed']}" in card
     # the stored previews are still the users' (preview seed), besides the gate's choice
     assert json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / PREVIEW_PROMPTS).read_text())["seed"] == PREVIEW_SEED

@@ -1,6 +1,6 @@
 """The dataset-scale decomposition end to end, on a real local Ray and a real (moto) S3 endpoint.
 
-One in-process Ray and one S3 server for the whole module (see pipeline_fixtures.local_ray for the auth mode).
+One in-process Ray and one S3 server for the whole module (conftest; pipeline_fixtures.local_ray for the auth mode).
 Fits are tiny (4-8 steps, rank 2, the `tiny` base model): the pipeline's bookkeeping is under test.
 """
 
@@ -21,25 +21,11 @@ from pipeline.store import layout
 from pipeline.run.job import run_job
 from pipeline.store.manifest import SCHEMA, read_manifest
 from pipeline.run.spec import Failure, Faults, JobSpec, Previews, Scaling, Tracking
-from pipeline_fixtures import (AWS_ENV, FIT, assert_lora_loads, by_name, check_artifacts, check_rows, local_ray,
-                               local_s3, make_dataset, png_bytes, write_local)
+from pipeline_fixtures import (FIT, assert_lora_loads, by_name, check_artifacts, check_rows, make_dataset, png_bytes,
+                               write_local)
 from unziplora.fit_files import RECORD
 
 pytestmark = pytest.mark.timeout(600)  # generous: CI runs two test files at once on 2 cores
-
-@pytest.fixture(scope="module")
-def s3():
-    # `ray_cluster` sets the credentials again before ray.init, for every Ray worker process; the endpoint
-    # itself travels in JobSpec.storage_options.
-    with local_s3() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3):
-    with local_ray(num_cpus=6, env=AWS_ENV) as ray:
-        yield ray
-
 
 @pytest.fixture(scope="module")
 def dataset():

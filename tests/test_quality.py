@@ -21,7 +21,6 @@ from unziplora.errors import InputError
 from unziplora.fit_files import CARD, PREVIEWS, PREVIEW_PROMPTS, SCORES
 from unziplora.importance import recalibrate
 from unziplora.layers import UnZipLoRA
-from unziplora.models import load_base_model
 from unziplora.roles import KINDS
 
 
@@ -136,8 +135,8 @@ def test_a_job_refuses_a_scorer_that_cannot_load(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def toy_fit(tmp_path_factory):
-    base = load_base_model("toy", device="cpu")
+def toy_fit(tmp_path_factory, toy_base):
+    base = toy_base
     folder = tmp_path_factory.mktemp("toy") / "fit"
     source = png(toy_image("star", "dotted", seed=7))
     config = FitConfig(content="sks star", style="dotted", base_model="toy", steps=6, rank=4, recalibrations=2)

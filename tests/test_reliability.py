@@ -31,25 +31,13 @@ from pipeline.store.manifest import past_attempts, read_manifest
 from pipeline.run.source import read_inputs
 from pipeline.run.spec import Failure, JobSpec, Previews, RunState, Tracking
 from pipeline.store.storage import Store, UnsafePathError
-from pipeline_fixtures import AWS_ENV, check_artifacts, free_port, local_ray, local_s3, png_bytes
+from pipeline_fixtures import check_artifacts, free_port, png_bytes
 from unziplora.errors import InputError
 from unziplora.fit_files import FILES, PREVIEWS, RECORD
 from unziplora.redact import redact, scrub
 
 pytestmark = pytest.mark.timeout(600)
 SMALL = {"steps": 2, "rank": 2, "recalibrations": 1}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with local_s3() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3):
-    with local_ray(num_cpus=6, env=AWS_ENV) as ray:
-        yield ray
 
 
 def library_store(where: str, tmp_path, s3, name: str) -> Store:

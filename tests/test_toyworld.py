@@ -247,13 +247,6 @@ def test_toy_preset_says_how_to_get_it_when_missing(monkeypatch):
 
 # ---- the committed toy model (toyworld/weights/toy-sdxl) ----
 
-@pytest.fixture(scope="module")
-def toy_base():
-    from unziplora.models import load_base_model
-
-    return load_base_model("toy", device="cpu")
-
-
 def test_committed_toy_model_is_small_and_self_describing(toy_base):
     from pathlib import Path
 

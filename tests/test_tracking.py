@@ -7,7 +7,6 @@ Fits are tiny (4-6 steps, rank 2, 2-step previews): the bookkeeping is under tes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -31,8 +30,8 @@ from pipeline.registry.registry_names import item_filter, item_handle, item_key,
 from pipeline.run.spec import JobSpec, Previews, Scaling, Tracking
 from pipeline.store.storage import Store
 from pipeline.registry.tracking import TAG, redact
-from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, local_ray, local_s3,
-                               make_dataset, sha256_hex, write_local)
+from pipeline_fixtures import (AWS_ENV, FIT, LocalS3, environ, files_of, free_port, make_dataset, sha256_hex,
+                               write_local)
 from unziplora.fit_files import CONFIG, FILES, HISTORY, PREVIEWS, PREVIEW_PROMPTS, RECORD, SCORES
 
 pytestmark = pytest.mark.timeout(600)  # generous: CI runs two test files at once on 2 cores
@@ -41,6 +40,7 @@ SECRET = "sEcReT-do-not-log-42"  # an S3 secret key in storage_options: must nev
 # scored by a tiny random image embedder (cosine similarity of each preview panel to the source)
 JOB = {"fit": dict(FIT), "scaling": Scaling(workers=2), "previews": Previews(steps=2, scorer="tiny:0")}
 FAST_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+RAY_WORKER_ENV = FAST_FAILURE | {"MLFLOW_TRACKING_URI": None}  # conftest's ray_cluster: each job names its server
 
 
 class MlflowServer:
@@ -79,12 +79,6 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with local_s3() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def mlflow_server(s3, tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3)
     server.start()
@@ -108,14 +102,6 @@ def pg_mlflow_server(s3, tmp_path_factory):
             yield server
         finally:
             server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3):
-    # the S3 endpoint for MLflow's own S3 client (here: the test's downloads through models:/ URIs)
-    env = AWS_ENV | FAST_FAILURE | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_TRACKING_URI": None}
-    with local_ray(num_cpus=6, env=env) as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
