@@ -127,6 +127,78 @@ def test_an_image_whose_candidates_cannot_be_scored_fails_rather_than_keep_an_un
     assert isinstance(failed, Exception) and "none of its" not in str(failed)  # the fit's own error
 
 
+def test_candidates_an_earlier_attempt_scored_are_taken_up_and_its_best_fitted_again(tiny_base, tmp_path):
+    """A run after a crash: the candidates the dead attempt had scored count as tried; the best of them is fitted
+    and judged again (its files died with it), beside the next candidates, never kept on its stored score."""
+    earlier = [{"seed": 10, "split_score": 0.2, "scores": {}}, {"seed": 11, "split_score": 0.6, "scores": {}}]
+    noted = []
+    scorer = QueueScorer([0.58, 0.5, 0.55])  # seed 11 again, then 12 and 13
+    [result] = fit_gated([toy_png("star", "dotted")], [FitConfig(content="sks star", style="dotted", seed=10, **FAST)],
+                         base=tiny_base, gate=Gate(2, 4, 0.7), scorer=scorer, out_dirs=[tmp_path / "fit"],
+                         workdir=tmp_path / "work", steps=1, earlier=[earlier],
+                         on_pass=lambda i, tried: noted.append(tried))
+    assert scorer.splits == [] and noted == []  # one pass; the limit (4) reached: nothing more to note
+    gate = load_fit(tmp_path / "fit").record["gate"]
+    assert [(c["seed"], c["split_score"], c.get("earlier_run", False)) for c in gate["candidates"]] == [
+        (10, 0.2, True), (11, 0.58, False), (12, 0.5, False), (13, 0.55, False)]
+    assert gate["chosen_seed"] == 11 == result.config.seed and gate["split_score"] == 0.58  # its new score
+
+
+def test_the_gate_notes_a_pass_only_when_another_follows(tiny_base, tmp_path):
+    noted = []
+    fit_gated([toy_png("star", "dotted"), toy_png("heart", "flat", seed=1)],
+              [FitConfig(content="sks star", style="dotted", **FAST), FitConfig(content="sks heart", style="flat", **FAST)],
+              base=tiny_base, gate=Gate(1, 2, 0.7), scorer=QueueScorer([0.3, 0.9, 0.4]), workdir=tmp_path / "work",
+              out_dirs=[tmp_path / "a", tmp_path / "b"], steps=1, on_pass=lambda i, tried: noted.append((i, tried)))
+    assert [(i, [t["split_score"] for t in tried]) for i, tried in noted] == [(0, [0.3])]
+
+
+class Died(BaseException):
+    """A worker process dying (os._exit) inside a test: nothing of the worker's own clean-up runs."""
+
+
+def test_a_job_killed_between_passes_of_candidates_resumes_without_fitting_them_again(tmp_path, monkeypatch):
+    import os
+
+    import pipeline.quality.gate as gate_module
+    from pipeline.run.source import read_inputs
+    from pipeline.run.spec import Faults
+    from pipeline.run.worker import FitWorker
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted", seed=3))
+    job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks star",
+                  default_style="dotted", fit=FAST, tracking=Tracking(enabled=False), previews=Previews(steps=1),
+                  gate=Gate(candidates=2, max_candidates=4, min_split_score=0.7), state=RunState(run_id="run-1"),
+                  faults=Faults(crash_between_candidates_on=["a.png"]))
+    [item] = read_inputs(job.input, default_content="sks star", default_style="dotted").items
+    fitted = []
+    fit_many = gate_module.fit_many
+    monkeypatch.setattr(gate_module, "fit_many", lambda images, configs, **kw: (
+        fitted.append([c.seed for c in configs]), fit_many(images, configs, **kw))[1])
+
+    def die(code):
+        raise Died(code)
+
+    monkeypatch.setattr(os, "_exit", die)
+    first = FitWorker(job, device="cpu")
+    first.scorer = QueueScorer([0.2, 0.6])
+    with pytest.raises(Died):  # after the first pass, its scores noted, before the second
+        first.process(item)
+    [record] = (tmp_path / "lib" / layout.ATTEMPTS).glob("*/*.json")
+    assert [c["seed"] for c in json.loads(record.read_text())["candidates"]] == [0, 1]
+
+    second = FitWorker(job.replace(state={"run_id": "run-2"}), device="cpu")
+    second.scorer = QueueScorer([0.61, 0.5, 0.8, 0.5])  # seed 1 again, seeds 2 and 3; then the previews' scores
+    row = second.process(item)
+    assert row["status"] == "ok", row.get("error")
+    assert fitted == [[0, 1], [1, 2, 3]]  # seed 0 is not fitted again: it could not win
+    tried = json.loads(row["candidate_scores"])
+    assert [(t["seed"], t["split_score"]) for t in tried] == [(0, 0.2), (1, 0.61), (2, 0.5), (3, 0.8)]
+    assert row["seed"] == 3 and row["split_score"] == 0.8 and row["gate_passed"] is True
+    assert not list((tmp_path / "lib" / layout.ATTEMPTS).glob("*/*"))  # complete: the records went
+
+
 def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     """The worker path on `toy` with its judges: the row, the marker and fit.json say what was tried."""
     from pipeline.run.source import read_inputs

@@ -42,16 +42,25 @@ def split_score(scores: dict) -> float | None:
 
 
 def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate, scorer, out_dirs: list[Path],
-              workdir: Path, steps: int, subjects=None, styles=None, formats=None, progress: bool = False) -> list:
+              workdir: Path, steps: int, subjects=None, styles=None, formats=None, progress: bool = False,
+              earlier: list[list[dict]] | None = None, on_pass=None) -> list:
     """Per image, the chosen candidate's FitResult (its files in `out_dirs[i]`, its fit.json's "gate" saying what
-    was tried) or the exception that failed every candidate. Candidates are fitted in `workdir`."""
+    was tried) or the exception that failed every candidate. Candidates are fitted in `workdir`.
+
+    Resuming: `earlier[i]` are the candidates an attempt that never came back had scored (as `on_pass` was given
+    them). They count as tried, and their files died with that attempt, so the best scored one is fitted again
+    (beside the next candidates, in the same pass) and judged again: no stored score is ever the kept fit's.
+    `on_pass(i, tried)`: called after a pass with image i's candidates so far, when it needs another pass."""
     if scorer is None:
         raise InputError("--candidates needs a scorer (--scorer) to choose among them")
-    tried: list[list[dict]] = [[] for _ in images]  # per image: {"seed", "split_score", "scores"} or {"seed", "error"}
+    # per image: {"seed", "split_score", "scores"} or {"seed", "error"}; "earlier_run" where its files are gone
+    tried: list[list[dict]] = [[c | {"earlier_run": True} for c in e] for e in earlier] if earlier else \
+        [[] for _ in images]
+    again = {i: best["seed"] for i, best in enumerate(map(_best, tried)) if best is not None}
     results: dict[tuple[int, int], object] = {}
     while True:
-        wanted = [(i, configs[i].seed + len(tried[i]) + j) for i in range(len(images))
-                  for j in range(_more(gate, tried[i]))]
+        wanted = [(i, again.pop(i)) for i in sorted(again)] + [
+            (i, configs[i].seed + len(tried[i]) + j) for i in range(len(images)) for j in range(_more(gate, tried[i]))]
         if not wanted:
             break
         dirs = [workdir / f"{i}-seed-{seed}" for i, seed in wanted]
@@ -60,16 +69,25 @@ def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate
                           base=base, out_dirs=dirs, progress=progress, formats=formats)
         for (i, seed), folder, result in zip(wanted, dirs, fitted):
             results[i, seed] = result
-            tried[i].append({"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles))
+            judged = {"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles)
+            tried[i] = sorted([t for t in tried[i] if t["seed"] != seed] + [judged], key=lambda t: t["seed"])
+        for i in sorted({i for i, _ in wanted}):
+            if on_pass is not None and _more(gate, tried[i]):
+                on_pass(i, tried[i])
     return [_choose(i, tried[i], results, gate, out_dirs[i], scorer) for i in range(len(images))]
+
+
+def _best(tried: list[dict]) -> dict | None:
+    """The best scored candidate (first of equals: the lowest seed)."""
+    return max((t for t in tried if t.get("split_score") is not None), key=lambda t: t["split_score"], default=None)
 
 
 def _more(gate: Gate, tried: list[dict]) -> int:
     """How many candidates to fit next for an image (0: its choice is made)."""
     if not tried:
         return gate.candidates
-    best = max((t["split_score"] for t in tried if t.get("split_score") is not None), default=None)
-    if best is not None and best >= gate.min_split_score:
+    best = _best(tried)
+    if best is not None and best["split_score"] >= gate.min_split_score:
         return 0
     return min(gate.candidates, gate.limit - len(tried))
 
@@ -101,14 +119,16 @@ def score_candidate(fit_dir: Path, image: bytes, *, base, scorer, steps: int, su
 
 
 def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path, scorer):
-    scored = [t for t in tried if t.get("split_score") is not None]
+    mine = [t for t in tried if (i, t["seed"]) in results]  # fitted by this attempt: their files are here
+    scored = [t for t in mine if t.get("split_score") is not None]
     if not scored:
-        fitted = [results[i, t["seed"]] for t in tried if not isinstance(results[i, t["seed"]], Exception)]
-        if not fitted:
-            return results[i, tried[0]["seed"]]  # every candidate failed: the first one's error is the item's
-        return GateError(f"none of its {len(tried)} candidate fits could be scored ({tried[0]['error']}); "
-                         "no unscored fit is recorded")
-    best = max(scored, key=lambda t: t["split_score"])  # first of equals: the lowest seed
+        fitted = [results[i, t["seed"]] for t in mine if not isinstance(results[i, t["seed"]], Exception)]
+        if mine and not fitted:
+            return results[i, mine[0]["seed"]]  # every candidate failed: the first one's error is the item's
+        why = next((t["error"] for t in tried if "error" in t), "none was fitted again")
+        return GateError(f"none of its {len(tried)} candidate fits could be scored ({why}); no unscored fit is "
+                         "recorded")
+    best = _best(scored)
     result = results[i, best["seed"]]
     shutil.move(result.out_dir, out_dir)
     result.out_dir = Path(out_dir)

@@ -252,10 +252,12 @@ class RunState:
 @dataclass(frozen=True)
 class Faults:
     """Fault injection, for tests and benchmarks only: kill the worker process when it starts an item whose URL
-    contains one of these strings (on the first attempt only, or on every attempt)."""
+    contains one of these strings (on the first attempt only, or on every attempt), or on the first attempt once
+    the gate has noted the item's first pass of candidates and is about to fit more."""
 
     crash_once_on: list[str] = field(default_factory=list)
     crash_always_on: list[str] = field(default_factory=list)
+    crash_between_candidates_on: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,8 +38,8 @@ from unziplora.redact import redact
 
 from ..store import layout
 from .identify import batch_columns, batch_rows, check_job_settings, identify, ids_of, item_config, plain_row
-from ..store.manifest import (LibraryChangedError, clear_attempts, crashes, end_attempt, failed_row, marker_problems,
-                       ok_row, past_attempts, scrubbed, source_key, start_attempt)
+from ..store.manifest import (LibraryChangedError, clear_attempts, crashes, earlier_candidates, end_attempt, failed_row,
+                              marker_problems, note_attempt, ok_row, past_attempts, scrubbed, source_key, start_attempt)
 from ..quality.gate import fit_gated
 from ..quality.previews import draw_previews, save_previews
 from ..quality.scoring import load_scorer, scorer_spec
@@ -129,8 +129,9 @@ class FitWorker:
         if crashed >= self.job.failure.max_attempts:
             return failed_row(item, f"gave up after {self.job.failure.max_attempts} attempts: the worker process died "
                               "each time it fitted this image", attempts=len(records), this_run="failed", **known)
+        earlier = earlier_candidates(self.store, known["item_id"], records) if self.job.gate.active and records else []
         return _Ready(item=item, data=data, config=item_config(item, self.job), known=known, records=len(records),
-                      crashed=crashed)
+                      crashed=crashed, earlier=earlier)
 
     def _fit_group(self, group: list["_Ready"]) -> dict[int, dict]:
         """Fit the group and draw its previews (the device's work, under the device lock), then per item: files,
@@ -168,7 +169,9 @@ class FitWorker:
                 results = fit_gated([r.data for r in group], [r.config for r in group], base=self.base,
                                     gate=self.job.gate, scorer=self.scorer, out_dirs=out_dirs, workdir=workdir,
                                     steps=self.job.previews.steps, subjects=self.job.previews.subjects,
-                                    styles=self.job.previews.styles, formats=self.job.lora_formats)
+                                    styles=self.job.previews.styles, formats=self.job.lora_formats,
+                                    earlier=[r.earlier for r in group],
+                                    on_pass=lambda i, tried: self._note_candidates(group[i], attempts[i], tried))
             else:
                 results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
                                    progress=False, formats=self.job.lora_formats,
@@ -238,6 +241,14 @@ class FitWorker:
             self.store.write_json({"held": self.held}, *self.inflight)
         self._maybe_crash(item["source_uri"], records + 1)
         return attempt
+
+    def _note_candidates(self, ready: "_Ready", attempt: str, tried: list[dict]) -> None:
+        """The gate fits more candidates of this item: its attempt's record keeps those scored so far, which a
+        run after a crash takes up (gate.fit_gated's `earlier`) instead of fitting them all again."""
+        note_attempt(self.store, ready.known["item_id"], attempt, {"candidates": tried})
+        faults = self.job.faults.crash_between_candidates_on
+        if ready.records == 0 and any(s in ready.item["source_uri"] for s in faults):
+            os._exit(13)  # fault injection, as _maybe_crash
 
     def _release(self, item_id: str, attempt: str) -> None:
         """The fit came back (ok or a handled error): its attempt's record goes, and the rank holds it no more."""
@@ -309,6 +320,7 @@ class _Ready:
     known: dict  # its ids (identify.ids_of)
     records: int  # fits of it that never came back
     crashed: int  # how many of those killed a worker (manifest.crashes)
+    earlier: list[dict] = field(default_factory=list)  # the gate's candidates those attempts scored (noted)
     n: int = -1  # its place in the worker's batch
 
 

@@ -204,6 +204,24 @@ def start_attempt(store: Store, item_id: str, run_id: str, info: dict) -> str:
     return name
 
 
+def note_attempt(store: Store, item_id: str, name: str, done: dict) -> None:
+    """Add to an attempt's record what it has done so far (the gate's scored candidates), so that a run after
+    a crash can take it up."""
+    store.write_json(store.read_json(layout.ATTEMPTS, item_id, name) | done, layout.ATTEMPTS, item_id, name)
+
+
+def earlier_candidates(store: Store, item_id: str, records: list[dict]) -> list[dict]:
+    """The gate's candidates that the newest of these attempts noting any had scored (each notes all it knew)."""
+    for record in reversed(records):
+        try:
+            noted = store.read_json(layout.ATTEMPTS, item_id, record["name"]).get("candidates")
+        except (OSError, ValueError):  # a record cut short by its crash: it noted nothing usable
+            continue
+        if noted:
+            return noted
+    return []
+
+
 def end_attempt(store: Store, item_id: str, name: str) -> None:
     """The fit came back from the device (ok or a handled error): its record goes. A removal, so it works on a
     full disk too."""
