@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.registry.registry_names import ITEM_KEY, KINDS, item_filter, item_key
-from pipeline.run.spec import Failure, add_flags, add_storage_options, from_flags
+from pipeline.run.spec import Failure, Tracking, add_flags, add_storage_options, from_flags
 from unziplora import fit_files
 from unziplora.config import check_number
 from unziplora.errors import InputError
@@ -43,9 +43,10 @@ def add_commands(sub) -> None:
 
     y = commands.add_parser("sync", help="backfill runs and registrations of a library from its manifest")
     y.add_argument("library_uri", help="the library (the --output of decompose)")
-    y.add_argument("--library", help="registry prefix (default: registry.json's, else the folder name)")
+    # decompose's --library and --log-lora-artifacts (the library's own prefix is recorded by then)
+    add_flags(y, Tracking, prefix=None, names=("library", "log_lora_artifacts"),
+              helps={"library": "registry prefix (default: registry.json's, else the folder name)"})
     add_storage_options(y)
-    y.add_argument("--log-lora-artifacts", action="store_true", help="copy the LoRA files into the runs")
     y.add_argument("--all", dest="everything", action="store_true",
                    help="check every ok row, not only those without a run or version (e.g. a new server)")
     add_flags(y, Failure, prefix=None, names=("wait_for_library_s",))  # --wait-for-library, as decompose's

@@ -7,8 +7,8 @@ import pickle
 import pytest
 
 from jobs.decompose import build_parser, job_spec
-from pipeline.run.spec import (GROUPS, SECTIONS, Failure, Gate, JobSpec, Previews, RunState, Scaling, default_value,
-                               flag_kind, options)
+from pipeline.run.spec import (GROUPS, SECTIONS, Failure, Gate, JobSpec, Previews, RunState, Scaling, Tracking,
+                               default_value, flag_kind, options)
 from unziplora.errors import InputError
 
 
@@ -72,6 +72,7 @@ def test_a_job_is_plain_data_and_comes_back_whole():
 
 # the flags other commands share with decompose: (command, group, fields); each is the declaration's own
 SHARED = [(("fit",), Gate, ("candidates", "max_candidates", "min_split_score")), (("fit",), Previews, ("scorer",)),
+          (("fit",), JobSpec, ("lora_formats",)), (("registry", "sync"), Tracking, ("library", "log_lora_artifacts")),
           (("rescore",), Previews, ("steps", "subjects", "styles", "scorer"))] + [
     (command, Failure, ("wait_for_library_s",)) for command in (("registry", "sync"), ("repair",), ("forget",),
                                                                 ("rescore",))]
@@ -92,11 +93,16 @@ def test_the_flags_other_commands_share_with_the_job_are_its_declarations(capsys
         flags = command_flags(*command)
         for f in [f for f in options(cls) if f.name in names]:
             meta, action = f.metadata, flags[f.metadata["flag"]]
-            own_words = command == ("rescore",) and f.name == "steps"  # a rescore draws previews: 0 is refused
+            # a rescore draws previews (0 steps is refused); a library's sync finds its prefix in registry.json
+            own_words = {(("rescore",), "steps"): "(>= 1)", (("registry", "sync"), "library"): "registry.json"}
             assert (action.default, action.choices) == (default_value(f), meta["choices"])
-            assert action.help == meta["help"] or own_words and "(>= 1)" in action.help, (command, action.help)
+            assert action.help == meta["help"] or own_words.get((command, f.name), "\0") in action.help, action.help
             plain = meta["flag"][2:].replace("-", "_")  # the dest argparse gives the flag: args.wait_for_library
-            assert (action.metavar, action.dest, action.type) == (meta["metavar"] or plain.upper(), plain, flag_kind(f))
+            if flag_kind(f) is bool:  # a switch: no value
+                assert (action.dest, action.nargs) == (plain, 0)
+            else:
+                assert (action.metavar, action.dest, action.type) == (meta["metavar"] or plain.upper(), plain,
+                                                                      flag_kind(f))
     # fit's --gate-steps is the job's --preview-steps under its own name (at least 1: it scores the panels)
     assert command_flags("fit")["--gate-steps"].default == Previews().steps
     # and each command checks its value as the job does, naming the flag

@@ -71,6 +71,8 @@ def test_help_of_the_command_and_every_subcommand_imports_nothing_heavy():
     (["fit", "x.png", "--out", "o", "--threads", "0"], "error: --threads must be an integer >= 1"),
     (["fit", "x.png", "--out", "o", "--content", "sks dog", "--style", "ink", "--steps", "0"], "steps must be"),
     (["fit", "x.png", "--out", "o"], "give --content and --style"),
+    (["fit", "x.png", "--out", "o", "--content", "sks dog", "--style", "ink", "--formats", "ckpt"],
+     "LoRA formats must be one or more of"),
     (["generate", "--out", "x.png"], "give FIT_DIR"),
     (["generate", "fit", "--out", "x.png", "--steps", "0"], "error: --steps must be"),
     (["decompose", "--input", "in", "--output", "lib", "--workers", "0"], "error: --workers must be"),

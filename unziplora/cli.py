@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_FORMATS, LORA_FORMATS, FitConfig, check_number, read_settings_file, settings, value_type
+from .config import LORA_FORMATS, FitConfig, check_formats, check_number, read_settings_file, settings, value_type
 from .errors import InputError, UnZipLoRAError
 from .quiet import quiet_libraries
 from .redact import scrub
@@ -44,12 +44,10 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS), metavar="FORMAT[,FORMAT]",
-                   help=f"LoRA file formats, of {', '.join(LORA_FORMATS)} (default {','.join(DEFAULT_FORMATS)}: "
-                   "each LoRA once, in the file diffusers, ComfyUI and A1111 all load); the first is "
-                   "{kind}_lora.safetensors, others {kind}_lora_{format}.safetensors")
-    # the dataset job's quality gate on one image: its flags are decompose's (pipeline/run/spec.py's Gate, Previews)
-    from pipeline.run.spec import Gate, Previews, add_flags
+    # --formats, and the dataset job's quality gate on one image: decompose's flags (pipeline/run/spec.py)
+    from pipeline.run.spec import Gate, JobSpec, Previews, add_flags
+
+    add_flags(p, JobSpec, prefix=None, names=("lora_formats",))
 
     q = p.add_argument_group("quality control: several candidate fits, the best split kept (docs/collection.md)")
     add_flags(q, Gate, prefix=None)  # --candidates, --max-candidates, --min-split-score
@@ -135,7 +133,8 @@ def _fit(args) -> int:
     from pipeline.run.spec import Gate, from_flags
 
     gate = from_flags(args, Gate, prefix=None)
-    gate.check()  # every fit: a bad gate flag answers before torch is imported
+    gate.check()  # every fit: a bad gate flag or format answers before torch is imported
+    check_formats(args.formats)
     from .training import fit  # torch and diffusers: seconds, so only once the arguments are known to be good
 
     set_threads(args.threads, say=None if args.quiet else "fit")
