@@ -78,6 +78,9 @@ class Method:
     ortho: bool = True  # the orthogonality loss (only meaningful with sparse columns)
     # settings changed from the fit's defaults ("{shape}" in a text stands for each image's own shape word)
     overrides: tuple[tuple[str, object], ...] = ()
+    # a way to draw another method's fits: theirs are used (and their LoRAs-alone scores, drawn the same way)
+    fits_of: str | None = None
+    recombine: str = "all"  # generate's content_blocks when one fit's content meets another's style
 
 
 METHODS = [
@@ -127,6 +130,9 @@ CANDIDATES = [
            overrides=(("calibration_window", 8),)),
     Method("down-ortho", "UnZipLoRA, the two LoRAs' down-projections kept orthogonal", "{table}",
            overrides=(("down_ortho", 1.0),)),
+    # no new fits: UnZipLoRA's, recombined with the content LoRA on its own blocks only (generate's content_blocks)
+    Method("recomb-content-own", "UnZipLoRA, recombined with the content LoRA on its own blocks", "{table}",
+           fits_of="unziplora", recombine="own"),
 ]
 
 
@@ -197,7 +203,9 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
         fits = fits[:1] if len(fits) == 2 and fits[0] is fits[1] else fits
         return to_tensor(whole_loras(base, fits, prompt, call))
     mode = "direct" if method.one_prompt else "routed"  # B-LoRA's halves are plain LoRAs on disjoint blocks
-    return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode, **call))
+    recombined = content is not None and style is not None and content is not style
+    return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode,
+                              content_blocks=method.recombine if recombined else "all", **call))
 
 
 def own_hits(base, judges, method: Method, batch: world.Batch, i: int, own, call: dict) -> dict[str, list[float]]:
@@ -273,8 +281,9 @@ def finished_fit(folder: Path, config: FitConfig, image: Path):
         return None
 
 
-def unit_folder(out: Path, method: Method, image: int, seed: int) -> Path:
-    return out / method.key / f"{image:03d}-seed{seed}"
+def unit_folder(out: Path, method: Method, image: int, seed: int, fits: bool = False) -> Path:
+    """A unit's folder: its scores (and its fit, unless `fits` and the method draws another method's fits)."""
+    return out / (method.fits_of if fits and method.fits_of else method.key) / f"{image:03d}-seed{seed}"
 
 
 def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, out: Path) -> dict:
@@ -284,7 +293,7 @@ def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, ou
     fits, todo = {}, []
     for i, seed in units:
         config = fit_config(method, base.role_table, a, batch.factors[i], seed)
-        done = finished_fit(unit_folder(out, method, i, seed), config, paths[i])
+        done = finished_fit(unit_folder(out, method, i, seed, fits=True), config, paths[i])
         if done is None:
             todo.append((i, seed, config))
         else:
@@ -292,7 +301,7 @@ def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, ou
     for start in range(0, len(todo), a.fits_together):
         chunk = todo[start:start + a.fits_together]
         t = time.time()
-        folders = [unit_folder(out, method, i, seed) for i, seed, _ in chunk]
+        folders = [unit_folder(out, method, i, seed, fits=True) for i, seed, _ in chunk]
         results = fit_many([str(paths[i]) for i, _, _ in chunk], [c for _, _, c in chunk], base=base,
                            out_dirs=folders, overwrite=True, progress=False)
         for (i, seed, _), folder, result in zip(chunk, folders, results):
@@ -314,8 +323,9 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
     units = {}
     for (i, seed), own in fits.items():
         partners = {j: fits[j, seed] for j in partners_of(i, batch, a.recomb_partners) if (j, seed) in fits}
+        recipe = {} if method.recombine == "all" else {"content_blocks": method.recombine}
         keys = dict(own=dict(call, fit=_digest(own)),
-                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own),
+                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own), **recipe,
                                 partners={str(j): _digest(f) for j, f in partners.items()}))
         cache = unit_folder(out, method, i, seed) / "scores.json"
         saved = _upgraded(json.loads(cache.read_text())) if cache.is_file() else {}
@@ -323,11 +333,18 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
         for part, key in keys.items():
             if saved.get(part, {}).get("key") == key:
                 continue
+            theirs = unit_folder(out, method, i, seed, fits=True) / "scores.json"  # the fits' own method's
+            if part == "own" and method.fits_of and theirs.is_file():
+                drawn = _upgraded(json.loads(theirs.read_text())).get("own", {})
+                if drawn.get("key") == key:  # the LoRAs alone are drawn alike: their hits are this method's too
+                    saved["own"], changed = drawn, True
+                    continue
             t, changed = time.time(), True
             hits = (own_hits(base, judges, method, batch, i, own, call) if part == "own" else
                     recomb_hits(base, judges, method, batch, i, own, partners, dict(call, num_images=a.recomb_seeds)))
             saved[part] = dict(key=key, hits=hits, score_s=time.time() - t)
         if changed:
+            cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".scores.{os.getpid()}")
             tmp.write_text(json.dumps(saved))
             os.replace(tmp, cache)

@@ -411,6 +411,49 @@ def test_routed_differs_from_direct_and_base(tiny_base, fitted):
     assert len({routed.tobytes(), direct.tobytes(), plain.tobytes()}) == 3
 
 
+def test_content_on_its_own_blocks_only(tiny_base, fitted, old_layout):
+    """`content_blocks="own"`: the content LoRA acts where it holds every column (role "content") and nowhere
+    else; the style LoRA is untouched; the images change; refused where it means nothing."""
+    from unziplora.generate import load_adapter
+
+    _, art = fitted
+    before = {k: v.clone() for k, v in tiny_base.unet.state_dict().items()}
+    whole, own = load_adapter(tiny_base, art, old_layout), load_adapter(tiny_base, art, old_layout, "own")
+    roles = set()
+    for (name, a), (_, b) in zip(whole.named_layers(), own.named_layers()):
+        roles.add(a.role.name)
+        for kind in ("content", "style"):
+            kept = kind == "style" or a.role.name == "content"
+            (A, B), (A2, B2) = a.factors(kind), b.factors(kind)
+            assert torch.equal(A, A2) and (torch.equal(B, B2) if kept else not B2.any() and B.any()), (name, kind)
+    assert {"content", "style", "shared"} <= roles  # the SDXL table's three roles, on tiny
+    routed = generate(tiny_base, content=art, style=old_layout, steps=2)[0]
+    limited = generate(tiny_base, content=art, style=old_layout, steps=2, content_blocks="own")[0]
+    assert routed.tobytes() != limited.tobytes()
+    assert all(torch.equal(v, before[k]) for k, v in tiny_base.unet.state_dict().items())
+    for kwargs in (dict(content=art), dict(content=art, style=art, mode="direct")):
+        with pytest.raises(InputError, match="content_blocks='own'"):
+            generate(tiny_base, steps=1, content_blocks="own", **kwargs)
+
+
+def test_content_blocks_on_the_sdxl_table_at_full_size():
+    """SDXL's own role table on the full-size architecture (meta device, no weights): "own" keeps the content
+    LoRA in up_blocks.0's attentions 0 and 2 only."""
+    from unziplora.generate import own_blocks_only
+    from unziplora.layers import UnZipLoRA
+    from unziplora.models import build_preset, place
+
+    meta = torch.device("meta")
+    base = place(build_preset("sdxl-random", device=meta, dtype=torch.bfloat16), meta)
+    adapter = UnZipLoRA(base.unet, 4, "sdxl", init="zeros").to(meta)
+    own_blocks_only(adapter, "content")  # on meta the zeroing is a no-op; which layers it spares is the point
+    spared = {name.split(".transformer_blocks")[0] for name, layer in adapter.named_layers()
+              if layer.role.is_full("content")}
+    assert spared == {"up_blocks.0.attentions.0", "up_blocks.0.attentions.2"}
+    with pytest.raises(InputError, match="no blocks of its own"):
+        own_blocks_only(UnZipLoRA(base.unet, 4, "none", init="zeros").to(meta), "content")
+
+
 def test_generate_several_images_routed(tiny_base, fitted):
     _, art = fitted
     images = generate(tiny_base, content=art, style=art, steps=1, num_images=2)

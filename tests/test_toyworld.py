@@ -346,6 +346,16 @@ def test_disentangle_benchmark_runs_end_to_end_and_builds_rows_up(tmp_path, monk
         c = comparison[metric]
         assert c["units"] == 4 and c["low"] <= c["diff"] <= c["high"] and c["verdict"].startswith("too few")
     json.loads((tmp_path / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+    # a way of drawing another method's fits: no fit of its own, their LoRAs-alone hits, its own recombinations
+    own = bench.main(common + ["--fit-seeds", "0", "1", "--methods", "recomb-content-own"])["units"]
+    assert not list((tmp_path / "recomb-content-own").glob("*/*.safetensors"))
+    assert [p.stat().st_mtime_ns for p in loras] == [p.stat().st_mtime_ns for p in
+                                                     sorted(tmp_path.glob("*/001-seed0/content_lora.safetensors"))]
+    alone = [m for m in bench.METRICS if not m.startswith("recomb")]
+    for unit, scores in own["recomb-content-own"].items():
+        assert {m: scores[m] for m in alone} == {m: grown["units"]["unziplora"][unit][m] for m in alone}, unit
+    saved = json.loads((tmp_path / "recomb-content-own" / "000-seed1" / "scores.json").read_text())
+    assert saved["recomb"]["key"]["content_blocks"] == "own" and "content_blocks" not in saved["own"]["key"]
 
 
 def test_benchmark_intervals_and_paired_verdicts(monkeypatch):

@@ -72,6 +72,10 @@ def add_commands(sub) -> None:
     g.add_argument("--style-from", help="fit directory whose style LoRA to use")
     g.add_argument("--mode", default="routed", choices=("routed", "direct"),
                    help="with both LoRAs: three-prompt routing with mergers (routed) or plain addition (direct)")
+    g.add_argument("--content-blocks", default="all", choices=("all", "own"),
+                   help="with both LoRAs, routed: where the content LoRA acts: every block it was fitted on (all), or "
+                   "only its own blocks, not its sparse columns in the style and shared ones (own; for recombining "
+                   "one fit's content with another's style: docs/toy-world.md)")
     g.add_argument("--prompt", help="prompt (default: the fit's content, style or combined prompt)")
     g.add_argument("--negative-prompt",
                    help="default: none (SDXL zeroes the unconditional embedding, as diffusers' pipe(prompt) does)")
@@ -251,6 +255,10 @@ def _generate(args) -> int:
     check_number("--threads", args.threads, integer=True, minimum=1, optional=True)
     if not (args.content_from or args.style_from or args.fit_dir):
         raise InputError("give FIT_DIR, --content-from or --style-from")
+    both = bool(args.fit_dir or (args.content_from and args.style_from))
+    if args.content_blocks == "own" and not (both and args.mode == "routed"):
+        raise InputError("--content-blocks own limits the content LoRA beside a style LoRA: give both (FIT_DIR, or "
+                         "--content-from and --style-from) in the routed mode")
     from .export import load_fit
     from .generate import check_same_base, generate
     from .models import load_base_model_for
@@ -266,7 +274,7 @@ def _generate(args) -> int:
     images = generate(base, content=content, style=style, prompt=args.prompt, mode=args.mode,
                       negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                       seed=args.seed, resolution=args.resolution, num_images=args.num_images,
-                      progress=not args.quiet)
+                      content_blocks=args.content_blocks, progress=not args.quiet)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]

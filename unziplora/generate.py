@@ -5,6 +5,10 @@
 - both, mode "routed" (faithful): the three-prompt routing of training, with masks and mergers;
 - both, mode "direct": both LoRA files as adapters at weight 1 under one prompt (the portable approximation).
 The content and the style may come from different fits (recombination). The base model is left as found.
+
+`content_blocks="own"` (routed): the content LoRA acts only in its own blocks, those where it holds every column
+(role "content"), not in its sparse columns of the style and shared blocks: for recombining one fit's content
+with another fit's style (measured in docs/toy-world.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .models import BaseModel
 from .roles import KINDS
 
 MODES = ("routed", "direct")
+CONTENT_BLOCKS = ("all", "own")  # where the content LoRA acts when both LoRAs are drawn (routed)
 
 
 def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) -> Prompts:
@@ -34,7 +39,7 @@ def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) ->
 def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
              prompt: str | list[str] | None = None, mode: str = "routed", negative_prompt: str | None = None,
              steps: int = 50, guidance: float | None = None, seed: int = 0, resolution: int | None = None,
-             num_images: int = 1, progress: bool = False) -> list[Image.Image]:
+             num_images: int = 1, content_blocks: str = "all", progress: bool = False) -> list[Image.Image]:
     """`progress`: a bar over the sampling steps (stderr). `negative_prompt=None` draws as diffusers' `pipe(prompt)` does: SDXL zeroes the unconditional embedding
     (`force_zeros_for_empty_prompt`). An encoded "" is a different, weaker guidance for these LoRAs
     (docs/toy-world.md, disentanglement benchmark)."""
@@ -42,6 +47,11 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
         raise InputError("give a content fit, a style fit, or both")
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    if content_blocks not in CONTENT_BLOCKS:
+        raise InputError(f"content_blocks must be one of {CONTENT_BLOCKS}, got {content_blocks!r}")
+    if content_blocks == "own" and (content is None or style is None or mode != "routed"):
+        raise InputError("content_blocks='own' limits the content LoRA beside a style LoRA in the routed mode: "
+                         "give both fits and mode='routed'")
     check_same_base(content, style)
     for kind, fit in (("content", content), ("style", style)):
         if fit is not None:
@@ -59,7 +69,7 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     if content is not None and style is not None and mode == "routed":
         if not isinstance(prompt, str):
             raise InputError("the routed mode takes one prompt; give a list of prompts to one LoRA or mode='direct'")
-        return _routed(base, pipe, content, style, prompts._replace(combined=prompt), call)
+        return _routed(base, pipe, content, style, prompts._replace(combined=prompt), call, content_blocks)
     fits = {"content": content, "style": style}
     loaded = [kind for kind in KINDS if fits[kind] is not None]
     try:
@@ -165,8 +175,10 @@ def _call(base: BaseModel, fit: FitArtifacts, steps: int, guidance: float | None
                 generator=torch.Generator().manual_seed(seed))
 
 
-def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts) -> UnZipLoRA:
-    """An UnZipLoRA holding the content half of one fit and the style half of another."""
+def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts, content_blocks: str = "all"
+                 ) -> UnZipLoRA:
+    """An UnZipLoRA holding the content half of one fit and the style half of another (`content_blocks="own"`:
+    the content half in its own blocks only)."""
     if content.config.rank != style.config.rank:
         raise InputError(f"routed recombination needs equal ranks ({content.config.rank} vs {style.config.rank}); "
                          "use mode='direct'")
@@ -179,10 +191,24 @@ def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts) ->
         except (KeyError, RuntimeError) as exc:  # another role table or model: name the fit, not a line of ours
             raise InputError(f"{fit.path}: its {kind} LoRA, mergers or masks do not fit the adapter on "
                              f"{base.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if content_blocks == "own":
+        own_blocks_only(adapter, "content")
     return adapter
 
 
-def _routed(base, pipe, content, style, prompts: Prompts, call: dict) -> list[Image.Image]:
+@torch.no_grad()
+def own_blocks_only(adapter: UnZipLoRA, kind: str) -> None:
+    """One LoRA of the adapter off outside its own blocks: the layers whose role gives it every column."""
+    layers = [layer for _, layer in adapter.named_layers()]
+    if not any(layer.role.is_full(kind) for layer in layers):
+        raise InputError(f"the role table gives the {kind} LoRA no blocks of its own: it would act nowhere")
+    for layer in layers:
+        if not layer.role.is_full(kind):
+            layer.factors(kind)[1].zero_()  # B = 0: the layer adds nothing of this LoRA
+
+
+def _routed(base, pipe, content, style, prompts: Prompts, call: dict, content_blocks: str = "all"
+            ) -> list[Image.Image]:
     n, neg = call.pop("num_images_per_prompt"), call.pop("negative_prompt")
     embeds = {}
     for name, text in prompts._asdict().items():
@@ -192,6 +218,6 @@ def _routed(base, pipe, content, style, prompts: Prompts, call: dict) -> list[Im
     pos, negative, pooled, neg_pooled = embeds["combined"]
     # the pipeline batches [negative, positive]; the LoRAs' own prompts must line up with that
     routing = {f"{kind}_states": torch.cat([embeds[kind][1], embeds[kind][0]]) for kind in KINDS}
-    with load_adapter(base, content, style):
+    with load_adapter(base, content, style, content_blocks):
         return pipe(prompt_embeds=pos, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
                     negative_pooled_prompt_embeds=neg_pooled, cross_attention_kwargs=routing, **call).images
