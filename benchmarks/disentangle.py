@@ -133,6 +133,8 @@ CANDIDATES = [
     # no new fits: UnZipLoRA's, recombined with the content LoRA on its own blocks only (generate's content_blocks)
     Method("recomb-content-own", "UnZipLoRA, recombined with the content LoRA on its own blocks", "{table}",
            fits_of="unziplora", recombine="own"),
+    Method("style-down1-own", "UnZipLoRA, the 16 px input block the style LoRA's, recombined with the content "
+           "LoRA on its own blocks", "{table}-style-down1", fits_of="style-down1", recombine="own"),
 ]
 
 
