@@ -413,7 +413,8 @@ def test_routed_differs_from_direct_and_base(tiny_base, fitted):
 
 def test_content_on_its_own_blocks_only(tiny_base, fitted, old_layout):
     """`content_blocks="own"`: the content LoRA acts where it holds every column (role "content") and nowhere
-    else; the style LoRA is untouched; the images change; refused where it means nothing."""
+    else; the style LoRA is untouched; the images change; "auto" is "own" for two fits only; refused where it
+    means nothing."""
     from unziplora.generate import load_adapter
 
     _, art = fitted
@@ -427,9 +428,12 @@ def test_content_on_its_own_blocks_only(tiny_base, fitted, old_layout):
             (A, B), (A2, B2) = a.factors(kind), b.factors(kind)
             assert torch.equal(A, A2) and (torch.equal(B, B2) if kept else not B2.any() and B.any()), (name, kind)
     assert {"content", "style", "shared"} <= roles  # the SDXL table's three roles, on tiny
-    routed = generate(tiny_base, content=art, style=old_layout, steps=2)[0]
-    limited = generate(tiny_base, content=art, style=old_layout, steps=2, content_blocks="own")[0]
-    assert routed.tobytes() != limited.tobytes()
+    drawn = {blocks: generate(tiny_base, content=art, style=old_layout, steps=2, content_blocks=blocks)[0].tobytes()
+             for blocks in ("all", "own", "auto")}
+    assert drawn["all"] != drawn["own"] == drawn["auto"]  # two fits: recombined, by default on its own blocks
+    pair = {blocks: generate(tiny_base, content=art, style=art, steps=2, content_blocks=blocks)[0].tobytes()
+            for blocks in ("all", "auto")}
+    assert pair["all"] == pair["auto"]  # one fit's own pair: as it was fitted
     assert all(torch.equal(v, before[k]) for k, v in tiny_base.unet.state_dict().items())
     for kwargs in (dict(content=art), dict(content=art, style=art, mode="direct")):
         with pytest.raises(InputError, match="content_blocks='own'"):

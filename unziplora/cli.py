@@ -72,10 +72,10 @@ def add_commands(sub) -> None:
     g.add_argument("--style-from", help="fit directory whose style LoRA to use")
     g.add_argument("--mode", default="routed", choices=("routed", "direct"),
                    help="with both LoRAs: three-prompt routing with mergers (routed) or plain addition (direct)")
-    g.add_argument("--content-blocks", default="all", choices=("all", "own"),
-                   help="with both LoRAs, routed: where the content LoRA acts: every block it was fitted on (all), or "
-                   "only its own blocks, not its sparse columns in the style and shared ones (own; for recombining "
-                   "one fit's content with another's style: docs/toy-world.md)")
+    g.add_argument("--content-blocks", default="auto", choices=("auto", "all", "own"),
+                   help="with both LoRAs, routed: where the content LoRA acts: only in its own blocks, not its sparse "
+                   "columns in the style and shared ones (own), or every block it was fitted on (all, the paper's); "
+                   "auto (default): own when recombining two fits, all for one fit's own pair (docs/one-image.md)")
     g.add_argument("--prompt", help="prompt (default: the fit's content, style or combined prompt)")
     g.add_argument("--negative-prompt",
                    help="default: none (SDXL zeroes the unconditional embedding, as diffusers' pipe(prompt) does)")
