@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
 FIELDS = ("benchmark", "command", "measured", "machine", "provenance", "results")
 # a number of a page and the marker after it (an optional closing ** between them)
-MARKER = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(\**)<!-- ([\w./-]+\.json): ([^<>]+?) -->")
+# a sign belongs to the number after a space or "(" ("+6 (+0 to +11)", "-7"), never in a range ("39-74")
+MARKER = re.compile(r"(?<![\d.,])((?:(?<![^\s(])[+-])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?))(\**)"
+                    r"<!-- ([\w./-]+\.json): ([^<>]+?) -->")
 
 
 def machine() -> str:

@@ -68,6 +68,10 @@ def test_the_marker_rules():
         results.lookup(data, "rows.[k=v].x")  # two rows match: ambiguous
     assert results.agrees("2.19", 2.186) and results.agrees("2.2", 2.186) and not results.agrees("2.18", 2.186)
     assert results.agrees("1,473", 1473.1) and not results.agrees("14", 14.6)
+    # a sign is the number's after a space or "(", never a range's dash
+    text = "+6<!-- f.json: d --> (-1<!-- f.json: lo --> to +12<!-- f.json: hi -->), 39-74<!-- f.json: r -->"
+    assert [m[0] for m in results.markers(text)] == ["+6", "-1", "+12", "74"]
+    assert results.agrees("-1", -0.8) and not results.agrees("1", -0.8)
 
 
 @pytest.mark.parametrize("name", sorted(figures.FIGURES))
