@@ -454,8 +454,10 @@ def test_content_blocks_on_the_sdxl_table_at_full_size():
     spared = {name.split(".transformer_blocks")[0] for name, layer in adapter.named_layers()
               if layer.role.is_full("content")}
     assert spared == {"up_blocks.0.attentions.0", "up_blocks.0.attentions.2"}
+    shared = UnZipLoRA(base.unet, 4, "none", init="zeros").to(meta)  # every block shared: no blocks of its own
     with pytest.raises(InputError, match="no blocks of its own"):
-        own_blocks_only(UnZipLoRA(base.unet, 4, "none", init="zeros").to(meta), "content")
+        own_blocks_only(shared, "content")
+    own_blocks_only(shared, "content", required=False)  # "auto": left as it is
 
 
 def test_generate_several_images_routed(tiny_base, fitted):

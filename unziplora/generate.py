@@ -9,8 +9,8 @@ The content and the style may come from different fits (recombination). The base
 `content_blocks` (routed): where the content LoRA acts beside a style LoRA. "own": only in its own blocks, those
 where it holds every column (role "content"), not in its sparse columns of the style and shared blocks; "all":
 wherever it was fitted (the paper's). "auto" (the default): "own" when one fit's content meets another fit's
-style (recombined 6-12 points more often in the toy world, on each of three image sets: docs/toy-world.md),
-"all" for one fit's own pair (as fitted; the same there is not measured).
+style (measured better in the toy world: docs/toy-world.md) and its role table gives the content LoRA blocks of
+its own, else "all" (one fit's own pair is drawn as it was fitted).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     if content_blocks == "own" and (content is None or style is None or mode != "routed"):
         raise InputError("content_blocks='own' limits the content LoRA beside a style LoRA in the routed mode: "
                          "give both fits and mode='routed'")
-    if content_blocks == "auto":
-        content_blocks = "own" if recombined(content, style) and mode == "routed" else "all"
+    if content_blocks == "auto" and not (recombined(content, style) and mode == "routed"):
+        content_blocks = "all"
     check_same_base(content, style)
     for kind, fit in (("content", content), ("style", style)):
         if fit is not None:
@@ -190,8 +190,8 @@ def _call(base: BaseModel, fit: FitArtifacts, steps: int, guidance: float | None
 
 def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts, content_blocks: str = "all"
                  ) -> UnZipLoRA:
-    """An UnZipLoRA holding the content half of one fit and the style half of another (`content_blocks="own"`:
-    the content half in its own blocks only)."""
+    """An UnZipLoRA holding the content half of one fit and the style half of another (`content_blocks` "own":
+    the content half in its own blocks only; "auto": there too where the role table gives it blocks of its own)."""
     if content.config.rank != style.config.rank:
         raise InputError(f"routed recombination needs equal ranks ({content.config.rank} vs {style.config.rank}); "
                          "use mode='direct'")
@@ -204,16 +204,19 @@ def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts, co
         except (KeyError, RuntimeError) as exc:  # another role table or model: name the fit, not a line of ours
             raise InputError(f"{fit.path}: its {kind} LoRA, mergers or masks do not fit the adapter on "
                              f"{base.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if content_blocks == "own":
-        own_blocks_only(adapter, "content")
+    if content_blocks != "all":
+        own_blocks_only(adapter, "content", required=content_blocks == "own")
     return adapter
 
 
 @torch.no_grad()
-def own_blocks_only(adapter: UnZipLoRA, kind: str) -> None:
-    """One LoRA of the adapter off outside its own blocks: the layers whose role gives it every column."""
+def own_blocks_only(adapter: UnZipLoRA, kind: str, required: bool = True) -> None:
+    """One LoRA of the adapter off outside its own blocks: the layers whose role gives it every column. A role
+    table that gives it none (every block shared) leaves it as it is, or with `required` is refused."""
     layers = [layer for _, layer in adapter.named_layers()]
     if not any(layer.role.is_full(kind) for layer in layers):
+        if not required:
+            return
         raise InputError(f"the role table gives the {kind} LoRA no blocks of its own: it would act nowhere")
     for layer in layers:
         if not layer.role.is_full(kind):
