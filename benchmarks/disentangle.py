@@ -56,7 +56,7 @@ from toyworld import world  # noqa: E402
 from unziplora.config import IMPLIED_BEFORE, FitConfig  # noqa: E402
 from unziplora.errors import UnZipLoRAError  # noqa: E402
 from unziplora.export import FILES, RECORD, load_fit  # noqa: E402
-from unziplora.generate import generate  # noqa: E402
+from unziplora.generate import generate, recombined  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 from unziplora.roles import TABLES  # noqa: E402
 from unziplora.training import fit_many  # noqa: E402
@@ -205,9 +205,8 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
         fits = fits[:1] if len(fits) == 2 and fits[0] is fits[1] else fits
         return to_tensor(whole_loras(base, fits, prompt, call))
     mode = "direct" if method.one_prompt else "routed"  # B-LoRA's halves are plain LoRAs on disjoint blocks
-    recombined = content is not None and style is not None and content is not style
     return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode,
-                              content_blocks=method.recombine if recombined else "all", **call))
+                              content_blocks=method.recombine if recombined(content, style) else "all", **call))
 
 
 def own_hits(base, judges, method: Method, batch: world.Batch, i: int, own, call: dict) -> dict[str, list[float]]:
@@ -323,9 +322,9 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
     re-run, another fit seed, another method or a change of one part re-scores only what changed."""
     call = dict(steps=a.sample_steps, guidance=a.guidance, seed=0, num_images=a.seeds, negative_prompt=a.negative_prompt)
     units = {}
+    recipe = {} if method.recombine == "all" else {"content_blocks": method.recombine}
     for (i, seed), own in fits.items():
         partners = {j: fits[j, seed] for j in partners_of(i, batch, a.recomb_partners) if (j, seed) in fits}
-        recipe = {} if method.recombine == "all" else {"content_blocks": method.recombine}
         keys = dict(own=dict(call, fit=_digest(own)),
                     recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own), **recipe,
                                 partners={str(j): _digest(f) for j, f in partners.items()}))
@@ -335,10 +334,10 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
         for part, key in keys.items():
             if saved.get(part, {}).get("key") == key:
                 continue
-            theirs = unit_folder(out, method, i, seed, fits=True) / "scores.json"  # the fits' own method's
-            if part == "own" and method.fits_of and theirs.is_file():
-                drawn = _upgraded(json.loads(theirs.read_text())).get("own", {})
-                if drawn.get("key") == key:  # the LoRAs alone are drawn alike: their hits are this method's too
+            if part == "own" and method.fits_of:  # the LoRAs alone are drawn alike: the fits' method's hits
+                theirs = unit_folder(out, method, i, seed, fits=True) / "scores.json"
+                drawn = _upgraded(json.loads(theirs.read_text())).get("own", {}) if theirs.is_file() else {}
+                if drawn.get("key") == key:
                     saved["own"], changed = drawn, True
                     continue
             t, changed = time.time(), True
