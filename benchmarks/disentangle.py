@@ -36,6 +36,7 @@ Methods (SPEC section 10 and the paper's ablation table), all on the same traini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -62,6 +63,7 @@ from unziplora.roles import TABLES  # noqa: E402
 from unziplora.training import fit_many  # noqa: E402
 
 import disentangle_stats as stats  # noqa: E402  (beside this file)
+import fit_patches  # noqa: E402  (beside this file)
 
 HELD_OUT_SEED = 424242  # the base model trains on fresh random draws, the judges on seeds 0-10,000
 CONTENT, STYLE = "sks shape", "zwx"  # words the base model never saw in training
@@ -81,6 +83,7 @@ class Method:
     # a way to draw another method's fits: theirs are used (and their LoRAs-alone scores, drawn the same way)
     fits_of: str | None = None
     recombine: str = "all"  # generate's content_blocks when one fit's content meets another's style
+    patch: str | None = None  # a change to the fit that the fit code does not carry (fit_patches.PATCHES)
 
 
 METHODS = [
@@ -135,7 +138,16 @@ CANDIDATES = [
            fits_of="unziplora", recombine="own"),
     Method("style-down1-own", "UnZipLoRA, the 16 px input block the style LoRA's, recombined with the content "
            "LoRA on its own blocks", "{table}-style-down1", fits_of="style-down1", recombine="own"),
+    Method("complementary", "UnZipLoRA, complementary mergers on columns both LoRAs hold", "{table}",
+           patch="complementary"),
+    Method("complementary-own", "UnZipLoRA, complementary mergers, recombined with the content LoRA on its own "
+           "blocks", "{table}", fits_of="complementary", recombine="own"),
 ]
+
+
+def fits_method(method: Method) -> Method:
+    """The method whose fits `method` draws: itself, or the one it names in `fits_of`."""
+    return next(m for m in METHODS + ABLATIONS + CANDIDATES if m.key == method.fits_of) if method.fits_of else method
 
 
 def held_out_images(n: int, seed: int = HELD_OUT_SEED) -> world.Batch:
@@ -264,11 +276,14 @@ def partners_of(i: int, batch: world.Batch, k: int) -> list[int]:
     return [j for j in others if batch.shapes[j] != batch.shapes[i] and batch.styles[j] != batch.styles[i]][:k]
 
 
-def finished_fit(folder: Path, config: FitConfig, image: Path):
-    """The fit in `folder` if it was made from `image` with `config` (a re-run re-scores without fitting)."""
+def finished_fit(folder: Path, config: FitConfig, image: Path, patch: str | None = None):
+    """The fit in `folder` if it was made from `image` with `config` and `patch` (a re-run re-scores without
+    fitting)."""
     try:
         saved = json.loads((folder / RECORD).read_text())["settings"]
         if (folder / "source.sha256").read_text() != hashlib.sha256(image.read_bytes()).hexdigest():
+            return None
+        if _read(folder / PATCH_FILE) != patch:
             return None
     except (OSError, ValueError, KeyError):
         return None
@@ -282,6 +297,13 @@ def finished_fit(folder: Path, config: FitConfig, image: Path):
         return None
 
 
+PATCH_FILE = "patch"  # beside a fit made under a patch: its name
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
 def unit_folder(out: Path, method: Method, image: int, seed: int, fits: bool = False) -> Path:
     """A unit's folder: its scores (and its fit, unless `fits` and the method draws another method's fits)."""
     return out / (method.fits_of if fits and method.fits_of else method.key) / f"{image:03d}-seed{seed}"
@@ -292,9 +314,11 @@ def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, ou
     time in one batched pass (fit_many; each fit ends as it would alone)."""
     units = [(i, seed) for i in range(len(paths)) for seed in a.fit_seeds]
     fits, todo = {}, []
+    fitter = fits_method(method)
+    patch = fit_patches.PATCHES[fitter.patch] if fitter.patch else contextlib.nullcontext
     for i, seed in units:
-        config = fit_config(method, base.role_table, a, batch.factors[i], seed)
-        done = finished_fit(unit_folder(out, method, i, seed, fits=True), config, paths[i])
+        config = fit_config(fitter, base.role_table, a, batch.factors[i], seed)
+        done = finished_fit(unit_folder(out, method, i, seed, fits=True), config, paths[i], fitter.patch)
         if done is None:
             todo.append((i, seed, config))
         else:
@@ -303,12 +327,15 @@ def fit_units(base, method: Method, batch: world.Batch, paths: list[Path], a, ou
         chunk = todo[start:start + a.fits_together]
         t = time.time()
         folders = [unit_folder(out, method, i, seed, fits=True) for i, seed, _ in chunk]
-        results = fit_many([str(paths[i]) for i, _, _ in chunk], [c for _, _, c in chunk], base=base,
-                           out_dirs=folders, overwrite=True, progress=False)
+        with patch():
+            results = fit_many([str(paths[i]) for i, _, _ in chunk], [c for _, _, c in chunk], base=base,
+                               out_dirs=folders, overwrite=True, progress=False)
         for (i, seed, _), folder, result in zip(chunk, folders, results):
             if isinstance(result, Exception):
                 raise result
             (folder / "source.sha256").write_text(hashlib.sha256(paths[i].read_bytes()).hexdigest())
+            if fitter.patch:
+                (folder / PATCH_FILE).write_text(fitter.patch)
             fits[i, seed] = load_fit(folder)
         print(f"  {method.key}: fitted {min(start + a.fits_together, len(todo))}/{len(todo)} "
               f"({(time.time() - t) / len(chunk):.0f} s per fit)", flush=True)

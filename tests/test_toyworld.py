@@ -471,3 +471,33 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     stamps = [p.stat().st_mtime_ns for p in panels]
     assert agree.main(args) == report  # the same pixels: the same figures, nothing drawn again
     assert [p.stat().st_mtime_ns for p in panels] == stamps
+
+
+def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypatch, tiny_base, sample_image):
+    from unziplora.config import FitConfig
+    from unziplora.layers import ColumnGates
+    from unziplora.training import fit
+
+    patches = _benchmark_module(monkeypatch, "fit_patches")
+    config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, recalibrations=2)
+    plain_gates = ColumnGates.gates
+    with patches.PATCHES["complementary"]():
+        assert ColumnGates.gates is not plain_gates
+        tied = fit(sample_image, config, base=tiny_base, progress=False).tensors
+    assert ColumnGates.gates is plain_gates
+    plain = fit(sample_image, config, base=tiny_base, progress=False).tensors
+
+    def shared(tensors):  # per layer: (content merger, style merger) on columns both LoRAs hold
+        out = []
+        for key in [k for k in tensors["masks"] if k.endswith(".content")]:
+            name = key.removesuffix(".content")
+            both = (tensors["masks"][key] * tensors["masks"][f"{name}.style"]).bool()
+            out.append((tensors["mergers"][key][both], tensors["mergers"][f"{name}.style"][both]))
+        return torch.cat([c for c, _ in out]), torch.cat([s for _, s in out])
+
+    content, style = shared(tied)
+    assert content.numel() > 0
+    assert torch.allclose(content + style, torch.ones_like(content), atol=1e-6)
+    assert content.min() < 0.9 and style.min() < 0.9  # shared out, not left at 1 each
+    content, style = shared(plain)  # the paper's mergers: both start at 1, learned apart
+    assert (content + style).min() > 1.5

@@ -1,0 +1,62 @@
+"""Changes to the fit that the disentanglement benchmark measures but the fit code does not carry.
+
+Each patch is a context manager: the fits trained inside it are made the changed way (it patches unziplora's
+classes for that time only). A benchmark method names its patch (`Method.patch`); its fits are kept in its own
+folder with the patch's name beside them, so they are never mistaken for plain fits. A patch that measures as a
+gain on every image set moves into the fit code as a setting; one that does not stays here, or goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from unziplora.layers import ColumnGates
+
+
+def _tied(gates: ColumnGates) -> torch.Tensor:
+    """Columns both LoRAs hold where mergers learn: there the style LoRA's merger is 1 - the content's."""
+    return (gates.overlap() * gates.mergeable).bool()
+
+
+def _complementary_mergers(gates: ColumnGates) -> torch.Tensor:
+    content, style = gates.mergers
+    return torch.stack([content, torch.where(_tied(gates), 1 - content, style)])
+
+
+@contextlib.contextmanager
+def complementary_gates():
+    """Issue 28's "complementary gates": on a column both LoRAs hold, m_s = 1 - m_c. The paper's mergers there
+    start at 1 and fall together (both to 0.01-0.12, a hole in the recombined model); tied, the column is shared
+    out between the two, and the orthogonality loss m_c * m_s = m_c (1 - m_c) pushes it to one owner, which the
+    denoising loss chooses. A column that becomes shared starts at 1/2 each (neither LoRA favoured). The mergers
+    saved with a fit are the tied ones, so `generate` draws as the fit trained."""
+    gates_before, loss_before, clamp_before = ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_
+
+    def gates(self):
+        if self.alone is not None:
+            raise NotImplementedError("complementary gates with steps that train one LoRA alone")
+        return _complementary_mergers(self) * (self.masks if self.masks_enabled else self.reachable)
+
+    def orthogonality_loss(self):
+        gated = _complementary_mergers(self) * self.masks
+        return ((gated[0] * gated[1]).abs() * self.layer_mean_weights).sum()
+
+    @torch.no_grad()
+    def clamp_(self):
+        clamp_before(self)
+        tied = _tied(self)
+        before = getattr(self, "_tied_before", torch.zeros_like(tied))
+        self.mergers[0][tied & ~before] = 0.5  # newly shared (a recalibration's picks): half each
+        self.mergers[1].copy_(torch.where(tied, 1 - self.mergers[0], self.mergers[1]))
+        self._tied_before = tied
+
+    ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_ = gates, orthogonality_loss, clamp_
+    try:
+        yield
+    finally:
+        ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_ = gates_before, loss_before, clamp_before
+
+
+PATCHES = {"complementary": complementary_gates}
