@@ -1,16 +1,15 @@
 """Same fits, same numbers: short tiny-model fits (fixed seeds) whose per-step losses and final tensors are saved
-once and compared later, to show that a change of the adapter's internals (issue 33: per-kind factors, per-LoRA
-learning rates as optimizer parameter groups) leaves training as it was.
+once and compared later, to show that a change of the training code (issue 33: per-kind factors, per-LoRA
+learning rates as optimizer parameter groups; the retired experiments taken out) leaves training as it was.
 
     .venv/bin/python benchmarks/fit_equivalence.py save BEFORE.pt      # on the code before the change
     .venv/bin/python benchmarks/fit_equivalence.py compare BEFORE.pt   # on the code after it
 
-Cases: the defaults; a style learning rate of its own with alone steps and a style stage; and three fits trained
-together (`fit_many`). Prints per case the largest loss and tensor differences, and the peak RSS of the process.
+Cases: the defaults; other rates and loss weights; and three fits trained together (`fit_many`). Prints per case the largest loss and tensor differences, and the peak RSS of the process.
 
 A mask is a discrete choice (top-k of counts of |dW * G| > 1e-5), so a fit can sit on a knife edge where float
-rounding alone picks another column: fit_many with fit 1 at style_alone=0.25 and no content_alone (8 steps) was
-one; the code before issue 33 flips that column too when its style lr moves by one part in 1e7. The cases here
+rounding alone picks another column (a fit with steps that trained the style LoRA alone was one, before issue
+33: that code flipped the column too when its style lr moved by one part in 1e7). The cases here
 are not on such an edge, so they must agree to float rounding, masks exactly.
 """
 
@@ -38,11 +37,9 @@ def _config(n: int, **changes) -> FitConfig:
 
 CASES = {
     "defaults": lambda: [_config(0)],
-    "style_lr+alone+stage": lambda: [_config(1, style_lr=3e-4, lr=1e-4, style_alone=0.25, content_alone=0.25,
-                                              style_stage=0.5)],
-    "style_lr_only": lambda: [_config(2, style_lr=2.5e-4, lr=1e-4)],
-    "fit_many_x3": lambda: [_config(0), _config(1, style_lr=3e-4, lr=1e-4, style_alone=0.25, content_alone=0.25,
-                                                style_stage=0.5), _config(2, steps=6, style_lr=2.5e-4, lr=1e-4)],
+    "lr+ortho+mergers": lambda: [_config(1, lr=3e-4, ortho_lambda=1.0, merger_lr=1e-2)],
+    "fit_many_x3": lambda: [_config(0), _config(1, lr=3e-4, ortho_lambda=1.0, merger_lr=1e-2),
+                            _config(2, steps=6, lr=2.5e-4)],
 }
 
 

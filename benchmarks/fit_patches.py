@@ -35,8 +35,6 @@ def complementary_gates():
     gates_before, loss_before, clamp_before = ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_
 
     def gates(self):
-        if self.alone is not None:
-            raise NotImplementedError("complementary gates with steps that train one LoRA alone")
         return _complementary_mergers(self) * (self.masks if self.masks_enabled else self.reachable)
 
     def orthogonality_loss(self):

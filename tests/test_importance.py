@@ -200,42 +200,6 @@ def test_recalibrate_shared_blocks_exclude_the_other_loras_columns(tiny_base, mo
     assert picked(masks[1, by_role["content"].columns()]) == set(range(6))
 
 
-def test_recalibrate_owner_gives_each_column_to_one_lora(tiny_base, monkeypatch):
-    """shared_columns="owner": a sparse LoRA picks only where its score beats the other's, and takes what it
-    picks from the other, full or sparse: no column is ever held by both."""
-    n = 64
-    wanted = {}
-    monkeypatch.setattr(importance, "cone_scores", lambda layer, kind, merger: wanted[kind].clone())
-    adapter = UnZipLoRA(tiny_base.unet, rank=4)
-    masks = adapter.gates.masks
-    by_role = {}
-    for _, layer in adapter.named_layers():
-        by_role.setdefault(layer.role.name, layer)
-    content = torch.arange(n, 0, -1, dtype=torch.float32)  # content's importance falls with the index
-    style = torch.zeros(n)
-    style[[3, 20, 21, 22, 23, 24, 25, 26]] = 200.0  # style beats content on these, and only these
-    wanted.update(content=content, style=style)
-    recalibrate(adapter, RATIO, owner=True)  # k = 6
-    winners = {3, 20, 21, 22, 23, 24}  # style's top 6 of its 8 wins (ties: lowest index)
-    content_block = masks[:, by_role["content"].columns()]
-    assert picked(content_block[1]) == winners
-    assert picked(content_block[0]) == set(range(n)) - winners  # the full content LoRA lost them
-    shared = masks[:, by_role["shared"].columns()]
-    assert picked(shared[0]) == {0, 1, 2, 4, 5, 6}  # content's top 6 where it beats style (not column 3)
-    assert picked(shared[1]) == winners
-    style_block = masks[:, by_role["style"].columns()]  # the same picks, taken from the full style LoRA
-    assert picked(style_block[0]) == {0, 1, 2, 4, 5, 6}
-    assert picked(style_block[1]) == set(range(n)) - picked(style_block[0])
-    # a later recalibration where style beats content on column 0 takes it from content in a shared block
-    style = torch.zeros(n)
-    style[0] = 500.0
-    wanted.update(style=style)
-    recalibrate(adapter, RATIO, owner=True)
-    shared = masks[:, by_role["shared"].columns()]
-    assert 0 in picked(shared[1]) and 0 not in picked(shared[0])
-    assert (masks[0] * masks[1]).sum() == 0  # no column held by both, anywhere
-
-
 # ---- 4. the column schedule in a short fit ----
 
 def check_fit_masks(result, ratio, recalibrations):
@@ -309,21 +273,6 @@ def assert_same_tensors(a, b):
 
 def differs(a, b):
     return any(not torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])
-
-
-def test_style_stage_trains_the_style_lora_alone_after_the_joint_steps(tiny_base, sample_image):
-    """style_stage: further steps in which only the style LoRA moves, under a prompt naming no subject; the
-    joint steps before them are the paper's fit, step for step."""
-    joint = fit(sample_image, fit_config(), base=tiny_base, progress=False)
-    staged = fit(sample_image, fit_config(style_stage=0.5), base=tiny_base, progress=False)
-    assert len(staged.history) == 9 and [h.get("stage") for h in staged.history[6:]] == ["style"] * 3
-    assert all("stage" not in h for h in staged.history[:6])
-    for key, tensor in joint.tensors["content"].items():  # frozen: not one step of drift (momentum, decay)
-        assert torch.equal(staged.tensors["content"][key], tensor), key
-    for part in ("mergers", "masks"):
-        assert all(torch.equal(staged.tensors[part][k], v) for k, v in joint.tensors[part].items()), part
-    assert any(not torch.equal(staged.tensors["style"][k], v) for k, v in joint.tensors["style"].items())
-    assert staged.config.total_steps == 9 and staged.config.stage_style_prompt == "An image in watercolor painting style"
 
 
 def test_fit_is_deterministic_per_seed(tiny_base, sample_image):

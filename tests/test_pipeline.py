@@ -358,6 +358,9 @@ def test_prompt_table_cells_are_read_as_their_settings(tmp_path):
     (tmp_path / "prompts.csv").write_text("image,content,style,base_model\na.png,sks a,ink,toy\n")
     with pytest.raises(InputError, match=r"\['base_model'\], which are set for the whole job"):
         read_inputs(str(tmp_path))
+    (tmp_path / "prompts.csv").write_text("image,content,style,style_alone\na.png,sks a,ink,0.25\n")
+    with pytest.raises(InputError, match=r"\['style_alone'\]: retired fit settings"):
+        read_inputs(str(tmp_path))
     with pytest.raises(InputError, match=r"\['content'\] are per image"):
         check_job_settings({"content": "sks", "steps": 4})
     with pytest.raises(InputError, match="setting rank must be an integer"):

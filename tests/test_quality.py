@@ -1,5 +1,5 @@
-"""Issue 16: previews that show the split (each LoRA away from its source), quality scores from them, and the
-column-pick option of the recalibration."""
+"""Issue 16: previews that show the split (each LoRA away from its source) and quality scores from them; the
+settings of that issue's experiments, retired since (issue 33)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.run.identify import hashed_settings, identify
+from pipeline.run.identify import check_job_settings, hashed_settings, identify, legacy_settings_sha256
 from pipeline.run.job import run_job
 from pipeline.quality.previews import preview_prompts, write_previews
 from pipeline.quality.scoring import EmbeddingScorer, load_scorer, scorer_spec
 from pipeline.run.spec import JobSpec, Previews, Tracking
+from pipeline.store.storage import sha256_hex
 from toyworld import world
 from unziplora import FitConfig, fit
+from unziplora.config import RETIRED
 from unziplora.errors import InputError
 from unziplora.fit_files import CARD, PREVIEWS, PREVIEW_PROMPTS, SCORES
-from unziplora.importance import recalibrate
-from unziplora.layers import UnZipLoRA
 from unziplora.roles import KINDS
 
 
@@ -45,52 +45,30 @@ def test_preview_prompts_leave_out_the_sources_own_subject_and_style():
     assert few == {"style": ["A cat in dotted style"], "content": ["A sks star in pencil sketch style"]}
 
 
-def test_fresh_column_picks_add_new_columns_each_time(tiny_base, unet_inputs, make_states):
-    """'cumulative' (the paper's OR) may re-pick held columns; 'fresh' adds exactly k new ones per pick, so the
-    masks reach recalibrations x ratio of the columns, and shared blocks stay disjoint."""
-    from test_importance import RATIO, unmasked_backward
-
-    with UnZipLoRA(tiny_base.unet, rank=4) as adapter:
-        masks = adapter.gates.masks
-        for round_ in range(1, 4):
-            unmasked_backward(tiny_base, adapter, unet_inputs, make_states, seed=round_)
-            recalibrate(adapter, RATIO, fresh=True)
-            for name, layer in adapter.named_layers():
-                cols = masks[:, layer.columns()]
-                k = int(RATIO * layer.out_features)
-                for i, kind in enumerate(KINDS):
-                    if layer.role.is_sparse(kind):
-                        assert int(cols[i].sum()) == round_ * k, (name, kind, round_)
-                if layer.role.exclusive:
-                    assert (cols[0] * cols[1]).sum() == 0, name
-
-
-def test_column_picks_in_item_ids(tmp_path):
-    """The paper's 'cumulative' picks are what every fit did before the setting existed: at that value it is
-    left out of the settings hash (a library made before is not fitted again); 'fresh' is another item."""
+def test_retired_settings_keep_item_ids_and_are_refused_when_asked_for(tmp_path):
+    """The experiments' settings taken out of the fit code (config.RETIRED): item ids are what the code that still
+    had them gave (pinned below), so a library fitted then is not fitted again; at the value that did nothing they
+    are dropped wherever they come from; any other value is refused by name, except in a fit's own record."""
+    config = FitConfig(content="sks dog", style="watercolor painting", base_model="toy", steps=300)
+    # computed at commit 69d22e6, before the settings were retired
+    assert sha256_hex(json.dumps(hashed_settings(config), sort_keys=True).encode()) == \
+        "42e8007e310344aeb8b16d98615c684ccb4f117bebe09457762b2514e84d7880"
+    assert legacy_settings_sha256(config) == "e04f574d5cc215937ad5b6d2df0582bfa9fe2180726242bf1d7b1a012a2107c5"
     (tmp_path / "a.png").write_bytes(b"identify only hashes it")
     item = {"source_uri": str(tmp_path / "a.png"), "content": "sks dog", "style": "ink", "overrides": "{}"}
-    ids = [identify(item, JobSpec(input="", output="", fit=fit_settings))[0]
-           for fit_settings in ({}, {"column_picks": "cumulative"}, {"column_picks": "fresh"})]
-    assert ids[0]["item_id"] == ids[1]["item_id"] != ids[2]["item_id"]
-    assert "column_picks" not in hashed_settings(FitConfig(content="a", style="b"))
-    assert ids[2]["legacy_item_id"] is None  # no fit of an older library can have used it
-    with pytest.raises(InputError, match="column_picks"):
-        FitConfig(content="a", style="b", column_picks="sometimes")
-
-
-def test_settings_added_later_keep_old_item_ids_at_their_old_value(tmp_path):
-    """Every fit before these settings existed was a paper-recipe fit: at those values the settings are left
-    out of the hash, so a library made before is not fitted again; any other value is another item."""
-    assert not {"content_alone", "style_alone", "style_lr", "column_picks"} & set(
-        hashed_settings(FitConfig(content="a", style="b")))
-    (tmp_path / "a.png").write_bytes(b"identify only hashes it")
-    item = {"source_uri": str(tmp_path / "a.png"), "content": "sks dog", "style": "ink", "overrides": "{}"}
-    ids = [identify(item, JobSpec(input="", output="", fit=settings))[0]["item_id"] for settings in (
-        {}, {"content_alone": 0.0, "style_alone": 0.0, "style_lr": None}, {"style_alone": 0.25}, {"style_lr": 1e-2})]
-    assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
-    with pytest.raises(InputError, match="style_alone"):
-        FitConfig(content="a", style="b", style_alone=0.75)
+    ids = [identify(item, JobSpec(input="", output="", fit=fit))[0]["item_id"] for fit in ({}, dict(RETIRED))]
+    assert ids[0] == ids[1]
+    saved_yaml = tmp_path / "config.yaml"  # an older fit's settings file, given back as --config
+    saved_yaml.write_text("content: sks dog\nstyle: ink\ncolumn_picks: cumulative\nstyle_lr: null\n")
+    assert FitConfig.from_file(saved_yaml) == FitConfig(content="sks dog", style="ink")
+    asked = {"content": "a", "style": "b", "style_alone": 0.25}
+    asking_yaml = tmp_path / "asking.yaml"
+    asking_yaml.write_text("content: a\nstyle: b\nstyle_alone: 0.25\n")
+    for attempt in (lambda: FitConfig.from_dict(asked), lambda: check_job_settings({"style_alone": 0.25}),
+                    lambda: FitConfig.from_file(asking_yaml)):
+        with pytest.raises(InputError, match=r"style_alone \(0\.25\) was an experiment .* no longer a fit setting"):
+            attempt()
+    assert FitConfig.from_dict(asked, saved=True) == FitConfig(content="a", style="b")  # a fit made with it loads
 
 
 def test_toy_judges_score_previews_against_the_source():

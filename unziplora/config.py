@@ -28,12 +28,13 @@ DEFAULT_FORMATS = ("kohya",)
 DEFAULT_LR = 5e-5
 MODEL_LR = {"toy": 1e-3}
 INITS = ("reference", "zeros")
-COLUMN_PICKS = ("cumulative", "fresh")
-SHARED_COLUMNS = ("mergers", "owner")
-# settings added later, with the value that does what fits did before the setting existed (a fit record
-# without the setting had it): item ids leave them out at that value, the benchmark's reuse of fits reads it
-IMPLIED_BEFORE = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0,
-                  "shared_columns": "mergers", "style_stage": 0.0, "calibration_window": 1, "down_ortho": 0.0}
+# settings that once were fit settings: experiments measured as no gain and taken out of the fit code
+# (issue 33; docs/toy-world.md keeps their measurements and the commit that can run them again), each with
+# the value at which it did nothing. A saved fit or settings file that holds one at that value reads as before;
+# settings files and flags that ask for anything else are refused (a saved fit still loads: its record keeps it)
+RETIRED = {"column_picks": "cumulative", "style_lr": None, "content_alone": 0.0, "style_alone": 0.0,
+           "shared_columns": "mergers", "style_stage": 0.0, "calibration_window": 1, "down_ortho": 0.0}
+RETIRED_AT = "69d22e6"  # the last commit whose fit code runs them
 
 
 class Prompts(NamedTuple):
@@ -81,38 +82,12 @@ class FitConfig:
     resolution: int | None = setting("training resolution (default: the base model's, 1024 for SDXL)", None)
     seed: int = setting("random seed", 0)
     lr: float | None = setting("learning rate of both LoRAs (default: 5e-5, SPEC's for SDXL; 1e-3 for toy)", None)
-    style_lr: float | None = setting("learning rate of the style LoRA (default: lr, as for the content LoRA)", None)
     merger_lr: float = setting("learning rate of the column mergers", 5e-3)
     weight_decay: float = setting("AdamW weight decay of the LoRAs", 1e-4)
     grad_clip: float = setting("gradient-norm clip", 1.0)
     column_ratio: float = setting("fraction of columns added to a sparse mask at each recalibration", 0.1)
-    column_picks: str = setting("how recalibrations grow a sparse mask: 'cumulative' ORs each pick's top "
-                                "columns in (the paper's: a column picked again adds nothing, so masks often "
-                                "end near one pick's size) or 'fresh' (each pick takes columns not held yet)",
-                                "cumulative", choices=COLUMN_PICKS)
-    shared_columns: str = setting("a column both LoRAs would hold: 'mergers' (the paper's: both hold it, learned "
-                                  "mergers and the orthogonality loss are to separate them) or 'owner' (it goes to "
-                                  "the LoRA whose importance score is higher when it is picked; the other loses it)",
-                                  "mergers", choices=SHARED_COLUMNS)
     recalibrations: int = setting("number of mask recalibrations", 3)
-    calibration_window: int = setting("steps (masks off, each at its own random timestep and crop) whose column "
-                                      "importance a recalibration averages before it picks (1: the paper's, one "
-                                      "step's gradient)", 1)
     ortho_lambda: float = setting("weight of the orthogonality loss", 0.5)
-    down_ortho: float = setting("weight of a loss that keeps the two LoRAs' down-projections orthogonal (mean "
-                                "squared cosine between their rows) on every layer both act on, so that they read "
-                                "different input directions where they share columns (0: the paper's recipe)", 0.0)
-    content_alone: float = setting("fraction of steps that train the content LoRA alone, on its own blocks (role "
-                                   "'content') under the content prompt, the style LoRA off (0: the paper's recipe, "
-                                   "every step joint)", 0.0)
-    style_alone: float = setting("fraction of steps that train the style LoRA alone, on its own blocks (role "
-                                 "'style') under the style prompt, the content LoRA off: alone, it must draw the style "
-                                 "by itself, as it will be used (0: the paper's recipe; measured: the style carries "
-                                 "further, content and recombination suffer)", 0.0)
-    style_stage: float = setting("share of further steps, after the joint ones, that train the style LoRA alone "
-                                 "with the content LoRA frozen but applied, under a style prompt that names no "
-                                 "subject ('An image in {style} style'): it learns what the content LoRA does not "
-                                 "draw (0: the paper's recipe)", 0.0)
     init: str = setting("LoRA init", "reference", choices=INITS)
     role_table: str | None = setting("block-role table (default: the base model's)", None)
     precision: str = setting("UNet dtype on an accelerator (always fp32 on CPU)", "bf16", scope="worker",
@@ -150,24 +125,12 @@ class FitConfig:
             if not getattr(self, name).strip():
                 raise InputError(f"the {name} text is empty: give e.g. "
                                  "--content 'sks dog' --style 'watercolor painting'")
-        positive = ("steps", "rank", "recalibrations", "calibration_window", "lr", "merger_lr")
+        positive = ("steps", "rank", "recalibrations", "lr", "merger_lr")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.down_ortho < 0:
-            raise InputError(f"down_ortho must be >= 0, got {self.down_ortho}")
-        for name in ("content_alone", "style_alone"):
-            if not 0 <= getattr(self, name) <= 0.5:
-                raise InputError(f"{name} must lie in [0, 0.5], got {getattr(self, name)}")
-        if not 0 <= self.style_stage <= 1:
-            raise InputError(f"style_stage must lie in [0, 1], got {self.style_stage}")
-        if self.style_lr is not None and not self.style_lr > 0:
-            raise InputError(f"style_lr must be positive, got {self.style_lr}")
         if self.recalibrations > self.steps:
             raise InputError(f"recalibrations ({self.recalibrations}) cannot exceed steps ({self.steps})")
-        if self.calibration_window > self.steps // self.recalibrations:
-            raise InputError(f"calibration_window ({self.calibration_window}) cannot exceed the steps between "
-                             f"recalibrations ({self.steps // self.recalibrations})")
         if not 0 < self.column_ratio * self.recalibrations <= 1:
             raise InputError("column_ratio x recalibrations must lie in (0, 1]")
         if self.resolution is not None and self.resolution < 8:
@@ -189,27 +152,11 @@ class FitConfig:
         )
 
     @property
-    def total_steps(self) -> int:
-        """The joint steps and the style stage's after them."""
-        return self.steps + round(self.style_stage * self.steps)
-
-    @property
-    def stage_style_prompt(self) -> str:
-        """The style LoRA's prompt in the style stage: the style alone, no subject to tie it to."""
-        return f"An image in {self.style.strip()} style"
-
-    @property
     def calibration_steps(self) -> list[int]:
-        """Steps taken with masks off whose gradients score the columns: a window of `calibration_window` steps
-        from 0, period, 2 * period, ..."""
+        """The recalibrations: steps taken with masks off whose gradients score the columns, then pick
+        (0, period, 2 * period, ...)."""
         period = self.steps // self.recalibrations
-        return [i * period + k for i in range(self.recalibrations) for k in range(self.calibration_window)]
-
-    @property
-    def recalibration_steps(self) -> list[int]:
-        """The last step of each window: where the masks take the window's averaged picks."""
-        period = self.steps // self.recalibrations
-        return [i * period + self.calibration_window - 1 for i in range(self.recalibrations)]
+        return [i * period for i in range(self.recalibrations)]
 
     def to_dict(self) -> dict:
         # every value is a str, number, bool or None (check_type): a shallow copy is a full one, and fast
@@ -219,7 +166,10 @@ class FitConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "FitConfig":
+    def from_dict(cls, values: dict, *, saved: bool = False) -> "FitConfig":
+        """Settings from a mapping (a settings file, a prompt-table row, a job). `saved`: a fit's own record,
+        which may hold retired settings at any value (RETIRED); elsewhere only at the value that did nothing."""
+        values = without_retired(values, saved)
         known = {f.name for f in _fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -239,6 +189,17 @@ class FitConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def without_retired(values: dict, saved: bool = False) -> dict:
+    """`values` without the retired settings (RETIRED) that do nothing; InputError for one that asks for the
+    experiment (unless `saved`: a fit that was made with it still loads)."""
+    asked = {k: v for k, v in values.items() if k in RETIRED and v != RETIRED[k]}
+    if asked and not saved:
+        name, value = next(iter(asked.items()))
+        raise InputError(f"setting {name} ({value!r}) was an experiment measured as no gain and is no longer a "
+                         f"fit setting (docs/toy-world.md; commit {RETIRED_AT} still runs it): leave it out")
+    return {k: v for k, v in values.items() if k not in RETIRED}
 
 
 def read_settings_file(path: str | Path) -> dict:

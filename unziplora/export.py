@@ -135,8 +135,8 @@ def kohya_metadata(kind: str, config: FitConfig, record: dict) -> dict[str, str]
         "ss_sd_model_name": base,
         "ss_output_name": f"unziplora_{kind}",
         "ss_resolution": f"({res}, {res})",
-        "ss_steps": str(config.total_steps),
-        "ss_max_train_steps": str(config.total_steps),
+        "ss_steps": str(config.steps),
+        "ss_max_train_steps": str(config.steps),
         "ss_learning_rate": str(config.lr),
         "ss_seed": str(config.seed),
         "ss_num_train_images": "1",
@@ -349,4 +349,4 @@ def load_fit(path: str | Path) -> FitArtifacts:
         record = json.loads(record_file.read_text())
     except ValueError as exc:
         raise InputError(f"{record_file}: not valid JSON ({exc})") from None
-    return FitArtifacts(path=path, config=FitConfig.from_dict(record["settings"]), record=record)
+    return FitArtifacts(path=path, config=FitConfig.from_dict(record["settings"], saved=True), record=record)

@@ -43,51 +43,21 @@ def top_k_columns(scores: torch.Tensor, k: int, forbidden: torch.Tensor | None =
 
 
 @torch.no_grad()
-def column_scores(adapter: UnZipLoRA, owner: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    """layer name -> kind -> this step's cone scores, for every LoRA a recalibration needs scores of (sparse
-    ones; with `owner`, full ones too). Summed over a calibration window by the caller."""
-    scores = {}
-    for name, layer in adapter.named_layers():
-        if not any(layer.role.is_sparse(kind) for kind in KINDS):
-            continue  # nothing to pick in this layer
-        kinds = [kind for kind in KINDS if layer.role.is_sparse(kind) or (owner and layer.role.is_full(kind))]
-        scores[name] = {kind: cone_scores(layer, kind, layer.merger(kind)) for kind in kinds}
-    return scores
-
-
-@torch.no_grad()
-def recalibrate(adapter: UnZipLoRA, ratio: float, fresh: bool = False, owner: bool = False,
-                scores: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-    """OR the top `ratio` columns of every sparse LoRA into its mask; with `fresh`, only among the columns
-    it does not hold yet (so every recalibration adds `ratio` of the columns). `scores` (`column_scores`,
-    summed over a calibration window): default, this step's.
+def recalibrate(adapter: UnZipLoRA, ratio: float) -> None:
+    """OR the top `ratio` columns of every sparse LoRA, by this step's cone scores, into its mask.
 
     The paper's rule: in shared (exclusive) blocks content picks first and neither LoRA may take a column the
     other holds, so the two masks stay strictly disjoint there; in a LoRA's own blocks it holds every column and
     the other's sparse picks overlap it (the mergers and the orthogonality loss are to separate them).
-    With `owner`, no column is ever held by both: a sparse LoRA picks only among columns where its importance
-    beats the other LoRA's, and a column it takes is taken from the other (full or sparse). "Off" LoRAs hold none.
     """
-    scores = column_scores(adapter, owner) if scores is None else scores
-    for name, layer in adapter.named_layers():
-        if name not in scores:
-            continue
+    for _, layer in adapter.named_layers():
         k = int(ratio * layer.out_features)
-        layer_scores = scores[name]
         for kind in [kind for kind in KINDS if layer.role.is_sparse(kind)]:  # content first
             other = KINDS[1 - KINDS.index(kind)]
-            mask, other_mask = layer.mask(kind), layer.mask(other)  # views: writing them writes the gates
-            if owner:
-                forbidden = ((layer_scores[other] >= layer_scores[kind]) if other in layer_scores
-                             else torch.zeros_like(mask))
-            else:
-                forbidden = other_mask if layer.role.exclusive else torch.zeros_like(mask)
-            if fresh:
-                forbidden = torch.maximum(forbidden.float(), mask)
-            picked = top_k_columns(layer_scores[kind], k, forbidden)
+            mask = layer.mask(kind)  # a view: writing it writes the gates
+            forbidden = layer.mask(other) if layer.role.exclusive else None
+            picked = top_k_columns(cone_scores(layer, kind, layer.merger(kind)), k, forbidden)
             mask.copy_(torch.maximum(mask, picked))
-            if owner:  # what this LoRA won, the other no longer holds
-                other_mask.mul_(1 - picked)
 
 
 def mask_stats(adapter: UnZipLoRA) -> dict[str, dict[str, float]]:

@@ -9,7 +9,7 @@ Dense delta-W is never built in the forward pass.
 
 Each LoRA's factors are parameters of their own (`lora_A[kind]`, `lora_B[kind]`, as peft's LoraLayer keys its
 adapters), stacked only for a pass; the rest of the package reaches one LoRA through `factors`, `grads`,
-`set_factors`, `mask` and `merger` of a layer and `load_kind` / `lora_parameter_groups` of the adapter, never
+`set_factors`, `mask` and `merger` of a layer and `load_kind` / `lora_parameters` of the adapter, never
 through the layout.
 
 All mergers m and masks M of all layers live in two flat tensors owned by `ColumnGates`, so the
@@ -48,18 +48,12 @@ class ColumnGates(nn.Module):
         # (layers with a sparse LoRA; where both LoRAs are full there is no column separation to learn)
         self.register_buffer("reachable", torch.ones(2, total))
         self.register_buffer("mergeable", torch.ones(total))
-        # per LoRA, the columns of its own blocks (role "content" / "style"): all an alone step lets it use
-        self.register_buffer("home", torch.zeros(2, total))
         self.masks_enabled = True
-        self.alone: str | None = None  # "content" / "style": a step training that LoRA alone, on its own blocks
         self._per_layer = None  # the gates split per layer, computed once per UNet forward pass
 
     def gates(self) -> torch.Tensor:
         """m * M while masks are on; m alone (where the LoRA is not "off") during a recalibration step."""
-        gates = self.mergers * (self.masks if self.masks_enabled else self.reachable)
-        if self.alone is not None:  # the other LoRA off, this one on its own blocks only
-            gates = gates * self.home * self.home.new_tensor([[k == self.alone] for k in KINDS])
-        return gates
+        return self.mergers * (self.masks if self.masks_enabled else self.reachable)
 
     def begin_pass(self, *_) -> None:
         """Compute every layer's gates in one op and one split (whose backward is one concatenation),
@@ -72,8 +66,7 @@ class ColumnGates(nn.Module):
         self._per_layer = None
 
     def _state(self) -> tuple:
-        return (self.mergers._version, self.masks._version, self.masks_enabled, self.alone,
-                torch.is_grad_enabled())
+        return (self.mergers._version, self.masks._version, self.masks_enabled, torch.is_grad_enabled())
 
     def layer_gates(self, index: int, columns: slice) -> torch.Tensor:
         """(out, 2): one layer's gates, from the pass cache or (outside a UNet pass) computed directly."""
@@ -337,22 +330,8 @@ class UnZipLoRA(nn.Module):
                         self.gates.reachable[i, cols] = 0.0
                 if not any(role.is_sparse(kind) for kind in KINDS):
                     self.gates.mergeable[cols] = 0.0
-                for i, kind in enumerate(KINDS):
-                    if role.name == kind:  # the blocks of its role: full for it, sparse for the other
-                        self.gates.home[i, cols] = 1.0
         self._unet = [unet]
         self._batch: FitBatch | None = None
-
-    def down_projection_overlap(self) -> torch.Tensor:
-        """Mean over the layers both LoRAs act on of the mean squared cosine between the rows of A_c and A_s
-        (0: they read orthogonal input directions; gradient reaches the down-projections only)."""
-        terms = []
-        for layer in self.layers.values():
-            if layer.role.content == "off" or layer.role.style == "off":
-                continue
-            a_c, a_s = (torch.nn.functional.normalize(layer.factors(kind)[0].float(), dim=1) for kind in KINDS)
-            terms.append((a_c @ a_s.t()).pow(2).mean())
-        return torch.stack(terms).mean() if terms else self.gates.mergers.new_zeros(())
 
     def named_layers(self):
         for (full_name, *_), layer in zip(self._slots, self.layers.values()):
@@ -362,16 +341,6 @@ class UnZipLoRA(nn.Module):
         """The LoRA factors of every layer: of one LoRA, or of both."""
         kinds = KINDS if kind is None else (kind,)
         return [p for layer in self.layers.values() for k in kinds for p in layer.factors(k)]
-
-    def lora_parameter_groups(self) -> dict[tuple[str, bool], list[nn.Parameter]]:
-        """Each LoRA's factors, split by whether a layer is in that LoRA's own blocks (its role is named after
-        the LoRA): (kind, own blocks) -> parameters, empty groups left out. What a step trains is a union of
-        these (an alone step: one LoRA's own blocks), so per-LoRA learning rates are optimizer parameter groups."""
-        groups = {(kind, own): [] for kind in KINDS for own in (True, False)}
-        for layer in self.layers.values():
-            for kind in KINDS:
-                groups[(kind, layer.role.name == kind)].extend(layer.factors(kind))
-        return {key: params for key, params in groups.items() if params}
 
     @torch.no_grad()
     def load_kind(self, kind: str, state: dict[str, torch.Tensor], mergers: dict[str, torch.Tensor],

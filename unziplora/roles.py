@@ -3,7 +3,8 @@
 A role table maps regular expressions over UNet module names to a role. Each role says, for each LoRA,
 whether it uses all output columns ("full"), a recalibrated sparse subset ("sparse") or none ("off"), and
 whether the two sparse LoRAs must stay on disjoint columns ("exclusive"). Other UNets get their own table.
-The roles and tables below the method's own also express its ablations and the B-LoRA baseline.
+The roles and tables below the method's own also express the baselines of SPEC section 10 (B-LoRA, no block
+separation, no column separation); the benchmark's ablation tables are its own (benchmarks/disentangle.py).
 """
 
 from __future__ import annotations
@@ -52,30 +53,9 @@ TABLES: dict[str, list[tuple[str, str]]] = {
     # toy --probe`; figures in docs/toy-world.md). Unlike SDXL, content sits in the lowest-resolution blocks here.
     # The highest-resolution output blocks (up_blocks.1) take nothing from the prompt, but their self-attention
     # draws the fine texture that IS the style (dots, stripes): as in SDXL's table they are the style LoRA's
-    # ("toy-probe", the probe's own suggestion, leaves them shared; the benchmark's probe-table row compares).
+    # (the probe's own suggestion, "toy-probe", leaves them shared: benchmarks/disentangle.py's probe-table row).
     "toy": [
         (r"down_blocks\.1\.attentions\.0\.", "shared"),
-        (r"down_blocks\.2\.attentions\.0\.", "content"),
-        (r"mid_block\.attentions\.0\.", "content"),
-        (r"up_blocks\.[01]\.attentions\.\d+\.", "style"),
-    ],
-    "toy-probe": [
-        (r"down_blocks\.1\.attentions\.0\.", "shared"),
-        (r"down_blocks\.2\.attentions\.0\.", "content"),
-        (r"mid_block\.attentions\.0\.", "content"),
-        (r"up_blocks\.0\.attentions\.[01]\.", "style"),
-        (r"up_blocks\.1\.attentions\.[01]\.", "shared"),
-    ],
-    # Ablation (issue 16): the 16 px input block given to the content LoRA, for shapes too small to draw at 8 px.
-    "toy-content-down1": [
-        (r"down_blocks\.1\.attentions\.0\.", "content"),
-        (r"down_blocks\.2\.attentions\.0\.", "content"),
-        (r"mid_block\.attentions\.0\.", "content"),
-        (r"up_blocks\.[01]\.attentions\.\d+\.", "style"),
-    ],
-    # Ablation (issue 16): the 16 px input block given to the style LoRA.
-    "toy-style-down1": [
-        (r"down_blocks\.1\.attentions\.0\.", "style"),
         (r"down_blocks\.2\.attentions\.0\.", "content"),
         (r"mid_block\.attentions\.0\.", "content"),
         (r"up_blocks\.[01]\.attentions\.\d+\.", "style"),

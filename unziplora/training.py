@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import FitConfig, Prompts
 from .errors import FitDivergedError, InputError
 from .images import image_to_tensor, load_image
-from .importance import column_scores, mask_stats, recalibrate
+from .importance import mask_stats, recalibrate
 from .layers import FitBatch, UnZipLoRA
 from .models import BaseModel, load_base_model_for
 
@@ -135,7 +135,7 @@ def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress
         return
     share = (time.perf_counter() - t) / len(members)
     for i, state in zip(members, states):
-        prepared[i][2].update(train_s=share, s_per_step=share / state.config.total_steps, batch_size=len(members))
+        prepared[i][2].update(train_s=share, s_per_step=share / state.config.steps, batch_size=len(members))
 
 
 def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | None,
@@ -150,8 +150,6 @@ def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | 
     picture = load_image(image, resolution)
     prompts = config.prompts()
     embeds = encode_prompts(base, prompts)
-    if config.style_stage:
-        embeds["style_stage"] = encode_prompts(base, {"style": config.stage_style_prompt})["style"]
     latents = encode_image(base, picture)
     timings["encode_s"] = time.perf_counter() - t
     return FitState(config, _new_adapter(base, config), embeds, latents, on_step=on_step), prompts, timings
@@ -206,14 +204,10 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         device = gates.mergers.device
         self.rng = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
-        # each LoRA's own learning rate; a parameter group per LoRA and per "its own blocks or not", whose rate
-        # each step sets (`_set_learning_rates`)
-        self.lora_lr = {"content": config.lr, "style": config.style_lr or config.lr}
-        lora_groups = [{"params": params, "lr": self.lora_lr[kind], "weight_decay": config.weight_decay,
-                        "lora": (kind, own)} for (kind, own), params in self.adapter.lora_parameter_groups().items()]
         self.optimizer = torch.optim.AdamW(
-            # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
-            lora_groups + [{"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
+            [{"params": self.adapter.lora_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+             # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
+             {"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
             # fused: one kernel for all parameters (a per-tensor loop over hundreds of LoRA factors costs ~20 %
             # of a tiny step on CPU; benchmarks/step_overhead.py)
             betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
@@ -221,8 +215,6 @@ class FitState:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.latents.dtype == torch.float16)
         self.trainable = self.adapter.lora_parameters() + [gates.mergers]
         self.calibration_steps = set(config.calibration_steps)
-        self.recalibration_steps = set(config.recalibration_steps)
-        self.window_scores: dict | None = None  # the column scores summed over this calibration window so far
 
     def restarted(self, base: BaseModel) -> "FitState":
         """This fit from step 0 again: a fresh adapter from its seed, its encoded prompts and image kept."""
@@ -230,30 +222,11 @@ class FitState:
 
     @property
     def running(self) -> bool:
-        return self.error is None and self.step < self.config.total_steps
-
-    @property
-    def in_style_stage(self) -> bool:
-        """After the joint steps: the style LoRA trains, the content LoRA is frozen (`style_stage`)."""
-        return self.step >= self.config.steps
+        return self.error is None and self.step < self.config.steps
 
     @property
     def calibrating(self) -> bool:
         return self.step in self.calibration_steps
-
-    @property
-    def alone(self) -> str | None:
-        """The LoRA this step trains alone, if any: `style_alone` and `content_alone` of the steps, each spread
-        evenly, half a period apart (so up to a half each, they never fall on one step); never a
-        recalibration step."""
-        if self.calibrating or self.in_style_stage:
-            return None
-        s = self.step
-        for kind, phase in (("style", 0.0), ("content", 0.5)):
-            f = getattr(self.config, f"{kind}_alone")
-            if f and math.floor((s + 1) * f + phase) > math.floor(s * f + phase):
-                return kind
-        return None
 
     def draw(self, base: BaseModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's latent crop, noise and timestep, from this fit's own RNG stream."""
@@ -268,56 +241,22 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         self.scaler.unscale_(self.optimizer)  # true gradients for the cone scores and the clip
         if self.calibrating:
-            self._score_columns()
+            recalibrate(self.adapter, config.column_ratio)
             gates.mergers.grad = None  # frozen for this step
-        elif self.in_style_stage:
-            gates.mergers.grad = None  # the columns are settled
         else:
             gates.keep_overlap_grad()
         torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
-        alone = gates.alone
-        frozen = "content" if self.in_style_stage else None
-        self._set_learning_rates(alone, frozen)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         gates.clamp_()
         metrics = {"loss": loss.item(), "mse": mse.item(), "ortho": ortho.item(), "timestep": int(timestep)}
-        if frozen:
-            metrics["stage"] = "style"
         if self.calibrating:
             metrics["mask_stats"] = mask_stats(self.adapter)
-        if alone:
-            metrics["alone"] = alone
-        gates.masks_enabled, gates.alone = True, None
+        gates.masks_enabled = True
         self.history.append(metrics)
         if self.on_step is not None:
             self.on_step(self.step, metrics)
         self.step += 1
-
-    def _score_columns(self) -> None:
-        """A calibration step: add its column scores to the window's; at the window's last step, pick."""
-        owner = self.config.shared_columns == "owner"
-        scores = column_scores(self.adapter, owner)
-        if self.window_scores is not None:
-            for name, kinds in scores.items():
-                for kind, value in kinds.items():
-                    value.add_(self.window_scores[name][kind])
-        self.window_scores = scores
-        if self.step in self.recalibration_steps:  # a sum ranks columns as the mean does
-            recalibrate(self.adapter, self.config.column_ratio, fresh=self.config.column_picks == "fresh",
-                        owner=owner, scores=scores)
-            self.window_scores = None
-
-    def _set_learning_rates(self, alone: str | None, frozen: str | None = None) -> None:
-        """This step's rate of each LoRA parameter group: its LoRA's own, but on an alone step 0 for all except
-        that LoRA's own blocks, and 0 for a `frozen` LoRA. A rate of 0 leaves a parameter exactly as it was (no
-        momentum drift or weight decay of what the step did not train) while AdamW's moments still take the
-        step's gradient, as they did when the step was undone afterwards."""
-        for group in self.optimizer.param_groups:
-            if "lora" in group:
-                kind, own = group["lora"]
-                moves = kind != frozen and (alone is None or (kind == alone and own))
-                group["lr"] = self.lora_lr[kind] if moves else 0.0
 
 
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]"
@@ -339,7 +278,7 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
         unet.enable_gradient_checkpointing()
     forward = compiled_unet(base) if any(s.config.compile for s in states) else unet
     # seconds per step always (tqdm's default turns to steps/s when fast): the figure docs/one-image.md quotes
-    bar = tqdm(total=sum(s.config.total_steps for s in states), desc="unziplora fit", disable=not progress,
+    bar = tqdm(total=sum(s.config.steps for s in states), desc="unziplora fit", disable=not progress,
                leave=False, unit="step", bar_format=BAR_FORMAT)
     try:
         with FitBatch(unet, [s.adapter for s in states]) as batch:
@@ -354,7 +293,7 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
     finally:
         bar.close()
         for state in states:
-            state.adapter.gates.masks_enabled, state.adapter.gates.alone = True, None
+            state.adapter.gates.masks_enabled = True
         if checkpointing and not checkpointing_before:
             unet.disable_gradient_checkpointing()
 
@@ -362,7 +301,6 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
 def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int, device, dtype) -> None:
     for state in live:
         state.adapter.gates.masks_enabled = not state.calibrating  # recalibration: unmasked, mergers frozen
-        state.adapter.gates.alone = state.alone
     draws = [state.draw(base) for state in live]
     x0 = torch.cat([d[0] for d in draws])
     noise = torch.cat([d[1] for d in draws])
@@ -370,14 +308,10 @@ def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int,
     noisy = base.scheduler.add_noise(x0, noise, timesteps).to(dtype)
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * len(live),
                             device=device, dtype=dtype)
-    # the base reads the combined prompt, or on an alone step that LoRA's own prompt
-    base_prompts = [s.adapter.gates.alone or "combined" for s in live]
-    embeds = {"content": torch.cat([s.embeds["content"] for s in live]),
-              "style": torch.cat([s.embeds["style_stage" if s.in_style_stage else "style"] for s in live])}
-    embeds["combined"] = torch.cat([s.embeds[p] for s, p in zip(live, base_prompts)])
-    embeds["pooled"] = torch.cat([s.embeds[f"pooled_{p}"] for s, p in zip(live, base_prompts)])  # add_text_embeds
+    embeds = {name: torch.cat([s.embeds[name] for s in live])  # pooled: the combined prompt's, add_text_embeds
+              for name in ("combined", "content", "style", "pooled_combined")}
     pred = forward(noisy, timesteps.to(device), encoder_hidden_states=embeds["combined"],
-                   added_cond_kwargs={"text_embeds": embeds["pooled"], "time_ids": time_ids},
+                   added_cond_kwargs={"text_embeds": embeds["pooled_combined"], "time_ids": time_ids},
                    cross_attention_kwargs={"content_states": embeds["content"], "style_states": embeds["style"]}
                    ).sample
     target = prediction_target(base.scheduler, x0, noise, timesteps)
@@ -387,8 +321,6 @@ def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int,
         mse = F.mse_loss(pred[k:k + 1].float(), target[k:k + 1].float())
         ortho = state.adapter.gates.orthogonality_loss()
         loss = mse + state.config.ortho_lambda * ortho
-        if state.config.down_ortho:
-            loss = loss + state.config.down_ortho * state.adapter.down_projection_overlap()
         if not math.isfinite(loss.item()):
             state.error = FitDivergedError(state.step, loss.item())
             continue
@@ -421,7 +353,7 @@ def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep
 @torch.no_grad()
 def encode_prompts(base: BaseModel, prompts: Prompts | dict[str, str]) -> dict[str, torch.Tensor]:
     """Each prompt through both text encoders once (penultimate states, concatenated to one context).
-    The combined prompt's pooled embedding feeds add_text_embeds (an alone step's: its LoRA's prompt's)."""
+    The combined prompt's pooled embedding feeds add_text_embeds."""
     prompts = prompts if isinstance(prompts, dict) else prompts._asdict()
     for name, text in prompts.items():
         n_tokens = len(base.tokenizer(text).input_ids)

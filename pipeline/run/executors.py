@@ -51,7 +51,7 @@ def longest_first(items: list[dict], job: JobSpec) -> list[dict]:
             config = item_config(item, job)
         except Exception:  # a bad override fails in its worker, with its own error
             return 0
-        return config.total_steps * (config.resolution or 1024) ** 2
+        return config.steps * (config.resolution or 1024) ** 2
 
     return sorted(items, key=cost, reverse=True)  # stable: equal costs keep their order
 

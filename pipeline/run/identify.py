@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from unziplora.config import IMPLIED_BEFORE, FitConfig, settings
+from unziplora.config import FitConfig, settings, without_retired
 from unziplora.errors import InputError, UnZipLoRAError
 
 from .spec import JobSpec
@@ -24,6 +24,7 @@ def item_config(item: dict, job: JobSpec) -> FitConfig:
 def check_job_settings(fit_settings: dict) -> FitConfig:
     """The job's own fit settings, checked once before any image is read: one clear line, not one failed
     row per image. Returns them as a FitConfig (with stand-in prompts)."""
+    fit_settings = without_retired(fit_settings)
     allowed = {f.name for f in settings("item", "worker")}
     misplaced = sorted(set(fit_settings) - allowed)
     if misplaced:
@@ -74,20 +75,14 @@ ADDED_WITH_FINGERPRINTS = ("revision", "variant", "base_config", "compile")
 
 
 def hashed_settings(config: FitConfig) -> dict:
-    """The settings an item id hashes: a setting added later is left out at its IMPLIED_BEFORE value, so a
-    library fitted before it was added is not fitted again."""
-    values = config.to_dict()
-    for name, implied in IMPLIED_BEFORE.items():
-        if values[name] == implied:
-            del values[name]
-    return values
+    """The settings an item id hashes: all of them. (Settings since retired, config.RETIRED, were left out at the
+    value that did nothing, so a library fitted with them there keeps its ids.)"""
+    return config.to_dict()
 
 
 def legacy_settings_sha256(config: FitConfig) -> str | None:
     """The settings hash schema-2 libraries used (no fingerprint, none of the settings added since); None
     when this config uses one of those new settings, which no older fit can have had."""
-    if any(getattr(config, name) != implied for name, implied in IMPLIED_BEFORE.items()):
-        return None
     values = hashed_settings(config)
     added = [values.pop(name) for name in ADDED_WITH_FINGERPRINTS]
     if any(value not in (None, False) for value in added):

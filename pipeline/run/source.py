@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from unziplora.config import parse_value, settings
+from unziplora.config import RETIRED, parse_value, settings
 from unziplora.errors import InputError
 
 from ..store.storage import Store
@@ -139,6 +139,10 @@ def read_prompt_table(url: str, storage_options: dict | None = None) -> list[dic
     if per_job:  # every worker loads one base model: these cannot differ between images
         raise InputError(f"prompt table {url} has the column(s) {per_job}, which are set for the whole job "
                          f"(flags of `decompose`), not per image")
+    retired = sorted(set(RETIRED) & set(table.column_names))
+    if retired:  # silently ignored, they would fit every image otherwise than its row asks
+        raise InputError(f"prompt table {url} has the column(s) {retired}: retired fit settings (experiments "
+                         f"measured as no gain, docs/toy-world.md); remove them")
     return rows
 
 

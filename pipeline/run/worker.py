@@ -175,7 +175,7 @@ class FitWorker:
             else:
                 results = fit_many([io.BytesIO(r.data) for r in group], [r.config for r in group], base=self.base,
                                    progress=False, formats=self.job.lora_formats,
-                                   on_steps=[step_progress(redact(r.item["source_uri"]), r.config.total_steps)
+                                   on_steps=[step_progress(redact(r.item["source_uri"]), r.config.steps)
                                              for r in group])
             results = [result if isinstance(result, Exception) else (result, self._draw_previews(r, result))
                        for r, result in zip(group, results)]
