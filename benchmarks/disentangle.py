@@ -83,6 +83,7 @@ class Method:
     # a way to draw another method's fits: theirs are used (and their LoRAs-alone scores, drawn the same way)
     fits_of: str | None = None
     recombine: str = "all"  # generate's content_blocks when one fit's content meets another's style
+    mode: str | None = None  # generate's mode for both LoRAs (default: direct with one prompt, else routed)
     patch: str | None = None  # a change to the fit that the fit code does not carry (fit_patches.PATCHES)
 
 
@@ -147,6 +148,11 @@ CANDIDATES = [
            fits_of="unziplora", recombine="own"),
     Method("style-down1-own", "UnZipLoRA, the 16 px input block the style LoRA's, recombined with the content "
            "LoRA on its own blocks", "{table}-style-down1", fits_of="style-down1", recombine="own"),
+    # the portable way (both LoRA files under one prompt, as ComfyUI and A1111 load them), on UnZipLoRA's fits
+    Method("direct", "UnZipLoRA, both LoRA files at weight 1 under one prompt", "{table}", fits_of="unziplora",
+           mode="direct"),
+    Method("direct-content-own", "UnZipLoRA, both LoRA files under one prompt, the content file's own blocks only",
+           "{table}", fits_of="unziplora", mode="direct", recombine="own"),
     Method("complementary", "UnZipLoRA, complementary mergers on columns both LoRAs hold", "{table}",
            patch="complementary"),
     Method("complementary-own", "UnZipLoRA, complementary mergers, recombined with the content LoRA on its own "
@@ -225,7 +231,7 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
         fits = [f for f in (content, style) if f is not None]
         fits = fits[:1] if len(fits) == 2 and fits[0] is fits[1] else fits
         return to_tensor(whole_loras(base, fits, prompt, call))
-    mode = "direct" if method.one_prompt else "routed"  # B-LoRA's halves are plain LoRAs on disjoint blocks
+    mode = method.mode or ("direct" if method.one_prompt else "routed")  # B-LoRA's: plain LoRAs on disjoint blocks
     return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode,
                               content_blocks=method.recombine if recombined(content, style) else "all", **call))
 
@@ -360,10 +366,11 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
     call = dict(steps=a.sample_steps, guidance=a.guidance, seed=0, num_images=a.seeds, negative_prompt=a.negative_prompt)
     units = {}
     recipe = {} if method.recombine == "all" else {"content_blocks": method.recombine}
+    drawn = {"mode": method.mode} if method.mode else {}  # how both LoRAs of a fit are drawn, where not the default
     for (i, seed), own in fits.items():
         partners = {j: fits[j, seed] for j in partners_of(i, batch, a.recomb_partners) if (j, seed) in fits}
-        keys = dict(own=dict(call, fit=_digest(own)),
-                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own), **recipe,
+        keys = dict(own=dict(call, fit=_digest(own), **drawn),
+                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own), **recipe, **drawn,
                                 partners={str(j): _digest(f) for j, f in partners.items()}))
         cache = unit_folder(out, method, i, seed) / "scores.json"
         saved = _upgraded(json.loads(cache.read_text())) if cache.is_file() else {}

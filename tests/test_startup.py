@@ -75,7 +75,6 @@ def test_help_of_the_command_and_every_subcommand_imports_nothing_heavy():
      "LoRA formats must be one or more of"),
     (["generate", "--out", "x.png"], "give FIT_DIR"),
     (["generate", "fit", "--out", "x.png", "--steps", "0"], "error: --steps must be"),
-    (["generate", "fit", "--out", "x.png", "--content-blocks", "own", "--mode", "direct"], "--content-blocks own"),
     (["generate", "--content-from", "fit", "--out", "x.png", "--content-blocks", "own"], "--content-blocks own"),
     (["decompose", "--input", "in", "--output", "lib", "--workers", "0"], "error: --workers must be"),
     (["decompose", "--input", "in", "--output", "lib", "--rank", "0"], "rank must be"),

@@ -73,9 +73,9 @@ def add_commands(sub) -> None:
     g.add_argument("--mode", default="routed", choices=("routed", "direct"),
                    help="with both LoRAs: three-prompt routing with mergers (routed) or plain addition (direct)")
     g.add_argument("--content-blocks", default="auto", choices=("auto", "all", "own"),
-                   help="with both LoRAs, routed: where the content LoRA acts: only in its own blocks, not its sparse "
-                   "columns in the style and shared ones (own), or every block it was fitted on (all, the paper's); "
-                   "auto (default): own when recombining two fits, all for one fit's own pair (docs/one-image.md)")
+                   help="with both LoRAs: where the content LoRA acts: only in its own blocks, not its sparse columns "
+                   "in the style and shared ones (own), or every block it was fitted on (all, the paper's); auto "
+                   "(default): own when recombining two fits in the routed mode, else all (docs/one-image.md)")
     g.add_argument("--prompt", help="prompt (default: the fit's content, style or combined prompt)")
     g.add_argument("--negative-prompt",
                    help="default: none (SDXL zeroes the unconditional embedding, as diffusers' pipe(prompt) does)")
@@ -256,9 +256,9 @@ def _generate(args) -> int:
     if not (args.content_from or args.style_from or args.fit_dir):
         raise InputError("give FIT_DIR, --content-from or --style-from")
     both = bool(args.fit_dir or (args.content_from and args.style_from))
-    if args.content_blocks == "own" and not (both and args.mode == "routed"):
+    if args.content_blocks == "own" and not both:
         raise InputError("--content-blocks own limits the content LoRA beside a style LoRA: give both (FIT_DIR, or "
-                         "--content-from and --style-from) in the routed mode")
+                         "--content-from and --style-from)")
     from .export import load_fit
     from .generate import check_same_base, generate
     from .models import load_base_model_for

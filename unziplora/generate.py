@@ -6,11 +6,12 @@
 - both, mode "direct": both LoRA files as adapters at weight 1 under one prompt (the portable approximation).
 The content and the style may come from different fits (recombination). The base model is left as found.
 
-`content_blocks` (routed): where the content LoRA acts beside a style LoRA. "own": only in its own blocks, those
-where it holds every column (role "content"), not in its sparse columns of the style and shared blocks; "all":
-wherever it was fitted (the paper's). "auto" (the default): "own" when one fit's content meets another fit's
-style (measured better in the toy world: docs/toy-world.md) and its role table gives the content LoRA blocks of
-its own, else "all" (one fit's own pair is drawn as it was fitted).
+`content_blocks`: where the content LoRA acts beside a style LoRA. "own": only in its own blocks, those where it
+holds every column (role "content"), not in its sparse columns of the style and shared blocks (in the direct mode:
+its file's layers of those blocks only); "all": wherever it was fitted (the paper's). "auto" (the default):
+"own" when one fit's content meets another fit's style in the routed mode (measured better in the toy world:
+docs/toy-world.md) and its role table gives the content LoRA blocks of its own, else "all" (one fit's own pair
+is drawn as it was fitted).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .errors import InputError
 from .export import FitArtifacts, kohya_module_name, read_safetensors
 from .layers import UnZipLoRA
 from .models import BaseModel
-from .roles import KINDS
+from .roles import KINDS, role_for
 
 MODES = ("routed", "direct")
 CONTENT_BLOCKS = ("auto", "all", "own")  # where the content LoRA acts when both LoRAs are drawn (routed)
@@ -52,9 +53,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if content_blocks not in CONTENT_BLOCKS:
         raise InputError(f"content_blocks must be one of {CONTENT_BLOCKS}, got {content_blocks!r}")
-    if content_blocks == "own" and (content is None or style is None or mode != "routed"):
-        raise InputError("content_blocks='own' limits the content LoRA beside a style LoRA in the routed mode: "
-                         "give both fits and mode='routed'")
+    if content_blocks == "own" and (content is None or style is None):
+        raise InputError("content_blocks='own' limits the content LoRA beside a style LoRA: give both fits")
     if content_blocks == "auto" and not (recombined(content, style) and mode == "routed"):
         content_blocks = "all"
     check_same_base(content, style)
@@ -80,6 +80,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     try:
         for kind in loaded:
             weights, where = fits[kind].lora_weights(kind)
+            if kind == "content" and content_blocks == "own":
+                weights, where = own_blocks_weights(fits[kind], kind, base), {}
             pipe.load_lora_weights(weights, **where, adapter_name=kind)
         pipe.set_adapters(loaded, [1.0] * len(loaded))
         return pipe(prompt, **call).images
@@ -207,6 +209,17 @@ def load_adapter(base: BaseModel, content: FitArtifacts, style: FitArtifacts, co
     if content_blocks != "all":
         own_blocks_only(adapter, "content", required=content_blocks == "own")
     return adapter
+
+
+def own_blocks_weights(fit: FitArtifacts, kind: str, base: BaseModel) -> dict[str, torch.Tensor]:
+    """One LoRA of a fit, in its own blocks only (the layers whose role gives it every column), as the state dict
+    `load_lora_weights` takes. A role table that gives it no blocks of its own is refused."""
+    table = fit.config.role_table or base.role_table
+    state = {key: value for key, value in fit.lora_state_dict(kind).items()
+             if role_for(key.rsplit(".lora_", 1)[0], table).is_full(kind)}
+    if not state:
+        raise InputError(f"the role table gives the {kind} LoRA no blocks of its own: it would act nowhere")
+    return {f"unet.{key}": value for key, value in state.items()}
 
 
 @torch.no_grad()
