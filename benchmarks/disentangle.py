@@ -153,6 +153,11 @@ CANDIDATES = [
            mode="direct"),
     Method("direct-content-own", "UnZipLoRA, both LoRA files under one prompt, the content file's own blocks only",
            "{table}", fits_of="unziplora", mode="direct", recombine="own"),
+    # lambda 0 cost set A 17 points of style: does a stronger orthogonality loss than the paper's 0.5 give more?
+    Method("lambda-2", "UnZipLoRA, orthogonality loss weight 2 (the paper's: 0.5)", "{table}",
+           overrides=(("ortho_lambda", 2.0),)),
+    Method("lambda-2-own", "UnZipLoRA, orthogonality loss weight 2, recombined with the content LoRA on its own "
+           "blocks", "{table}", fits_of="lambda-2", recombine="own"),
     Method("complementary", "UnZipLoRA, complementary mergers on columns both LoRAs hold", "{table}",
            patch="complementary"),
     Method("complementary-own", "UnZipLoRA, complementary mergers, recombined with the content LoRA on its own "
