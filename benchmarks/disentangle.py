@@ -371,11 +371,11 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
     call = dict(steps=a.sample_steps, guidance=a.guidance, seed=0, num_images=a.seeds, negative_prompt=a.negative_prompt)
     units = {}
     recipe = {} if method.recombine == "all" else {"content_blocks": method.recombine}
-    drawn = {"mode": method.mode} if method.mode else {}  # how both LoRAs of a fit are drawn, where not the default
+    drawing = {"mode": method.mode} if method.mode else {}  # how both LoRAs of a fit are drawn, where not the default
     for (i, seed), own in fits.items():
         partners = {j: fits[j, seed] for j in partners_of(i, batch, a.recomb_partners) if (j, seed) in fits}
-        keys = dict(own=dict(call, fit=_digest(own), **drawn),
-                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own), **recipe, **drawn,
+        keys = dict(own=dict(call, fit=_digest(own), **drawing),
+                    recomb=dict(call, num_images=a.recomb_seeds, fit=_digest(own), **recipe, **drawing,
                                 partners={str(j): _digest(f) for j, f in partners.items()}))
         cache = unit_folder(out, method, i, seed) / "scores.json"
         saved = _upgraded(json.loads(cache.read_text())) if cache.is_file() else {}

@@ -356,6 +356,13 @@ def test_disentangle_benchmark_runs_end_to_end_and_builds_rows_up(tmp_path, monk
         assert {m: scores[m] for m in alone} == {m: grown["units"]["unziplora"][unit][m] for m in alone}, unit
     saved = json.loads((tmp_path / "recomb-content-own" / "000-seed1" / "scores.json").read_text())
     assert saved["recomb"]["key"]["content_blocks"] == "own" and "content_blocks" not in saved["own"]["key"]
+    for unit in own["recomb-content-own"]:  # every unit's, not only the first's: reused as it was, keyed as it was
+        mine, theirs = (json.loads((tmp_path / m / unit / "scores.json").read_text()) for m in
+                        ("recomb-content-own", "unziplora"))
+        assert mine["own"] == theirs["own"], unit
+    stamps = [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("recomb-content-own/*/scores.json"))]
+    bench.main(common + ["--fit-seeds", "0", "1", "--methods", "recomb-content-own"])  # nothing to draw again
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("recomb-content-own/*/scores.json"))] == stamps
 
 
 def test_benchmark_intervals_and_paired_verdicts(monkeypatch):
