@@ -124,9 +124,18 @@ def tiny_files(tmp_path_factory):
     return base, root
 
 
-def test_a_diffusers_folder_loads_exactly_and_is_fingerprinted(tiny_files, tmp_path):
+def test_a_diffusers_folder_loads_exactly_and_is_fingerprinted(tiny_files, tmp_path, capfd):
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     reference, root = tiny_files
+    capfd.readouterr()
+    StableDiffusionXLPipeline.from_pretrained(str(root / "folder"), local_files_only=True)
+    assert "Loading pipeline components" in capfd.readouterr().err  # what diffusers alone prints
     base = load_base_model(str(root / "folder"), device="cpu")
+    assert "Loading" not in capfd.readouterr().err  # not one bar per worker in a job's log
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
     assert base.location.kind == "directory" and base.default_resolution == reference.default_resolution
     for a, b in zip(base.unet.parameters(), reference.unet.parameters()):
         assert torch.equal(a, b)

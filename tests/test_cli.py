@@ -140,9 +140,15 @@ def test_fit_says_its_threads_and_shows_seconds_per_step(sample_image, tmp_path,
     assert capsys.readouterr().err == ""
 
 
-def test_cli_generate_writes_pngs(tiny_base, sample_image, tmp_path):
+def test_cli_generate_writes_pngs(tiny_base, sample_image, tmp_path, recwarn, capfd):
     fit(sample_image, FitConfig(content="sks dog", style="ink", steps=3, rank=2), base=tiny_base,
         out_dir=tmp_path / "f", progress=False)
+    capfd.readouterr()
+    assert main(["generate", str(tmp_path / "f"), "--mode", "direct", "--out", str(tmp_path / "g" / "d.png"),
+                 "--steps", "1", "--device", "cpu", "--quiet"]) == 0
+    # two LoRAs loaded side by side (peft warns of the second), a base model loaded (its bars): none of it shown
+    assert not [w for w in recwarn if "peft_config" in str(w.message)]
+    assert "Loading" not in capfd.readouterr().err
     assert main(["generate", str(tmp_path / "f"), "--out", str(tmp_path / "g" / "both.png"), "--steps", "2",
                  "--num-images", "2", "--device", "cpu"]) == 0
     assert (tmp_path / "g" / "both_0.png").is_file() and (tmp_path / "g" / "both_1.png").is_file()

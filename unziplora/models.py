@@ -11,6 +11,7 @@ Trained presets, shipped as package data:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -236,8 +237,9 @@ def _load_pretrained(location: BaseLocation, dtype: torch.dtype) -> BaseModel:
     from diffusers import StableDiffusionXLPipeline
 
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(location.path), dtype=dtype, variant=location.variant,
-                                                         local_files_only=True)
+        with _no_loading_bars():
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(location.path), dtype=dtype,
+                                                             variant=location.variant, local_files_only=True)
     except Exception as exc:  # missing files, a variant it lacks, broken configs: say which model
         raise BaseModelError(f"cannot load SDXL base model {location.spec!r}: {first_line(exc)}") from exc
     return _from_pipeline(pipe, location.spec)
@@ -248,12 +250,31 @@ def _load_single_file(location: BaseLocation, dtype: torch.dtype) -> BaseModel:
 
     config = location.config or sdxl_config_dir()
     try:
-        pipe = StableDiffusionXLPipeline.from_single_file(str(location.path), config=str(config), dtype=dtype,
-                                                          local_files_only=True)
+        with _no_loading_bars():
+            pipe = StableDiffusionXLPipeline.from_single_file(str(location.path), config=str(config), dtype=dtype,
+                                                              local_files_only=True)
     except Exception as exc:  # shapes that do not fit the config, a damaged file: say which
         raise BaseModelError(f"cannot load the single-file checkpoint {location.spec} with the config "
                              f"{config}: {first_line(exc)}") from exc
     return _from_pipeline(pipe, location.spec)
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """diffusers' and transformers' bars off while a model loads from local files: seconds of work whose bars (one
+    set per fit worker in a job's log, and on `--quiet` commands) say nothing the command does not say itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(library, library.is_progress_bar_enabled()) for library in (diffusers_logging, transformers_logging)]
+    for library, _ in enabled:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was_on in enabled:
+            if was_on:
+                library.enable_progress_bar()
 
 
 def _from_pipeline(pipe, spec: str) -> BaseModel:
