@@ -5,7 +5,8 @@ learning rates as optimizer parameter groups; the retired experiments taken out)
     .venv/bin/python benchmarks/fit_equivalence.py save BEFORE.pt      # on the code before the change
     .venv/bin/python benchmarks/fit_equivalence.py compare BEFORE.pt   # on the code after it
 
-Cases: the defaults; other rates and loss weights; and three fits trained together (`fit_many`). Prints per case the largest loss and tensor differences, and the peak RSS of the process.
+Cases: the defaults; other rates and loss weights; and three fits trained together (`fit_many`). Prints per case
+the largest loss and tensor differences, and the peak RSS of the process.
 
 A mask is a discrete choice (top-k of counts of |dW * G| > 1e-5), so a fit can sit on a knife edge where float
 rounding alone picks another column (a fit with steps that trained the style LoRA alone was one, before issue

@@ -32,14 +32,7 @@ def complementary_gates():
     out between the two, and the orthogonality loss m_c * m_s = m_c (1 - m_c) pushes it to one owner, which the
     denoising loss chooses. A column that becomes shared starts at 1/2 each (neither LoRA favoured). The mergers
     saved with a fit are the tied ones, so `generate` draws as the fit trained."""
-    gates_before, loss_before, clamp_before = ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_
-
-    def gates(self):
-        return _complementary_mergers(self) * (self.masks if self.masks_enabled else self.reachable)
-
-    def orthogonality_loss(self):
-        gated = _complementary_mergers(self) * self.masks
-        return ((gated[0] * gated[1]).abs() * self.layer_mean_weights).sum()
+    values_before, clamp_before = ColumnGates.merger_values, ColumnGates.clamp_
 
     @torch.no_grad()
     def clamp_(self):
@@ -50,11 +43,11 @@ def complementary_gates():
         self.mergers[1].copy_(torch.where(tied, 1 - self.mergers[0], self.mergers[1]))
         self._tied_before = tied
 
-    ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_ = gates, orthogonality_loss, clamp_
+    ColumnGates.merger_values, ColumnGates.clamp_ = _complementary_mergers, clamp_
     try:
         yield
     finally:
-        ColumnGates.gates, ColumnGates.orthogonality_loss, ColumnGates.clamp_ = gates_before, loss_before, clamp_before
+        ColumnGates.merger_values, ColumnGates.clamp_ = values_before, clamp_before
 
 
 PATCHES = {"complementary": complementary_gates}

@@ -487,11 +487,11 @@ def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypa
 
     patches = _benchmark_module(monkeypatch, "fit_patches")
     config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, recalibrations=2)
-    plain_gates = ColumnGates.gates
+    plain_values = ColumnGates.merger_values
     with patches.PATCHES["complementary"]():
-        assert ColumnGates.gates is not plain_gates
+        assert ColumnGates.merger_values is not plain_values
         tied = fit(sample_image, config, base=tiny_base, progress=False).tensors
-    assert ColumnGates.gates is plain_gates
+    assert ColumnGates.merger_values is plain_values
     plain = fit(sample_image, config, base=tiny_base, progress=False).tensors
 
     def shared(tensors):  # per layer: (content merger, style merger) on columns both LoRAs hold

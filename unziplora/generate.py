@@ -30,7 +30,7 @@ from .models import BaseModel
 from .roles import KINDS, role_for
 
 MODES = ("routed", "direct")
-CONTENT_BLOCKS = ("auto", "all", "own")  # where the content LoRA acts when both LoRAs are drawn (routed)
+CONTENT_BLOCKS = ("auto", "all", "own")  # where the content LoRA acts when both LoRAs are drawn
 
 
 def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) -> Prompts:
@@ -79,9 +79,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     loaded = [kind for kind in KINDS if fits[kind] is not None]
     try:
         for kind in loaded:
-            weights, where = fits[kind].lora_weights(kind)
-            if kind == "content" and content_blocks == "own":
-                weights, where = own_blocks_weights(fits[kind], kind, base), {}
+            own = kind == "content" and content_blocks == "own"
+            weights, where = (own_blocks_weights(fits[kind], kind, base), {}) if own else fits[kind].lora_weights(kind)
             pipe.load_lora_weights(weights, **where, adapter_name=kind)
         pipe.set_adapters(loaded, [1.0] * len(loaded))
         return pipe(prompt, **call).images
@@ -218,8 +217,12 @@ def own_blocks_weights(fit: FitArtifacts, kind: str, base: BaseModel) -> dict[st
     state = {key: value for key, value in fit.lora_state_dict(kind).items()
              if role_for(key.rsplit(".lora_", 1)[0], table).is_full(kind)}
     if not state:
-        raise InputError(f"the role table gives the {kind} LoRA no blocks of its own: it would act nowhere")
+        raise no_own_blocks(kind)
     return {f"unet.{key}": value for key, value in state.items()}
+
+
+def no_own_blocks(kind: str) -> InputError:
+    return InputError(f"the role table gives the {kind} LoRA no blocks of its own: it would act nowhere")
 
 
 @torch.no_grad()
@@ -230,7 +233,7 @@ def own_blocks_only(adapter: UnZipLoRA, kind: str, required: bool = True) -> Non
     if not any(layer.role.is_full(kind) for layer in layers):
         if not required:
             return
-        raise InputError(f"the role table gives the {kind} LoRA no blocks of its own: it would act nowhere")
+        raise no_own_blocks(kind)
     for layer in layers:
         if not layer.role.is_full(kind):
             layer.factors(kind)[1].zero_()  # B = 0: the layer adds nothing of this LoRA

@@ -51,9 +51,14 @@ class ColumnGates(nn.Module):
         self.masks_enabled = True
         self._per_layer = None  # the gates split per layer, computed once per UNet forward pass
 
+    def merger_values(self) -> torch.Tensor:
+        """(2, columns): the m of every column, as the gates and the orthogonality loss read it (the learned
+        mergers; the one place a variant of the mergers, such as the benchmark's patches, changes them)."""
+        return self.mergers
+
     def gates(self) -> torch.Tensor:
         """m * M while masks are on; m alone (where the LoRA is not "off") during a recalibration step."""
-        return self.mergers * (self.masks if self.masks_enabled else self.reachable)
+        return self.merger_values() * (self.masks if self.masks_enabled else self.reachable)
 
     def begin_pass(self, *_) -> None:
         """Compute every layer's gates in one op and one split (whose backward is one concatenation),
@@ -76,7 +81,7 @@ class ColumnGates(nn.Module):
 
     def orthogonality_loss(self) -> torch.Tensor:
         """mean over layers of mean_j |m_c M_c m_s M_s| (gradient reaches only the mergers)."""
-        gated = self.mergers * self.masks
+        gated = self.merger_values() * self.masks
         return ((gated[0] * gated[1]).abs() * self.layer_mean_weights).sum()
 
     def overlap(self) -> torch.Tensor:

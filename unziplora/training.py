@@ -204,8 +204,9 @@ class FitState:
         gates, config = self.adapter.gates, self.config
         device = gates.mergers.device
         self.rng = torch.Generator().manual_seed(config.seed)  # CPU generator: the same draws on every device
+        loras = self.adapter.lora_parameters()
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.adapter.lora_parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+            [{"params": loras, "lr": config.lr, "weight_decay": config.weight_decay},
              # no decay on mergers: it would pull every gate below 1, not only the overlapping ones
              {"params": [gates.mergers], "lr": config.merger_lr, "weight_decay": 0.0}],
             # fused: one kernel for all parameters (a per-tensor loop over hundreds of LoRA factors costs ~20 %
@@ -213,7 +214,7 @@ class FitState:
             betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
         # fp16 activations underflow in the backward pass without loss scaling (bf16 and fp32 need none)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.latents.dtype == torch.float16)
-        self.trainable = self.adapter.lora_parameters() + [gates.mergers]
+        self.trainable = loras + [gates.mergers]
         self.calibration_steps = set(config.calibration_steps)
 
     def restarted(self, base: BaseModel) -> "FitState":
@@ -351,10 +352,10 @@ def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep
 
 
 @torch.no_grad()
-def encode_prompts(base: BaseModel, prompts: Prompts | dict[str, str]) -> dict[str, torch.Tensor]:
+def encode_prompts(base: BaseModel, prompts: Prompts) -> dict[str, torch.Tensor]:
     """Each prompt through both text encoders once (penultimate states, concatenated to one context).
     The combined prompt's pooled embedding feeds add_text_embeds."""
-    prompts = prompts if isinstance(prompts, dict) else prompts._asdict()
+    prompts = prompts._asdict()
     for name, text in prompts.items():
         n_tokens = len(base.tokenizer(text).input_ids)
         if n_tokens > base.tokenizer.model_max_length:
