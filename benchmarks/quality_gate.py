@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     method = next(m for m in bench.METHODS if m.key == "unziplora")
     base = load_base_model(a.model, device="cpu" if not torch.cuda.is_available() else "auto")
     a.guidance = base.guidance if a.guidance is None else a.guidance
-    judges, scorer = judges_mod.load_judges(), load_scorer(own.scorer)
+    judges, scorer = judges_mod.load_judges(), load_scorer(own.scorer, base)
     batch = bench.held_out_images(a.images, a.held_out_seed)
     paths = [bench.write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
     fits = bench.fit_units(base, method, batch, paths, a, out)

@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     report = {"images": a.images, "candidates": own.candidates, "oracle_gain": float(np.mean(
         [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "scorers": {}}
     for spec in own.scorer:
-        scorer = load_scorer(spec)
+        scorer = load_scorer(spec, base)
         scored = {(i, k): split_score(checked(scorer.score(sources[i], panels[i, k]["content"],
                                                            panels[i, k]["style"]))) for i in images for k in seeds}
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])

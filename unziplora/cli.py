@@ -174,11 +174,12 @@ def _fit_candidates(args, config: FitConfig, gate):
     if spec is None:
         raise InputError(f"--candidates needs a scorer to choose among them (--scorer; on {config.base_model} "
                          "'auto' has none)")
-    scorer = load_scorer(spec)
+    scorer = load_scorer(spec)  # refused before the base model loads; `base` is made of it, below
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
     image = Path(args.image).read_bytes()
     base = load_base_model_for(config)
+    scorer = scorer or load_scorer(spec, base)
     with tempfile.TemporaryDirectory(prefix="unziplora-candidates-") as work:
         staged = Path(work) / "chosen"
         [result] = fit_gated([image], [config], base=base, gate=gate, scorer=scorer, out_dirs=[staged],

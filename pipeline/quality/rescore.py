@@ -57,7 +57,7 @@ def rescore_library(output: str, *, storage_options: dict | None = None, steps: 
                 if key not in bases:  # each base model and its scorer loaded once, not once per item
                     base = _base(load_base_model, row)
                     spec = scorer_spec(scorer, base.name)
-                    bases[key] = base, load_scorer(spec) if spec else None
+                    bases[key] = base, load_scorer(spec, base) if spec else None
                 base, judge = bases[key]
                 out["scorer"] = judge.name if judge else None
                 new_rows[row["source_uri"]] = _rescore(store, row, base, judge, steps, subjects, styles,

@@ -8,7 +8,8 @@ where `source` is the source image and `content` / `style` are the preview panel
 images). Score names (SCORES; a scorer gives those it can): content, style (higher is better),
 content_style_leak, style_shape_leak (lower is better).
 
-Specs: `toy` (the toy world's judges: all four), any image-embedder spec of the style bank (`clip:/local/dir`,
+Specs: `toy` (the toy world's judges: all four), `base` (the base model's own UNet as a zero-shot classifier over
+its preview vocabulary, pipeline/quality/base_scorer.py: all four, for any SDXL with no extra weights), any image-embedder spec of the style bank (`clip:/local/dir`,
 `tiny[:seed]`, `package.module:factory` returning an embedder): cosine similarity of each panel to the source
 in that embedder's space (CLIP-I, DINO or CSD as in the paper; content and style only), or
 `package.module:factory` returning a scorer.
@@ -24,6 +25,7 @@ from ..bank.embedders import load_embedder
 
 SCORES = ("content", "style", "content_style_leak", "style_shape_leak")
 ALIASES = {"toy": "toyworld.judges:PreviewScorer"}
+BASE = "base"  # the scorer made of the base model itself
 
 
 def scorer_spec(spec: str | None, base_model: str) -> str | None:
@@ -36,7 +38,13 @@ def scorer_spec(spec: str | None, base_model: str) -> str | None:
     return ALIASES.get(spec, spec)
 
 
-def load_scorer(spec: str):
+def load_scorer(spec: str, base=None):
+    """The scorer `spec` names. `base`: the loaded base model, which the `base` scorer is made of; without it
+    that one is only checked (None), so a job can refuse a bad spec before any model loads."""
+    if spec == BASE:
+        from .base_scorer import BaseModelScorer
+
+        return None if base is None else BaseModelScorer(base)
     try:
         found = load_embedder(ALIASES.get(spec, spec))
     except InputError:

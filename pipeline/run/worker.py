@@ -72,7 +72,7 @@ class FitWorker:
         # one batch on the device at a time; with several in flight the others read, upload and track meanwhile
         self.device_lock = threading.Lock()
         spec = scorer_spec(self.job.previews.scorer, self.base.name) if self.job.previews.steps > 0 else None
-        self.scorer = load_scorer(spec) if spec else None
+        self.scorer = load_scorer(spec, self.base) if spec else None
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data batch (dict of columns) in, manifest rows out, with a `this_run` column."""

@@ -1,0 +1,79 @@
+"""Issue 29: a scorer made of the base model itself (`--scorer base`): its UNet as a zero-shot classifier over the
+base's preview vocabulary, for any SDXL with no extra weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.quality.base_scorer import BaseModelScorer
+from pipeline.quality.scoring import load_scorer
+from pipeline.run.spec import Gate, JobSpec, Previews, RunState, Tracking
+from toyworld import world
+from unziplora import load_fit
+from unziplora.models import build_preset
+
+
+def toy_image(shape: str, style: str, seed: int = 0) -> Image.Image:
+    rendered, _ = world.render(world.sample_factors(np.random.default_rng(seed), shape, style))
+    return world.to_pil(world.to_tensor(rendered))
+
+
+def test_the_toy_bases_own_unet_reads_shape_and_style(toy_base):
+    """On `toy` (whose vocabulary is its shapes and styles) the base alone tells what a panel shows, so the
+    scores say what the judges would: kept, carried and leaked both ways."""
+    scorer = load_scorer("base", toy_base)
+    assert isinstance(scorer, BaseModelScorer) and scorer.name == "base-unet"
+    source = toy_image("star", "dotted")
+    kept = [toy_image("star", s, seed=i) for i, s in enumerate(("flat", "striped", "outlined"))]
+    carried = [toy_image(s, "dotted", seed=i) for i, s in enumerate(("circle", "square", "heart"))]
+    assert scorer.score(source, kept, carried) == {"content": 1.0, "content_style_leak": 0.0, "style": 1.0,
+                                                   "style_shape_leak": 0.0}
+    leaked = scorer.score(source, carried, kept)
+    assert leaked == {"content": 0.0, "content_style_leak": 1.0, "style": 0.0, "style_shape_leak": 1.0}
+
+
+def test_the_base_scorer_on_sdxls_architecture(tiny_base):
+    """On `tiny` (SDXL's layout, random weights): any source size, batches that do not change the errors, the
+    scores it can give, and a spec that is only checked until the base model is there."""
+    assert load_scorer("base") is None  # a job's driver checks the spec before any model loads
+    scorer = load_scorer("base", tiny_base)
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 72, 3), dtype=np.uint8))
+    one = BaseModelScorer(tiny_base, batch_size=1)._errors(wide)
+    assert one.shape == (len(tiny_base.preview_subjects) + len(tiny_base.preview_styles),)
+    assert np.allclose(one, scorer._errors(wide), rtol=1e-4, atol=1e-6)
+    # SDXL on a GPU runs in half precision: the same errors, within its rounding
+    half = BaseModelScorer(build_preset("tiny", dtype=torch.bfloat16))._errors(wide)
+    assert half.dtype == np.float32 and np.allclose(half, one, rtol=5e-2)
+    scores = scorer.score(wide, [wide.convert("L")], [wide, wide])
+    assert set(scores) == {"content", "content_style_leak", "style", "style_shape_leak"}
+    assert scores["content"] == 1.0 and scores["style"] == 1.0  # the same picture reads the same
+    assert set(scorer.score(wide, [], [wide])) == {"style", "style_shape_leak"}
+
+
+def test_fit_candidates_chosen_by_the_base_scorer(tmp_path, capsys):
+    """`unziplora fit --candidates 2 --scorer base`: the gate made of the base model, on SDXL's layout."""
+    from unziplora.cli import main
+
+    image = tmp_path / "a.png"
+    toy_image("star", "dotted").save(image)
+    assert main(["fit", str(image), "--out", str(tmp_path / "fit"), "--candidates", "2", "--scorer", "base",
+                 "--content", "sks star", "--style", "dotted", "--base-model", "tiny", "--steps", "3", "--rank",
+                 "4", "--recalibrations", "1", "--gate-steps", "1", "--quiet", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(summary["candidates"]) == {"0", "1"}
+    assert load_fit(tmp_path / "fit").record["gate"]["scorer"] == "base-unet"
+
+
+def test_a_jobs_workers_make_the_base_scorer_of_their_own_base_model(tmp_path):
+    from pipeline.run.worker import FitWorker
+
+    job = JobSpec(input=str(tmp_path), output=str(tmp_path / "lib"), fit={"base_model": "tiny"},
+                  tracking=Tracking(enabled=False), previews=Previews(steps=1, scorer="base"), gate=Gate(candidates=2),
+                  state=RunState(run_id="run-base"))
+    worker = FitWorker(job, device="cpu")
+    assert isinstance(worker.scorer, BaseModelScorer) and worker.scorer.base is worker.base
+
