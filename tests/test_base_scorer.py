@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -77,3 +78,28 @@ def test_a_jobs_workers_make_the_base_scorer_of_their_own_base_model(tmp_path):
     worker = FitWorker(job, device="cpu")
     assert isinstance(worker.scorer, BaseModelScorer) and worker.scorer.base is worker.base
 
+
+
+def test_a_users_own_scorer_from_local_weights(tmp_path, monkeypatch):
+    """examples/dino_scorer.py, the documented way to plug in your own scorer, on a tiny random DINOv2 saved
+    as a local checkpoint (offline, as a user's would be)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from pipeline.quality.scoring import checked
+    from unziplora.errors import InputError
+
+    spec = "examples.dino_scorer:scorer"
+    monkeypatch.delenv("DINO_SCORER_DIR", raising=False)
+    with pytest.raises(InputError, match="DINO_SCORER_DIR"):
+        load_scorer(spec)
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(tmp_path / "dinov2-tiny")
+    monkeypatch.setenv("DINO_SCORER_DIR", str(tmp_path / "dinov2-tiny"))
+    scorer = load_scorer(spec)
+    assert scorer.name == "dino-dinov2-tiny"
+    source, other = toy_image("star", "dotted"), toy_image("heart", "flat", seed=3)
+    same = checked(scorer.score(source, [source], [source]))
+    assert same == pytest.approx({"content": 1.0, "content_style_leak": 1.0, "style": 1.0, "style_shape_leak": 1.0})
+    apart = scorer.score(source, [other], [other])
+    assert apart["content"] < 0.999 and apart["style"] < 0.999
