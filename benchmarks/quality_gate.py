@@ -27,15 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 
-from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate  # noqa: E402
-from pipeline.quality.scoring import load_scorer  # noqa: E402
+from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate, split_score  # noqa: E402
+from pipeline.quality.previews import preview_prompts  # noqa: E402
+from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora import fit_many  # noqa: E402
 from unziplora.fit_files import RECORD  # noqa: E402
+from unziplora.generate import generate_each  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
 PASS = {"content_acc": (">=", 0.8), "style_acc": (">=", 0.8), "content_style_leak": ("<=", 0.1),
@@ -46,17 +49,36 @@ def passes(unit: dict) -> bool:
     return all(unit[k] >= v if op == ">=" else unit[k] <= v for k, (op, v) in PASS.items())
 
 
+def gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:
+    """The gate's panels of one candidate (what pipeline/quality/gate.py's score_candidate draws: its prompts,
+    sampling seed and images per prompt), drawn once and kept in its folder, so that every scorer is shown the
+    same pixels."""
+    keep = folder / f"gate-panels-{steps}"
+    prompts = preview_prompts(fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
+    names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * GATE_IMAGES)] for kind, p in prompts.items()}
+    if not all(path.is_file() for paths in names.values() for path in paths):
+        panels = generate_each(base, {kind: fit for kind in prompts if prompts[kind]}, prompts, steps=steps,
+                               seed=GATE_SEED, num_images=GATE_IMAGES)
+        keep.mkdir(exist_ok=True)
+        for kind, images in panels.items():
+            for image, path in zip(images, names[kind]):
+                image.save(path)
+    return {kind: [Image.open(path).convert("RGB") for path in paths] for kind, paths in names.items()}
+
+
 def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> dict:
-    """(image, seed) -> the gate's split score of that fit, cached beside it (`gate.json`)."""
+    """(image, seed) -> the gate's split score of that fit by `scorer`, cached beside it (one file per scorer)."""
     scores = {}
     for (i, seed), fit in sorted(fits.items()):
         key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS, images=GATE_IMAGES,
                    fit=hashlib.sha256((fit.path / RECORD).read_bytes()).hexdigest()[:16])
-        cache = bench.unit_folder(out, method, i, seed) / "gate.json"
+        folder = bench.unit_folder(out, method, i, seed)
+        cache = folder / f"gate-{scorer.name}.json"
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
         if saved.get("key") != key:
-            judged = score_candidate(fit.path, paths[i].read_bytes(), base=base, scorer=scorer, steps=steps)
-            saved = dict(key=key, **judged)
+            panels = gate_panels(base, fit, folder, steps)
+            judged = checked(scorer.score(Image.open(paths[i]).convert("RGB"), panels["content"], panels["style"]))
+            saved = dict(key=key, split_score=split_score(judged), scores=judged)
             cache.write_text(json.dumps(saved))
         scores[i, seed] = saved["split_score"]
     return scores

@@ -25,37 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
+from quality_gate import gate_scores  # noqa: E402
 
-from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, split_score  # noqa: E402
-from pipeline.quality.previews import preview_prompts  # noqa: E402
-from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
+from pipeline.quality.gate import split_score  # noqa: E402
+from pipeline.quality.scoring import load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
-from unziplora.generate import generate_each  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
+
 
 def truth_score(unit: dict) -> float:
     """The gate's split score (the same formula) of a unit as the benchmark judged it."""
     return split_score({"content": unit["content_acc"], "style": unit["style_acc"],
                         "content_style_leak": unit["content_style_leak"], "style_shape_leak": unit["style_shape_leak"]})
-
-
-def gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:
-    """The gate's panels of one candidate, drawn once and kept in its folder."""
-    keep = folder / f"gate-panels-{steps}"
-    prompts = preview_prompts(fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
-    names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * GATE_IMAGES)] for kind, p in prompts.items()}
-    if not all(path.is_file() for paths in names.values() for path in paths):
-        panels = generate_each(base, {kind: fit for kind in prompts if prompts[kind]}, prompts, steps=steps,
-                               seed=GATE_SEED, num_images=GATE_IMAGES)
-        keep.mkdir(exist_ok=True)
-        for kind, images in panels.items():
-            for image, path in zip(images, names[kind]):
-                image.save(path)
-    return {kind: [Image.open(path).convert("RGB") for path in paths] for kind, paths in names.items()}
 
 
 def spearman(x, y) -> float | None:
@@ -105,15 +89,11 @@ def main(argv=None) -> dict:
     units = bench.score_units(base, judges_mod.load_judges(), method, batch, fits, a, out)
     truth = {key: truth_score(unit) for key, unit in units.items()}
     images, seeds = list(range(a.images)), list(range(own.candidates))
-    panels = {key: gate_panels(base, fit, bench.unit_folder(out, method, *key), own.gate_steps)
-              for key, fit in sorted(fits.items())}
-    sources = {i: Image.open(paths[i]).convert("RGB") for i in images}
     report = {"images": a.images, "candidates": own.candidates, "oracle_gain": float(np.mean(
         [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "scorers": {}}
     for spec in own.scorer:
         scorer = load_scorer(spec, base)
-        scored = {(i, k): split_score(checked(scorer.score(sources[i], panels[i, k]["content"],
-                                                           panels[i, k]["style"]))) for i in images for k in seeds}
+        scored = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates; truth: "

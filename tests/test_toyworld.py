@@ -430,7 +430,7 @@ def test_quality_gate_benchmark_judges_the_gates_choice_with_the_benchmarks_prot
     assert report["split_ok_gated"] <= report["split_ok_oracle"]
     assert report["device_time_ratio"] > 0 and report["candidates_fit_s"] > 0 and report["gate_scoring_s"] > 0
     # the gate's scores are kept beside each fit; the benchmark's own fits and judgements are reused as they are
-    assert len(list(tmp_path.glob("unziplora/*-seed*/gate.json"))) == 4
+    assert len(list(tmp_path.glob("unziplora/*-seed*/gate-toy-judges.json"))) == 4
     stamps = [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/*.json")]
     assert gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
                       "--gate-steps", "1", "--out", str(tmp_path), "--no-timing"])["per_image"] == report["per_image"]
