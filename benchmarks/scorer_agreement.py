@@ -14,7 +14,9 @@ same pixels. Per scorer it prints:
 - Spearman within images: the rank correlation of its split scores with the truth over an image's candidates,
   averaged over images (an image whose candidates the truth cannot tell apart is left out);
 - the truth's gain from its choice: mean truth of the chosen candidate minus that of seed 0, against the
-  judges' own choice's gain (the most a choice among these candidates can give is the oracle's).
+  judges' own choice's gain (the most a choice among these candidates can give is the oracle's);
+- its gain over a random choice: the chosen candidate's truth minus the mean truth of the image's candidates,
+  with a 95 % bootstrap interval over images (a scorer that chooses no better than chance has 0 in it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
+from disentangle_stats import bootstrap  # noqa: E402
 from quality_gate import gate_scores  # noqa: E402
 
 from pipeline.quality.gate import split_score  # noqa: E402
@@ -54,18 +57,21 @@ def spearman(x, y) -> float | None:
 
 
 def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) -> dict:
-    chosen, within, gains = [], [], []
+    chosen, within, gains, over_random = [], [], [], []
     for i in images:
         s = [scored[i, k] for k in seeds]
         t = [truth[i, k] for k in seeds]
         pick = seeds[int(np.argmax(s))]  # first of equals: the lowest seed, as the gate
         chosen.append(truth[i, pick] == max(t))
         gains.append(truth[i, pick] - truth[i, seeds[0]])
+        over_random.append(truth[i, pick] - np.mean(t))  # what a choice adds to a candidate drawn by chance
         rho = spearman(s, t)
         if rho is not None:
             within.append(rho)
+    mean, low, high = bootstrap(np.array(over_random)[:, None])
     return {"choice_agreement": float(np.mean(chosen)), "spearman_within": float(np.mean(within)) if within else None,
-            "images_ranked": len(within), "truth_gain": float(np.mean(gains))}
+            "images_ranked": len(within), "truth_gain": float(np.mean(gains)),
+            "gain_over_random": {"mean": mean, "low": low, "high": high}}
 
 
 def main(argv=None) -> dict:
@@ -90,21 +96,25 @@ def main(argv=None) -> dict:
     truth = {key: truth_score(unit) for key, unit in units.items()}
     images, seeds = list(range(a.images)), list(range(own.candidates))
     report = {"images": a.images, "candidates": own.candidates, "oracle_gain": float(np.mean(
-        [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "scorers": {}}
+        [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "random_gain": float(np.mean(
+        [np.mean([truth[i, k] for k in seeds]) - truth[i, 0] for i in images])), "scorers": {}}
     for spec in own.scorer:
         scorer = load_scorer(spec, base)
         scored = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates; truth: "
-          f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}")
-    print("| scorer | choice agreement | Spearman within images (images) | Spearman pooled | truth gain of its choice |")
-    print("|---|---|---|---|---|")
+          f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}, a random choice's "
+          f"{report['random_gain']:+.3f}")
+    print("| scorer | choice agreement | Spearman within images (images) | Spearman pooled | truth gain of its choice "
+          "| gain over a random choice (95 %) |")
+    print("|---|---|---|---|---|---|")
     for name, r in report["scorers"].items():
         within = "-" if r["spearman_within"] is None else f"{r['spearman_within']:.2f}"
         pooled = "-" if r["spearman_pooled"] is None else f"{r['spearman_pooled']:.2f}"
+        g = r["gain_over_random"]
         print(f"| {name} | {r['choice_agreement']:.2f} | {within} ({r['images_ranked']}) | {pooled} | "
-              f"{r['truth_gain']:+.3f} |")
+              f"{r['truth_gain']:+.3f} | {g['mean']:+.3f} ({g['low']:+.3f} to {g['high']:+.3f}) |")
     if own.json:
         import results as result_files  # beside this file
 

@@ -464,9 +464,12 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     truth = {(0, 0): 0.5, (0, 1): 0.9, (1, 0): 0.7, (1, 1): 0.7}
     scored = {(0, 0): 0.1, (0, 1): 0.2, (1, 0): 0.3, (1, 1): 0.9}
     got = agree.agreement(scored, truth, [0, 1], [0, 1])
-    # image 0: right choice (+0.4); image 1: a tie in the truth counts as agreeing, and cannot be ranked
+    # image 0: right choice (+0.4, +0.2 over a random one); image 1: a tie in the truth counts as agreeing, and
+    # cannot be ranked
+    over_random = got.pop("gain_over_random")
     assert got == pytest.approx({"choice_agreement": 1.0, "spearman_within": 1.0, "images_ranked": 1,
                                  "truth_gain": 0.2})
+    assert over_random["mean"] == pytest.approx(0.1) and over_random["low"] <= 0.1 <= over_random["high"]
     args = ["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
             "--gate-steps", "1", "--out", str(tmp_path), "--threads", "1", "--scorer", "toy", "tiny:0"]
     report = agree.main(args)
