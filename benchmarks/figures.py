@@ -40,6 +40,12 @@ def _registry_scale(path: Path) -> None:
     registry_scale.plot(result_files.load("registry_scale.json"), str(path))
 
 
+def _quality_gate(path: Path) -> None:
+    from benchmarks import quality_gate
+
+    quality_gate.plot(result_files.load("quality_gate-candidates.json"), str(path))
+
+
 def _disentangle(image_set: str):
     def draw(path: Path) -> None:
         from benchmarks import disentangle
@@ -56,6 +62,7 @@ FIGURES = {
     "multifit.png": (_multifit, ("multifit.json", "multifit-sweep.json", "multifit-toy.json")),
     "control_plane.png": (_control_plane, ("control_plane.json",)),
     "registry_scale.png": (_registry_scale, ("registry_scale.json",)),
+    "quality_gate.png": (_quality_gate, ("quality_gate-candidates.json",)),
     "disentangle.png": (_disentangle("A"), ("disentangle-A.json",)),
     "disentangle-B.png": (_disentangle("B"), ("disentangle-B.json",)),
 }

@@ -162,5 +162,32 @@ def main(argv=None) -> dict:
     return report
 
 
+
+def plot(by_candidates: dict, path: str) -> None:
+    """Images whose split passes against candidates per image (quality_gate-candidates.json's results: set ->
+    scorer -> "nN" -> this benchmark's split_ok_* fractions), per set: single fit, each scorer's gate, oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, all_axes = plt.subplots(1, len(by_candidates), figsize=(4.2 * len(by_candidates), 3.4), dpi=100,
+                                    sharey=True)
+    for axes, (image_set, scorers) in zip(all_axes, sorted(by_candidates.items())):
+        first = next(iter(scorers.values()))
+        n = sorted(int(k[1:]) for k in first)
+        line = lambda runs, key: [100 * runs[f"n{k}"][key] for k in n]  # noqa: E731
+        axes.plot(n, line(first, "split_ok_single"), color="grey", linestyle=":", label="single fit (seed 0)")
+        for scorer, runs in sorted(scorers.items(), reverse=True):
+            axes.plot(n, line(runs, "split_ok_gated"), marker="o", label=f"gate, scorer {scorer}")
+        axes.plot(n, line(first, "split_ok_oracle"), color="black", linestyle="--", label="oracle's choice")
+        axes.set(xticks=n, xlabel="candidate fits per image", title=f"set {image_set}")
+        axes.grid(True, alpha=0.3)
+    all_axes[0].set(ylabel="images whose split passes (%)")
+    all_axes[-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 if __name__ == "__main__":
     main()
