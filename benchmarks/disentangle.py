@@ -85,6 +85,7 @@ class Method:
     recombine: str = "all"  # generate's content_blocks when one fit's content meets another's style
     mode: str | None = None  # generate's mode for both LoRAs (default: direct with one prompt, else routed)
     patch: str | None = None  # a change to the fit that the fit code does not carry (fit_patches.PATCHES)
+    style_prompt: str | None = None  # what the style LoRA reads when recombined (generate's style_prompt)
 
 
 METHODS = [
@@ -162,6 +163,11 @@ CANDIDATES = [
            patch="complementary"),
     Method("complementary-own", "UnZipLoRA, complementary mergers, recombined with the content LoRA on its own "
            "blocks", "{table}", fits_of="complementary", recombine="own"),
+    # no new fits: every fit's style LoRA was trained reading "A shape in zwx style"; recombined, it reads that
+    # prompt again and may redraw its own image's shape. Here it reads one without the class word.
+    Method("recomb-style-free", "UnZipLoRA, recombined with the content LoRA on its own blocks and the style LoRA "
+           "reading a prompt without the class word", "{table}", fits_of="unziplora", recombine="own",
+           style_prompt=f"An image in {STYLE} style"),
 ]
 
 
@@ -237,8 +243,10 @@ def draw(base, method: Method, content=None, style=None, prompt: str | list[str]
         fits = fits[:1] if len(fits) == 2 and fits[0] is fits[1] else fits
         return to_tensor(whole_loras(base, fits, prompt, call))
     mode = method.mode or ("direct" if method.one_prompt else "routed")  # B-LoRA's: plain LoRAs on disjoint blocks
+    both = recombined(content, style)
     return to_tensor(generate(base, content=content, style=style, prompt=prompt, mode=mode,
-                              content_blocks=method.recombine if recombined(content, style) else "all", **call))
+                              content_blocks=method.recombine if both else "all",
+                              style_prompt=method.style_prompt if both else None, **call))
 
 
 def own_hits(base, judges, method: Method, batch: world.Batch, i: int, own, call: dict) -> dict[str, list[float]]:
@@ -371,6 +379,7 @@ def score_units(base, judges, method: Method, batch: world.Batch, fits: dict, a,
     call = dict(steps=a.sample_steps, guidance=a.guidance, seed=0, num_images=a.seeds, negative_prompt=a.negative_prompt)
     units = {}
     recipe = {} if method.recombine == "all" else {"content_blocks": method.recombine}
+    recipe |= {"style_prompt": method.style_prompt} if method.style_prompt else {}
     drawing = {"mode": method.mode} if method.mode else {}  # how both LoRAs of a fit are drawn, where not the default
     for (i, seed), own in fits.items():
         partners = {j: fits[j, seed] for j in partners_of(i, batch, a.recomb_partners) if (j, seed) in fits}

@@ -409,6 +409,13 @@ def test_routed_differs_from_direct_and_base(tiny_base, fitted):
     plain = tiny_base.pipeline()(art.record["prompts"]["combined"], num_inference_steps=2, height=64, width=64,
                                  guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images[0]
     assert len({routed.tobytes(), direct.tobytes(), plain.tobytes()}) == 3
+    # the style LoRA's own prompt in the routed mode: another prompt, another image; refused where it means nothing
+    reworded = generate(tiny_base, content=art, style=art, mode="routed", steps=2,
+                        style_prompt="An image in watercolor style")[0]
+    assert reworded.tobytes() != routed.tobytes()
+    for alone in (dict(content=art), dict(content=art, style=art, mode="direct")):
+        with pytest.raises(InputError, match="style_prompt"):
+            generate(tiny_base, steps=1, style_prompt="An image in watercolor style", **alone)
 
 
 def test_content_on_its_own_blocks_only(tiny_base, fitted, old_layout):

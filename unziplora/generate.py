@@ -43,10 +43,12 @@ def default_prompts(content: FitArtifacts | None, style: FitArtifacts | None) ->
 def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: FitArtifacts | None = None,
              prompt: str | list[str] | None = None, mode: str = "routed", negative_prompt: str | None = None,
              steps: int = 50, guidance: float | None = None, seed: int = 0, resolution: int | None = None,
-             num_images: int = 1, content_blocks: str = "auto", progress: bool = False) -> list[Image.Image]:
+             num_images: int = 1, content_blocks: str = "auto", style_prompt: str | None = None,
+             progress: bool = False) -> list[Image.Image]:
     """`progress`: a bar over the sampling steps (stderr). `negative_prompt=None` draws as diffusers' `pipe(prompt)` does: SDXL zeroes the unconditional embedding
     (`force_zeros_for_empty_prompt`). An encoded "" is a different, weaker guidance for these LoRAs
-    (docs/toy-world.md, disentanglement benchmark)."""
+    (docs/toy-world.md, disentanglement benchmark). `style_prompt`: in the routed mode with both LoRAs, what the
+    style LoRA reads (default: its fit's style prompt, naming the content's class)."""
     if content is None and style is None:
         raise InputError("give a content fit, a style fit, or both")
     if mode not in MODES:
@@ -57,6 +59,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
         raise InputError("content_blocks='own' limits the content LoRA beside a style LoRA: give both fits")
     if content_blocks == "auto" and not (recombined(content, style) and mode == "routed"):
         content_blocks = "all"
+    if style_prompt is not None and not (content is not None and style is not None and mode == "routed"):
+        raise InputError("style_prompt is what the style LoRA reads beside a content LoRA in the routed mode")
     check_same_base(content, style)
     for kind, fit in (("content", content), ("style", style)):
         if fit is not None:
@@ -74,7 +78,8 @@ def generate(base: BaseModel, *, content: FitArtifacts | None = None, style: Fit
     if content is not None and style is not None and mode == "routed":
         if not isinstance(prompt, str):
             raise InputError("the routed mode takes one prompt; give a list of prompts to one LoRA or mode='direct'")
-        return _routed(base, pipe, content, style, prompts._replace(combined=prompt), call, content_blocks)
+        routed = prompts._replace(combined=prompt, style=style_prompt or prompts.style)
+        return _routed(base, pipe, content, style, routed, call, content_blocks)
     fits = {"content": content, "style": style}
     loaded = [kind for kind in KINDS if fits[kind] is not None]
     try:
