@@ -71,8 +71,11 @@ def test_retired_settings_keep_item_ids_and_are_refused_when_asked_for(tmp_path)
     assert FitConfig.from_dict(asked, saved=True) == FitConfig(content="a", style="b")  # a fit made with it loads
 
 
-def test_toy_judges_score_previews_against_the_source():
-    scorer = load_scorer("toy")
+@pytest.mark.parametrize("spec", ["toy", "base"])
+def test_toy_scorers_score_previews_against_the_source(spec, toy_base):
+    """The toy world's judges, and the scorer made of the `toy` base model alone (its UNet as a zero-shot
+    classifier over its shapes and styles): kept, carried and leaked, both ways."""
+    scorer = load_scorer(spec, toy_base)
     source = toy_image("star", "dotted")
     kept = [toy_image("star", s, seed=i) for i, s in enumerate(("flat", "striped", "outlined"))]
     carried = [toy_image(s, "dotted", seed=i) for i, s in enumerate(("circle", "square", "heart"))]
@@ -80,8 +83,7 @@ def test_toy_judges_score_previews_against_the_source():
                                                    "style_shape_leak": 0.0}
     # the reverse: a content LoRA that redraws the source style, a style LoRA that redraws the source shape
     leaked = scorer.score(source, carried, kept)
-    assert leaked["content"] == 0.0 and leaked["content_style_leak"] == 1.0
-    assert leaked["style"] == 0.0 and leaked["style_shape_leak"] == 1.0
+    assert leaked == {"content": 0.0, "content_style_leak": 1.0, "style": 0.0, "style_shape_leak": 1.0}
 
 
 def test_embedding_and_custom_scorers(monkeypatch):
