@@ -32,13 +32,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 
-from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, score_candidate, split_score  # noqa: E402
+from pipeline.quality.gate import (GATE_IMAGES, GATE_PANELS, GATE_SEED, gate_panels, score_candidate,  # noqa: E402
+                                   split_score)
 from pipeline.quality.previews import preview_prompts  # noqa: E402
 from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora import fit_many  # noqa: E402
 from unziplora.fit_files import RECORD  # noqa: E402
-from unziplora.generate import generate_each  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
 PASS = {"content_acc": (">=", 0.8), "style_acc": (">=", 0.8), "content_style_leak": ("<=", 0.1),
@@ -49,18 +49,15 @@ def passes(unit: dict) -> bool:
     return all(unit[k] >= v if op == ">=" else unit[k] <= v for k, (op, v) in PASS.items())
 
 
-def gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:
-    """The gate's panels of one candidate (what pipeline/quality/gate.py's score_candidate draws: its prompts,
-    sampling seed and images per prompt), drawn once and kept in its folder, so that every scorer is shown the
-    same pixels."""
+def cached_gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:
+    """The gate's panels of one candidate (pipeline/quality/gate.py's gate_panels), drawn once and kept in its
+    folder, so that every scorer is shown the same pixels."""
     keep = folder / f"gate-panels-{steps}"
     prompts = preview_prompts(fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
     names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * GATE_IMAGES)] for kind, p in prompts.items()}
     if not all(path.is_file() for paths in names.values() for path in paths):
-        panels = generate_each(base, {kind: fit for kind in prompts if prompts[kind]}, prompts, steps=steps,
-                               seed=GATE_SEED, num_images=GATE_IMAGES)
         keep.mkdir(exist_ok=True)
-        for kind, images in panels.items():
+        for kind, images in gate_panels(base, fit, steps).items():
             for image, path in zip(images, names[kind]):
                 image.save(path)
     return {kind: [Image.open(path).convert("RGB") for path in paths] for kind, paths in names.items()}
@@ -76,7 +73,7 @@ def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Pa
         cache = folder / f"gate-{scorer.name}.json"
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
         if saved.get("key") != key:
-            panels = gate_panels(base, fit, folder, steps)
+            panels = cached_gate_panels(base, fit, folder, steps)
             judged = checked(scorer.score(Image.open(paths[i]).convert("RGB"), panels["content"], panels["style"]))
             saved = dict(key=key, split_score=split_score(judged), scores=judged)
             cache.write_text(json.dumps(saved))
@@ -160,7 +157,6 @@ def main(argv=None) -> dict:
 
         result_files.save(own.json, report)
     return report
-
 
 
 def plot(by_candidates: dict, path: str) -> None:

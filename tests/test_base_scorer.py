@@ -67,7 +67,6 @@ def test_a_jobs_workers_make_the_base_scorer_of_their_own_base_model(tmp_path):
     assert isinstance(worker.scorer, BaseModelScorer) and worker.scorer.base is worker.base
 
 
-
 def test_a_users_own_scorer_from_local_weights(tmp_path, monkeypatch):
     """examples/dino_scorer.py, the documented way to plug in your own scorer, on a tiny random DINOv2 saved
     as a local checkpoint (offline, as a user's would be)."""

@@ -104,15 +104,19 @@ def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subject
     return judged if judged["split_score"] is not None else {"error": "the scorer gave no score"}
 
 
-def score_candidate(fit_dir: Path, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
-    """A fit's scores on the gate's own panels (up to GATE_PANELS prompts of each LoRA alone, GATE_IMAGES each,
-    GATE_SEED) and its split score."""
-    fit = load_fit(fit_dir)
+def gate_panels(base, fit, steps: int, subjects=None, styles=None) -> dict[str, list[Image.Image]]:
+    """The gate's own panels of a fit: up to GATE_PANELS prompts of each LoRA alone, GATE_IMAGES each, GATE_SEED
+    (a kind without prompts has none)."""
     prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles,
                               panels=GATE_PANELS)
     kinds = [kind for kind in ("content", "style") if prompts[kind]]
-    panels = generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED,
-                           num_images=GATE_IMAGES)
+    return generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED,
+                         num_images=GATE_IMAGES)
+
+
+def score_candidate(fit_dir: Path, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
+    """A fit's scores on the gate's own panels (gate_panels) and its split score."""
+    panels = gate_panels(base, load_fit(fit_dir), steps, subjects, styles)
     source = Image.open(io.BytesIO(image)).convert("RGB")
     scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
     return {"split_score": split_score(scores), "scores": scores}

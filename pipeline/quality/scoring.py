@@ -9,8 +9,9 @@ images). Score names (SCORES; a scorer gives those it can): content, style (high
 content_style_leak, style_shape_leak (lower is better).
 
 Specs: `toy` (the toy world's judges: all four), `base` (the base model's own UNet as a zero-shot classifier over
-its preview vocabulary, pipeline/quality/base_scorer.py: all four, for any SDXL with no extra weights), any image-embedder spec of the style bank (`clip:/local/dir`,
-`tiny[:seed]`, `package.module:factory` returning an embedder): cosine similarity of each panel to the source
+its preview vocabulary, pipeline/quality/base_scorer.py: all four, for any SDXL with no extra weights), any
+image-embedder spec of the style bank (`clip:/local/dir`, `tiny[:seed]`, `package.module:factory` returning an
+embedder): cosine similarity of each panel to the source
 in that embedder's space (CLIP-I, DINO or CSD as in the paper; content and style only), or
 `package.module:factory` returning a scorer.
 """

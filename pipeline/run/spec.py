@@ -190,9 +190,10 @@ class Previews:
     styles: list[str] = option([], "the styles the content preview draws the content LoRA in (default: the base "
                                "model's)", flag="--preview-styles", metavar="A,B,C")
     scorer: str = option("auto", "quality scores of each fit from its previews, into its manifest row and MLflow "
-                         "run: auto (the toy world's judges on the toy model, else none) | none | toy | base (the base "
-                         "model's UNet as a zero-shot classifier: no extra weights) | clip:/local/dir | tiny[:seed] | package.module:factory (an image embedder: cosine "
-                         "similarity to the source, or a scorer)", flag="--scorer")
+                         "run: auto (the toy world's judges on the toy model, else none) | none | toy | base (the "
+                         "base model's UNet as a zero-shot classifier: no extra weights) | clip:/local/dir | "
+                         "tiny[:seed] | package.module:factory (an image embedder: cosine similarity to the source, "
+                         "or a scorer)", flag="--scorer")
 
 
 @dataclass(frozen=True)
