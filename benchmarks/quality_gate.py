@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ from toyworld import judges as judges_mod  # noqa: E402
 from unziplora import fit_many  # noqa: E402
 from unziplora.fit_files import RECORD  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
+from unziplora.quiet import quiet_libraries  # noqa: E402
+from unziplora.training import _prepare, snapshot, train_batch  # noqa: E402
 
 PASS = {"content_acc": (">=", 0.8), "style_acc": (">=", 0.8), "content_style_leak": ("<=", 0.1),
         "style_shape_leak": ("<=", 0.1)}
@@ -49,13 +52,15 @@ def passes(unit: dict) -> bool:
     return all(unit[k] >= v if op == ">=" else unit[k] <= v for k, (op, v) in PASS.items())
 
 
-def cached_gate_panels(base, fit, folder: Path, steps: int) -> dict[str, list[Image.Image]]:
+def cached_gate_panels(base, fit, folder: Path, steps: int, config=None) -> dict[str, list[Image.Image]]:
     """The gate's panels of one candidate (pipeline/quality/gate.py's gate_panels), drawn once and kept in its
-    folder, so that every scorer is shown the same pixels."""
+    folder, so that every scorer is shown the same pixels (`fit` None: only read back, for `config`'s fit)."""
     keep = folder / f"gate-panels-{steps}"
-    prompts = preview_prompts(fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
+    prompts = preview_prompts(config or fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
     names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * GATE_IMAGES)] for kind, p in prompts.items()}
     if not all(path.is_file() for paths in names.values() for path in paths):
+        if fit is None:
+            return None
         keep.mkdir(exist_ok=True)
         for kind, images in gate_panels(base, fit, steps).items():
             for image, path in zip(images, names[kind]):
@@ -81,9 +86,74 @@ def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Pa
     return scores
 
 
-def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, candidates: int, steps: int) -> dict:
+def early_gate_scores(base, scorer, method, batch, paths: list[Path], a, out: Path, seeds: list[int],
+                      at_steps: list[int], steps: int) -> dict:
+    """(step, image, seed) -> the gate's split score by `scorer` of that candidate as it stood after `step` of its
+    training steps (the same fit as the benchmark's, paused: unziplora.training.train_batch's `until`). Panels
+    and scores are kept in the unit's folder under `early-<step>/`; a candidate is trained again (its image's
+    seeds together, up to the last step asked) only where a panel is missing."""
+    scores = {}
+    for i in range(len(paths)):
+        configs = [bench.fit_config(method, base.role_table, a, batch.factors[i], seed) for seed in seeds]
+        image = hashlib.sha256(paths[i].read_bytes()).hexdigest()
+        keys = {seed: hashlib.sha256(json.dumps([c.to_dict(), steps, GATE_SEED, GATE_PANELS, GATE_IMAGES, image],
+                                                sort_keys=True).encode()).hexdigest()[:16]
+                for seed, c in zip(seeds, configs)}
+        folders = {(step, seed): bench.unit_folder(out, method, i, seed) / f"early-{step}"
+                   for step in at_steps for seed in seeds}
+        panels = {}
+        for (step, seed), folder in folders.items():
+            if json.loads((folder / "key").read_text() if (folder / "key").is_file() else "null") == keys[seed]:
+                drawn = cached_gate_panels(base, None, folder, steps, configs[seeds.index(seed)])
+                if drawn is not None:
+                    panels[step, seed] = drawn
+        if len(panels) < len(folders):  # train this image's candidates, pausing at each step asked
+            states = [_prepare(str(paths[i]), config, base, None, {})[0] for config in configs]
+            for step in sorted(at_steps):
+                train_batch(base, states, progress=False, until=step)
+                for seed, state in zip(seeds, states):
+                    folder = folders[step, seed]
+                    shutil.rmtree(folder, ignore_errors=True)
+                    folder.mkdir(parents=True)
+                    panels[step, seed] = cached_gate_panels(base, snapshot(state, base), folder, steps)
+                    (folder / "key").write_text(json.dumps(keys[seed]))
+        source = Image.open(paths[i]).convert("RGB")
+        for (step, seed), folder in folders.items():
+            cache = folder / f"gate-{scorer.name}.json"
+            if not cache.is_file():
+                judged = checked(scorer.score(source, panels[step, seed]["content"], panels[step, seed]["style"]))
+                cache.write_text(json.dumps(dict(split_score=split_score(judged), scores=judged)))
+            scores[step, i, seed] = json.loads(cache.read_text())["split_score"]
+        print(f"  early scores: image {i + 1}/{len(paths)}", flush=True)
+    return scores
+
+
+def staged_gate(base, scorer, method, batch, paths, a, out: Path, seeds: list[int], own, full: dict, units: dict
+                ) -> dict:
+    """Per step S of `--select-at`: the staged gate's choice (best early score) judged by the chosen seed's
+    finished fit, with how its early scores agree with the truth (scorer_agreement's figures)."""
+    from scorer_agreement import agreement, truth_score  # beside this file (it imports this one)
+
+    early = early_gate_scores(base, scorer, method, batch, paths, a, out, seeds, own.select_at, own.gate_steps)
+    truth = {key: truth_score(unit) for key, unit in units.items()}
+    images = list(range(len(paths)))
+    report = {}
+    for step in own.select_at:
+        scored = {(i, seed): early[step, i, seed] for i in images for seed in seeds}
+        chosen = [max(seeds, key=lambda s: (scored[i, s], -s)) for i in images]
+        picked_full = [max(seeds, key=lambda s: (full[i, s] if full[i, s] is not None else -1, -s)) for i in images]
+        report[step] = agreement(scored, truth, images, seeds) | {
+            "split_ok_staged": float(np.mean([passes(units[i, c]) for i, c in zip(images, chosen)])),
+            "same_choice_as_full": float(np.mean([c == f for c, f in zip(chosen, picked_full)])),
+            "chosen_seeds": chosen, "early_split_scores": [[scored[i, s] for s in seeds] for i in images]}
+    return report
+
+
+def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, candidates: int, steps: int,
+                      select_at: list[int] = ()) -> dict:
     """One fit alone vs `candidates` fits of the same image trained together plus the gate's scoring of each:
-    wall time side by side on this machine (fresh fits, not the cached ones)."""
+    wall time side by side on this machine (fresh fits, not the cached ones). With `select_at`, per step S also
+    the staged gate: the candidates trained together to step S, each scored, only the best trained on."""
     configs = [bench.fit_config(method, base.role_table, a, batch.factors[0], seed) for seed in range(candidates)]
     work = out / "gate-timing"
     t = time.perf_counter()
@@ -97,8 +167,32 @@ def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, can
     for folder in dirs:
         score_candidate(folder, path.read_bytes(), base=base, scorer=scorer, steps=steps)
     scored = time.perf_counter() - t
-    return {"single_s": single, "candidates_fit_s": fitted, "gate_scoring_s": scored,
-            "device_time_ratio": (fitted + scored) / single}
+    timing = {"single_s": single, "candidates_fit_s": fitted, "gate_scoring_s": scored,
+              "device_time_ratio": (fitted + scored) / single}
+    for step in select_at:  # the staged gate: candidates trained together to `step`, scored, the best trained on
+        t = time.perf_counter()
+        states = [_prepare(str(path), config, base, None, {})[0] for config in configs]
+        train_batch(base, states, progress=False, until=step)
+        early = time.perf_counter() - t
+        t = time.perf_counter()
+        source = Image.open(path).convert("RGB")
+        judged = []
+        for state in states:
+            panels = gate_panels(base, snapshot(state, base), steps)
+            judged.append(split_score(checked(scorer.score(source, panels["content"], panels["style"]))))
+        scoring = time.perf_counter() - t
+        t = time.perf_counter()
+        chosen = states[int(np.argmax(judged))]
+        train_batch(base, [chosen], progress=False)
+        rest = time.perf_counter() - t
+        t = time.perf_counter()  # the kept fit is scored again, finished: its record says what was kept
+        panels = gate_panels(base, snapshot(chosen, base), steps)
+        scorer.score(source, panels["content"], panels["style"])
+        final = time.perf_counter() - t
+        timing[f"staged_{step}"] = {"candidates_fit_s": early, "gate_scoring_s": scoring, "chosen_rest_s": rest,
+                                    "final_scoring_s": final,
+                                    "device_time_ratio": (early + scoring + rest + final) / single}
+    return timing
 
 
 def main(argv=None) -> dict:
@@ -108,8 +202,12 @@ def main(argv=None) -> dict:
     p.add_argument("--gate-steps", type=int, default=8, help="sampling steps of the gate's panels (a job's "
                    "--preview-steps)")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--select-at", type=int, nargs="*", default=[], metavar="STEP",
+                   help="also the staged gate: candidates scored after STEP training steps, only the best trained on "
+                        "(its final fit is the benchmark's own fit of that seed)")
     p.add_argument("--json", help="also write the report as a result file (docs/results/quality_gate-SET.json)")
     own, rest = p.parse_known_args(argv)
+    quiet_libraries()
     if own.candidates < 2:
         raise SystemExit("--candidates must be at least 2")
     a = bench.parse_args(rest + ["--fit-seeds", *map(str, range(own.candidates)), "--methods", "unziplora"])
@@ -138,8 +236,16 @@ def main(argv=None) -> dict:
                               any_passes=any(passes(units[i, s]) for s in seeds)))
     result = {k: float(np.mean([r[f"{w}_passes"] for r in per_image]))
               for k, w in (("split_ok_single", "single"), ("split_ok_gated", "gated"), ("split_ok_oracle", "any"))}
+    if own.select_at:
+        from scorer_agreement import agreement, truth_score  # beside this file (it imports this one)
+
+        result["staged"] = staged_gate(base, scorer, method, batch, paths, a, out, seeds, own, gated, units)
+        full = agreement({k: -1 if v is None else v for k, v in gated.items()},
+                         {k: truth_score(u) for k, u in units.items()}, list(range(a.images)), seeds)
+        result["full_gain_over_random"] = full["gain_over_random"]
     if not own.no_timing:
-        result |= device_time_ratio(base, scorer, a, batch, paths[0], out, method, own.candidates, own.gate_steps)
+        result |= device_time_ratio(base, scorer, a, batch, paths[0], out, method, own.candidates, own.gate_steps,
+                                    own.select_at)
     print(f"\n{base.name} base, {a.images} images (seed {a.held_out_seed}), {own.candidates} candidates, "
           f"scorer {scorer.name}; an image passes: content >= 80 %, style >= 80 %, both leaks <= 10 %")
     print("| image | gate's split scores (seeds " + ", ".join(map(str, seeds)) + ") | kept | seed 0 passes | kept passes |")
@@ -150,6 +256,13 @@ def main(argv=None) -> dict:
     for k in ("split_ok_single", "split_ok_gated", "split_ok_oracle", "device_time_ratio"):
         if k in result:
             print(f"{k} = {result[k]:.3f}")
+    for step, r in result.get("staged", {}).items():
+        g = r["gain_over_random"]
+        print(f"staged at step {step}: split_ok_staged = {r['split_ok_staged']:.3f}, same choice as the full gate "
+              f"{r['same_choice_as_full']:.2f}, Spearman within images {r['spearman_within']}, gain over a random "
+              f"candidate {g['mean']:+.3f} ({g['low']:+.3f} to {g['high']:+.3f}); full gate's gain "
+              f"{result['full_gain_over_random']['mean']:+.3f}" + (f", device_time_ratio = "
+              f"{result[f'staged_{step}']['device_time_ratio']:.3f}" if f"staged_{step}" in result else ""))
     report = dict(settings=vars(a) | vars(own), per_image=per_image, **result)
     (out / "quality_gate.json").write_text(json.dumps(report, indent=1))
     if own.json:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unziplora import FitConfig, FitDivergedError, fit, fit_many
-from unziplora.training import _prepare, train_batch
+from unziplora.training import _prepare, snapshot, train_batch
 
 SAMPLES = Path(__file__).resolve().parent.parent / "examples" / "sample_set"
 
@@ -55,6 +55,27 @@ def test_fits_trained_together_equal_the_same_fits_alone(tiny_base):
         assert result.record["timings"]["batch_size"] == 3
     # the UNet is back as it was: no adapted layer left in it
     assert not any("lora" in name for name, _ in tiny_base.unet.named_parameters())
+
+
+def test_fits_paused_and_resumed_equal_fits_trained_straight_through(tiny_base):
+    """`until` pauses a batch (here after 3 of 6 steps, past the recalibration at step 2); a snapshot then is
+    the fit as it stands; only some fits trained on end as they would have straight through."""
+    configs = [_config(0), _config(1)]
+    alone = fit(IMAGES[1], configs[1], base=tiny_base, progress=False)
+    states = [_prepare(image, config, tiny_base, None, {})[0] for image, config in zip(IMAGES, configs)]
+    train_batch(tiny_base, states, progress=False, until=3)
+    assert [s.step for s in states] == [3, 3] and all(s.running for s in states)
+    paused = snapshot(states[1], tiny_base)
+    assert paused.path is None and len(paused.record["settings"]) and paused.config.steps == 6
+    assert not any("lora" in name for name, _ in tiny_base.unet.named_parameters())  # the UNet is free between
+    train_batch(tiny_base, states[1:], progress=False)
+    assert [s.step for s in states] == [3, 6]
+    resumed = snapshot(states[1], tiny_base)
+    resumed.history = states[1].history
+    _assert_same_fit(resumed, alone)
+    changed = [name for name, value in paused.tensors["style"].items()
+               if not torch.equal(value, resumed.tensors["style"][name])]
+    assert changed  # the snapshot was taken mid-way, not at the end
 
 
 def test_a_diverging_fit_fails_alone(tiny_base):

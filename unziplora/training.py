@@ -263,12 +263,16 @@ class FitState:
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]"
 
 
-def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = True) -> None:
+def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = True, until: int | None = None) -> None:
     """Train several fits of one UNet together: one batched UNet pass per step, sample k is fit k's (its own
     crop, noise, timestep and prompts), and each fit's LoRAs apply to its own sample only (`FitBatch`). Each
     fit keeps its own optimizer, clip, recalibrations and step count: it ends as it would alone (same seed,
     same LoRAs, within float rounding). A fit whose loss is NaN or inf gets `error` (FitDivergedError) and
-    leaves the batch; the others go on. Fits of one batch need one resolution and one rank."""
+    leaves the batch; the others go on. Fits of one batch need one resolution and one rank.
+
+    `until`: stop once every fit has taken that many steps (or ended). The fits can then be looked at
+    (`snapshot`) and trained on, all or some, by passing them again: a fit paused and resumed takes the same
+    steps as one trained straight through."""
     if len({s.config.resolution for s in states}) > 1:
         raise ValueError("fits trained together need one resolution")
     unet, device, dtype = base.unet, base.device, base.dtype  # read once: diffusers walks every parameter
@@ -279,11 +283,12 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
         unet.enable_gradient_checkpointing()
     forward = compiled_unet(base) if any(s.config.compile for s in states) else unet
     # seconds per step always (tqdm's default turns to steps/s when fast): the figure docs/one-image.md quotes
-    bar = tqdm(total=sum(s.config.steps for s in states), desc="unziplora fit", disable=not progress,
-               leave=False, unit="step", bar_format=BAR_FORMAT)
+    stop = [s.config.steps if until is None else min(until, s.config.steps) for s in states]
+    bar = tqdm(total=sum(max(end - s.step, 0) for s, end in zip(states, stop)), desc="unziplora fit",
+               disable=not progress, leave=False, unit="step", bar_format=BAR_FORMAT)
     try:
         with FitBatch(unet, [s.adapter for s in states]) as batch:
-            while live := [s for s in states if s.running]:
+            while live := [s for s, end in zip(states, stop) if s.running and s.step < end]:
                 if batch.adapters != [s.adapter for s in live]:
                     batch.use([s.adapter for s in live])
                 _batch_step(base, forward, live, resolution, device, dtype)
@@ -297,6 +302,16 @@ def train_batch(base: BaseModel, states: list[FitState], *, progress: bool = Tru
             state.adapter.gates.masks_enabled = True
         if checkpointing and not checkpointing_before:
             unet.disable_gradient_checkpointing()
+
+
+def snapshot(state: FitState, base: BaseModel):
+    """A fit as it stands, paused mid-training or ended, in memory (export.FitArtifacts, no files): what
+    previews and scorers take."""
+    from .export import FitArtifacts, adapter_tensors
+
+    record = _record(state.config, state.config.prompts(), base, state.adapter, state.history, {})
+    return FitArtifacts(path=None, config=state.config, record=record,
+                        tensors=adapter_tensors(state.adapter, state.config.save_precision))
 
 
 def _batch_step(base: BaseModel, forward, live: list[FitState], resolution: int, device, dtype) -> None:
