@@ -55,10 +55,12 @@ def test_split_score_and_the_gates_settings():
     assert not Gate().active and Gate(candidates=3).active and Gate(max_candidates=2).active
     assert Gate().identity() == {} and Gate(3, 5, 0.8).identity() == {"gate": {"candidates": 3, "max_candidates": 5,
                                                                               "min_split_score": 0.8}}
+    assert Gate(3, select_after=0.25).identity()["gate"]["select_after"] == 0.25  # another choice, another fit
     assert GATE_SEED != PREVIEW_SEED  # the gate never judges on the panels users see (or the benchmark draws)
     for bad, message in [(dict(candidates=0), "--candidates"), (dict(candidates=2.5), "--candidates"),
                          (dict(max_candidates=-1), "--max-candidates"), (dict(min_split_score=1.5), "score in"),
-                         (dict(candidates=3, max_candidates=2), "below --candidates")]:
+                         (dict(candidates=3, max_candidates=2), "below --candidates"),
+                         (dict(select_after=0), "--select-after"), (dict(select_after=1.5), "--select-after")]:
         with pytest.raises(InputError, match=message):
             JobSpec(input="in", output="out", gate=Gate(**bad)).check()
 
@@ -114,6 +116,31 @@ def test_the_best_candidate_is_kept_and_more_are_fitted_below_the_bar(tiny_base,
     assert [c.get("split_score") for c in gate["candidates"]] == [0.9, None]
     assert "not scored: scorer down" in gate["candidates"][1]["error"]
     assert second.record["gate"] == gate
+
+
+def test_the_staged_gate_scores_candidates_mid_training_and_trains_only_the_best_on(tiny_base, tmp_path):
+    """--select-after 0.5: candidates scored after 2 of their 3 steps, each image's best trained on and scored
+    again finished; the bar is judged on finished fits only (image 0 gets a second pass)."""
+    images = [toy_png("star", "dotted"), toy_png("heart", "flat", seed=1)]
+    configs = [FitConfig(content="sks star", style="dotted", seed=10, **FAST),
+               FitConfig(content="sks heart", style="flat", seed=20, **FAST)]
+    # pass 1 mid-way: 10, 11 | 20 (unscorable), 21; finished: 11 (below the bar), 21; pass 2: 12, 13; finished: 12
+    scorer = QueueScorer([0.3, 0.8, None, 0.6, 0.5, 0.75, 0.9, 0.1, 0.8])
+    out = [tmp_path / "fit-0", tmp_path / "fit-1"]
+    first, second = fit_gated(images, configs, base=tiny_base, gate=Gate(2, 4, 0.7, select_after=0.5),
+                              scorer=scorer, out_dirs=out, workdir=tmp_path / "work", steps=1)
+    assert scorer.splits == []
+    gate = load_fit(out[0]).record["gate"]
+    assert [(c["seed"], c.get("split_score"), c.get("early_split_score"), c.get("stopped_at_step"),
+             c.get("selected_at_step")) for c in gate["candidates"]] == [
+        (10, None, 0.3, 2, None), (11, 0.5, 0.8, None, 2), (12, 0.8, 0.9, None, 2), (13, None, 0.1, 2, None)]
+    assert gate["chosen_seed"] == 12 == first.config.seed and gate["passed"] is True
+    assert load_fit(out[0]).record["timings"]["batch_size"] == 2  # trained with its mate to the selection
+    gate = load_fit(out[1]).record["gate"]
+    assert gate["chosen_seed"] == 21 == second.config.seed and gate["split_score"] == 0.75
+    assert "scorer down" in gate["candidates"][0]["early_error"] and gate["candidates"][0]["stopped_at_step"] == 2
+    work = tmp_path / "work"  # a stopped candidate writes nothing; a finished one not kept stays in the workdir
+    assert sorted(p.name for p in work.iterdir()) == ["0-seed-11"]
 
 
 def test_an_image_whose_candidates_cannot_be_scored_fails_rather_than_keep_an_unscored_fit(tiny_base, tmp_path):
@@ -199,8 +226,10 @@ def test_a_job_killed_between_passes_of_candidates_resumes_without_fitting_them_
     assert not list((tmp_path / "lib" / layout.ATTEMPTS).glob("*/*"))  # complete: the records went
 
 
-def test_a_job_through_the_gate_records_every_candidate(tmp_path):
-    """The worker path on `toy` with its judges: the row, the marker and fit.json say what was tried."""
+@pytest.mark.parametrize("select_after", [1.0, 0.5])
+def test_a_job_through_the_gate_records_every_candidate(tmp_path, select_after):
+    """The worker path on `toy` with its judges: the row, the marker and fit.json say what was tried (with
+    --select-after 0.5: one candidate scored after 3 of its 6 steps and stopped)."""
     from pipeline.run.source import read_inputs
     from pipeline.run.worker import FitWorker
 
@@ -208,22 +237,29 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path):
     (tmp_path / "in" / "a.png").write_bytes(toy_png("star", "dotted", seed=3))
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks star",
                   default_style="dotted", fit={"base_model": "toy", "steps": 6, "rank": 4, "recalibrations": 2},
-                  tracking=Tracking(enabled=False), previews=Previews(steps=1), gate=Gate(candidates=2),
-                  state=RunState(run_id="run-gate"))
+                  tracking=Tracking(enabled=False), previews=Previews(steps=1),
+                  gate=Gate(candidates=2, select_after=select_after), state=RunState(run_id="run-gate"))
     worker = FitWorker(job, device="cpu")
     row = worker.process(read_inputs(job.input, default_content="sks star", default_style="dotted").items[0])
     assert row["status"] == "ok", row.get("error")
     tried = json.loads(row["candidate_scores"])
     assert row["candidates"] == 2 == len(tried) and [t["seed"] for t in tried] == [0, 1]
-    best = max(t["split_score"] for t in tried)
+    finished = [t for t in tried if "split_score" in t]
+    best = max(t["split_score"] for t in finished)
     assert row["split_score"] == best and row["gate_passed"] is True  # no bar: the best passes
-    assert set(tried[0]["scores"]) == {"content", "style", "content_style_leak", "style_shape_leak"}
+    assert set(finished[0]["scores"]) == {"content", "style", "content_style_leak", "style_shape_leak"}
+    stopped = [t for t in tried if "stopped_at_step" in t]
+    assert len(finished) == 2 - len(stopped) and len(stopped) == (select_after < 1)
+    if stopped:
+        assert stopped[0]["stopped_at_step"] == 3 and set(stopped[0]["early_scores"]) == set(finished[0]["scores"])
+        assert finished[0]["selected_at_step"] == 3 and finished[0]["early_split_score"] >= stopped[0]["early_split_score"]
     marker = json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / layout.MARKER).read_text())
     assert marker["candidate_scores"] == row["candidate_scores"] and marker["seed"] in (0, 1)
     fit_record = json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / RECORD).read_text())
     assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
     card = (tmp_path / "lib" / layout.ITEMS / row["item_id"] / CARD).read_text()
     assert "Quality gate (toy-judges, on panels of its own): 2 candidate fits" in card
+    assert ("1 of them scored after 3 steps and not trained on" in card) == bool(stopped)
     assert f"kept seed {marker['seed']}" in card
     # the stored previews are still the users' (preview seed), besides the gate's choice
     assert json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / PREVIEW_PROMPTS).read_text())["seed"] == PREVIEW_SEED
@@ -246,6 +282,11 @@ def test_fit_with_candidates_on_one_image(tmp_path, capsys):
     assert set(summary["candidates"]) == {"5", "6"} and summary["seed"] in (5, 6)
     assert summary["split_score"] == max(summary["candidates"].values()) and summary["gate_passed"] is True
     kept = load_fit(tmp_path / "fit")
+    assert main(["fit", str(image), "--out", str(tmp_path / "staged"), "--candidates", "2", "--select-after", "0.5",
+                 "--scorer", "tiny:0", *flags]) == 0
+    staged = json.loads(capsys.readouterr().out.splitlines()[-1])["candidates"]
+    assert sorted(map(type, staged.values()), key=str) == [dict, float]  # one stopped after step 2, one finished
+    assert next(v for v in staged.values() if isinstance(v, dict))["stopped_at_step"] == 2
     assert kept.config.seed == summary["seed"] and kept.record["gate"]["scorer"] == "tiny-style-0"
 
 

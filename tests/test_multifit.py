@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from unziplora import FitConfig, FitDivergedError, fit, fit_many
-from unziplora.training import _prepare, snapshot, train_batch
+from unziplora.errors import NotChosen
+from unziplora.training import Selection, _prepare, snapshot, train_batch
 
 SAMPLES = Path(__file__).resolve().parent.parent / "examples" / "sample_set"
 
@@ -76,6 +77,33 @@ def test_fits_paused_and_resumed_equal_fits_trained_straight_through(tiny_base):
     changed = [name for name, value in paused.tensors["style"].items()
                if not torch.equal(value, resumed.tensors["style"][name])]
     assert changed  # the snapshot was taken mid-way, not at the end
+
+
+def test_a_selection_mid_training_stops_the_fits_not_chosen(tiny_base):
+    """fit_many's `select`: all three pause after half their steps, the choice sees each as it stands, the one
+    chosen trains on alone and ends as it would have straight through; the others end NotChosen."""
+    configs = [_config(0), _config(1), _config(2)]
+    alone = fit(IMAGES[1], configs[1], base=tiny_base, progress=False)
+    seen = {}
+    calls = []
+    hook = tiny_base.unet.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(args[0].shape[0]),
+                                                    with_kwargs=True)
+    try:
+        results = fit_many(IMAGES, configs, base=tiny_base, progress=False,
+                           select=Selection(0.5, lambda paused: seen.update(paused) or {1}))
+    finally:
+        hook.remove()
+    assert calls == [3] * 3 + [1] * 3
+    assert sorted(seen) == [0, 1, 2] and all(seen[k].path is None and seen[k].config.seed == configs[k].seed
+                                             for k in seen)
+    assert [(type(r), r.step) for r in (results[0], results[2])] == [(NotChosen, 3), (NotChosen, 3)]
+    _assert_same_fit(results[1], alone)
+    assert results[1].record["timings"]["batch_size"] == 3 and results[1].record["timings"]["train_s"] > 0
+
+    def broken(paused):
+        raise RuntimeError("scorer down")
+    failed = fit_many(IMAGES[:2], configs[:2], base=tiny_base, progress=False, select=Selection(0.5, broken))
+    assert [str(r) for r in failed] == ["scorer down"] * 2  # a choice that cannot be made keeps no fit
 
 
 def test_a_diverging_fit_fails_alone(tiny_base):

@@ -36,7 +36,7 @@ Previews, each LoRA alone away from its source, left to right:
 {% if scores %}Quality scores ({{ scorer }}, from these previews):
 {% for name, value in scores.items() %}{{ name }} {{ "%.2f"|format(value) }}{{ ", " if not loop.last }}{% endfor %}.
 {% endif %}{% if gate %}Quality gate ({{ gate.scorer }}, on panels of its own): {{ gate.candidates|length }} candidate fits
-(seeds {% for c in gate.candidates %}{{ c.seed }}{{ ", " if not loop.last }}{% endfor %}); kept seed {{ gate.chosen_seed }}, split score
+(seeds {% for c in gate.candidates %}{{ c.seed }}{{ ", " if not loop.last }}{% endfor %}{% set stopped = gate.candidates|selectattr("stopped_at_step", "defined")|list %}{% if stopped %}; {{ stopped|length }} of them scored after {{ stopped[0].stopped_at_step }} steps and not trained on{% endif %}); kept seed {{ gate.chosen_seed }}, split score
 {{ "%.2f"|format(gate.split_score) }}{% if gate.min_split_score %} against the bar {{ "%.2f"|format(gate.min_split_score) }}: {{ "passed" if gate.passed else "never passed (the best found)" }}{% endif %}.
 {% endif %}
 The source is `{{ prompts.combined }}`: the base model draws it from that prompt while the content LoRA reads the

@@ -151,7 +151,9 @@ def _fit(args) -> int:
     if "gate" in result.record:
         gate = result.record["gate"]
         summary |= {"seed": gate["chosen_seed"], "split_score": gate["split_score"], "gate_passed": gate["passed"],
-                    "candidates": {c["seed"]: c.get("split_score", c.get("error")) for c in gate["candidates"]}}
+                    "candidates": {c["seed"]: c.get("split_score", c.get("error")) if "stopped_at_step" not in c else
+                                   {k: c.get(k) for k in ("stopped_at_step", "early_split_score")}
+                                   for c in gate["candidates"]}}
     print(json.dumps(summary), flush=True)
     if not args.quiet:
         print(fit_next_steps(args.image, result.out_dir, result.record), file=sys.stderr)

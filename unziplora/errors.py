@@ -24,5 +24,13 @@ class FitDivergedError(UnZipLoRAError, RuntimeError):
         self.step, self.loss = step, loss
 
 
+class NotChosen(UnZipLoRAError):
+    """A candidate fit stopped at a selection mid-training (fit_many's `select`): another was trained on."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}: not chosen to train on")
+        self.step = step
+
+
 class BaseModelError(UnZipLoRAError, ValueError):
     """A base model that cannot be used (not an SDXL pipeline, missing files)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import FitConfig, Prompts
-from .errors import FitDivergedError, InputError
+from .errors import FitDivergedError, InputError, NotChosen
 from .images import image_to_tensor, load_image
 from .importance import mask_stats, recalibrate
 from .layers import FitBatch, UnZipLoRA
@@ -55,13 +55,33 @@ def fit(image, config: FitConfig, *, base: BaseModel | None = None, out_dir: str
     return result
 
 
+@dataclass(frozen=True)
+class Selection:
+    """fit_many's look at its fits mid-training: each pauses after `after` of its steps (a fraction in (0, 1]);
+    `choose` gets the paused fits (fit index -> `snapshot`) and returns the indices that train on. The others end
+    there with NotChosen (quality control's early choice among candidates: pipeline/quality/gate.py)."""
+
+    after: float
+    choose: Callable[[dict[int, object]], set[int]]
+
+    def pause(self, config: FitConfig) -> int:
+        return pause_step(self.after, config.steps)
+
+
+def pause_step(after: float, steps: int) -> int:
+    """The step after which a fit of `steps` steps pauses at a selection after a fraction `after` of them."""
+    return min(steps, max(1, round(after * steps)))
+
+
 def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None = None,
              out_dirs: list[str | Path | None] | None = None, overwrite: bool = False, progress: bool = True,
-             on_steps: list[StepCallback | None] | None = None, formats=None) -> list[FitResult | Exception]:
+             on_steps: list[StepCallback | None] | None = None, formats=None,
+             select: Selection | None = None) -> list[FitResult | Exception]:
     """Several independent fits on one base model, trained together: one batched UNet pass per step for the
     fits of one resolution and rank (`train_batch`), each ending as it would alone. Returns, per fit, its
     FitResult or the exception that failed it (a bad image, a NaN): one fit's failure is not its mates'.
-    Timings: `train_s` is the fit's share of its batch's training time (batch wall time / fits in it)."""
+    Timings: `train_s` is the fit's share of its batches' training time (batch wall time / fits in it).
+    `select`: the fits are looked at once mid-training and only those chosen train on (Selection)."""
     from . import export
 
     count = len(images)
@@ -86,11 +106,10 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
                 prepared[i] = _prepare(image, config, base, on_steps[i], dict(loaded))
             except Exception as exc:
                 results[i] = exc
-    groups: dict[tuple, list[int]] = {}
-    for i, (state, _, _) in prepared.items():
-        groups.setdefault((state.config.resolution, state.config.rank), []).append(i)
-    for members in groups.values():
-        _train_halving(base, prepared, members, progress)
+    if select is not None:
+        _train_groups(base, prepared, list(prepared), progress, select)
+        _select(base, prepared, select)
+    _train_groups(base, prepared, list(prepared), progress)
     for i, (state, prompts, timings) in prepared.items():
         if state.error is not None:
             results[i] = state.error
@@ -102,15 +121,44 @@ def fit_many(images: list, configs: list[FitConfig], *, base: BaseModel | None =
     return results
 
 
-def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress: bool) -> None:
-    """Train the fits `members` (keys of `prepared`) together. A batch that runs out of device memory starts
-    again from step 0 as two halves, down to one fit, whose out-of-memory error is its own: a K too large for
-    the device costs time, not fits. Restarted fits end as they would alone (same seed, fresh adapters)."""
+def _train_groups(base: BaseModel, prepared: dict, fits: list[int], progress: bool,
+                  select: Selection | None = None) -> None:
+    """Train `fits` that are still running, one batch per resolution and rank (and pause step, with `select`)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in fits:
+        state = prepared[i][0]
+        if state.running:
+            key = (state.config.resolution, state.config.rank, select and select.pause(state.config))
+            groups.setdefault(key, []).append(i)
+    for (*_, until), members in groups.items():
+        _train_halving(base, prepared, members, progress, until)
+
+
+def _select(base: BaseModel, prepared: dict, select: Selection) -> None:
+    """The paused fits shown to `select.choose`; those it leaves out end with NotChosen."""
+    paused = {i: state for i, (state, _, _) in prepared.items() if state.running}
+    try:
+        keep = set(select.choose({i: snapshot(state, base) for i, state in paused.items()}))
+    except Exception as exc:  # a choice that could not be made fails the fits it was to choose among
+        keep, failed = set(), exc
+    else:
+        failed = None
+    for i, state in paused.items():
+        if i not in keep:
+            state.error = failed or NotChosen(state.step)
+
+
+def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress: bool,
+                   until: int | None = None) -> None:
+    """Train the fits `members` (keys of `prepared`) together (to step `until`, see train_batch). A batch that
+    runs out of device memory starts again from step 0 as two halves, down to one fit, whose out-of-memory error
+    is its own: a K too large for the device costs time, not fits. Restarted fits end as they would alone (same
+    seed, fresh adapters)."""
     states = [prepared[i][0] for i in members]
     t = time.perf_counter()
     halve = False
     try:
-        train_batch(base, states, progress=progress)
+        train_batch(base, states, progress=progress, until=until)
     except torch.OutOfMemoryError as exc:
         if len(members) == 1:  # without its traceback, which holds the failed pass's tensors
             states[0].error = exc.with_traceback(None)
@@ -130,12 +178,15 @@ def _train_halving(base: BaseModel, prepared: dict, members: list[int], progress
         warnings.warn(f"{len(members)} fits trained together ran out of memory on {base.device}; training them "
                       f"again as {half} and {len(members) - half} (a lower --fits-per-worker saves the time)",
                       RuntimeWarning)
-        _train_halving(base, prepared, members[:half], progress)
-        _train_halving(base, prepared, members[half:], progress)
+        _train_halving(base, prepared, members[:half], progress, until)
+        _train_halving(base, prepared, members[half:], progress, until)
         return
     share = (time.perf_counter() - t) / len(members)
     for i, state in zip(members, states):
-        prepared[i][2].update(train_s=share, s_per_step=share / state.config.steps, batch_size=len(members))
+        timings = prepared[i][2]
+        timings["train_s"] = timings.get("train_s", 0.0) + share  # a fit paused at a selection trains twice
+        timings.update(s_per_step=timings["train_s"] / state.config.steps,
+                       batch_size=max(len(members), timings.get("batch_size", 1)))
 
 
 def _prepare(image, config: FitConfig, base: BaseModel, on_step: StepCallback | None,

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unziplora import FitConfig, fit_files, fit_many, load_fit
-from unziplora.errors import InputError, UnZipLoRAError, first_line
+from unziplora import FitArtifacts, FitConfig, fit_files, fit_many, load_fit
+from unziplora.errors import InputError, NotChosen, UnZipLoRAError, first_line
 from unziplora.generate import generate_each
+from unziplora.training import Selection, pause_step
 
 from .previews import preview_prompts
 from .scoring import checked
@@ -64,17 +65,52 @@ def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate
         if not wanted:
             break
         dirs = [workdir / f"{i}-seed-{seed}" for i, seed in wanted]
+        early: dict[int, dict] = {}  # pass index -> what the selection mid-training saw
+        select = None
+        if gate.select_after < 1:
+            judge = lambda k, fit: _judge_fit(fit, images[wanted[k][0]], base, scorer, steps, subjects, styles)  # noqa: E731
+            refits = {k for k, (i, seed) in enumerate(wanted) if any(t["seed"] == seed for t in tried[i])}
+            select = Selection(gate.select_after, lambda paused: _choose_early(paused, wanted, refits, judge, early,
+                                                                               gate.select_after))
         fitted = fit_many([io.BytesIO(images[i]) for i, _ in wanted],
                           [dataclasses.replace(configs[i], seed=seed) for i, seed in wanted],
-                          base=base, out_dirs=dirs, progress=progress, formats=formats)
-        for (i, seed), folder, result in zip(wanted, dirs, fitted):
+                          base=base, out_dirs=dirs, progress=progress, formats=formats, select=select)
+        for k, ((i, seed), folder, result) in enumerate(zip(wanted, dirs, fitted)):
             results[i, seed] = result
-            judged = {"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles)
+            if isinstance(result, NotChosen):
+                judged = {"seed": seed, "stopped_at_step": result.step} | _early_record(early[k])
+            else:
+                judged = {"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles)
+                if k in early:
+                    judged |= {"selected_at_step": early[k]["step"]} | _early_record(early[k])
             tried[i] = sorted([t for t in tried[i] if t["seed"] != seed] + [judged], key=lambda t: t["seed"])
         for i in sorted({i for i, _ in wanted}):
             if on_pass is not None and _more(gate, tried[i]):
                 on_pass(i, tried[i])
     return [_choose(i, tried[i], results, gate, out_dirs[i], scorer) for i in range(len(images))]
+
+
+def _choose_early(paused: dict, wanted: list[tuple[int, int]], refits: set[int], judge, early: dict,
+                  after: float) -> set[int]:
+    """The staged gate's choice (`--select-after`): every paused candidate scored; per image the best trains on,
+    beside a candidate fitted again only for its files (its score is known). An image none of whose candidates
+    could be scored trains them all on."""
+    by_image: dict[int, list[int]] = {}
+    for k, fit in paused.items():
+        early[k] = {"step": pause_step(after, fit.config.steps)} | judge(k, fit)
+        by_image.setdefault(wanted[k][0], []).append(k)
+    keep = set(refits) & set(paused)
+    for image, ks in by_image.items():
+        scored = [k for k in ks if k not in refits and early[k].get("split_score") is not None]
+        keep |= {max(scored, key=lambda k: (early[k]["split_score"], -wanted[k][1]))} if scored else set(ks)
+    return keep
+
+
+def _early_record(seen: dict) -> dict:
+    """A candidate's scores at the selection, as its `tried` entry keeps them (never as its split score)."""
+    if "error" in seen:
+        return {"early_error": seen["error"]}
+    return {"early_split_score": seen["split_score"], "early_scores": seen["scores"]}
 
 
 def _best(tried: list[dict]) -> dict | None:
@@ -96,9 +132,13 @@ def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subject
     """A candidate's scores, or why it has none."""
     if isinstance(result, Exception):
         return {"error": first_line(result, 300)}
+    return _judge_fit(folder, image, base, scorer, steps, subjects, styles)
+
+
+def _judge_fit(fit, image: bytes, base, scorer, steps: int, subjects, styles) -> dict:
+    """The scores of a fit (its folder, or a fit in memory), or why it has none."""
     try:
-        judged = score_candidate(folder, image, base=base, scorer=scorer, steps=steps, subjects=subjects,
-                                 styles=styles)
+        judged = score_candidate(fit, image, base=base, scorer=scorer, steps=steps, subjects=subjects, styles=styles)
     except Exception as exc:  # a candidate that cannot be scored is not chosen; its mates still can be
         return {"error": f"not scored: {first_line(exc, 300)}"}
     return judged if judged["split_score"] is not None else {"error": "the scorer gave no score"}
@@ -114,9 +154,9 @@ def gate_panels(base, fit, steps: int, subjects=None, styles=None) -> dict[str, 
                          num_images=GATE_IMAGES)
 
 
-def score_candidate(fit_dir: Path, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
-    """A fit's scores on the gate's own panels (gate_panels) and its split score."""
-    panels = gate_panels(base, load_fit(fit_dir), steps, subjects, styles)
+def score_candidate(fit, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
+    """A fit's (its folder, or FitArtifacts) scores on the gate's own panels (gate_panels) and its split score."""
+    panels = gate_panels(base, fit if isinstance(fit, FitArtifacts) else load_fit(fit), steps, subjects, styles)
     source = Image.open(io.BytesIO(image)).convert("RGB")
     scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
     return {"split_score": split_score(scores), "scores": scores}
@@ -127,8 +167,9 @@ def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path,
     scored = [t for t in mine if t.get("split_score") is not None]
     if not scored:
         fitted = [results[i, t["seed"]] for t in mine if not isinstance(results[i, t["seed"]], Exception)]
-        if mine and not fitted:
-            return results[i, mine[0]["seed"]]  # every candidate failed: the first one's error is the item's
+        if mine and not fitted:  # every candidate failed: the first one's error is the item's
+            errors = [results[i, t["seed"]] for t in mine]
+            return next((e for e in errors if not isinstance(e, NotChosen)), errors[0])
         why = next((t["error"] for t in tried if "error" in t), "none was fitted again")
         return GateError(f"none of its {len(tried)} candidate fits could be scored ({why}); no unscored fit is "
                          "recorded")

@@ -535,6 +535,7 @@ def final_metrics(row: dict, record: dict) -> dict[str, float]:
     for candidate in gate.get("candidates", []):
         prefix = f"candidate.seed_{candidate['seed']}"
         out[f"{prefix}.split_score"] = candidate.get("split_score")
+        out[f"{prefix}.early_split_score"] = candidate.get("early_split_score")  # --select-after's look mid-training
         out |= {f"{prefix}.{name}": value for name, value in (candidate.get("scores") or {}).items()}
     return {k: v for k, v in out.items() if v is not None}
 

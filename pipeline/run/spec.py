@@ -215,6 +215,12 @@ class Gate:
                                     "gate_passed false", flag="--min-split-score", metavar="S",
                                     check=dict(minimum=0))
 
+    # 1: every candidate trained to the end
+    select_after: float = option(1.0, "score the candidates after this fraction of their training steps and train "
+                                 "only each image's best on (the others stop there: less device time; 1: every "
+                                 "candidate trained to the end)", flag="--select-after", metavar="F",
+                                 check=dict(minimum=0))
+
     @property
     def active(self) -> bool:
         return self.limit > 1
@@ -229,13 +235,18 @@ class Gate:
         check_options(self)
         if self.min_split_score > 1:
             raise InputError(f"--min-split-score is a score in [0, 1], got {self.min_split_score!r}")
+        if not 0 < self.select_after <= 1:
+            raise InputError(f"--select-after is a fraction of the training steps in (0, 1], got {self.select_after!r}")
         if self.max_candidates and self.max_candidates < self.candidates:
             raise InputError(f"--max-candidates ({self.max_candidates}) is below --candidates ({self.candidates})")
 
     def identity(self) -> dict:
         """What an item id hashes of the gate, merged into its settings: another gate chooses another fit. (No
         gate: nothing, so ungated libraries keep their ids.)"""
-        return {"gate": dataclasses.asdict(self)} if self.active else {}
+        if not self.active:
+            return {}
+        # the default select_after is left out: gated libraries made before it existed keep their ids
+        return {"gate": {k: v for k, v in dataclasses.asdict(self).items() if (k, v) != ("select_after", 1.0)}}
 
 
 @dataclass(frozen=True)
