@@ -33,8 +33,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 
-from pipeline.quality.gate import (GATE_IMAGES, GATE_PANELS, GATE_SEED, gate_panels, score_candidate,  # noqa: E402
+from pipeline.quality.gate import (GATE_IMAGES, GATE_PANELS, GATE_SEED, fit_gated, gate_panels,  # noqa: E402
                                    split_score)
+from pipeline.run.spec import Gate  # noqa: E402
 from pipeline.quality.previews import preview_prompts  # noqa: E402
 from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
@@ -151,47 +152,29 @@ def staged_gate(base, scorer, method, batch, paths, a, out: Path, seeds: list[in
 
 def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, candidates: int, steps: int,
                       select_at: list[int] = ()) -> dict:
-    """One fit alone vs `candidates` fits of the same image trained together plus the gate's scoring of each:
-    wall time side by side on this machine (fresh fits, not the cached ones). With `select_at`, per step S also
-    the staged gate: the candidates trained together to step S, each scored, only the best trained on."""
+    """One fit alone vs the gate's run on the same image (pipeline/quality/gate.py fit_gated, as a job runs it:
+    `candidates` fits trained together, each scored, the best kept): wall time side by side on this machine (fresh
+    fits, not the cached ones). With `select_at`, per step S also the staged gate (`--select-after S/steps`): the
+    candidates trained together to step S, each scored, only the best trained on and scored again."""
     configs = [bench.fit_config(method, base.role_table, a, batch.factors[0], seed) for seed in range(candidates)]
     work = out / "gate-timing"
+    shutil.rmtree(work, ignore_errors=True)
     t = time.perf_counter()
-    fit_many([str(path)], configs[:1], base=base, out_dirs=[work / "single"], overwrite=True, progress=False)
+    fit_many([str(path)], configs[:1], base=base, out_dirs=[work / "single"], progress=False)
     single = time.perf_counter() - t
-    t = time.perf_counter()
-    dirs = [work / f"candidate-{k}" for k in range(candidates)]
-    fit_many([str(path)] * candidates, configs, base=base, out_dirs=dirs, overwrite=True, progress=False)
-    fitted = time.perf_counter() - t
-    t = time.perf_counter()
-    for folder in dirs:
-        score_candidate(folder, path.read_bytes(), base=base, scorer=scorer, steps=steps)
-    scored = time.perf_counter() - t
-    timing = {"single_s": single, "candidates_fit_s": fitted, "gate_scoring_s": scored,
-              "device_time_ratio": (fitted + scored) / single}
-    for step in select_at:  # the staged gate: candidates trained together to `step`, scored, the best trained on
+    timing = {"single_s": single}
+    for step in [a.steps, *select_at]:
+        gate = Gate(candidates=candidates, select_after=step / a.steps)
         t = time.perf_counter()
-        states = [_prepare(str(path), config, base, None, {})[0] for config in configs]
-        train_batch(base, states, progress=False, until=step)
-        early = time.perf_counter() - t
-        t = time.perf_counter()
-        source = Image.open(path).convert("RGB")
-        judged = []
-        for state in states:
-            panels = gate_panels(base, snapshot(state, base), steps)
-            judged.append(split_score(checked(scorer.score(source, panels["content"], panels["style"]))))
-        scoring = time.perf_counter() - t
-        t = time.perf_counter()
-        chosen = states[int(np.argmax(judged))]
-        train_batch(base, [chosen], progress=False)
-        rest = time.perf_counter() - t
-        t = time.perf_counter()  # the kept fit is scored again, finished: its record says what was kept
-        panels = gate_panels(base, snapshot(chosen, base), steps)
-        scorer.score(source, panels["content"], panels["style"])
-        final = time.perf_counter() - t
-        timing[f"staged_{step}"] = {"candidates_fit_s": early, "gate_scoring_s": scoring, "chosen_rest_s": rest,
-                                    "final_scoring_s": final,
-                                    "device_time_ratio": (early + scoring + rest + final) / single}
+        [kept] = fit_gated([path.read_bytes()], configs[:1], base=base, gate=gate, scorer=scorer,
+                           out_dirs=[work / f"kept-{step}"], workdir=work / f"candidates-{step}", steps=steps)
+        if isinstance(kept, Exception):
+            raise kept
+        ratio = (time.perf_counter() - t) / single
+        if step == a.steps:  # every candidate trained to the end
+            timing["device_time_ratio"] = ratio
+        else:
+            timing[f"staged_{step}"] = {"device_time_ratio": ratio}
     return timing
 
 
