@@ -91,8 +91,8 @@ def early_gate_scores(base, scorer, method, batch, paths: list[Path], a, out: Pa
                       at_steps: list[int], steps: int) -> dict:
     """(step, image, seed) -> the gate's split score by `scorer` of that candidate as it stood after `step` of its
     training steps (the same fit as the benchmark's, paused: unziplora.training.train_batch's `until`). Panels
-    and scores are kept in the unit's folder under `early-<step>/`; a candidate is trained again (its image's
-    seeds together, up to the last step asked) only where a panel is missing."""
+    and scores are kept in the unit's folder under `early-<step>/`; only candidates with a panel missing are trained
+    again (an image's together, up to the last step asked)."""
     scores = {}
     for i in range(len(paths)):
         configs = [bench.fit_config(method, base.role_table, a, batch.factors[i], seed) for seed in seeds]
@@ -108,11 +108,12 @@ def early_gate_scores(base, scorer, method, batch, paths: list[Path], a, out: Pa
                 drawn = cached_gate_panels(base, None, folder, steps, configs[seeds.index(seed)])
                 if drawn is not None:
                     panels[step, seed] = drawn
-        if len(panels) < len(folders):  # train this image's candidates, pausing at each step asked
-            states = [_prepare(str(paths[i]), config, base, None, {})[0] for config in configs]
+        missing = [seed for seed in seeds if any((step, seed) not in panels for step in at_steps)]
+        if missing:  # train those of this image's candidates together, pausing at each step asked
+            states = [_prepare(str(paths[i]), configs[seeds.index(seed)], base, None, {})[0] for seed in missing]
             for step in sorted(at_steps):
                 train_batch(base, states, progress=False, until=step)
-                for seed, state in zip(seeds, states):
+                for seed, state in zip(missing, states):
                     folder = folders[step, seed]
                     shutil.rmtree(folder, ignore_errors=True)
                     folder.mkdir(parents=True)
