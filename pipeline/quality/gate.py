@@ -8,6 +8,11 @@ scorer gives of: content kept by the content LoRA alone, style carried by the st
 each leak. While an image's best is below `--min-split-score` and fewer than `--max-candidates` were tried,
 N more are fitted. The best scored candidate becomes the item's fit; one that never passes is kept as the
 best found and marked (`gate_passed` false). A candidate that could not be scored is never the item's fit.
+
+With `--select-after F` (< 1) the gate is staged: an image's candidates train together for a fraction F of their
+steps, each is scored as it stands then, and only the best trains on (unziplora.training.Selection); the others
+stop there, their early scores kept. The kept one is scored again finished: the bar and the choice among passes
+see finished fits only.
 """
 
 from __future__ import annotations
