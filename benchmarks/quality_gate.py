@@ -282,5 +282,36 @@ def plot(by_candidates: dict, path: str) -> None:
     figure.savefig(path)
 
 
+def plot_staged(by_set: dict, path: str) -> None:
+    """Images whose split passes against device time (quality_gate-staged.json's results: set -> scorer -> this
+    benchmark's report with --select-at), per set: the single fit, the full gate and the staged gate at each step,
+    per scorer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, all_axes = plt.subplots(1, len(by_set), figsize=(4.6 * len(by_set), 3.6), dpi=100, sharey=True)
+    for axes, (image_set, scorers) in zip(all_axes, sorted(by_set.items())):
+        first = next(iter(scorers.values()))
+        images = len(first["per_image"])
+        axes.scatter([1.0], [images * first["split_ok_single"]], color="grey", marker="s", label="single fit (seed 0)")
+        for (scorer, r), colour in zip(sorted(scorers.items(), reverse=True), ("tab:blue", "tab:orange")):
+            steps = sorted(r["staged"], key=int)
+            xs = [r[f"staged_{s}"]["device_time_ratio"] for s in steps] + [r["device_time_ratio"]]
+            ys = [images * r["staged"][s]["split_ok_staged"] for s in steps] + [images * r["split_ok_gated"]]
+            axes.plot(xs, ys, marker="o", color=colour, label=f"gate, scorer {scorer}")
+            for x, y, s in zip(xs, ys, [*steps, r["settings"]["steps"]]):
+                axes.annotate(f"{s}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+        axes.axhline(images * first["split_ok_oracle"], color="black", linestyle="--", label="oracle's choice")
+        axes.set(xlabel="device time / one fit (this CPU)", title=f"set {image_set}: {images} images, "
+                 f"{len(first['per_image'][0]['gate_split_scores'])} candidates")
+        axes.grid(True, alpha=0.3)
+    all_axes[0].set(ylabel="images whose split passes")
+    all_axes[-1].legend(fontsize=7, title="labels: step of the choice", title_fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
 if __name__ == "__main__":
     main()

@@ -108,6 +108,8 @@ def next_steps(report: dict) -> str:
         counts += (f"; quality gate: {gate['passed']} passed, {gate['refitted']} needed more candidates, "
                    f"{gate['never_passed']} never passed (kept as the best found; gate_passed false), "
                    f"{gate['candidates_fitted']} candidate fits")
+        if "stopped_early" in gate:
+            counts += f" ({gate['stopped_early']} stopped at the early choice, --select-after)"
     tracking = report.get("tracking") or {}
     if not tracking.get("enabled"):
         ui = "tracking was off (--no-tracking, or a remote --output without --tracking-uri)"

@@ -370,3 +370,8 @@ def test_the_report_counts_what_the_gate_did():
     assert "quality gate: 2 passed, 2 needed more candidates, 1 never passed" in text
     assert "gate" not in summarize(JobSpec(input="in", output="lib", tracking=Tracking(enabled=False),
                                            state=RunState(run_id="r")), rows, 10.0, [])
+    staged = [base | {"candidates": 2, "gate_passed": True, "candidate_scores": json.dumps(
+        [{"seed": 0, "stopped_at_step": 300, "early_split_score": 0.4}, {"seed": 1, "split_score": 0.7}])}]
+    report = summarize(job.replace(gate={"candidates": 2, "select_after": 0.5}), staged, wall_s=10.0, parts=[])
+    assert report["gate"]["stopped_early"] == 1
+    assert "(1 stopped at the early choice" in next_steps(report | {"skipped": 0, "already_complete": 0, "tracking": {}})

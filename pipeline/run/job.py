@@ -346,11 +346,16 @@ def summarize(job: JobSpec, rows: list[dict], wall_s: float, parts: list[str], c
 
 def gate_counts(job: JobSpec, fitted: list[dict]) -> dict:
     """The quality gate over this run's fits: how many passed, how many needed candidates beyond the first
-    round (refitted), how many never passed (kept as the best found), and the candidates fitted in all."""
+    round (refitted), how many never passed (kept as the best found), and the candidates fitted in all (of
+    which, with --select-after, how many stopped at the early choice)."""
     passed = sum(r.get("gate_passed") is True for r in fitted)
-    return {"passed": passed, "never_passed": sum(r.get("gate_passed") is False for r in fitted),
-            "refitted": sum((r.get("candidates") or 0) > job.gate.candidates for r in fitted),
-            "candidates_fitted": sum(r.get("candidates") or 0 for r in fitted)}
+    counts = {"passed": passed, "never_passed": sum(r.get("gate_passed") is False for r in fitted),
+              "refitted": sum((r.get("candidates") or 0) > job.gate.candidates for r in fitted),
+              "candidates_fitted": sum(r.get("candidates") or 0 for r in fitted)}
+    if job.gate.select_after < 1:
+        counts["stopped_early"] = sum("stopped_at_step" in c for r in fitted
+                                      for c in loads_json(r.get("candidate_scores")) or [])
+    return counts
 
 
 def _init_ray(address: str | None, job: JobSpec) -> None:
