@@ -46,6 +46,12 @@ def _quality_gate(path: Path) -> None:
     quality_gate.plot(result_files.load("quality_gate-candidates.json"), str(path))
 
 
+def _quality_gate_staged(path: Path) -> None:
+    from benchmarks import quality_gate
+
+    quality_gate.plot_staged(result_files.load("quality_gate-staged.json"), str(path))
+
+
 def _disentangle(image_set: str):
     def draw(path: Path) -> None:
         from benchmarks import disentangle
@@ -63,6 +69,7 @@ FIGURES = {
     "control_plane.png": (_control_plane, ("control_plane.json",)),
     "registry_scale.png": (_registry_scale, ("registry_scale.json",)),
     "quality_gate.png": (_quality_gate, ("quality_gate-candidates.json",)),
+    "quality_gate_staged.png": (_quality_gate_staged, ("quality_gate-staged.json",)),
     "disentangle.png": (_disentangle("A"), ("disentangle-A.json",)),
     "disentangle-B.png": (_disentangle("B"), ("disentangle-B.json",)),
 }

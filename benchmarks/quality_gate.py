@@ -304,6 +304,7 @@ def plot_staged(by_set: dict, path: str) -> None:
             for x, y, s in zip(xs, ys, [*steps, r["settings"]["steps"]]):
                 axes.annotate(f"{s}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
         axes.axhline(images * first["split_ok_oracle"], color="black", linestyle="--", label="oracle's choice")
+        axes.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axes.set(xlabel="device time / one fit (this CPU)", title=f"set {image_set}: {images} images, "
                  f"{len(first['per_image'][0]['gate_split_scores'])} candidates")
         axes.grid(True, alpha=0.3)
