@@ -419,7 +419,7 @@ def test_probe_results_become_role_tables():
 def test_quality_gate_benchmark_judges_the_gates_choice_with_the_benchmarks_protocol(tmp_path, monkeypatch):
     gate = _benchmark_module(monkeypatch, "quality_gate")
     report = gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
-                        "--gate-steps", "1", "--out", str(tmp_path), "--threads", "1"])
+                        "--gate-steps", "1", "--out", str(tmp_path), "--threads", "1", "--select-at", "2"])
     assert len(report["per_image"]) == 2
     for row in report["per_image"]:
         scores = row["gate_split_scores"]
@@ -428,13 +428,20 @@ def test_quality_gate_benchmark_judges_the_gates_choice_with_the_benchmarks_prot
         assert row["any_passes"] >= max(row["single_passes"], row["gated_passes"])
     assert 0 <= report["split_ok_single"] <= report["split_ok_oracle"] <= 1
     assert report["split_ok_gated"] <= report["split_ok_oracle"]
-    assert report["device_time_ratio"] > 0 and report["candidates_fit_s"] > 0 and report["gate_scoring_s"] > 0
-    # the gate's scores are kept beside each fit; the benchmark's own fits and judgements are reused as they are
+    assert report["device_time_ratio"] > 0 and report["single_s"] > 0
+    # the staged gate (--select-at 2 of 4 steps): its choice judged by the chosen seed's finished fit
+    staged = report["staged"][2]
+    assert staged["chosen_seeds"] == [max((0, 1), key=lambda s: (scores[s], -s)) for scores in staged["early_split_scores"]]
+    assert 0 <= staged["split_ok_staged"] <= report["split_ok_oracle"] and report["staged_2"]["device_time_ratio"] > 0
+    # the gate's scores are kept beside each fit (early ones in early-<step>/); the benchmark's own fits and
+    # judgements are reused as they are
     assert len(list(tmp_path.glob("unziplora/*-seed*/gate-toy-judges.json"))) == 4
-    stamps = [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/*.json")]
-    assert gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
-                      "--gate-steps", "1", "--out", str(tmp_path), "--no-timing"])["per_image"] == report["per_image"]
-    assert [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/*.json")] == stamps
+    assert len(list(tmp_path.glob("unziplora/*-seed*/early-2/gate-toy-judges.json"))) == 4
+    stamps = [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/**/*.json")]
+    again = gate.main(["--candidates", "2", "--images", "2", "--seeds", "1", "--steps", "4", "--sample-steps", "2",
+                       "--gate-steps", "1", "--out", str(tmp_path), "--no-timing", "--select-at", "2"])
+    assert again["per_image"] == report["per_image"] and again["staged"] == report["staged"]
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob("unziplora/*-seed*/**/*.json")] == stamps
 
 
 def test_recombination_partners_differ_in_shape_and_style(monkeypatch):
