@@ -163,6 +163,8 @@ CANDIDATES = [
            patch="complementary"),
     Method("complementary-own", "UnZipLoRA, complementary mergers, recombined with the content LoRA on its own "
            "blocks", "{table}", fits_of="complementary", recombine="own"),
+    Method("random-subject", "UnZipLoRA, the style prompt's subject word drawn at random each step", "{table}",
+           patch="random-subject"),
     # no new fits: every fit's style LoRA was trained reading "A shape in zwx style"; recombined, it reads that
     # prompt again and may redraw its own image's shape. Here it reads one without the class word.
     Method("recomb-style-free", "UnZipLoRA, recombined with the content LoRA on its own blocks and the style LoRA "

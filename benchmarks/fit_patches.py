@@ -50,4 +50,35 @@ def complementary_gates():
         ColumnGates.merger_values, ColumnGates.clamp_ = values_before, clamp_before
 
 
-PATCHES = {"complementary": complementary_gates}
+@contextlib.contextmanager
+def random_subject_word():
+    """Issue 28's "subject word randomised over other classes": in the joint fit the style LoRA reads "A {word} in
+    {style} style" with the word drawn afresh each step from the toy world's shape words (from a stream of its own,
+    so the fit's crops, noise and timesteps stay the plain fit's): the style it learns is tied to no subject word.
+    The fit's saved prompts are the plain ones, so `generate` draws it as any fit."""
+    from toyworld import world
+    from unziplora import training
+
+    prepare_before, draw_before = training._prepare, training.FitState.draw
+
+    def prepare(image, config, base, on_step, timings):
+        state, prompts, timings = prepare_before(image, config, base, on_step, timings)
+        state.style_choices = [training.encode_prompts(base, prompts._replace(style=f"A {word} in {config.style} style"))
+                               ["style"] for word in world.SHAPES]
+        state.word_rng = torch.Generator().manual_seed(config.seed + 1)
+        return state, prompts, timings
+
+    def draw(self, base):
+        choices = getattr(self, "style_choices", None)
+        if choices:
+            self.embeds["style"] = choices[int(torch.randint(len(choices), (1,), generator=self.word_rng))]
+        return draw_before(self, base)
+
+    training._prepare, training.FitState.draw = prepare, draw
+    try:
+        yield
+    finally:
+        training._prepare, training.FitState.draw = prepare_before, draw_before
+
+
+PATCHES = {"complementary": complementary_gates, "random-subject": random_subject_word}
