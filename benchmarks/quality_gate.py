@@ -95,22 +95,22 @@ def early_gate_scores(base, scorer, method, batch, paths: list[Path], a, out: Pa
     again (an image's together, up to the last step asked)."""
     scores = {}
     for i in range(len(paths)):
-        configs = [bench.fit_config(method, base.role_table, a, batch.factors[i], seed) for seed in seeds]
+        configs = {seed: bench.fit_config(method, base.role_table, a, batch.factors[i], seed) for seed in seeds}
         image = hashlib.sha256(paths[i].read_bytes()).hexdigest()
         keys = {seed: hashlib.sha256(json.dumps([c.to_dict(), steps, GATE_SEED, GATE_PANELS, GATE_IMAGES, image],
                                                 sort_keys=True).encode()).hexdigest()[:16]
-                for seed, c in zip(seeds, configs)}
+                for seed, c in configs.items()}
         folders = {(step, seed): bench.unit_folder(out, method, i, seed) / f"early-{step}"
                    for step in at_steps for seed in seeds}
         panels = {}
         for (step, seed), folder in folders.items():
             if json.loads((folder / "key").read_text() if (folder / "key").is_file() else "null") == keys[seed]:
-                drawn = cached_gate_panels(base, None, folder, steps, configs[seeds.index(seed)])
+                drawn = cached_gate_panels(base, None, folder, steps, configs[seed])
                 if drawn is not None:
                     panels[step, seed] = drawn
         missing = [seed for seed in seeds if any((step, seed) not in panels for step in at_steps)]
         if missing:  # train those of this image's candidates together, pausing at each step asked
-            states = [_prepare(str(paths[i]), configs[seeds.index(seed)], base, None, {})[0] for seed in missing]
+            states = [_prepare(str(paths[i]), configs[seed], base, None, {})[0] for seed in missing]
             for step in sorted(at_steps):
                 train_batch(base, states, progress=False, until=step)
                 for seed, state in zip(missing, states):
@@ -130,10 +130,11 @@ def early_gate_scores(base, scorer, method, batch, paths: list[Path], a, out: Pa
     return scores
 
 
-def staged_gate(base, scorer, method, batch, paths, a, out: Path, seeds: list[int], own, full: dict, units: dict
-                ) -> dict:
+def staged_gate(base, scorer, method, batch, paths, a, out: Path, seeds: list[int], own, full: dict, units: dict,
+                picked_full: list[int]) -> tuple[dict, dict]:
     """Per step S of `--select-at`: the staged gate's choice (best early score) judged by the chosen seed's
-    finished fit, with how its early scores agree with the truth (scorer_agreement's figures)."""
+    finished fit, with how its early scores agree with the truth (scorer_agreement's figures); and the full
+    gate's gain over a random candidate (`full`: its scores, `picked_full`: its choice per image)."""
     from scorer_agreement import agreement, truth_score  # beside this file (it imports this one)
 
     early = early_gate_scores(base, scorer, method, batch, paths, a, out, seeds, own.select_at, own.gate_steps)
@@ -143,12 +144,12 @@ def staged_gate(base, scorer, method, batch, paths, a, out: Path, seeds: list[in
     for step in own.select_at:
         scored = {(i, seed): early[step, i, seed] for i in images for seed in seeds}
         chosen = [max(seeds, key=lambda s: (scored[i, s], -s)) for i in images]
-        picked_full = [max(seeds, key=lambda s: (full[i, s] if full[i, s] is not None else -1, -s)) for i in images]
         report[step] = agreement(scored, truth, images, seeds) | {
             "split_ok_staged": float(np.mean([passes(units[i, c]) for i, c in zip(images, chosen)])),
             "same_choice_as_full": float(np.mean([c == f for c, f in zip(chosen, picked_full)])),
             "chosen_seeds": chosen, "early_split_scores": [[scored[i, s] for s in seeds] for i in images]}
-    return report
+    full_gain = agreement({k: -1 if v is None else v for k, v in full.items()}, truth, images, seeds)
+    return report, full_gain["gain_over_random"]
 
 
 def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, candidates: int, steps: int,
@@ -221,12 +222,8 @@ def main(argv=None) -> dict:
     result = {k: float(np.mean([r[f"{w}_passes"] for r in per_image]))
               for k, w in (("split_ok_single", "single"), ("split_ok_gated", "gated"), ("split_ok_oracle", "any"))}
     if own.select_at:
-        from scorer_agreement import agreement, truth_score  # beside this file (it imports this one)
-
-        result["staged"] = staged_gate(base, scorer, method, batch, paths, a, out, seeds, own, gated, units)
-        full = agreement({k: -1 if v is None else v for k, v in gated.items()},
-                         {k: truth_score(u) for k, u in units.items()}, list(range(a.images)), seeds)
-        result["full_gain_over_random"] = full["gain_over_random"]
+        result["staged"], result["full_gain_over_random"] = staged_gate(
+            base, scorer, method, batch, paths, a, out, seeds, own, gated, units, [r["chosen_seed"] for r in per_image])
     if not own.no_timing:
         result |= device_time_ratio(base, scorer, a, batch, paths[0], out, method, own.candidates, own.gate_steps,
                                     own.select_at)
