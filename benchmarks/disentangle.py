@@ -165,6 +165,10 @@ CANDIDATES = [
            "blocks", "{table}", fits_of="complementary", recombine="own"),
     Method("random-subject", "UnZipLoRA, the style prompt's subject word drawn at random each step", "{table}",
            patch="random-subject"),
+    Method("importance-mergers", "UnZipLoRA, mergers of a newly shared column started from the importance scores",
+           "{table}", patch="importance-mergers"),
+    Method("saliency-ties", "UnZipLoRA, equal cone scores ranked by their saliency instead of column index",
+           "{table}", patch="saliency-ties"),
     # no new fits: every fit's style LoRA was trained reading "A shape in zwx style"; recombined, it reads that
     # prompt again and may redraw its own image's shape. Here it reads one without the class word.
     Method("recomb-style-free", "UnZipLoRA, recombined with the content LoRA on its own blocks and the style LoRA "

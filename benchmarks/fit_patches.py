@@ -12,7 +12,9 @@ import contextlib
 
 import torch
 
+from unziplora import importance, training
 from unziplora.layers import ColumnGates
+from unziplora.roles import KINDS
 
 
 def _tied(gates: ColumnGates) -> torch.Tensor:
@@ -57,7 +59,6 @@ def random_subject_word():
     so the fit's crops, noise and timesteps stay the plain fit's): the style it learns is tied to no subject word.
     The fit's saved prompts are the plain ones, so `generate` draws it as any fit."""
     from toyworld import world
-    from unziplora import training
 
     prepare_before, draw_before = training._prepare, training.FitState.draw
 
@@ -81,4 +82,69 @@ def random_subject_word():
         training._prepare, training.FitState.draw = prepare_before, draw_before
 
 
-PATCHES = {"complementary": complementary_gates, "random-subject": random_subject_word}
+def _column_saliency(layer, kind: str) -> torch.Tensor:
+    """(out,): a column's mean |dW * G| at this step, the quantity the cone score thresholds (0 where the LoRA
+    has no gradient: not trained in this layer)."""
+    if layer.grads(kind)[0] is None:
+        return torch.zeros(layer.out_features, device=layer.merger(kind).device)
+    return importance.saliency(layer, kind, layer.merger(kind)).mean(dim=1)
+
+
+@contextlib.contextmanager
+def importance_mergers():
+    """Issue 28's "mergers initialised from the importance scores": a column that a recalibration makes shared
+    (both LoRAs hold it where mergers learn) starts with each LoRA's merger at its saliency at that step over the
+    larger of the two (the more important LoRA at 1, the other at the ratio) instead of 1 each, so the
+    orthogonality loss starts from the importance's verdict rather than pushing both down together. The
+    saliency, not its cone score: at the first recalibration every cone score of a toy fit is 0 (no entry above
+    the threshold yet), which would leave most shared columns at 1 each."""
+    recalibrate_before = training.recalibrate
+
+    @torch.no_grad()
+    def recalibrate(adapter, ratio):
+        gates = adapter.gates
+        tied_before = _tied(gates)
+        scores = {name: torch.stack([_column_saliency(layer, kind) for kind in KINDS])
+                  for name, layer in adapter.named_layers()}  # this step's, before the masks change
+        recalibrate_before(adapter, ratio)
+        fresh = _tied(gates) & ~tied_before
+        for name, layer in adapter.named_layers():
+            new, score = fresh[layer.columns()], scores[name]
+            top = score.max(dim=0).values
+            start = torch.where(top > 0, score / top.clamp_min(torch.finfo(score.dtype).tiny), torch.ones_like(score))
+            for k, kind in enumerate(KINDS):
+                merger = layer.merger(kind)
+                merger.copy_(torch.where(new, start[k].to(merger.dtype), merger))
+
+    training.recalibrate = recalibrate
+    try:
+        yield
+    finally:
+        training.recalibrate = recalibrate_before
+
+
+@contextlib.contextmanager
+def saliency_ties():
+    """Column picks ranked by the cone score as the paper's, its ties broken by the saliency it thresholds instead
+    of by column index. At the first recalibration of a toy fit every cone score is 0 (no entry above 1e-5 yet),
+    so the paper's rule picks each layer's first 10 % of columns whatever the image (and the reference code, with
+    its strict '>', picks none); ranked by saliency, the picks are the columns this image's gradient moves most.
+    The tie-break adds less than one step of the cone score (1 / in_features), so it never reorders unequal
+    scores."""
+    scores_before = importance.cone_scores
+
+    @torch.no_grad()
+    def cone_scores(layer, kind, merger):
+        cone = scores_before(layer, kind, merger)
+        column = importance.saliency(layer, kind, merger).mean(dim=1)
+        return cone + 0.5 / layer.in_features * column / column.max().clamp_min(torch.finfo(column.dtype).tiny)
+
+    importance.cone_scores = cone_scores
+    try:
+        yield
+    finally:
+        importance.cone_scores = scores_before
+
+
+PATCHES = {"complementary": complementary_gates, "random-subject": random_subject_word,
+           "importance-mergers": importance_mergers, "saliency-ties": saliency_ties}

@@ -518,3 +518,64 @@ def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypa
     assert content.min() < 0.9 and style.min() < 0.9  # shared out, not left at 1 each
     content, style = shared(plain)  # the paper's mergers: both start at 1, learned apart
     assert (content + style).min() > 1.5
+
+
+def test_importance_mergers_patch_starts_shared_columns_from_the_scores_only_inside_it(monkeypatch, tiny_base,
+                                                                                        sample_image):
+    from unziplora import training
+    from unziplora.config import FitConfig
+
+    patches = _benchmark_module(monkeypatch, "fit_patches")
+    config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, recalibrations=2)
+    plain_recalibrate = training.recalibrate
+    with patches.PATCHES["importance-mergers"]():
+        assert training.recalibrate is not plain_recalibrate
+        scored = training.fit(sample_image, config, base=tiny_base, progress=False).tensors
+    assert training.recalibrate is plain_recalibrate
+    plain = training.fit(sample_image, config, base=tiny_base, progress=False).tensors
+
+    def shared(tensors):  # (content merger, style merger) on columns both LoRAs hold
+        pairs = []
+        for key in [k for k in tensors["masks"] if k.endswith(".content")]:
+            name = key.removesuffix(".content")
+            both = (tensors["masks"][key] * tensors["masks"][f"{name}.style"]).bool()
+            pairs.append(torch.stack([tensors["mergers"][key][both], tensors["mergers"][f"{name}.style"][both]]))
+        return torch.cat(pairs, dim=1)
+
+    mergers = shared(scored)
+    assert mergers.shape[1] > 0
+    assert mergers.max(dim=0).values.min() > 0.9  # the more important LoRA starts at 1
+    assert mergers.min(dim=0).values.min() < 0.9  # the other at its share, not at 1
+    assert shared(plain).min() > 0.9  # the paper's: both start at 1
+
+
+def test_saliency_ties_patch_keeps_the_cone_order_and_breaks_its_ties_only_inside_it(monkeypatch, tiny_base,
+                                                                                    sample_image):
+    from unziplora import importance, training
+    from unziplora.config import FitConfig
+
+    patches = _benchmark_module(monkeypatch, "fit_patches")
+    config = FitConfig(content="sks dog", style="watercolor painting", steps=8, rank=4, recalibrations=2)
+    plain_scores, seen = importance.cone_scores, []
+
+    def spy(layer, kind, merger):  # what the patched scores give against the paper's, on a real fit's layers
+        seen.append((plain_scores(layer, kind, merger), patched(layer, kind, merger), layer.in_features))
+        return seen[-1][1]
+
+    with patches.PATCHES["saliency-ties"]():
+        patched = importance.cone_scores
+        monkeypatch.setattr(importance, "cone_scores", spy)
+        tied = training.fit(sample_image, config, base=tiny_base, progress=False).tensors
+        monkeypatch.undo()
+        assert importance.cone_scores is patched
+    assert importance.cone_scores is plain_scores
+    plain = training.fit(sample_image, config, base=tiny_base, progress=False).tensors
+    assert seen
+    for cone, ranked, inputs in seen:
+        higher = cone[:, None] > cone[None, :]
+        assert (ranked[:, None] > ranked[None, :])[higher].all()  # never reorders unequal cone scores
+        assert (ranked - cone).min() >= 0 and (ranked - cone).max() <= 0.5 / inputs + 1e-6  # half a cone step
+    pairs = [(cone[:, None] == cone[None, :]) & ~torch.eye(len(cone), dtype=torch.bool) for cone, _, _ in seen]
+    untied = sum(int(((ranked[:, None] != ranked[None, :]) & tie).sum()) for (_, ranked, _), tie in zip(seen, pairs))
+    assert untied > 0.9 * sum(int(tie.sum()) for tie in pairs) > 0  # equal cone scores: the saliency orders them
+    assert any(not torch.equal(tied["masks"][k], plain["masks"][k]) for k in plain["masks"])

@@ -15,13 +15,18 @@ CONE_THRESHOLD = 1e-5
 
 
 @torch.no_grad()
-def cone_scores(layer: DualLoRALinear, kind: str, merger: torch.Tensor) -> torch.Tensor:
-    """score_j = mean_i 1[|dW_ij * G_ij| > 1e-5], dW = B A, G = (B gradA + gradB A) * m[:, None]."""
+def saliency(layer: DualLoRALinear, kind: str, merger: torch.Tensor) -> torch.Tensor:
+    """(out, in): |dW * G|, dW = B A, G = (B gradA + gradB A) * m[:, None] (the LoRA's weight change times its
+    gradient, entry by entry)."""
     A, B = layer.factors(kind)
     grad_A, grad_B = layer.grads(kind)
-    delta_w = B @ A
-    grad_w = (B @ grad_A + grad_B @ A) * merger[:, None]
-    return ((delta_w * grad_w).abs() > CONE_THRESHOLD).float().mean(dim=1)
+    return (B @ A * ((B @ grad_A + grad_B @ A) * merger[:, None])).abs()
+
+
+@torch.no_grad()
+def cone_scores(layer: DualLoRALinear, kind: str, merger: torch.Tensor) -> torch.Tensor:
+    """score_j = mean_i 1[|dW_ij * G_ij| > 1e-5] (j an output column): the share of its saliency above 1e-5."""
+    return (saliency(layer, kind, merger) > CONE_THRESHOLD).float().mean(dim=1)
 
 
 def top_k_columns(scores: torch.Tensor, k: int, forbidden: torch.Tensor | None = None) -> torch.Tensor:
