@@ -16,7 +16,9 @@ same pixels. Per scorer it prints:
 - the truth's gain from its choice: mean truth of the chosen candidate minus that of seed 0, against the
   judges' own choice's gain (the most a choice among these candidates can give is the oracle's);
 - its gain over a random choice: the chosen candidate's truth minus the mean truth of the image's candidates,
-  with a 95 % bootstrap interval over images (a scorer that chooses no better than chance has 0 in it).
+  with a 95 % bootstrap interval over images (a scorer that chooses no better than chance has 0 in it);
+- with `toy` among the scorers, each other scorer against the judges' own scores of the same gate panels (the
+  issue's test of a built-in scorer): how often it chooses the judges' candidate, and its Spearman within images.
 """
 
 from __future__ import annotations
@@ -98,11 +100,19 @@ def main(argv=None) -> dict:
     report = {"images": a.images, "candidates": own.candidates, "oracle_gain": float(np.mean(
         [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "random_gain": float(np.mean(
         [np.mean([truth[i, k] for k in seeds]) - truth[i, 0] for i in images])), "scorers": {}}
+    every = {}
     for spec in own.scorer:
         scorer = load_scorer(spec, base)
-        scored = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
+        scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
+    JUDGES = judges_mod.PreviewScorer.name
+    if JUDGES in every:  # issue 29's own test of a scorer: against the judges' scores of the same panels
+        for name, scored in every.items():
+            if name != JUDGES:
+                versus = agreement(scored, every[JUDGES], images, seeds)
+                report["scorers"][name]["vs_judges"] = {key: versus[key] for key in
+                                                        ("choice_agreement", "spearman_within", "images_ranked")}
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates; truth: "
           f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}, a random choice's "
           f"{report['random_gain']:+.3f}")
@@ -115,6 +125,12 @@ def main(argv=None) -> dict:
         g = r["gain_over_random"]
         print(f"| {name} | {r['choice_agreement']:.2f} | {within} ({r['images_ranked']}) | {pooled} | "
               f"{r['truth_gain']:+.3f} | {g['mean']:+.3f} ({g['low']:+.3f} to {g['high']:+.3f}) |")
+    for name, r in report["scorers"].items():
+        if "vs_judges" in r:
+            v = r["vs_judges"]
+            within = "-" if v["spearman_within"] is None else f"{v['spearman_within']:.2f}"
+            print(f"{name} against the judges on the same gate panels: the same choice on {v['choice_agreement']:.2f} "
+                  f"of the images, Spearman within images {within} ({v['images_ranked']} images)")
     if own.json:
         import results as result_files  # beside this file
 

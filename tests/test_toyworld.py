@@ -483,6 +483,9 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     assert set(report["scorers"]) == {"toy-judges", "tiny-style-0"}
     for row in report["scorers"].values():
         assert 0 <= row["choice_agreement"] <= 1 and row["truth_gain"] <= report["oracle_gain"] + 1e-9
+    versus = report["scorers"]["tiny-style-0"]["vs_judges"]  # against the judges' scores of the same panels
+    assert 0 <= versus["choice_agreement"] <= 1 and versus["images_ranked"] <= 2
+    assert "vs_judges" not in report["scorers"]["toy-judges"]
     panels = sorted(tmp_path.glob("unziplora/*-seed*/gate-panels-1/*.png"))
     assert len(panels) == 4 * 2 * 6 * 2  # 4 candidates x 2 LoRAs x 6 prompts x 2 images, drawn once
     stamps = [p.stat().st_mtime_ns for p in panels]
