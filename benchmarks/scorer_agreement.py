@@ -106,11 +106,11 @@ def main(argv=None) -> dict:
         scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
-    JUDGES = judges_mod.PreviewScorer.name
-    if JUDGES in every:  # issue 29's own test of a scorer: against the judges' scores of the same panels
+    judges = judges_mod.PreviewScorer.name
+    if judges in every:  # issue 29's own test of a scorer: against the judges' scores of the same panels
         for name, scored in every.items():
-            if name != JUDGES:
-                versus = agreement(scored, every[JUDGES], images, seeds)
+            if name != judges:
+                versus = agreement(scored, every[judges], images, seeds)
                 report["scorers"][name]["vs_judges"] = {key: versus[key] for key in
                                                         ("choice_agreement", "spearman_within", "images_ranked")}
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates; truth: "
