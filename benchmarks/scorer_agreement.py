@@ -36,9 +36,21 @@ from disentangle_stats import bootstrap  # noqa: E402
 from quality_gate import gate_scores  # noqa: E402
 
 from pipeline.quality.gate import split_score  # noqa: E402
+from pipeline.quality.base_scorer import TIMESTEPS, BaseModelScorer  # noqa: E402
 from pipeline.quality.scoring import load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
+
+
+def scorer_of(spec: str, base):
+    """A scorer spec as a job reads it, or `base:N`: the base-model scorer at N timesteps spread evenly over the
+    same 20-80 % of the schedule (`base` is `base:4`), to see whether its own noise limits how it chooses."""
+    name, _, count = spec.partition(":")
+    if name != "base" or not count:
+        return load_scorer(spec, base)
+    scorer = BaseModelScorer(base, timesteps=tuple(np.linspace(TIMESTEPS[0], TIMESTEPS[-1], int(count)).tolist()))
+    scorer.name = f"{scorer.name}-{int(count)}t"
+    return scorer
 
 
 def truth_score(unit: dict) -> float:
@@ -78,7 +90,8 @@ def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) ->
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scorer", nargs="+", default=["toy"], help="scorer specs (pipeline/quality/scoring.py)")
+    p.add_argument("--scorer", nargs="+", default=["toy"],
+                   help="scorer specs (pipeline/quality/scoring.py), or base:N (the base scorer at N timesteps)")
     p.add_argument("--candidates", type=int, default=3)
     p.add_argument("--gate-steps", type=int, default=8)
     p.add_argument("--json", help="also write the figures as a result file (docs/results/scorer_agreement-SET.json)")
@@ -102,7 +115,7 @@ def main(argv=None) -> dict:
         [np.mean([truth[i, k] for k in seeds]) - truth[i, 0] for i in images])), "scorers": {}}
     every = {}
     for spec in own.scorer:
-        scorer = load_scorer(spec, base)
+        scorer = scorer_of(spec, base)
         scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}

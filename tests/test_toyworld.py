@@ -462,6 +462,17 @@ def test_recombination_partners_differ_in_shape_and_style(monkeypatch):
                                                "hits": {"content_acc": [1.0, 0.0]}}}
 
 
+def test_scorer_agreement_reads_the_base_scorer_at_other_timesteps(monkeypatch, tiny_base):
+    agree = _benchmark_module(monkeypatch, "scorer_agreement")
+    plain, eight = agree.scorer_of("base", tiny_base), agree.scorer_of("base:8", tiny_base)
+    assert plain.name == "base-unet" and eight.name == "base-unet-8t"  # cached apart
+    last = tiny_base.scheduler.config.num_train_timesteps - 1
+    assert plain.timesteps.tolist() == [round(f * last) for f in (0.2, 0.4, 0.6, 0.8)]
+    assert len(eight.timesteps) == 8 and eight.timesteps[0] == plain.timesteps[0] \
+        and eight.timesteps[-1] == plain.timesteps[-1] and (eight.timesteps.diff() > 0).all()
+    assert agree.scorer_of("base:4", tiny_base).timesteps.tolist() == plain.timesteps.tolist()
+
+
 def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, monkeypatch):
     agree = _benchmark_module(monkeypatch, "scorer_agreement")
     assert agree.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
