@@ -18,7 +18,10 @@ same pixels. Per scorer it prints:
 - its gain over a random choice: the chosen candidate's truth minus the mean truth of the image's candidates,
   with a 95 % bootstrap interval over images (a scorer that chooses no better than chance has 0 in it);
 - with `toy` among the scorers, each other scorer against the judges' own scores of the same gate panels (the
-  issue's test of a built-in scorer): how often it chooses the judges' candidate, and its Spearman within images.
+  issue's test of a built-in scorer): how often it chooses the judges' candidate, and its Spearman within images;
+- with `--halves`, each scorer on each half of the panels apart (every prompt's first image, or its second): the
+  Spearman within images of each half against the truth beside that of all the panels, and between the halves
+  (how much a ranking depends on the number of panels the gate draws).
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import disentangle as bench  # noqa: E402  (beside this file)
 from disentangle_stats import bootstrap  # noqa: E402
-from quality_gate import gate_scores  # noqa: E402
+from quality_gate import cached_gate_panels, gate_scores  # noqa: E402
 
 from pipeline.quality.gate import split_score  # noqa: E402
 from pipeline.quality.base_scorer import TIMESTEPS, BaseModelScorer  # noqa: E402
-from pipeline.quality.scoring import load_scorer  # noqa: E402
+from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
@@ -51,6 +55,23 @@ def scorer_of(spec: str, base):
     scorer = BaseModelScorer(base, timesteps=tuple(np.linspace(TIMESTEPS[0], TIMESTEPS[-1], int(count)).tolist()))
     scorer.name = f"{scorer.name}-{int(count)}t"
     return scorer
+
+
+def rho(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def half_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> dict:
+    """(half, image, seed) -> the split score by `scorer` of half the gate's panels of that fit: each prompt's
+    first image (half 0) or its second (half 1); the panels are the cached ones `gate_scores` scored."""
+    scores = {}
+    for (i, seed), fit in sorted(fits.items()):
+        panels = cached_gate_panels(base, fit, bench.unit_folder(out, method, i, seed), steps)
+        source = Image.open(paths[i]).convert("RGB")
+        for half in (0, 1):  # the panels are prompt by prompt, each prompt's images together
+            judged = checked(scorer.score(source, panels["content"][half::2], panels["style"][half::2]))
+            scores[half, i, seed] = split_score(judged)
+    return scores
 
 
 def truth_score(unit: dict) -> float:
@@ -94,6 +115,8 @@ def main(argv=None) -> dict:
                    help="scorer specs (pipeline/quality/scoring.py), or base:N (the base scorer at N timesteps)")
     p.add_argument("--candidates", type=int, default=3)
     p.add_argument("--gate-steps", type=int, default=8)
+    p.add_argument("--halves", action="store_true", help="also score each half of the gate's panels apart: how "
+                   "much the ranking depends on the number of panels")
     p.add_argument("--json", help="also write the figures as a result file (docs/results/scorer_agreement-SET.json)")
     own, rest = p.parse_known_args(argv)
     a = bench.parse_args(rest + ["--fit-seeds", *map(str, range(own.candidates)), "--methods", "unziplora"])
@@ -119,6 +142,13 @@ def main(argv=None) -> dict:
         scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
+        if own.halves:
+            halves = half_scores(base, scorer, fits, paths, own.gate_steps, out, method)
+            half = [{(i, seed): value for (h, i, seed), value in halves.items() if h == k} for k in (0, 1)]
+            against = [agreement(h, truth, images, seeds)["spearman_within"] for h in half]
+            report["scorers"][scorer.name]["halves"] = {
+                "spearman_between": agreement(half[0], half[1], images, seeds)["spearman_within"],
+                "spearman_within_each": against}
     judges = judges_mod.PreviewScorer.name
     if judges in every:  # issue 29's own test of a scorer: against the judges' scores of the same panels
         for name, scored in every.items():
@@ -133,17 +163,21 @@ def main(argv=None) -> dict:
           "| gain over a random choice (95 %) |")
     print("|---|---|---|---|---|---|")
     for name, r in report["scorers"].items():
-        within = "-" if r["spearman_within"] is None else f"{r['spearman_within']:.2f}"
-        pooled = "-" if r["spearman_pooled"] is None else f"{r['spearman_pooled']:.2f}"
         g = r["gain_over_random"]
-        print(f"| {name} | {r['choice_agreement']:.2f} | {within} ({r['images_ranked']}) | {pooled} | "
+        print(f"| {name} | {r['choice_agreement']:.2f} | {rho(r['spearman_within'])} ({r['images_ranked']}) | "
+              f"{rho(r['spearman_pooled'])} | "
               f"{r['truth_gain']:+.3f} | {g['mean']:+.3f} ({g['low']:+.3f} to {g['high']:+.3f}) |")
     for name, r in report["scorers"].items():
+        if "halves" in r:
+            h = r["halves"]
+            each = " and ".join(rho(v) for v in h["spearman_within_each"])
+            print(f"{name} on half the panels (each prompt's first or second image): Spearman within images against "
+                  f"the truth {each} (all the panels: {rho(r['spearman_within'])}), between the two halves "
+                  f"{rho(h['spearman_between'])}")
         if "vs_judges" in r:
             v = r["vs_judges"]
-            within = "-" if v["spearman_within"] is None else f"{v['spearman_within']:.2f}"
             print(f"{name} against the judges on the same gate panels: the same choice on {v['choice_agreement']:.2f} "
-                  f"of the images, Spearman within images {within} ({v['images_ranked']} images)")
+                  f"of the images, Spearman within images {rho(v['spearman_within'])} ({v['images_ranked']} images)")
     if own.json:
         import results as result_files  # beside this file
 

@@ -496,12 +496,17 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
         assert 0 <= row["choice_agreement"] <= 1 and row["truth_gain"] <= report["oracle_gain"] + 1e-9
     versus = report["scorers"]["tiny-style-0"]["vs_judges"]  # against the judges' scores of the same panels
     assert 0 <= versus["choice_agreement"] <= 1 and versus["images_ranked"] <= 2
-    assert "vs_judges" not in report["scorers"]["toy-judges"]
+    assert "vs_judges" not in report["scorers"]["toy-judges"] and "halves" not in report["scorers"]["toy-judges"]
     panels = sorted(tmp_path.glob("unziplora/*-seed*/gate-panels-1/*.png"))
     assert len(panels) == 4 * 2 * 6 * 2  # 4 candidates x 2 LoRAs x 6 prompts x 2 images, drawn once
     stamps = [p.stat().st_mtime_ns for p in panels]
     assert agree.main(args) == report  # the same pixels: the same figures, nothing drawn again
     assert [p.stat().st_mtime_ns for p in panels] == stamps
+    halved = agree.main(args + ["--halves"])  # each half of those panels scored apart, still nothing drawn
+    assert [p.stat().st_mtime_ns for p in panels] == stamps
+    for name, row in halved["scorers"].items():
+        assert set(row.pop("halves")) == {"spearman_between", "spearman_within_each"}
+        assert row == report["scorers"][name]
 
 
 def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypatch, tiny_base, sample_image):
