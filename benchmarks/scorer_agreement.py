@@ -61,16 +61,16 @@ def rho(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def half_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> dict:
-    """(half, image, seed) -> the split score by `scorer` of half the gate's panels of that fit: each prompt's
-    first image (half 0) or its second (half 1); the panels are the cached ones `gate_scores` scored."""
-    scores = {}
+def half_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> list[dict]:
+    """Per half of the gate's panels, (image, seed) -> the split score by `scorer` of that half of the fit's panels:
+    each prompt's first image (half 0) or its second (half 1); the panels are the cached ones `gate_scores` scored."""
+    scores = [{}, {}]
     for (i, seed), fit in sorted(fits.items()):
         panels = cached_gate_panels(base, fit, bench.unit_folder(out, method, i, seed), steps)
         source = Image.open(paths[i]).convert("RGB")
-        for half in (0, 1):  # the panels are prompt by prompt, each prompt's images together
+        for half, scored in enumerate(scores):  # the panels are prompt by prompt, each prompt's images together
             judged = checked(scorer.score(source, panels["content"][half::2], panels["style"][half::2]))
-            scores[half, i, seed] = split_score(judged)
+            scored[i, seed] = split_score(judged)
     return scores
 
 
@@ -143,12 +143,10 @@ def main(argv=None) -> dict:
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
         if own.halves:
-            halves = half_scores(base, scorer, fits, paths, own.gate_steps, out, method)
-            half = [{(i, seed): value for (h, i, seed), value in halves.items() if h == k} for k in (0, 1)]
-            against = [agreement(h, truth, images, seeds)["spearman_within"] for h in half]
+            half = half_scores(base, scorer, fits, paths, own.gate_steps, out, method)
             report["scorers"][scorer.name]["halves"] = {
                 "spearman_between": agreement(half[0], half[1], images, seeds)["spearman_within"],
-                "spearman_within_each": against}
+                "spearman_within_each": [agreement(h, truth, images, seeds)["spearman_within"] for h in half]}
     judges = judges_mod.PreviewScorer.name
     if judges in every:  # issue 29's own test of a scorer: against the judges' scores of the same panels
         for name, scored in every.items():
