@@ -53,33 +53,42 @@ def passes(unit: dict) -> bool:
     return all(unit[k] >= v if op == ">=" else unit[k] <= v for k, (op, v) in PASS.items())
 
 
-def cached_gate_panels(base, fit, folder: Path, steps: int, config=None) -> dict[str, list[Image.Image]]:
+def panel_tag(steps: int, images: int = GATE_IMAGES) -> str:
+    """What names a candidate's cached gate panels (and their scores): sampling steps, and images per prompt where
+    not the gate's default (so the default's caches stay valid beside the others)."""
+    return f"{steps}" if images == GATE_IMAGES else f"{steps}-x{images}"
+
+
+def cached_gate_panels(base, fit, folder: Path, steps: int, config=None, images: int = GATE_IMAGES
+                       ) -> dict[str, list[Image.Image]]:
     """The gate's panels of one candidate (pipeline/quality/gate.py's gate_panels), drawn once and kept in its
     folder, so that every scorer is shown the same pixels (`fit` None: only read back, for `config`'s fit)."""
-    keep = folder / f"gate-panels-{steps}"
+    keep = folder / f"gate-panels-{panel_tag(steps, images)}"
     prompts = preview_prompts(config or fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
-    names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * GATE_IMAGES)] for kind, p in prompts.items()}
+    names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * images)] for kind, p in prompts.items()}
     if not all(path.is_file() for paths in names.values() for path in paths):
         if fit is None:
             return None
         keep.mkdir(exist_ok=True)
-        for kind, images in gate_panels(base, fit, steps).items():
-            for image, path in zip(images, names[kind]):
+        for kind, drawn in gate_panels(base, fit, steps, images=images).items():
+            for image, path in zip(drawn, names[kind]):
                 image.save(path)
     return {kind: [Image.open(path).convert("RGB") for path in paths] for kind, paths in names.items()}
 
 
-def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> dict:
-    """(image, seed) -> the gate's split score of that fit by `scorer`, cached beside it (one file per scorer)."""
+def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method,
+                images: int = GATE_IMAGES) -> dict:
+    """(image, seed) -> the gate's split score of that fit by `scorer`, cached beside it (one file per scorer and
+    number of images per prompt)."""
     scores = {}
     for (i, seed), fit in sorted(fits.items()):
-        key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS, images=GATE_IMAGES,
+        key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS, images=images,
                    fit=hashlib.sha256((fit.path / RECORD).read_bytes()).hexdigest()[:16])
         folder = bench.unit_folder(out, method, i, seed)
-        cache = folder / f"gate-{scorer.name}.json"
+        cache = folder / (f"gate-{scorer.name}.json" if images == GATE_IMAGES else f"gate-{scorer.name}-x{images}.json")
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
         if saved.get("key") != key:
-            panels = cached_gate_panels(base, fit, folder, steps)
+            panels = cached_gate_panels(base, fit, folder, steps, images=images)
             judged = checked(scorer.score(Image.open(paths[i]).convert("RGB"), panels["content"], panels["style"]))
             saved = dict(key=key, split_score=split_score(judged), scores=judged)
             cache.write_text(json.dumps(saved))

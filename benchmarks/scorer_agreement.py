@@ -19,9 +19,11 @@ same pixels. Per scorer it prints:
   with a 95 % bootstrap interval over images (a scorer that chooses no better than chance has 0 in it);
 - with `toy` among the scorers, each other scorer against the judges' own scores of the same gate panels (the
   issue's test of a built-in scorer): how often it chooses the judges' candidate, and its Spearman within images;
-- with `--halves`, each scorer on each half of the panels apart (every prompt's first image, or its second): the
-  Spearman within images of each half against the truth beside that of all the panels, and between the halves
-  (how much a ranking depends on the number of panels the gate draws).
+- `--gate-images N`: the gate's panels drawn with N images per prompt instead of a job's default (kept apart
+  from the default's, `gate-panels-<steps>-xN/`);
+- with `--halves`, each scorer on each half of the panels apart (every prompt's even-numbered images, or its
+  odd-numbered): the Spearman within images of each half against the truth beside that of all the panels, and
+  between the halves (how much a ranking depends on the number of panels the gate draws).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import disentangle as bench  # noqa: E402  (beside this file)
 from disentangle_stats import bootstrap  # noqa: E402
 from quality_gate import cached_gate_panels, gate_scores  # noqa: E402
 
-from pipeline.quality.gate import split_score  # noqa: E402
+from pipeline.quality.gate import GATE_IMAGES, split_score  # noqa: E402
 from pipeline.quality.base_scorer import TIMESTEPS, BaseModelScorer  # noqa: E402
 from pipeline.quality.scoring import checked, load_scorer  # noqa: E402
 from toyworld import judges as judges_mod  # noqa: E402
@@ -61,12 +63,14 @@ def rho(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def half_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method) -> list[dict]:
+def half_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method, images: int
+                ) -> list[dict]:
     """Per half of the gate's panels, (image, seed) -> the split score by `scorer` of that half of the fit's panels:
-    each prompt's first image (half 0) or its second (half 1); the panels are the cached ones `gate_scores` scored."""
+    each prompt's even-numbered images (half 0: with two per prompt, its first) or its odd-numbered ones (half 1);
+    the panels are the cached ones `gate_scores` scored."""
     scores = [{}, {}]
     for (i, seed), fit in sorted(fits.items()):
-        panels = cached_gate_panels(base, fit, bench.unit_folder(out, method, i, seed), steps)
+        panels = cached_gate_panels(base, fit, bench.unit_folder(out, method, i, seed), steps, images=images)
         source = Image.open(paths[i]).convert("RGB")
         for half, scored in enumerate(scores):  # the panels are prompt by prompt, each prompt's images together
             judged = checked(scorer.score(source, panels["content"][half::2], panels["style"][half::2]))
@@ -115,10 +119,14 @@ def main(argv=None) -> dict:
                    help="scorer specs (pipeline/quality/scoring.py), or base:N (the base scorer at N timesteps)")
     p.add_argument("--candidates", type=int, default=3)
     p.add_argument("--gate-steps", type=int, default=8)
+    p.add_argument("--gate-images", type=int, default=GATE_IMAGES, metavar="N",
+                   help=f"images per prompt in the gate's panels (a job's default: {GATE_IMAGES})")
     p.add_argument("--halves", action="store_true", help="also score each half of the gate's panels apart: how "
                    "much the ranking depends on the number of panels")
     p.add_argument("--json", help="also write the figures as a result file (docs/results/scorer_agreement-SET.json)")
     own, rest = p.parse_known_args(argv)
+    if own.halves and own.gate_images % 2:
+        raise SystemExit("--halves needs an even --gate-images")
     a = bench.parse_args(rest + ["--fit-seeds", *map(str, range(own.candidates)), "--methods", "unziplora"])
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -133,17 +141,19 @@ def main(argv=None) -> dict:
     units = bench.score_units(base, judges_mod.load_judges(), method, batch, fits, a, out)
     truth = {key: truth_score(unit) for key, unit in units.items()}
     images, seeds = list(range(a.images)), list(range(own.candidates))
-    report = {"images": a.images, "candidates": own.candidates, "oracle_gain": float(np.mean(
+    report = {"images": a.images, "candidates": own.candidates, "gate_images": own.gate_images,
+              "oracle_gain": float(np.mean(
         [max(truth[i, k] for k in seeds) - truth[i, 0] for i in images])), "random_gain": float(np.mean(
         [np.mean([truth[i, k] for k in seeds]) - truth[i, 0] for i in images])), "scorers": {}}
     every = {}
     for spec in own.scorer:
         scorer = scorer_of(spec, base)
-        scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
+        scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method,
+                                                    own.gate_images)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
         report["scorers"][scorer.name] = agreement(scored, truth, images, seeds) | {"spearman_pooled": pooled}
         if own.halves:
-            half = half_scores(base, scorer, fits, paths, own.gate_steps, out, method)
+            half = half_scores(base, scorer, fits, paths, own.gate_steps, out, method, own.gate_images)
             report["scorers"][scorer.name]["halves"] = {
                 "spearman_between": agreement(half[0], half[1], images, seeds)["spearman_within"],
                 "spearman_within_each": [agreement(h, truth, images, seeds)["spearman_within"] for h in half]}
@@ -154,7 +164,8 @@ def main(argv=None) -> dict:
                 versus = agreement(scored, every[judges], images, seeds)
                 report["scorers"][name]["vs_judges"] = {key: versus[key] for key in
                                                         ("choice_agreement", "spearman_within", "images_ranked")}
-    print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates; truth: "
+    print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates, gate "
+          f"panels of {own.gate_images} images per prompt; truth: "
           f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}, a random choice's "
           f"{report['random_gain']:+.3f}")
     print("| scorer | choice agreement | Spearman within images (images) | Spearman pooled | truth gain of its choice "
@@ -169,8 +180,8 @@ def main(argv=None) -> dict:
         if "halves" in r:
             h = r["halves"]
             each = " and ".join(rho(v) for v in h["spearman_within_each"])
-            print(f"{name} on half the panels (each prompt's first or second image): Spearman within images against "
-                  f"the truth {each} (all the panels: {rho(r['spearman_within'])}), between the two halves "
+            print(f"{name} on half the panels (each prompt's even- or odd-numbered images): Spearman within images "
+                  f"against the truth {each} (all the panels: {rho(r['spearman_within'])}), between the two halves "
                   f"{rho(h['spearman_between'])}")
         if "vs_judges" in r:
             v = r["vs_judges"]

@@ -149,14 +149,15 @@ def _judge_fit(fit, image: bytes, base, scorer, steps: int, subjects, styles) ->
     return judged if judged["split_score"] is not None else {"error": "the scorer gave no score"}
 
 
-def gate_panels(base, fit, steps: int, subjects=None, styles=None) -> dict[str, list[Image.Image]]:
-    """The gate's own panels of a fit: up to GATE_PANELS prompts of each LoRA alone, GATE_IMAGES each, GATE_SEED
-    (a kind without prompts has none)."""
+def gate_panels(base, fit, steps: int, subjects=None, styles=None, images: int = GATE_IMAGES
+                ) -> dict[str, list[Image.Image]]:
+    """The gate's own panels of a fit: up to GATE_PANELS prompts of each LoRA alone, `images` each (prompt by
+    prompt), GATE_SEED (a kind without prompts has none)."""
     prompts = preview_prompts(fit.config, subjects or base.preview_subjects, styles or base.preview_styles,
                               panels=GATE_PANELS)
     kinds = [kind for kind in ("content", "style") if prompts[kind]]
     return generate_each(base, {kind: fit for kind in kinds}, prompts, steps=steps, seed=GATE_SEED,
-                         num_images=GATE_IMAGES)
+                         num_images=images)
 
 
 def score_candidate(fit, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
