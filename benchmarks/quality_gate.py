@@ -1,6 +1,7 @@
 """Does the quality gate (pipeline/quality/gate.py) give more images a split that holds, and at what device time?
 
     python benchmarks/quality_gate.py [--set A|B|C] [--images 12] [--candidates 3] [--scorer toy] [--threads 1]
+                                      [--gate-images N]
 
 Every held-out toy image of the disentanglement benchmark (benchmarks/disentangle.py) is fitted with the paper's
 recipe at fit seeds 0 .. N-1: exactly that benchmark's `unziplora` fits, reused from (and saved to) its folder
@@ -162,7 +163,7 @@ def staged_gate(base, scorer, method, batch, paths, a, out: Path, seeds: list[in
 
 
 def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, candidates: int, steps: int,
-                      select_at: list[int] = ()) -> dict:
+                      select_at: list[int] = (), images: int = GATE_IMAGES) -> dict:
     """One fit alone vs the gate's run on the same image (pipeline/quality/gate.py fit_gated, as a job runs it:
     `candidates` fits trained together, each scored, the best kept): wall time side by side on this machine (fresh
     fits, not the cached ones). With `select_at`, per step S also the staged gate (`--select-after S/steps`): the
@@ -175,7 +176,7 @@ def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, can
     single = time.perf_counter() - t
     timing = {"single_s": single}
     for step in [a.steps, *select_at]:
-        gate = Gate(candidates=candidates, select_after=step / a.steps)
+        gate = Gate(candidates=candidates, select_after=step / a.steps, images_per_prompt=images)
         t = time.perf_counter()
         [kept] = fit_gated([path.read_bytes()], configs[:1], base=base, gate=gate, scorer=scorer,
                            out_dirs=[work / f"kept-{step}"], workdir=work / f"candidates-{step}", steps=steps)
@@ -195,6 +196,8 @@ def main(argv=None) -> dict:
     p.add_argument("--scorer", default="toy", help="what the gate scores with (pipeline/quality/scoring.py)")
     p.add_argument("--gate-steps", type=int, default=8, help="sampling steps of the gate's panels (a job's "
                    "--preview-steps)")
+    p.add_argument("--gate-images", type=int, default=GATE_IMAGES, metavar="N",
+                   help=f"images per prompt in the gate's panels (a job's --gate-images, default {GATE_IMAGES})")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--select-at", type=int, nargs="*", default=[], metavar="STEP",
                    help="also the staged gate: candidates scored after STEP training steps, only the best trained on "
@@ -204,6 +207,8 @@ def main(argv=None) -> dict:
     quiet_libraries()
     if own.candidates < 2:
         raise SystemExit("--candidates must be at least 2")
+    if own.select_at and own.gate_images != GATE_IMAGES:
+        raise SystemExit(f"--select-at scores early panels of {GATE_IMAGES} images per prompt only")
     a = bench.parse_args(rest + ["--fit-seeds", *map(str, range(own.candidates)), "--methods", "unziplora"])
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -219,7 +224,7 @@ def main(argv=None) -> dict:
     paths = [bench.write_image(image, out / "images" / f"{i:03d}.png") for i, image in enumerate(batch.images)]
     fits = bench.fit_units(base, method, batch, paths, a, out)
     units = bench.score_units(base, judges, method, batch, fits, a, out)
-    gated = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method)
+    gated = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method, own.gate_images)
     seeds = list(range(own.candidates))
     per_image = []
     for i in range(a.images):
@@ -235,7 +240,7 @@ def main(argv=None) -> dict:
             base, scorer, method, batch, paths, a, out, seeds, own, gated, units, [r["chosen_seed"] for r in per_image])
     if not own.no_timing:
         result |= device_time_ratio(base, scorer, a, batch, paths[0], out, method, own.candidates, own.gate_steps,
-                                    own.select_at)
+                                    own.select_at, own.gate_images)
     print(f"\n{base.name} base, {a.images} images (seed {a.held_out_seed}), {own.candidates} candidates, "
           f"scorer {scorer.name}; an image passes: content >= 80 %, style >= 80 %, both leaks <= 10 %")
     print("| image | gate's split scores (seeds " + ", ".join(map(str, seeds)) + ") | kept | seed 0 passes | kept passes |")

@@ -14,7 +14,7 @@ from pipeline.store import layout
 from pipeline.quality.gate import GATE_IMAGES, GATE_PANELS, GATE_SEED, GateError, fit_gated, split_score
 from pipeline.run.identify import identify
 from pipeline.run.job import run_job
-from pipeline.quality.previews import SEED as PREVIEW_SEED
+from pipeline.quality.previews import SEED as PREVIEW_SEED, preview_prompts
 from pipeline.run.spec import Gate, JobSpec, Previews, RunState, Tracking
 from toyworld import world
 from unziplora import FitConfig, load_fit
@@ -56,11 +56,14 @@ def test_split_score_and_the_gates_settings():
     assert Gate().identity() == {} and Gate(3, 5, 0.8).identity() == {"gate": {"candidates": 3, "max_candidates": 5,
                                                                               "min_split_score": 0.8}}
     assert Gate(3, select_after=0.25).identity()["gate"]["select_after"] == 0.25  # another choice, another fit
+    assert Gate(3, images_per_prompt=4).identity()["gate"]["images_per_prompt"] == 4
+    assert Gate(3, images_per_prompt=GATE_IMAGES).identity() == Gate(3).identity()  # a job's default: ids kept
     assert GATE_SEED != PREVIEW_SEED  # the gate never judges on the panels users see (or the benchmark draws)
     for bad, message in [(dict(candidates=0), "--candidates"), (dict(candidates=2.5), "--candidates"),
                          (dict(max_candidates=-1), "--max-candidates"), (dict(min_split_score=1.5), "score in"),
                          (dict(candidates=3, max_candidates=2), "below --candidates"),
-                         (dict(select_after=0), "--select-after"), (dict(select_after=1.5), "--select-after")]:
+                         (dict(select_after=0), "--select-after"), (dict(select_after=1.5), "--select-after"),
+                         (dict(images_per_prompt=0), "--gate-images"), (dict(images_per_prompt=1.5), "--gate-images")]:
         with pytest.raises(InputError, match=message):
             JobSpec(input="in", output="out", gate=Gate(**bad)).check()
 
@@ -141,6 +144,17 @@ def test_the_staged_gate_scores_candidates_mid_training_and_trains_only_the_best
     assert "scorer down" in gate["candidates"][0]["early_error"] and gate["candidates"][0]["stopped_at_step"] == 2
     work = tmp_path / "work"  # a stopped candidate writes nothing; a finished one not kept stays in the workdir
     assert sorted(p.name for p in work.iterdir()) == ["0-seed-11"]
+
+
+def test_the_gate_draws_as_many_images_per_prompt_as_asked(tiny_base, tmp_path):
+    config = FitConfig(content="sks star", style="dotted", seed=10, **FAST)
+    scorer = QueueScorer([0.4, 0.6])
+    fit_gated([toy_png("star", "dotted")], [config], base=tiny_base, gate=Gate(2, images_per_prompt=3),
+              scorer=scorer, out_dirs=[tmp_path / "fit"], workdir=tmp_path / "work", steps=1)
+    prompts = preview_prompts(config, tiny_base.preview_subjects, tiny_base.preview_styles, panels=GATE_PANELS)
+    assert prompts["content"] and prompts["style"]
+    assert scorer.calls == [(3 * len(prompts["content"]), 3 * len(prompts["style"]))] * 2
+    assert load_fit(tmp_path / "fit").record["gate"]["images_per_prompt"] == 3
 
 
 def test_an_image_whose_candidates_cannot_be_scored_fails_rather_than_keep_an_unscored_fit(tiny_base, tmp_path):

@@ -507,6 +507,13 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     for name, row in halved["scorers"].items():
         assert set(row.pop("halves")) == {"spearman_between", "spearman_within_each"}
         assert row == report["scorers"][name]
+    more = agree.main(args + ["--gate-images", "3"])  # more panels per prompt: drawn and scored apart
+    assert more["gate_images"] == 3 and report["gate_images"] == 2
+    assert len(list(tmp_path.glob("unziplora/*-seed*/gate-panels-1-x3/*.png"))) == 4 * 2 * 6 * 3
+    assert len(list(tmp_path.glob("unziplora/*-seed*/gate-toy-judges-x3.json"))) == 4
+    assert [p.stat().st_mtime_ns for p in panels] == stamps and agree.main(args) == report  # the default's kept
+    with pytest.raises(SystemExit, match="even"):
+        agree.main(args + ["--gate-images", "3", "--halves"])
 
 
 def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypatch, tiny_base, sample_image):

@@ -37,7 +37,7 @@ from ..run.spec import Gate
 
 GATE_SEED = 1_000_003  # the gate's sampling seed: previews draw with 0, the benchmark with 0 too
 GATE_PANELS = 6  # subjects (styles) each candidate is judged on, at most
-GATE_IMAGES = 2  # images per prompt: a split score of 4 panels moved by a quarter with one unlucky sample
+GATE_IMAGES = Gate().images_per_prompt  # a job's default (--gate-images); at 1, one bad sample moved a score a lot
 LEAKS = ("content_style_leak", "style_shape_leak")
 
 
@@ -73,7 +73,9 @@ def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate
         early: dict[int, dict] = {}  # pass index -> what the selection mid-training saw
         select = None
         if gate.select_after < 1:
-            judge = lambda k, fit: _judge_fit(fit, images[wanted[k][0]], base, scorer, steps, subjects, styles)  # noqa: E731
+            def judge(k, fit):
+                return _judge_fit(fit, images[wanted[k][0]], base, scorer, gate, steps, subjects, styles)
+
             refits = {k for k, (i, seed) in enumerate(wanted) if any(t["seed"] == seed for t in tried[i])}
             select = Selection(gate.select_after, lambda paused: _choose_early(paused, wanted, refits, judge, early,
                                                                                gate.select_after))
@@ -85,7 +87,8 @@ def fit_gated(images: list[bytes], configs: list[FitConfig], *, base, gate: Gate
             if isinstance(result, NotChosen):
                 judged = {"seed": seed, "stopped_at_step": result.step} | _early_record(early[k])
             else:
-                judged = {"seed": seed} | _judge(result, folder, images[i], base, scorer, steps, subjects, styles)
+                judged = {"seed": seed} | _judge(result, folder, images[i], base, scorer, gate, steps, subjects,
+                                                 styles)
                 if k in early:
                     judged |= {"selected_at_step": early[k]["step"]} | _early_record(early[k])
             tried[i] = sorted([t for t in tried[i] if t["seed"] != seed] + [judged], key=lambda t: t["seed"])
@@ -133,17 +136,18 @@ def _more(gate: Gate, tried: list[dict]) -> int:
     return min(gate.candidates, gate.limit - len(tried))
 
 
-def _judge(result, folder: Path, image: bytes, base, scorer, steps: int, subjects, styles) -> dict:
+def _judge(result, folder: Path, image: bytes, base, scorer, gate: Gate, steps: int, subjects, styles) -> dict:
     """A candidate's scores, or why it has none."""
     if isinstance(result, Exception):
         return {"error": first_line(result, 300)}
-    return _judge_fit(folder, image, base, scorer, steps, subjects, styles)
+    return _judge_fit(folder, image, base, scorer, gate, steps, subjects, styles)
 
 
-def _judge_fit(fit, image: bytes, base, scorer, steps: int, subjects, styles) -> dict:
+def _judge_fit(fit, image: bytes, base, scorer, gate: Gate, steps: int, subjects, styles) -> dict:
     """The scores of a fit (its folder, or a fit in memory), or why it has none."""
     try:
-        judged = score_candidate(fit, image, base=base, scorer=scorer, steps=steps, subjects=subjects, styles=styles)
+        judged = score_candidate(fit, image, base=base, scorer=scorer, steps=steps, subjects=subjects, styles=styles,
+                                 images=gate.images_per_prompt)
     except Exception as exc:  # a candidate that cannot be scored is not chosen; its mates still can be
         return {"error": f"not scored: {first_line(exc, 300)}"}
     return judged if judged["split_score"] is not None else {"error": "the scorer gave no score"}
@@ -160,9 +164,12 @@ def gate_panels(base, fit, steps: int, subjects=None, styles=None, images: int =
                          num_images=images)
 
 
-def score_candidate(fit, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None) -> dict:
-    """A fit's (its folder, or FitArtifacts) scores on the gate's own panels (gate_panels) and its split score."""
-    panels = gate_panels(base, fit if isinstance(fit, FitArtifacts) else load_fit(fit), steps, subjects, styles)
+def score_candidate(fit, image: bytes, *, base, scorer, steps: int, subjects=None, styles=None,
+                    images: int = GATE_IMAGES) -> dict:
+    """A fit's (its folder, or FitArtifacts) scores on the gate's own panels (gate_panels, `images` per prompt) and
+    its split score."""
+    panels = gate_panels(base, fit if isinstance(fit, FitArtifacts) else load_fit(fit), steps, subjects, styles,
+                         images)
     source = Image.open(io.BytesIO(image)).convert("RGB")
     scores = checked(scorer.score(source, panels.get("content", []), panels.get("style", [])))
     return {"split_score": split_score(scores), "scores": scores}
@@ -185,6 +192,7 @@ def _choose(i: int, tried: list[dict], results: dict, gate: Gate, out_dir: Path,
     result.out_dir = Path(out_dir)
     result.record["gate"] = {"scorer": scorer.name, "chosen_seed": best["seed"], "split_score": best["split_score"],
                              "passed": best["split_score"] >= gate.min_split_score,
+                             "images_per_prompt": gate.images_per_prompt,
                              "min_split_score": gate.min_split_score, "candidates": tried}
     record_file = result.out_dir / fit_files.RECORD
     record_file.write_text(json.dumps(json.loads(record_file.read_text()) | {"gate": result.record["gate"]}, indent=2))

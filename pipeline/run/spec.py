@@ -221,6 +221,11 @@ class Gate:
                                  "candidate trained to the end)", flag="--select-after", metavar="F",
                                  check=dict(minimum=0))
 
+    # images drawn per prompt for each candidate's split score (pipeline/quality/gate.py GATE_IMAGES)
+    images_per_prompt: int = option(2, "images the gate draws per prompt of each candidate's panels (more: a "
+                                    "steadier split score for more sampling time)", flag="--gate-images",
+                                    metavar="N", check=dict(integer=True, minimum=1))
+
     @property
     def active(self) -> bool:
         return self.limit > 1
@@ -245,8 +250,9 @@ class Gate:
         gate: nothing, so ungated libraries keep their ids.)"""
         if not self.active:
             return {}
-        # the default select_after is left out: gated libraries made before it existed keep their ids
-        return {"gate": {k: v for k, v in dataclasses.asdict(self).items() if (k, v) != ("select_after", 1.0)}}
+        # defaults of settings added later are left out: gated libraries made before them keep their ids
+        later = {("select_after", 1.0), ("images_per_prompt", 2)}
+        return {"gate": {k: v for k, v in dataclasses.asdict(self).items() if (k, v) not in later}}
 
 
 @dataclass(frozen=True)
