@@ -29,6 +29,7 @@ same pixels. Per scorer it prints:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -48,15 +49,43 @@ from toyworld import judges as judges_mod  # noqa: E402
 from unziplora.models import load_base_model  # noqa: E402
 
 
-def scorer_of(spec: str, base):
-    """A scorer spec as a job reads it, or `base:N`: the base-model scorer at N timesteps spread evenly over the
-    same 20-80 % of the schedule (`base` is `base:4`), to see whether its own noise limits how it chooses."""
+def scorer_of(spec: str, base, out: Path | None = None):
+    """A scorer spec as a job reads it; or `base:N`: the base-model scorer at N timesteps spread evenly over the
+    same 20-80 % of the schedule (`base` is `base:4`), to see whether its own noise limits how it chooses; or
+    `base-soft[:N]`: the same with soft=True. A base scorer's UNet errors per image are kept in `out`, so its
+    variants and halves of the panels are scored again without the UNet."""
     name, _, count = spec.partition(":")
-    if name != "base" or not count:
-        return load_scorer(spec, base)
-    scorer = BaseModelScorer(base, timesteps=tuple(np.linspace(TIMESTEPS[0], TIMESTEPS[-1], int(count)).tolist()))
-    scorer.name = f"{scorer.name}-{int(count)}t"
+    if name not in ("base", "base-soft") or (name == "base" and not count):
+        scorer = load_scorer(spec, base)
+    else:
+        times = TIMESTEPS if not count else tuple(np.linspace(TIMESTEPS[0], TIMESTEPS[-1], int(count)).tolist())
+        scorer = BaseModelScorer(base, timesteps=times, soft=name == "base-soft")
+        if count:
+            scorer.name = f"{scorer.name}-{int(count)}t"
+    if isinstance(scorer, BaseModelScorer) and out is not None:
+        keep_errors(scorer, out / f"base-errors-{len(scorer.timesteps)}t-{scorer.resolution}px.npz")
     return scorer
+
+
+def keep_errors(scorer: BaseModelScorer, path: Path) -> None:
+    """The scorer's UNet errors per image (by its pixels) read from and added to `path` as they are computed."""
+    saved = dict(np.load(path)) if path.is_file() else {}
+    compute = scorer._errors
+
+    def errors(image: Image.Image) -> np.ndarray:
+        key = hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()[:24]
+        if key not in saved:
+            saved[key] = compute(image)
+            if len(saved) % 100 == 0:
+                save()
+        return saved[key]
+
+    def save():
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, **saved)
+        partial.replace(path)
+
+    scorer._errors, scorer.save_errors = errors, save
 
 
 def rho(value: float | None) -> str:
@@ -147,7 +176,7 @@ def main(argv=None) -> dict:
         [np.mean([truth[i, k] for k in seeds]) - truth[i, 0] for i in images])), "scorers": {}}
     every = {}
     for spec in own.scorer:
-        scorer = scorer_of(spec, base)
+        scorer = scorer_of(spec, base, out)
         scored = every[scorer.name] = gate_scores(base, scorer, fits, paths, own.gate_steps, out, method,
                                                     own.gate_images)
         pooled = spearman([scored[key] for key in sorted(scored)], [truth[key] for key in sorted(scored)])
@@ -157,6 +186,8 @@ def main(argv=None) -> dict:
             report["scorers"][scorer.name]["halves"] = {
                 "spearman_between": agreement(half[0], half[1], images, seeds)["spearman_within"],
                 "spearman_within_each": [agreement(h, truth, images, seeds)["spearman_within"] for h in half]}
+        if hasattr(scorer, "save_errors"):
+            scorer.save_errors()
     judges = judges_mod.PreviewScorer.name
     if judges in every:  # issue 29's own test of a scorer: against the judges' scores of the same panels
         for name, scored in every.items():

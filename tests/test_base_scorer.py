@@ -43,6 +43,27 @@ def test_the_base_scorer_on_sdxls_architecture(tiny_base):
     assert set(scorer.score(wide, [], [wide])) == {"style", "style_shape_leak"}
 
 
+def test_the_soft_base_scorer_counts_panels_by_probability(tiny_base):
+    """soft=True: each panel counts by the probability of the source's subject (style) under a softmax of the
+    standardised errors; the same errors as the hard scorer's, whose choice is that softmax's most likely."""
+    hard, soft = BaseModelScorer(tiny_base), BaseModelScorer(tiny_base, soft=True)
+    assert soft.name == "base-unet-soft" != hard.name  # cached and reported apart
+    images = [toy_image("star", "dotted"), toy_image("heart", "flat", seed=1)]
+    soft_subjects, soft_styles = soft.classify(images)
+    hard_subjects, hard_styles = hard.classify(images)
+    assert np.allclose(soft_subjects.sum(1), 1) and np.allclose(soft_styles.sum(1), 1)
+    assert ((0 < soft_subjects) & (soft_subjects < 1)).all()  # spread, not one-hot
+    assert set(np.unique(hard_subjects)) == {0.0, 1.0} and (hard_subjects.sum(1) == 1).all()
+    assert (soft_subjects.argmax(1) == hard_subjects.argmax(1)).all() and (
+        soft_styles.argmax(1) == hard_styles.argmax(1)).all()
+    scores = soft.score(images[0], [images[1]], [images[0]])
+    # a panel that is the source counts by the source's own most likely subject and style, not by 1
+    assert scores["style_shape_leak"] == pytest.approx(soft_subjects[0].max())
+    assert scores["style"] == pytest.approx(soft_styles[0].max())
+    assert scores["content"] == pytest.approx(soft_subjects[1, soft_subjects[0].argmax()])
+    assert scores["content_style_leak"] == pytest.approx(soft_styles[1, soft_styles[0].argmax()])
+
+
 def test_fit_candidates_chosen_by_the_base_scorer(tmp_path, capsys):
     """`unziplora fit --candidates 2 --scorer base`: the gate made of the base model, on SDXL's layout."""
     from unziplora.cli import main

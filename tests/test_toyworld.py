@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -471,6 +472,28 @@ def test_scorer_agreement_reads_the_base_scorer_at_other_timesteps(monkeypatch, 
     assert len(eight.timesteps) == 8 and eight.timesteps[0] == plain.timesteps[0] \
         and eight.timesteps[-1] == plain.timesteps[-1] and (eight.timesteps.diff() > 0).all()
     assert agree.scorer_of("base:4", tiny_base).timesteps.tolist() == plain.timesteps.tolist()
+
+
+def test_scorer_agreement_keeps_the_base_scorers_errors_for_its_variants(monkeypatch, tiny_base, tmp_path):
+    from pipeline.quality.base_scorer import BaseModelScorer
+
+    agree = _benchmark_module(monkeypatch, "scorer_agreement")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    hard = agree.scorer_of("base", tiny_base, tmp_path)
+    first = hard.score(image, [image.convert("L")], [image])
+    hard.save_errors()
+    [kept] = tmp_path.glob("base-errors-4t-*px.npz")
+    assert len(np.load(kept).files) == 2  # the two images' errors
+
+    def no_unet(self, image):
+        raise AssertionError("the UNet ran again")
+
+    monkeypatch.setattr(BaseModelScorer, "_errors", no_unet)
+    assert agree.scorer_of("base", tiny_base, tmp_path).score(image, [image.convert("L")], [image]) == first
+    soft = agree.scorer_of("base-soft", tiny_base, tmp_path)  # the same errors, read softly
+    assert soft.name == "base-unet-soft" and set(soft.score(image, [image], [image])) == set(first)
+    with pytest.raises(AssertionError, match="UNet"):
+        agree.scorer_of("base:8", tiny_base, tmp_path).score(image, [], [image])  # other timesteps: its own
 
 
 def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, monkeypatch):

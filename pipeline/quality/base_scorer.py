@@ -9,6 +9,10 @@ score a fit, per panel:
 - style carried: a style-LoRA panel's best style is the source's; shape leaked: its best subject is.
 Each score is the share of panels. Every image and prompt is noised with the same noise at the same timesteps,
 so the comparison between prompts is paired and most of the noise's variance cancels.
+
+`soft=True` counts each panel by the probability it shows the source's subject (style) instead of 0 or 1: a
+softmax over the prompts of minus the errors, standardised per image within subjects (styles), so that it has
+no scale to tune. A panel the UNet barely tells apart then moves a score a little, not by a whole panel.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ class BaseModelScorer:
     name = "base-unet"
 
     def __init__(self, base, *, timesteps: tuple[float, ...] = TIMESTEPS, resolution: int | None = None,
-                 batch_size: int = 16, seed: int = SEED):
-        self.base, self.batch_size = base, batch_size
+                 batch_size: int = 16, seed: int = SEED, soft: bool = False):
+        self.base, self.batch_size, self.soft = base, batch_size, soft
+        if soft:
+            self.name = "base-unet-soft"
         self.resolution = resolution or base.default_resolution
         self.subjects, self.styles = list(base.preview_subjects), list(base.preview_styles)
         prompts = [f"a {subject}" for subject in self.subjects] + \
@@ -45,13 +51,21 @@ class BaseModelScorer:
                                  generator=torch.Generator().manual_seed(seed)).to(base.device)
 
     def classify(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """Each image's best subject and best style (indices into the base's preview vocabulary)."""
+        """Per image, a distribution over the base's preview subjects and one over its styles: all on the best
+        prompt, or with `soft` spread by a softmax of the standardised errors."""
         subjects, styles = [], []
         for image in images:
             errors = self._errors(image)
-            subjects.append(int(np.argmin(errors[:len(self.subjects)])))
-            styles.append(int(np.argmin(errors[len(self.subjects):])))
+            subjects.append(self._distribution(errors[:len(self.subjects)]))
+            styles.append(self._distribution(errors[len(self.subjects):]))
         return np.array(subjects), np.array(styles)
+
+    def _distribution(self, errors: np.ndarray) -> np.ndarray:
+        if not self.soft or len(errors) < 2 or errors.std() == 0:
+            return np.eye(len(errors))[int(np.argmin(errors))]
+        z = (errors - errors.mean()) / errors.std()
+        p = np.exp(-(z - z.min()))
+        return p / p.sum()
 
     @torch.no_grad()
     def _errors(self, image: Image.Image) -> np.ndarray:
@@ -78,12 +92,13 @@ class BaseModelScorer:
 
     def score(self, source, content: list, style: list) -> dict[str, float]:
         subjects, styles = self.classify([source, *content, *style])
+        subject, style_of = int(np.argmax(subjects[0])), int(np.argmax(styles[0]))  # what the source shows
         c, s = slice(1, 1 + len(content)), slice(1 + len(content), None)
         out = {}
         if content:
-            out |= {"content": float(np.mean(subjects[c] == subjects[0])),
-                    "content_style_leak": float(np.mean(styles[c] == styles[0]))}
+            out |= {"content": float(np.mean(subjects[c, subject])),
+                    "content_style_leak": float(np.mean(styles[c, style_of]))}
         if style:
-            out |= {"style": float(np.mean(styles[s] == styles[0])),
-                    "style_shape_leak": float(np.mean(subjects[s] == subjects[0]))}
+            out |= {"style": float(np.mean(styles[s, style_of])),
+                    "style_shape_leak": float(np.mean(subjects[s, subject]))}
         return out
