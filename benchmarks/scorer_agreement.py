@@ -92,6 +92,13 @@ def rho(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def rho_ci(row: dict) -> str:
+    """A Spearman within images with its 95 % interval over images, and how many images it ranked."""
+    spread = row.get("spearman_within_ci")
+    within = f" ({spread[0]:.2f} to {spread[1]:.2f})" if spread else ""
+    return f"{rho(row['spearman_within'])}{within}, {row['images_ranked']} images"
+
+
 def half_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Path, method, images: int
                 ) -> list[dict]:
     """Per half of the gate's panels, (image, seed) -> the split score by `scorer` of that half of the fit's panels:
@@ -137,8 +144,9 @@ def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) ->
         if rho is not None:
             within.append(rho)
     mean, low, high = bootstrap(np.array(over_random)[:, None])
+    spread = list(bootstrap(np.array(within)[:, None])[1:]) if within else None  # 95 % over images
     return {"choice_agreement": float(np.mean(chosen)), "spearman_within": float(np.mean(within)) if within else None,
-            "images_ranked": len(within), "truth_gain": float(np.mean(gains)),
+            "spearman_within_ci": spread, "images_ranked": len(within), "truth_gain": float(np.mean(gains)),
             "gain_over_random": {"mean": mean, "low": low, "high": high}}
 
 
@@ -193,18 +201,18 @@ def main(argv=None) -> dict:
         for name, scored in every.items():
             if name != judges:
                 versus = agreement(scored, every[judges], images, seeds)
-                report["scorers"][name]["vs_judges"] = {key: versus[key] for key in
-                                                        ("choice_agreement", "spearman_within", "images_ranked")}
+                report["scorers"][name]["vs_judges"] = {key: versus[key] for key in (
+                    "choice_agreement", "spearman_within", "spearman_within_ci", "images_ranked")}
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates, gate "
           f"panels of {own.gate_images} images per prompt; truth: "
           f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}, a random choice's "
           f"{report['random_gain']:+.3f}")
-    print("| scorer | choice agreement | Spearman within images (images) | Spearman pooled | truth gain of its choice "
-          "| gain over a random choice (95 %) |")
+    print("| scorer | choice agreement | Spearman within images (95 %, images) | Spearman pooled "
+          "| truth gain of its choice | gain over a random choice (95 %) |")
     print("|---|---|---|---|---|---|")
     for name, r in report["scorers"].items():
         g = r["gain_over_random"]
-        print(f"| {name} | {r['choice_agreement']:.2f} | {rho(r['spearman_within'])} ({r['images_ranked']}) | "
+        print(f"| {name} | {r['choice_agreement']:.2f} | {rho_ci(r)} | "
               f"{rho(r['spearman_pooled'])} | "
               f"{r['truth_gain']:+.3f} | {g['mean']:+.3f} ({g['low']:+.3f} to {g['high']:+.3f}) |")
     for name, r in report["scorers"].items():
@@ -217,7 +225,7 @@ def main(argv=None) -> dict:
         if "vs_judges" in r:
             v = r["vs_judges"]
             print(f"{name} against the judges on the same gate panels: the same choice on {v['choice_agreement']:.2f} "
-                  f"of the images, Spearman within images {rho(v['spearman_within'])} ({v['images_ranked']} images)")
+                  f"of the images, Spearman within images {rho_ci(v)}")
     if own.json:
         import results as result_files  # beside this file
 

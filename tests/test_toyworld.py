@@ -508,6 +508,7 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     # image 0: right choice (+0.4, +0.2 over a random one); image 1: a tie in the truth counts as agreeing, and
     # cannot be ranked
     over_random = got.pop("gain_over_random")
+    assert got.pop("spearman_within_ci") == pytest.approx([1.0, 1.0])  # one image ranked: no spread
     assert got == pytest.approx({"choice_agreement": 1.0, "spearman_within": 1.0, "images_ranked": 1,
                                  "truth_gain": 0.2})
     assert over_random["mean"] == pytest.approx(0.1) and over_random["low"] <= 0.1 <= over_random["high"]
