@@ -21,6 +21,8 @@ same pixels. Per scorer it prints:
   issue's test of a built-in scorer): how often it chooses the judges' candidate, and its Spearman within images;
 - `--gate-images N`: the gate's panels drawn with N images per prompt instead of a job's default (kept apart
   from the default's, `gate-panels-<steps>-xN/`);
+- `--compare FIRST SECOND` (scorer names as reported): SECOND minus FIRST image by image, with 95 % intervals:
+  the Spearman within images against the truth (and the judges) and the gain over a random choice;
 - with `--halves`, each scorer on each half of the panels apart (every prompt's even-numbered images, or its
   odd-numbered): the Spearman within images of each half against the truth beside that of all the panels, and
   between the halves (how much a ranking depends on the number of panels the gate draws).
@@ -132,7 +134,7 @@ def spearman(x, y) -> float | None:
 
 
 def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) -> dict:
-    chosen, within, gains, over_random = [], [], [], []
+    chosen, within, by_image, gains, over_random = [], [], [], [], []
     for i in images:
         s = [scored[i, k] for k in seeds]
         t = [truth[i, k] for k in seeds]
@@ -141,13 +143,26 @@ def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) ->
         gains.append(truth[i, pick] - truth[i, seeds[0]])
         over_random.append(truth[i, pick] - np.mean(t))  # what a choice adds to a candidate drawn by chance
         rho = spearman(s, t)
+        by_image.append(rho)
         if rho is not None:
             within.append(rho)
     mean, low, high = bootstrap(np.array(over_random)[:, None])
     spread = list(bootstrap(np.array(within)[:, None])[1:]) if within else None  # 95 % over images
     return {"choice_agreement": float(np.mean(chosen)), "spearman_within": float(np.mean(within)) if within else None,
-            "spearman_within_ci": spread, "images_ranked": len(within), "truth_gain": float(np.mean(gains)),
-            "gain_over_random": {"mean": mean, "low": low, "high": high}}
+            "spearman_within_ci": spread, "images_ranked": len(within), "spearman_by_image": by_image,
+            "truth_gain": float(np.mean(gains)), "gain_over_random": {"mean": mean, "low": low, "high": high},
+            "over_random_by_image": [float(v) for v in over_random]}
+
+
+def paired(first: dict, second: dict, keys: tuple[str, ...] = ("spearman_by_image", "over_random_by_image")) -> dict:
+    """Second minus first, image by image, with 95 % bootstrap intervals over images, per key of agreement()'s
+    per-image figures (an image either scorer leaves unranked is left out)."""
+    out = {}
+    for key in keys:
+        values = [np.nan if a is None or b is None else b - a for a, b in zip(first[key], second[key])]
+        mean, low, high = bootstrap(np.array(values, dtype=float)[:, None])
+        out[key.removesuffix("_by_image")] = {"mean": mean, "low": low, "high": high}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -158,6 +173,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gate-steps", type=int, default=8)
     p.add_argument("--gate-images", type=int, default=GATE_IMAGES, metavar="N",
                    help=f"images per prompt in the gate's panels (a job's default: {GATE_IMAGES})")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
+                   help="scorer names as reported (e.g. base-unet base-unet-soft): SECOND minus FIRST image by image")
     p.add_argument("--halves", action="store_true", help="also score each half of the gate's panels apart: how "
                    "much the ranking depends on the number of panels")
     p.add_argument("--json", help="also write the figures as a result file (docs/results/scorer_agreement-SET.json)")
@@ -202,7 +219,14 @@ def main(argv=None) -> dict:
             if name != judges:
                 versus = agreement(scored, every[judges], images, seeds)
                 report["scorers"][name]["vs_judges"] = {key: versus[key] for key in (
-                    "choice_agreement", "spearman_within", "spearman_within_ci", "images_ranked")}
+                    "choice_agreement", "spearman_within", "spearman_within_ci", "images_ranked", "spearman_by_image")}
+    for first, second in own.compare:  # paired, image by image: does one scorer rank better than another?
+        if not {first, second} <= set(report["scorers"]):
+            raise SystemExit(f"--compare {first} {second}: the scorers measured are {sorted(report['scorers'])}")
+        x, y = report["scorers"][first], report["scorers"][second]
+        report.setdefault("paired", {})[f"{second} - {first}"] = paired(x, y) | (
+            {"vs_judges": paired(x["vs_judges"], y["vs_judges"], ("spearman_by_image",))}
+            if "vs_judges" in x and "vs_judges" in y else {})
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates, gate "
           f"panels of {own.gate_images} images per prompt; truth: "
           f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}, a random choice's "
@@ -226,6 +250,12 @@ def main(argv=None) -> dict:
             v = r["vs_judges"]
             print(f"{name} against the judges on the same gate panels: the same choice on {v['choice_agreement']:.2f} "
                   f"of the images, Spearman within images {rho_ci(v)}")
+    for pair, d in report.get("paired", {}).items():
+        line = lambda f: f"{f['mean']:+.2f} ({f['low']:+.2f} to {f['high']:+.2f})"  # noqa: E731
+        print(f"paired, {pair}, image by image (95 %): Spearman within images against the truth "
+              f"{line(d['spearman'])}" + (f", against the judges {line(d['vs_judges']['spearman'])}"
+                                          if "vs_judges" in d else "")
+              + f"; gain over a random choice {line(d['over_random'])}")
     if own.json:
         import results as result_files  # beside this file
 

@@ -509,6 +509,8 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     # cannot be ranked
     over_random = got.pop("gain_over_random")
     assert got.pop("spearman_within_ci") == pytest.approx([1.0, 1.0])  # one image ranked: no spread
+    assert got.pop("spearman_by_image") == [pytest.approx(1.0), None]  # image 1: its truth ties
+    assert got.pop("over_random_by_image") == pytest.approx([0.2, 0.0])
     assert got == pytest.approx({"choice_agreement": 1.0, "spearman_within": 1.0, "images_ranked": 1,
                                  "truth_gain": 0.2})
     assert over_random["mean"] == pytest.approx(0.1) and over_random["low"] <= 0.1 <= over_random["high"]
@@ -538,6 +540,13 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     assert [p.stat().st_mtime_ns for p in panels] == stamps and agree.main(args) == report  # the default's kept
     with pytest.raises(SystemExit, match="even"):
         agree.main(args + ["--gate-images", "3", "--halves"])
+    compared = agree.main(args + ["--compare", "toy-judges", "tiny-style-0"])["paired"]["tiny-style-0 - toy-judges"]
+    judges, conv = (report["scorers"][name] for name in ("toy-judges", "tiny-style-0"))
+    gains = [b - a for a, b in zip(judges["over_random_by_image"], conv["over_random_by_image"])]
+    assert compared["over_random"]["mean"] == pytest.approx(np.mean(gains))  # image by image
+    assert set(compared) == {"spearman", "over_random"}  # the judges have no score against themselves
+    with pytest.raises(SystemExit, match="measured are"):
+        agree.main(args + ["--compare", "toy-judges", "base-unet"])
 
 
 def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypatch, tiny_base, sample_image):
