@@ -165,6 +165,20 @@ def paired(first: dict, second: dict, keys: tuple[str, ...] = ("spearman_by_imag
     return out
 
 
+def paired_scorers(first: dict, second: dict) -> dict:
+    """paired() of two scorers' rows of a report, and of their rows against the judges where both have one."""
+    both = "vs_judges" in first and "vs_judges" in second
+    return paired(first, second) | (
+        {"vs_judges": paired(first["vs_judges"], second["vs_judges"], ("spearman_by_image",))} if both else {})
+
+
+def paired_line(d: dict) -> str:
+    line = lambda f: f"{f['mean']:+.2f} ({f['low']:+.2f} to {f['high']:+.2f})"  # noqa: E731
+    return (f"Spearman within images against the truth {line(d['spearman'])}"
+            + (f", against the judges {line(d['vs_judges']['spearman'])}" if "vs_judges" in d else "")
+            + f"; gain over a random choice {line(d['over_random'])}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scorer", nargs="+", default=["toy"],
@@ -223,10 +237,8 @@ def main(argv=None) -> dict:
     for first, second in own.compare:  # paired, image by image: does one scorer rank better than another?
         if not {first, second} <= set(report["scorers"]):
             raise SystemExit(f"--compare {first} {second}: the scorers measured are {sorted(report['scorers'])}")
-        x, y = report["scorers"][first], report["scorers"][second]
-        report.setdefault("paired", {})[f"{second} - {first}"] = paired(x, y) | (
-            {"vs_judges": paired(x["vs_judges"], y["vs_judges"], ("spearman_by_image",))}
-            if "vs_judges" in x and "vs_judges" in y else {})
+        report.setdefault("paired", {})[f"{second} - {first}"] = paired_scorers(report["scorers"][first],
+                                                                                report["scorers"][second])
     print(f"\n{base.name} base, set seed {a.held_out_seed}, {a.images} images x {own.candidates} candidates, gate "
           f"panels of {own.gate_images} images per prompt; truth: "
           f"the benchmark's judged split score; oracle gain {report['oracle_gain']:+.3f}, a random choice's "
@@ -251,11 +263,7 @@ def main(argv=None) -> dict:
             print(f"{name} against the judges on the same gate panels: the same choice on {v['choice_agreement']:.2f} "
                   f"of the images, Spearman within images {rho_ci(v)}")
     for pair, d in report.get("paired", {}).items():
-        line = lambda f: f"{f['mean']:+.2f} ({f['low']:+.2f} to {f['high']:+.2f})"  # noqa: E731
-        print(f"paired, {pair}, image by image (95 %): Spearman within images against the truth "
-              f"{line(d['spearman'])}" + (f", against the judges {line(d['vs_judges']['spearman'])}"
-                                          if "vs_judges" in d else "")
-              + f"; gain over a random choice {line(d['over_random'])}")
+        print(f"paired, {pair}, image by image (95 %): {paired_line(d)}")
     if own.json:
         import results as result_files  # beside this file
 

@@ -547,6 +547,19 @@ def test_scorer_agreement_compares_scorers_on_the_same_gate_panels(tmp_path, mon
     assert set(compared) == {"spearman", "over_random"}  # the judges have no score against themselves
     with pytest.raises(SystemExit, match="measured are"):
         agree.main(args + ["--compare", "toy-judges", "base-unet"])
+    # two runs of the same candidates (2 and 3 images per prompt), paired image by image
+    runs = [tmp_path / "two.json", tmp_path / "three.json"]
+    runs[0].write_text(json.dumps(report))
+    runs[1].write_text(json.dumps(more))
+    between = _benchmark_module(monkeypatch, "scorer_agreement_paired").main([str(runs[0]), str(runs[1])])
+    assert set(between["scorers"]) == {"toy-judges", "tiny-style-0"}
+    steps = [b - a for a, b in zip(report["scorers"]["toy-judges"]["over_random_by_image"],
+                                   more["scorers"]["toy-judges"]["over_random_by_image"])]
+    assert between["scorers"]["toy-judges"]["over_random"]["mean"] == pytest.approx(np.mean(steps))
+    assert "vs_judges" in between["scorers"]["tiny-style-0"]
+    runs[1].write_text(json.dumps(more | {"oracle_gain": more["oracle_gain"] + 0.1}))
+    with pytest.raises(SystemExit, match="same candidates"):
+        _benchmark_module(monkeypatch, "scorer_agreement_paired").main([str(runs[0]), str(runs[1])])
 
 
 def test_complementary_patch_ties_shared_columns_mergers_only_inside_it(monkeypatch, tiny_base, sample_image):
