@@ -24,6 +24,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,8 +170,12 @@ def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, can
     fits, not the cached ones). With `select_at`, per step S also the staged gate (`--select-after S/steps`): the
     candidates trained together to step S, each scored, only the best trained on and scored again."""
     configs = [bench.fit_config(method, base.role_table, a, batch.factors[0], seed) for seed in range(candidates)]
-    work = out / "gate-timing"
-    shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix="gate-timing-") as folder:  # runs at once each have their own
+        return _timed(base, scorer, a, configs, path, Path(folder), candidates, steps, select_at, images)
+
+
+def _timed(base, scorer, a, configs, path: Path, work: Path, candidates: int, steps: int, select_at, images: int
+           ) -> dict:
     t = time.perf_counter()
     fit_many([str(path)], configs[:1], base=base, out_dirs=[work / "single"], progress=False)
     single = time.perf_counter() - t
