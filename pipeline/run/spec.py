@@ -222,9 +222,9 @@ class Gate:
                                  check=dict(minimum=0))
 
     # images drawn per prompt for each candidate's split score (pipeline/quality/gate.py GATE_IMAGES)
-    images_per_prompt: int = option(2, "images the gate draws per prompt of each candidate's panels (more: a "
-                                    "steadier split score for more sampling time)", flag="--gate-images",
-                                    metavar="N", check=dict(integer=True, minimum=1))
+    images_per_prompt: int = option(2, "images the gate draws per prompt of each candidate's panels (more: more "
+                                    "sampling and scoring time; on toy, 4 chose no better than 2)",
+                                    flag="--gate-images", metavar="N", check=dict(integer=True, minimum=1))
 
     @property
     def active(self) -> bool:
