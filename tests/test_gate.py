@@ -252,7 +252,8 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path, select_after):
     job = JobSpec(input=str(tmp_path / "in"), output=str(tmp_path / "lib"), default_content="sks star",
                   default_style="dotted", fit={"base_model": "toy", "steps": 6, "rank": 4, "recalibrations": 2},
                   tracking=Tracking(enabled=False), previews=Previews(steps=1),
-                  gate=Gate(candidates=2, select_after=select_after), state=RunState(run_id="run-gate"))
+                  gate=Gate(candidates=2, select_after=select_after, images_per_prompt=1),
+                  state=RunState(run_id="run-gate"))
     worker = FitWorker(job, device="cpu")
     row = worker.process(read_inputs(job.input, default_content="sks star", default_style="dotted").items[0])
     assert row["status"] == "ok", row.get("error")
@@ -271,6 +272,7 @@ def test_a_job_through_the_gate_records_every_candidate(tmp_path, select_after):
     assert marker["candidate_scores"] == row["candidate_scores"] and marker["seed"] in (0, 1)
     fit_record = json.loads((tmp_path / "lib" / layout.ITEMS / row["item_id"] / RECORD).read_text())
     assert fit_record["gate"]["chosen_seed"] == marker["seed"] == fit_record["settings"]["seed"]
+    assert fit_record["gate"]["images_per_prompt"] == 1  # the job's --gate-images reached the gate
     card = (tmp_path / "lib" / layout.ITEMS / row["item_id"] / CARD).read_text()
     assert "Quality gate (toy-judges, on panels of its own): 2 candidate fits" in card
     assert ("1 of them scored after 3 steps and not trained on" in card) == bool(stopped)
@@ -291,11 +293,12 @@ def test_fit_with_candidates_on_one_image(tmp_path, capsys):
                  *flags]) == 2
     assert "needs a scorer" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert main(["fit", str(image), "--out", str(tmp_path / "fit"), "--candidates", "2", "--seed", "5",
-                 "--scorer", "tiny:0", *flags]) == 0
+                 "--scorer", "tiny:0", "--gate-images", "1", *flags]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert set(summary["candidates"]) == {"5", "6"} and summary["seed"] in (5, 6)
     assert summary["split_score"] == max(summary["candidates"].values()) and summary["gate_passed"] is True
     kept = load_fit(tmp_path / "fit")
+    assert kept.record["gate"]["images_per_prompt"] == 1
     assert main(["fit", str(image), "--out", str(tmp_path / "staged"), "--candidates", "2", "--select-after", "0.5",
                  "--scorer", "tiny:0", *flags]) == 0
     staged = json.loads(capsys.readouterr().out.splitlines()[-1])["candidates"]
