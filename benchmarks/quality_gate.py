@@ -55,17 +55,17 @@ def passes(unit: dict) -> bool:
     return all(unit[k] >= v if op == ">=" else unit[k] <= v for k, (op, v) in PASS.items())
 
 
-def panel_tag(steps: int, images: int = GATE_IMAGES) -> str:
-    """What names a candidate's cached gate panels (and their scores): sampling steps, and images per prompt where
-    not the gate's default (so the default's caches stay valid beside the others)."""
-    return f"{steps}" if images == GATE_IMAGES else f"{steps}-x{images}"
+def images_suffix(images: int) -> str:
+    """What a candidate's cached gate panels and scores add to their names for `images` per prompt: nothing at the
+    gate's default (so the default's caches stay valid beside the others)."""
+    return "" if images == GATE_IMAGES else f"-x{images}"
 
 
 def cached_gate_panels(base, fit, folder: Path, steps: int, config=None, images: int = GATE_IMAGES
                        ) -> dict[str, list[Image.Image]]:
     """The gate's panels of one candidate (pipeline/quality/gate.py's gate_panels), drawn once and kept in its
     folder, so that every scorer is shown the same pixels (`fit` None: only read back, for `config`'s fit)."""
-    keep = folder / f"gate-panels-{panel_tag(steps, images)}"
+    keep = folder / f"gate-panels-{steps}{images_suffix(images)}"
     prompts = preview_prompts(config or fit.config, base.preview_subjects, base.preview_styles, panels=GATE_PANELS)
     names = {kind: [keep / f"{kind}-{k:02d}.png" for k in range(len(p) * images)] for kind, p in prompts.items()}
     if not all(path.is_file() for paths in names.values() for path in paths):
@@ -87,7 +87,7 @@ def gate_scores(base, scorer, fits: dict, paths: list[Path], steps: int, out: Pa
         key = dict(scorer=scorer.name, steps=steps, seed=GATE_SEED, panels=GATE_PANELS, images=images,
                    fit=hashlib.sha256((fit.path / RECORD).read_bytes()).hexdigest()[:16])
         folder = bench.unit_folder(out, method, i, seed)
-        cache = folder / (f"gate-{scorer.name}.json" if images == GATE_IMAGES else f"gate-{scorer.name}-x{images}.json")
+        cache = folder / f"gate-{scorer.name}{images_suffix(images)}.json"
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
         if saved.get("key") != key:
             panels = cached_gate_panels(base, fit, folder, steps, images=images)
@@ -171,27 +171,23 @@ def device_time_ratio(base, scorer, a, batch, path: Path, out: Path, method, can
     candidates trained together to step S, each scored, only the best trained on and scored again."""
     configs = [bench.fit_config(method, base.role_table, a, batch.factors[0], seed) for seed in range(candidates)]
     with tempfile.TemporaryDirectory(dir=out, prefix="gate-timing-") as folder:  # runs at once each have their own
-        return _timed(base, scorer, a, configs, path, Path(folder), candidates, steps, select_at, images)
-
-
-def _timed(base, scorer, a, configs, path: Path, work: Path, candidates: int, steps: int, select_at, images: int
-           ) -> dict:
-    t = time.perf_counter()
-    fit_many([str(path)], configs[:1], base=base, out_dirs=[work / "single"], progress=False)
-    single = time.perf_counter() - t
-    timing = {"single_s": single}
-    for step in [a.steps, *select_at]:
-        gate = Gate(candidates=candidates, select_after=step / a.steps, images_per_prompt=images)
+        work = Path(folder)
         t = time.perf_counter()
-        [kept] = fit_gated([path.read_bytes()], configs[:1], base=base, gate=gate, scorer=scorer,
-                           out_dirs=[work / f"kept-{step}"], workdir=work / f"candidates-{step}", steps=steps)
-        if isinstance(kept, Exception):
-            raise kept
-        ratio = (time.perf_counter() - t) / single
-        if step == a.steps:  # every candidate trained to the end
-            timing["device_time_ratio"] = ratio
-        else:
-            timing[f"staged_{step}"] = {"device_time_ratio": ratio}
+        fit_many([str(path)], configs[:1], base=base, out_dirs=[work / "single"], progress=False)
+        single = time.perf_counter() - t
+        timing = {"single_s": single}
+        for step in [a.steps, *select_at]:
+            gate = Gate(candidates=candidates, select_after=step / a.steps, images_per_prompt=images)
+            t = time.perf_counter()
+            [kept] = fit_gated([path.read_bytes()], configs[:1], base=base, gate=gate, scorer=scorer,
+                               out_dirs=[work / f"kept-{step}"], workdir=work / f"candidates-{step}", steps=steps)
+            if isinstance(kept, Exception):
+                raise kept
+            ratio = (time.perf_counter() - t) / single
+            if step == a.steps:  # every candidate trained to the end
+                timing["device_time_ratio"] = ratio
+            else:
+                timing[f"staged_{step}"] = {"device_time_ratio": ratio}
     return timing
 
 

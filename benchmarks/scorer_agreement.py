@@ -134,7 +134,7 @@ def spearman(x, y) -> float | None:
 
 
 def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) -> dict:
-    chosen, within, by_image, gains, over_random = [], [], [], [], []
+    chosen, by_image, gains, over_random = [], [], [], []
     for i in images:
         s = [scored[i, k] for k in seeds]
         t = [truth[i, k] for k in seeds]
@@ -142,10 +142,8 @@ def agreement(scored: dict, truth: dict, images: list[int], seeds: list[int]) ->
         chosen.append(truth[i, pick] == max(t))
         gains.append(truth[i, pick] - truth[i, seeds[0]])
         over_random.append(truth[i, pick] - np.mean(t))  # what a choice adds to a candidate drawn by chance
-        rho = spearman(s, t)
-        by_image.append(rho)
-        if rho is not None:
-            within.append(rho)
+        by_image.append(spearman(s, t))
+    within = [rho for rho in by_image if rho is not None]
     mean, low, high = bootstrap(np.array(over_random)[:, None])
     spread = list(bootstrap(np.array(within)[:, None])[1:]) if within else None  # 95 % over images
     return {"choice_agreement": float(np.mean(chosen)), "spearman_within": float(np.mean(within)) if within else None,
